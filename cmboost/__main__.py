@@ -1,0 +1,5 @@
+import sys
+
+from cmboost.cli import main
+
+sys.exit(main())

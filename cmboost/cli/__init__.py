@@ -1,0 +1,50 @@
+"""`cmboost <verb>`: each verb is a thin layer over an importable function.
+
+A verb lives in its own module here with `add_parser(subparsers)`, which registers the verb
+and sets `run(args) -> int` as its handler. Bad input raises UserInputError, which becomes one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cmboost import __version__
+from cmboost.errors import UserInputError
+from cmboost.cli import convert as convert_verb
+from cmboost.cli import info as info_verb
+
+VERB_MODULES = [info_verb, convert_verb]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmboost",
+        description="Sample from consistency models, boost the samples with a joint "
+                    "classifier-discriminator, measure FID/IS/precision/recall, and train the networks.")
+    parser.add_argument("--version", action="version", version=f"cmboost {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="<verb>")
+    for module in VERB_MODULES:
+        module.add_parser(verbs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args) or 0)
+    except UserInputError as err:
+        print(f"cmboost {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cmboost {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

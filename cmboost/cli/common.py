@@ -1,0 +1,20 @@
+"""Flags shared by several verbs, declared once so they read the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """--device, --precision, --seed and --batch-size."""
+    parser.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast precision (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; sample i uses stream (seed, i)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+
+
+def add_output_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--out and --overwrite."""
+    parser.add_argument("--out", required=required, help="output file")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")

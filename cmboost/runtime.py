@@ -1,0 +1,162 @@
+"""Device, precision, distributed and seeding choices, made in one place.
+
+Every other module asks here instead of deciding on its own, so that the CPU path always
+works and the GPU path is one flag away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from cmboost.errors import UserInputError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# ----------------------------------------------------------------------------- device & precision
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """`None`/"auto" picks cuda when present, else cpu. Under torchrun each rank takes its LOCAL_RANK GPU."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserInputError(f"--device {name!r}: not a device name ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def resolve_precision(name: str | None, device: torch.device) -> str:
+    """bf16 autocast on GPU, fp32 on CPU (CPU bf16 autocast is slower than fp32 on most machines)."""
+    if name in (None, "", "auto"):
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name not in PRECISIONS:
+        raise UserInputError(f"--precision {name!r}: choose one of {', '.join(PRECISIONS)} or auto")
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for `precision`; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info() -> DistInfo:
+    """Reads what torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK); a plain run is rank 0 of 1."""
+    try:
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UserInputError("RANK/WORLD_SIZE/LOCAL_RANK must be integers") from None
+    return DistInfo(rank, world, local)
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Joins the process group when launched by torchrun: nccl on GPU, gloo on CPU. Idempotent."""
+    info = dist_info()
+    if info.enabled and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend)
+    return info
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def print0(*args, file=None, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if dist_info().is_main:
+        print(*args, file=file if file is not None else sys.stdout, **kwargs)
+
+
+def shard(items: Sequence, info: DistInfo | None = None) -> list:
+    """This rank's share of `items`: a strided split, so shares differ in length by at most one."""
+    info = info or dist_info()
+    return list(items[info.rank :: info.world_size])
+
+
+def gather(local_items: list, info: DistInfo | None = None) -> list:
+    """Inverse of `shard`: every rank gets the full list, in the original order."""
+    info = info or dist_info()
+    if not info.enabled:
+        return list(local_items)
+    parts: list = [None] * info.world_size
+    torch.distributed.all_gather_object(parts, list(local_items))
+    total = sum(len(p) for p in parts)
+    out: list = [None] * total
+    for rank, part in enumerate(parts):
+        out[rank :: info.world_size] = part
+    return out
+
+
+# ----------------------------------------------------------------------------- seeding
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a run seeded `seed`, well mixed so neighbours are unrelated."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample; the stream depends only on (seed, index)."""
+    return [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
+
+
+def randn_per_sample(generators: Sequence[torch.Generator], shape: Sequence[int],
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stacks one N(0, I) draw of `shape` from each sample's generator. Drawn on CPU so every device agrees."""
+    draws = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators]
+    return torch.stack(draws).to(device=device, dtype=dtype)
+
+
+def randint_per_sample(generators: Sequence[torch.Generator], high: int,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """One integer in [0, high) per sample's generator."""
+    draws = [torch.randint(high, (1,), generator=g) for g in generators]
+    return torch.cat(draws).to(device)
+
+
+def batches(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Consecutive chunks of `indices`."""
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size {batch_size}: must be at least 1")
+    indices = list(indices)
+    for start in range(0, len(indices), batch_size):
+        yield indices[start : start + batch_size]
