@@ -364,13 +364,22 @@ def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
+                write_npz(fh, arrays)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
     return _save_png_folder(path, images, labels, overwrite)
+
+
+def write_npz(fh, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez with a fixed timestamp in the zip entries, so equal arrays give byte-identical files."""
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def _save_png_folder(path: Path, images: np.ndarray, labels: np.ndarray | None, overwrite: bool) -> Path:

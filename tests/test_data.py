@@ -266,3 +266,13 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
                            "--out", str(tmp_path / "o.npz")], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"cmboost convert: error: {tmp_path / 'missing.npz'}: file not found"]
+
+
+def test_equal_samples_give_byte_identical_files(tmp_path):
+    images, labels = random_samples()
+    a = data.save_samples(tmp_path / "a.npz", images, labels)
+    import time
+
+    time.sleep(2.1)  # zip entries carry a timestamp with 2 s resolution; ours is fixed
+    b = data.save_samples(tmp_path / "b.npz", images, labels)
+    assert a.read_bytes() == b.read_bytes()

@@ -1,0 +1,83 @@
+"""Boosting a sample file into another: input checks, resumable sharded batches, a before/after grid."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmboost.boost import boost_with, make_hyper, mean_realness, predicted_labels
+from cmboost.data import load_samples, refuse_existing, to_float, to_uint8
+from cmboost.errors import UserInputError
+from cmboost.resumable import run_resumable
+from cmboost.runtime import autocast, init_distributed, resolve_device, resolve_precision
+
+
+def check_fits_model(images: np.ndarray, labels: np.ndarray | None, model, source: str) -> None:
+    """One clear line when the samples cannot go through the model."""
+    c, h, w = images.shape[1:]
+    if c != model.in_channels:
+        raise UserInputError(f"{source}: images have {c} channels, the model takes {model.in_channels}")
+    if (h, w) != (model.image_size, model.image_size):
+        raise UserInputError(f"{source}: images are {h}x{w}, the model takes {model.image_size}x{model.image_size}")
+    if labels is not None and len(labels) and labels.max() >= model.num_classes:
+        raise UserInputError(f"{source}: label {labels.max()} out of range for the model's {model.num_classes} classes")
+
+
+def resolve_threshold(model, threshold: float | None, threshold_from: str | None, kind: str,
+                      device: torch.device, precision: str) -> float | None:
+    """The early-stop threshold: given, or the mean realness of held-out real images in a sample file."""
+    if threshold is not None and threshold_from is not None:
+        raise UserInputError("--threshold and --threshold-from: give one or the other")
+    if threshold_from is None:
+        return threshold
+    real, real_labels = load_samples(threshold_from, num_classes=model.num_classes)
+    if real_labels is None:
+        raise UserInputError(f"--threshold-from {threshold_from}: needs labels (arr_1)")
+    check_fits_model(real, real_labels, model, threshold_from)
+    x = to_float(real).to(device)
+    return mean_realness(model, x, torch.as_tensor(real_labels, device=device), kind, precision=precision)
+
+
+def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method: str, hyper: dict,
+               batch_size: int = 256, device: str | None = None, precision: str | None = None,
+               label_source: str = "file", channels_last: bool | None = None, overwrite: bool = False,
+               grid: bool = True, progress: bool = True) -> Path:
+    """Boosts every image of `samples` and writes `out` (OpenAI .npz). Rerunning resumes."""
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    init_distributed(device)
+    record = make_hyper(method, **hyper)
+    refuse_existing(out, overwrite)
+    images, labels = load_samples(samples)
+    check_fits_model(images, labels, model, str(samples))
+    if label_source == "file" and labels is None:
+        raise UserInputError(f"{samples}: has no labels (arr_1); pass --labels predicted to use the model's argmax")
+    if label_source not in ("file", "predicted"):
+        raise UserInputError(f"--labels {label_source!r}: choose file or predicted")
+    model = model.to(device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    def process(indices):
+        x = to_float(images[indices[0]:indices[-1] + 1]).to(device)
+        if label_source == "file":
+            y = torch.as_tensor(labels[indices[0]:indices[-1] + 1], device=device)
+        else:
+            y = predicted_labels(model, x, precision)
+        boosted = boost_with(model, x, y, method, record, indices, precision, channels_last)
+        return to_uint8(boosted), y.cpu().numpy().astype(np.int64)
+
+    config = {"samples": str(Path(samples).resolve()), "method": method, "hyper": dataclasses.asdict(record),
+              "labels": label_source, "precision": precision, "num_images": len(images)}
+    path = run_resumable(out, len(images), batch_size, process, config, overwrite=overwrite,
+                         progress=progress, desc=f"boost {method}")
+    if grid and int(os.environ.get("RANK", 0)) == 0:
+        from cmboost.report import save_before_after_grid
+
+        save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"))
+    return path

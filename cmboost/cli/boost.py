@@ -1,0 +1,93 @@
+"""`cmboost boost`: refine a sample file with a joint classifier-discriminator."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from cmboost.cli.common import add_output_flags, add_runtime_flags
+
+# flag name -> hyperparameter name; a flag given for a method that lacks it is an error.
+HYPER_FLAGS = {"steps": "steps", "eps": "eps", "step_size": "step_size", "objective": "objective",
+               "realness": "realness_kind", "threshold": "threshold", "sgld_step": "step",
+               "sgld_noise": "noise"}
+
+
+def hyper_from_args(args: argparse.Namespace) -> dict:
+    from cmboost.boost import METHODS
+    from cmboost.errors import UserInputError
+
+    fields = {f.name for f in dataclasses.fields(METHODS[args.method])}
+    hyper = {}
+    for flag, name in HYPER_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if name not in fields or (flag == "step_size" and args.method == "sgld"):
+            raise UserInputError(f"--{flag.replace('_', '-')} does not apply to --method {args.method}")
+        hyper[name] = value
+    if args.method == "sgld":
+        hyper["seed"] = args.seed
+    return hyper
+
+
+def run(args: argparse.Namespace) -> int:
+    from cmboost.boost import make_hyper
+    from cmboost.boost_job import boost_file, resolve_threshold
+    from cmboost.data import refuse_existing
+    from cmboost.jcd import load_joint_model
+    from cmboost.runtime import print0, resolve_device, resolve_precision
+
+    hyper = hyper_from_args(args)
+    make_hyper(args.method, **hyper)  # bad hyperparameters fail before any loading
+    refuse_existing(args.out, args.overwrite)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    model = load_joint_model(args.model, arch=args.arch).to(device)
+    if args.method == "pgd":
+        kind = hyper.get("realness_kind", "softmax")
+        threshold = resolve_threshold(model, hyper.pop("threshold", None), args.threshold_from, kind, device, precision)
+        hyper["threshold"] = threshold
+    elif args.threshold_from:
+        from cmboost.errors import UserInputError
+
+        raise UserInputError(f"--threshold-from does not apply to --method {args.method}")
+    resolved = {"samples": args.samples, "model": args.model, "out": args.out, "method": args.method,
+                "hyper": dataclasses.asdict(make_hyper(args.method, **hyper)), "labels": args.labels,
+                "device": str(device), "precision": precision, "batch_size": args.batch_size}
+    if args.dry_run:
+        print0(json.dumps(resolved, indent=2))
+        return 0
+    path = boost_file(args.samples, model, args.out, args.method, hyper, batch_size=args.batch_size,
+                      device=str(device), precision=precision, label_source=args.labels,
+                      overwrite=args.overwrite, grid=not args.no_grid)
+    print0(f"wrote {path}")
+    return 0
+
+
+def add_parser(verbs) -> None:
+    p = verbs.add_parser("boost", help="refine generated samples with the joint classifier-discriminator",
+                         description="Refine samples (.npz, OpenAI layout) with PGD (paper), SGLD (release) "
+                                     "or BIGRoC (classifier-only baseline). Rerunning the same command resumes.")
+    p.add_argument("samples", help="input .npz (arr_0 uint8 NHWC, arr_1 labels) or PNG folder")
+    p.add_argument("--model", required=True, help="joint network checkpoint (safetensors, released .pt, robustness, torchvision)")
+    p.add_argument("--arch", default=None, help="architecture for checkpoints that do not record it")
+    p.add_argument("--method", default="pgd", choices=["pgd", "sgld", "bigroc"])
+    p.add_argument("--steps", type=int, default=None, help="number of refinement steps")
+    p.add_argument("--eps", type=float, default=None, help="L2 radius around the input (pgd, bigroc)")
+    p.add_argument("--step-size", type=float, default=None, help="L2 step length (pgd, bigroc)")
+    p.add_argument("--objective", default=None, choices=["realness", "log_prob", "both"], help="pgd score")
+    p.add_argument("--realness", default=None, choices=["sigmoid", "softmax"], help="pgd reading of D(x,y)")
+    p.add_argument("--threshold", type=float, default=None, help="pgd early stop once D(x,y) >= this")
+    p.add_argument("--threshold-from", default=None,
+                   help="pgd: set the threshold to the mean D(x,y) of held-out real images in this .npz")
+    p.add_argument("--sgld-step", type=float, default=None, help="sgld: per-image gradient step a")
+    p.add_argument("--sgld-noise", type=float, default=None, help="sgld: noise scale s")
+    p.add_argument("--labels", default="file", choices=["file", "predicted"],
+                   help="class labels from the sample file or the model's argmax")
+    p.add_argument("--no-grid", action="store_true", help="skip the before/after PNG grid")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    add_runtime_flags(p)
+    add_output_flags(p)
+    p.set_defaults(run=run)
