@@ -12,10 +12,11 @@ import sys
 
 from cmboost import __version__
 from cmboost.errors import UserInputError
+from cmboost.cli import boost as boost_verb
 from cmboost.cli import convert as convert_verb
 from cmboost.cli import info as info_verb
 
-VERB_MODULES = [info_verb, convert_verb]
+VERB_MODULES = [info_verb, convert_verb, boost_verb]
 
 
 def build_parser() -> argparse.ArgumentParser:
