@@ -60,3 +60,49 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], floats: str = "
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str,
+              xlabel: str, ylabel: str, size: tuple[int, int] = (640, 420)) -> Path:
+    """A small line chart drawn with Pillow (no plotting dependency): one polyline per series."""
+    from PIL import Image, ImageDraw
+
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    width, height = size
+    left, right, top, bottom = 70, 20, 40, 60
+    points = [p for s in series.values() for p in s if all(map(math.isfinite, p))]
+    if not points:
+        raise ValueError("line_plot: no finite points")
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    pad = 0.05 * (max(ys) - min(ys) or 1.0)
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def to_px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                top + (y1 - y) / (y1 - y0) * (height - top - bottom))
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+    for i in range(5):  # ticks
+        yv = y0 + (y1 - y0) * i / 4
+        _, py = to_px(x0, yv)
+        draw.line([left - 4, py, left, py], fill=(0, 0, 0))
+        draw.text((5, py - 6), f"{yv:.3g}", fill=(0, 0, 0))
+    for xv in sorted(set(xs)):
+        px, _ = to_px(xv, y0)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill=(0, 0, 0))
+        draw.text((px - 6, height - bottom + 6), f"{xv:g}", fill=(0, 0, 0))
+    draw.text((width // 2 - 4 * len(title), 10), title, fill=(0, 0, 0))
+    draw.text((width // 2 - 4 * len(xlabel), height - 25), xlabel, fill=(0, 0, 0))
+    draw.text((5, top - 20), ylabel, fill=(0, 0, 0))
+    for i, (name, pts) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        pix = [to_px(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+        if len(pix) > 1:
+            draw.line(pix, fill=color, width=2)
+        for px, py in pix:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+        draw.text((width - right - 150, top + 8 + 14 * i), name, fill=color)
+    return save_png(np.asarray(image), path)
