@@ -66,9 +66,13 @@ def flops_per_image_step(model, image_size, channels, device):
     """FLOPs of one forward plus the backward to the input, per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from cmboost.boost import frozen
+
     x = torch.rand(2, channels, image_size, image_size, device=device, requires_grad=True)
-    with FlopCounterMode(display=False) as counter:
-        torch.autograd.grad(model(x)[:, 0].sum(), x)
+    # FlopCounterMode's module hooks do not support autograd.grad; with frozen parameters
+    # .backward() does the same work (the input gradient only).
+    with frozen(model), FlopCounterMode(display=False) as counter:
+        model(x)[:, 0].sum().backward()
     return counter.get_total_flops() / 2
 
 
