@@ -14,9 +14,14 @@ from cmboost import __version__
 from cmboost.errors import UserInputError
 from cmboost.cli import boost as boost_verb
 from cmboost.cli import convert as convert_verb
+from cmboost.cli import evaluate as evaluate_verb
 from cmboost.cli import info as info_verb
+from cmboost.cli import sample as sample_verb
+from cmboost.cli import train_cm as train_cm_verb
+from cmboost.cli import train_features as train_features_verb
+from cmboost.cli import train_jcd as train_jcd_verb
 
-VERB_MODULES = [info_verb, convert_verb, boost_verb]
+VERB_MODULES = [info_verb, convert_verb, boost_verb, train_jcd_verb, evaluate_verb, train_features_verb, sample_verb, train_cm_verb]
 
 
 def build_parser() -> argparse.ArgumentParser:
