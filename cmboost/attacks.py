@@ -154,12 +154,14 @@ class PGD:
                 start = self._start(x0, generators)
                 x_adv = torch.where(active.view(-1, *([1] * (x0.dim() - 1))), start, x_adv)
             for step in range(self.steps):
+                if not bool(active.any()):
+                    break
                 if step > 0 or self.random_start:  # before step 0 without a random start, x_adv == x0
                     stopped = self._stopped(stop, x_adv)
                     if stopped is not None:
                         active &= ~stopped  # once stopped, frozen for good
-                if not bool(active.any()):
-                    break
+                    if not bool(active.any()):
+                        break
                 grad = self._grad(objective, x_adv)
                 moved = (x_adv + self.step_size * self._direction(grad)).clamp(*self.bounds)
                 moved = self._project(moved, x0)

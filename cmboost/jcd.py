@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -270,13 +271,10 @@ def _torch_load(path: Path) -> object:
     except FileNotFoundError:
         raise UserInputError(f"{path}: file not found") from None
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
-        for line in str(err).splitlines():
-            if "Unsupported global" in line or "Unsupported operand" in line:
-                first = line.strip()
-                break
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"unsupported global {found.group(1)}" if found else "unsupported content"
         raise UserInputError(f"{path}: refused by torch.load(weights_only=True), it holds pickled Python "
-                             f"objects ({first}); save its state_dict alone") from None
+                             f"objects ({what}); save its state_dict alone") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise UserInputError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
 
