@@ -1,0 +1,47 @@
+"""`cmboost sample`: draw samples from a consistency model (or an EDM teacher) into an OpenAI .npz."""
+
+from __future__ import annotations
+
+import argparse
+
+from cmboost.cli.common import add_output_flags, add_runtime_flags
+
+
+def run(args: argparse.Namespace) -> int:
+    from cmboost.cm.sample import _parse_int_list, generate_samples
+    from cmboost.runtime import init_distributed, print0, resolve_device, resolve_precision
+
+    ts = _parse_int_list(args.ts, "--ts")
+    class_labels = _parse_int_list(args.class_labels, "--class-labels")
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    init_distributed(device)
+    out = generate_samples(args.model, args.out, args.num, steps=args.steps, seed=args.seed, ts=ts,
+                           num_levels=args.N, class_labels=class_labels, kind=args.kind,
+                           batch_size=args.batch_size, device=device, precision=precision,
+                           overwrite=args.overwrite, progress=not args.no_progress)
+    print0(f"{out}: {args.num} samples")
+    return 0
+
+
+def add_parser(verbs) -> None:
+    p = verbs.add_parser(
+        "sample", help="draw samples from a consistency model into an OpenAI-format .npz",
+        description="Draws --num samples (1 or 2 steps; Heun for EDM teachers). Sample i depends only on "
+                    "(--seed, i). Resumable: batches go to <out>.parts/ and rerunning the same command "
+                    "finishes the job. Shards across ranks under torchrun.")
+    p.add_argument("--model", required=True,
+                   help="cmboost .safetensors, OpenAI .pt (cd_imagenet64_l2.pt, ct_imagenet64.pt, ...) or a diffusers folder")
+    p.add_argument("--steps", type=int, default=None,
+                   help="network evaluations: 1 (default) or 2 for consistency models; Heun steps for EDM (default 18)")
+    p.add_argument("--ts", default=None, help="multistep indices into the N-level Karras grid, e.g. 0,22,39")
+    p.add_argument("--N", type=int, default=None, help="levels of that grid (CD 40, CT 201)")
+    p.add_argument("--kind", choices=["cd", "ct", "edm"], default=None,
+                   help="model kind when the file name does not tell (OpenAI files)")
+    p.add_argument("--num", type=int, required=True, help="number of samples")
+    p.add_argument("--class-labels", default=None,
+                   help="comma-separated classes to draw labels from (default: all classes, uniformly)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_flags(p)
+    add_output_flags(p)
+    p.set_defaults(run=run)

@@ -1,0 +1,176 @@
+"""EDM / CD / CT training on tiny synthetic data: losses go down, schedules, resume, the CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cmboost.cm.denoiser import EDM_PRECOND
+from cmboost.cm.training import (TrainSettings, Trainer, ct_level_probs, ct_num_scales, edm_loss, heun_step,
+                                 karras_levels, small_unet_config, train)
+from cmboost.errors import UserInputError
+
+CPU = torch.device("cpu")
+
+
+def synthetic(n=256, seed=0):
+    """Class c: a bright horizontal bar at row 2 + 3c on a dark 16x16 image."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = np.zeros((n, 1, 16, 16), np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 0, 2 + 3 * c:5 + 3 * c, 2:14] = 200 + rng.integers(0, 50)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return small_unet_config(image_size=16, in_channels=1, num_classes=4, model_channels=16, channel_mult=(1, 2),
+                             attention_resolutions=(8,), num_head_channels=16)
+
+
+def _eval_batch(data):
+    images, labels = data
+    return torch.from_numpy(images[:64]).float() / 127.5 - 1, torch.from_numpy(labels[:64])
+
+
+def _train_and_compare(trainer, data, iters, num_scales=None):
+    x, y = _eval_batch(data)
+    before = np.mean([trainer.evaluate(x, y, seed, num_scales) for seed in range(3)])
+    for _ in range(iters):
+        loss = trainer.step()
+        assert math.isfinite(loss)
+    after = np.mean([trainer.evaluate(x, y, seed, num_scales) for seed in range(3)])
+    return before, after
+
+
+@pytest.fixture(scope="module")
+def teacher(data, unet, tmp_path_factory):
+    settings = TrainSettings(mode="edm", iters=40, unet=dict(unet), batch_size=16, lr=2e-3, warmup=5)
+    trainer = Trainer(settings, *data, CPU)
+    before, after = _train_and_compare(trainer, data, settings.iters)
+    path = tmp_path_factory.mktemp("teacher") / "model.safetensors"
+    trainer.export(path)
+    return path, before, after
+
+
+def test_edm_loss_decreases(teacher):
+    _, before, after = teacher
+    assert after < 0.6 * before
+
+
+def test_cd_loss_decreases(data, teacher):
+    settings = TrainSettings(mode="cd", iters=30, unet={}, batch_size=16, lr=1e-3, warmup=5, teacher=str(teacher[0]),
+                             num_scales=10, init_from_teacher=False)
+    before, after = _train_and_compare(Trainer(settings, *data, CPU), data, settings.iters)
+    assert after < 0.7 * before
+
+
+def test_cd_starts_from_teacher(data, teacher):
+    settings = TrainSettings(mode="cd", iters=1, unet={}, batch_size=4, teacher=str(teacher[0]))
+    trainer = Trainer(settings, *data, CPU)
+    for (name, a), b in zip(trainer.net.state_dict().items(), trainer.teacher.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert settings.unet["model_channels"] == 16  # the architecture comes from the teacher
+
+
+def test_cd_refuses_a_consistency_teacher(data, unet, tmp_path):
+    ct = Trainer(TrainSettings(mode="ct", iters=1, unet=dict(unet)), *data, CPU)
+    ct.export(tmp_path / "ct.safetensors")
+    with pytest.raises(UserInputError, match="EDM teacher"):
+        Trainer(TrainSettings(mode="cd", iters=1, unet={}, teacher=str(tmp_path / "ct.safetensors")), *data, CPU)
+
+
+def test_ct_loss_decreases(data, unet):
+    settings = TrainSettings(mode="ct", iters=40, unet=dict(unet), batch_size=16, lr=1e-3, warmup=5,
+                             start_scales=10, end_scales=40, distance="pseudo-huber")
+    before, after = _train_and_compare(Trainer(settings, *data, CPU), data, settings.iters, num_scales=21)
+    assert after < 0.85 * before  # pseudo-Huber ~ an L2 norm, not its square: it falls about as its sqrt
+
+
+def test_ct_curriculum_and_level_distribution():
+    # K = 1000, s0 = 10, s1 = 160: log2(16) + 1 = 5 stages of 200 iterations
+    assert [ct_num_scales(k, 1000, 10, 160) for k in (0, 199, 200, 400, 799, 800, 999)] == [11, 11, 21, 41, 81, 161, 161]
+    probs = ct_level_probs(41, -1.1, 2.0)
+    assert probs.shape == (40,) and probs.sum().item() == pytest.approx(1.0)
+    levels = karras_levels(41)
+    assert levels[0].item() == pytest.approx(0.002) and levels[-1].item() == pytest.approx(80.0)
+    mode = int(probs.argmax())
+    assert levels[mode] < math.exp(-1.1) * 3 and levels[mode + 1] > math.exp(-1.1) / 3  # mass near e^P_mean
+
+
+class Toy(torch.nn.Module):
+    def forward(self, x, t, y):
+        return 0.3 * x + 0.001 * t.view(-1, 1, 1, 1)
+
+
+def test_edm_loss_and_heun_step_by_hand():
+    x, n = torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3)
+    sigma = torch.tensor([0.5, 3.0])
+    got = edm_loss(Toy(), x, None, sigma, n)
+    for i, s in enumerate(sigma.tolist()):
+        c_skip, c_out, c_in = 0.25 / (s * s + 0.25), s * 0.5 / math.sqrt(s * s + 0.25), 1 / math.sqrt(s * s + 0.25)
+        xn = x[i] + s * n[i]
+        d = c_skip * xn + c_out * (0.3 * c_in * xn + 0.001 * 250 * math.log(s))
+        expected = (s * s + 0.25) / (s * 0.5) ** 2 * (d - x[i]).pow(2).mean()
+        assert got[i].item() == pytest.approx(expected.item(), rel=1e-4)
+    # one Heun step equals the trapezoid rule written out
+    t0, t1 = torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0])
+    den = lambda z, s: (0.25 / (s * s + 0.25)) * z + (s * 0.5 / math.sqrt(s * s + 0.25)) * (
+        0.3 * z / math.sqrt(s * s + 0.25) + 0.001 * 250 * math.log(s))
+    d0 = (x - den(x, 2.0)) / 2.0
+    xe = x - d0
+    expected = x - 0.5 * (d0 + (xe - den(xe, 1.0)) / 1.0)
+    torch.testing.assert_close(heun_step(Toy(), x, t0, t1, None), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_is_exact_and_settings_are_checked(data, unet, tmp_path):
+    def settings(iters=4, lr=1e-3):
+        return TrainSettings(mode="edm", iters=iters, unet=dict(unet), batch_size=4, lr=lr, warmup=2)
+
+    train(settings(4), tmp_path / "straight", *data, CPU, save_every=2, progress=False)
+    train(settings(2), tmp_path / "resumed", *data, CPU, save_every=2, progress=False)
+    train(settings(4), tmp_path / "resumed", *data, CPU, save_every=2, progress=False)  # rerun, longer
+    from cmboost.cm.checkpoint import read_safetensors
+    a, meta_a = read_safetensors(tmp_path / "straight" / "state.safetensors")
+    b, meta_b = read_safetensors(tmp_path / "resumed" / "state.safetensors")
+    assert meta_a["iteration"] == meta_b["iteration"] == "4"
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["iter"] == 4
+    with pytest.raises(UserInputError, match="lr"):
+        train(settings(6, lr=5e-4), tmp_path / "resumed", *data, CPU, progress=False)
+
+
+def test_cli_train_then_sample(tmp_path, capsys):
+    from PIL import Image
+
+    from cmboost.cli import main
+
+    images, labels = synthetic(24)
+    for i, (im, c) in enumerate(zip(images, labels)):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im[0]).convert("RGB").save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    common = ["--data", f"folder:{tmp_path / 'data'}", "--iters", "2", "--batch-size", "4", "--model-channels", "16",
+              "--channel-mult", "1,2", "--num-head-channels", "16", "--no-progress", "--device", "cpu"]
+    assert main(["train-cm", "--mode", "ct", "--run-dir", str(tmp_path / "ct"), *common]) == 0
+    model = tmp_path / "ct" / "model.safetensors"
+    from cmboost.cm.checkpoint import read_config
+    config = read_config(model)
+    assert config["kind"] == "ct" and config["sampler"]["N"] == 161 and config["iterations"] == 2
+    assert main(["sample", "--model", str(model), "--num", "5", "--steps", "2", "--out", str(tmp_path / "s.npz"),
+                 "--no-progress", "--device", "cpu"]) == 0
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (5, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+        assert f["arr_1"].max() < len(set(labels.tolist()))
+    assert main(["train-cm", "--mode", "cd", "--run-dir", str(tmp_path / "cd"), *common]) == 2
+    assert "--teacher" in capsys.readouterr().err
