@@ -1,0 +1,141 @@
+"""Feature-extraction speed, baseline and ours side by side in one run.
+
+(a) GPU: Inception-v3 features/s for 64x64 images resized to 299: torch-fidelity's extractor
+    (its own forward: TF-compatible gather resize, fp32, NCHW) against cmboost's InceptionFeatures
+    (the same port's layers; resize as two batched matmuls, channels-last, bf16 autocast by
+    default). Random weights unless --inception-weights is given (speed does not depend on them).
+    Prints the ratio and how far the features are apart. Skipped with a message without a GPU or
+    without torch-fidelity.
+(b) CPU: Fashion-MNIST test images through the shipped domain net (the cmboost pipeline:
+    batching, statistics, softmax), images/s, next to Inception on the same CPU for scale.
+
+    python benchmarks/features_speed.py                      # CPU part only on a CPU machine
+    python benchmarks/features_speed.py --device cuda --num-images 5000 --batch-size 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(fn, batches, device, warmup: int = 2) -> float:
+    for batch in batches[:warmup]:
+        fn(batch)
+    _sync(device)
+    tic = time.perf_counter()
+    count = 0
+    for batch in batches:
+        fn(batch)
+        count += len(batch)
+    _sync(device)
+    return count / (time.perf_counter() - tic)
+
+
+def inception_part(args) -> None:
+    from cmboost.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        print(f"(a) Inception GPU speed: skipped, device is {device} (run with --device cuda on a GPU machine)")
+        return
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        print("(a) Inception GPU speed: skipped, torch-fidelity is not installed (pip install 'cmboost[inception]')")
+        return
+    from cmboost.metrics.features import InceptionFeatures
+
+    torch.backends.cudnn.benchmark = True  # for both sides
+    if args.inception_weights:
+        ours = InceptionFeatures.from_weights(args.inception_weights, device, args.precision, allow_download=False)
+        weights = "real weights"
+    else:
+        ours = InceptionFeatures.random(seed=0, device=device, precision=args.precision)
+        weights = "random weights"
+    theirs = copy.deepcopy(ours.port).to(memory_format=torch.contiguous_format)  # torch-fidelity's module as-is
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.num_images, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                           generator=gen).to(device)
+    batches = list(images.split(args.batch_size))
+
+    with torch.no_grad():
+        base = _rate(lambda b: theirs(b), batches, device)
+        fast = _rate(lambda b: ours(b), batches, device)
+        ours_fp32 = InceptionFeatures(ours.port, ours.identity, device, "fp32", channels_last=True)
+        fp32 = _rate(lambda b: ours_fp32(b), batches, device)
+        probe = batches[0]
+        ref_pool = theirs(probe)[0].float()
+        diff = lambda out: float((out["pool"] - ref_pool).abs().max() / ref_pool.abs().max())  # noqa: E731
+        rel_fast, rel_fp32 = diff(ours(probe)), diff(ours_fp32(probe))
+    name = torch.cuda.get_device_name(device)
+    print(f"(a) Inception-v3 {args.image_size}->299, {args.num_images} images, batch {args.batch_size}, "
+          f"{weights}, {name}")
+    print(f"    torch-fidelity extractor (fp32)      : {base:9.1f} images/s")
+    print(f"    cmboost, fp32 + channels-last        : {fp32:9.1f} images/s  ({fp32 / base:.2f}x), "
+          f"max rel. pool diff {rel_fp32:.2e}")
+    print(f"    cmboost, {args.precision} + channels-last        : {fast:9.1f} images/s  ({fast / base:.2f}x), "
+          f"max rel. pool diff {rel_fast:.2e}")
+
+
+def fmnist_part(args) -> None:
+    from cmboost.data import fashion_mnist
+    from cmboost.metrics.evaluate import ArraySource, extract_features
+    from cmboost.metrics.features import InceptionFeatures, load_feature_extractor
+
+    torch.set_num_threads(args.threads)
+    images = fashion_mnist("test")[0][: args.fmnist_images, None]
+    extractor = load_feature_extractor("fmnist", device="cpu")
+    source = ArraySource(images, "fmnist test")
+    extract_features(ArraySource(images[:500], "warm-up"), extractor, args.fmnist_batch_size)
+    tic = time.perf_counter()
+    feats = extract_features(source, extractor, args.fmnist_batch_size)
+    seconds = time.perf_counter() - tic
+    ours = len(images) / seconds
+    print(f"(b) CPU, {args.threads} thread(s): {len(images)} Fashion-MNIST images through the fmnist domain net "
+          f"(batch {args.fmnist_batch_size}): {seconds:.2f} s, {ours:.0f} images/s; mu {feats.mu.shape}")
+    if args.cpu_inception_images > 0:
+        try:
+            inception = InceptionFeatures.random(seed=0, device="cpu", precision="fp32")
+        except Exception as err:  # torch-fidelity missing: the user error says so
+            print(f"    Inception on CPU: skipped ({err})")
+            return
+        grey = torch.from_numpy(np.ascontiguousarray(images[: args.cpu_inception_images]))
+        with torch.no_grad():
+            rate = _rate(lambda b: inception(b), list(grey.split(10)), torch.device("cpu"), warmup=1)
+        print(f"    Inception-v3 (random weights) on the same CPU: {rate:.2f} images/s -> the domain net is "
+              f"{ours / rate:.0f}x faster")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="device for part (a) (default: cuda when present)")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="ours, part (a)")
+    parser.add_argument("--num-images", type=int, default=2000, help="part (a)")
+    parser.add_argument("--image-size", type=int, default=64, help="part (a) input size")
+    parser.add_argument("--batch-size", type=int, default=200, help="part (a), both extractors")
+    parser.add_argument("--inception-weights", default=None, help="part (a): real weights (optional)")
+    parser.add_argument("--fmnist-images", type=int, default=10000, help="part (b)")
+    parser.add_argument("--fmnist-batch-size", type=int, default=500, help="part (b)")
+    parser.add_argument("--threads", type=int, default=1, help="part (b) CPU threads")
+    parser.add_argument("--cpu-inception-images", type=int, default=20, help="part (b) Inception comparison; 0 skips")
+    parser.add_argument("--skip-inception", action="store_true")
+    parser.add_argument("--skip-fmnist", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_inception:
+        inception_part(args)
+    if not args.skip_fmnist:
+        fmnist_part(args)
+
+
+if __name__ == "__main__":
+    main()

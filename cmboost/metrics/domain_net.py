@@ -1,0 +1,373 @@
+"""A domain feature network for small datasets (Fashion-MNIST), where Inception features mean little.
+
+It must stay independent of the joint classifier-discriminator it helps judge (a small ResNet
+trained adversarially): here a plain VGG-style stack of 3x3 conv + BatchNorm + ReLU with max
+pooling, no residual connections, its own seed, and ordinary cross-entropy training (no
+adversarial examples). Its 256-d penultimate layer gives the FID / precision-recall features and
+its softmax the Inception-Score predictions. It has no spatial feature map for sFID.
+
+Checkpoints are safetensors with the config (and how the net was trained) as JSON metadata.
+Training resumes per epoch: every epoch's data order, augmentation and dropout depend only on
+(seed, epoch), so a rerun of the same command picks up where the last finished epoch left it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cmboost.errors import UserInputError
+from cmboost.runtime import autocast, sample_seed
+
+FORMAT = "cmboost.domain_net/1"
+DEFAULT_SEED = 60221  # distinct from the joint network's seeds; recorded in the checkpoint
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED = {"fmnist": ASSETS / "fmnist_features.safetensors"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainNetConfig:
+    in_channels: int = 1
+    image_size: int = 32          # what the net sees; must be a multiple of 16
+    pad_from: int | None = 28     # square inputs of this size are zero-padded to image_size
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    feature_dim: int = 256
+    num_classes: int = 10
+    mean: float = 0.5
+    std: float = 0.5
+    dropout: float = 0.3
+    dataset: str = "fmnist"
+
+    def __post_init__(self):
+        if self.image_size % 16 or self.image_size < 16:
+            raise UserInputError(f"domain net image size {self.image_size}: must be a multiple of 16")
+        if len(self.widths) != 4:
+            raise UserInputError(f"domain net widths {self.widths}: need 4 stage widths")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "DomainNetConfig":
+        try:
+            raw = json.loads(text)
+            raw["widths"] = tuple(raw["widths"])
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError) as err:
+            raise UserInputError(f"{source}: unreadable domain-net config ({err})") from None
+
+
+def _conv(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class DomainNet(nn.Module):
+    """VGG-style: conv@S, pool, conv@S/2, pool, 2 x conv@S/4, pool, conv@S/8, pool, then a
+    linear+BN+ReLU feature layer and a linear classifier. Input: float images in [0, 1]."""
+
+    def __init__(self, config: DomainNetConfig):
+        super().__init__()
+        self.config = config
+        w0, w1, w2, w3 = config.widths
+        self.body = nn.Sequential(
+            *_conv(config.in_channels, w0), nn.MaxPool2d(2),
+            *_conv(w0, w1), nn.MaxPool2d(2),
+            *_conv(w1, w2), *_conv(w2, w2), nn.MaxPool2d(2),
+            *_conv(w2, w3), nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        side = config.image_size // 16
+        self.feature = nn.Sequential(nn.Linear(w3 * side * side, config.feature_dim, bias=False),
+                                     nn.BatchNorm1d(config.feature_dim), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.feature_dim, config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [N, feature_dim], logits [N, num_classes])."""
+        x = (x - self.config.mean) / self.config.std
+        features = self.feature(self.body(x))
+        return features, self.classifier(self.dropout(features))
+
+
+def prepare_images(images_u8: torch.Tensor, config: DomainNetConfig) -> torch.Tensor:
+    """uint8 NCHW -> float [0, 1] at the net's size (28 -> 32 zero padding, like data.pad_to)."""
+    x = images_u8.float() / 255.0
+    size = x.shape[-1]
+    if size != config.image_size:
+        pad = config.image_size - size
+        x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    return x
+
+
+def check_input_shape(shape: tuple[int, ...], config: DomainNetConfig, source: str, net_name: str) -> None:
+    """Raises UserInputError unless CHW `shape` is what the net takes (or its pad_from size)."""
+    c, h, w = (int(v) for v in shape)
+    sizes = {config.image_size} | ({config.pad_from} if config.pad_from else set())
+    if c != config.in_channels or h != w or h not in sizes:
+        accepted = " or ".join(f"{config.in_channels}x{s}x{s}" for s in sorted(sizes))
+        raise UserInputError(f"{source}: images are {c}x{h}x{w} (CxHxW) but the {net_name} feature net "
+                             f"takes {accepted}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def weights_digest(net: DomainNet) -> str:
+    """A content hash of the weights (not of the file), so refs match however the file was named."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_domain_net(path: str | os.PathLike, net: DomainNet, info: dict[str, str] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Atomic safetensors write with {"format", "config", **info} as metadata."""
+    from safetensors.torch import save_file
+
+    from cmboost.data import refuse_existing
+
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "config": net.config.to_json()}
+    metadata.update({k: str(v) for k, v in (info or {}).items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def resolve_domain_net_path(spec: str | os.PathLike) -> Path:
+    """A shipped name ("fmnist") or a path to a safetensors checkpoint."""
+    if str(spec) in SHIPPED:
+        path = SHIPPED[str(spec)]
+        if not path.is_file():
+            raise UserInputError(f"{path}: the shipped {spec} feature net is missing from this installation")
+        return path
+    path = Path(spec)
+    if not path.is_file():
+        raise UserInputError(f"--features {spec}: not 'inception', not a shipped net ({', '.join(SHIPPED)}), "
+                             "and no such file")
+    return path
+
+
+def load_domain_net(spec: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[DomainNet, dict[str, str]]:
+    """(net in eval mode on `device`, metadata) from a shipped name or a checkpoint path."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = resolve_domain_net_path(spec)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserInputError(f"{path}: not a readable safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise UserInputError(f"{path}: not a cmboost domain feature net (format {metadata.get('format')!r})")
+    config = DomainNetConfig.from_json(metadata.get("config", ""), str(path))
+    net = DomainNet(config)
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserInputError(f"{path}: weights do not fit its config ({first})") from None
+    return net.to(device).eval(), metadata
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup_steps: int = 100
+    max_shift: int = 2          # random translation in pixels (zero fill)
+    hflip: bool = True          # clothes are left-right symmetric; not for digits or text
+    seed: int = DEFAULT_SEED
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def config_for_data(images_u8: np.ndarray, num_classes: int, dataset: str) -> DomainNetConfig:
+    """Config for uint8 NCHW training images: padded up to a multiple of 16, mean/std measured."""
+    c, h, w = images_u8.shape[1:]
+    if h != w:
+        raise UserInputError(f"--data {dataset}: images are {h}x{w}; the domain net needs square images")
+    size = int(math.ceil(h / 16) * 16)
+    sample = images_u8[:: max(1, len(images_u8) // 10000)].astype(np.float64) / 255.0
+    pad_fraction = 1.0 - (h * w) / (size * size)  # zero padding lowers mean and raises spread
+    mean = sample.mean() * (1.0 - pad_fraction)
+    var = (sample ** 2).mean() * (1.0 - pad_fraction) - mean ** 2
+    return DomainNetConfig(in_channels=int(c), image_size=size, pad_from=int(h) if size != h else None,
+                           num_classes=int(num_classes), mean=round(float(mean), 4),
+                           std=round(float(math.sqrt(max(var, 1e-8))), 4), dataset=dataset)
+
+
+def _lr_at(step: int, total: int, settings: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to 0 (a pure function of the step, so resume is exact)."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, total - settings.warmup_steps)
+    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _augment(x: torch.Tensor, settings: TrainSettings, gen: torch.Generator) -> torch.Tensor:
+    """Random shift by up to max_shift pixels (zero fill) and horizontal flips, drawn from `gen`."""
+    n, _, h, w = x.shape
+    if settings.hflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(-1), x)
+    m = settings.max_shift
+    if m > 0:
+        dy = torch.randint(-m, m + 1, (n,), generator=gen).to(x.device)
+        dx = torch.randint(-m, m + 1, (n,), generator=gen).to(x.device)
+        padded = F.pad(x, (m, m, m, m))
+        rows = (torch.arange(h, device=x.device).view(1, h) + m + dy.view(n, 1)).view(n, 1, h, 1)
+        cols = (torch.arange(w, device=x.device).view(1, w) + m + dx.view(n, 1)).view(n, 1, 1, w)
+        index = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        channel = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+        x = padded[index, channel, rows, cols]
+    return x
+
+
+def train_domain_net(images_u8: np.ndarray, labels: np.ndarray, config: DomainNetConfig,
+                     settings: TrainSettings = TrainSettings(), device: torch.device | str = "cpu",
+                     precision: str = "fp32", state_path: str | os.PathLike | None = None,
+                     log: Callable[[str], None] | None = print) -> DomainNet:
+    """Cross-entropy training (AdamW, warm-up + cosine) on uint8 NCHW `images_u8`.
+
+    With `state_path`, the model and optimizer are saved there after every epoch and a rerun
+    resumes from the last finished epoch (refusing a state saved with other settings). The caller's
+    global RNG state is left as it was."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _train(images_u8, labels, config, settings, device, precision, state_path, log)
+
+
+def _train(images_u8, labels, config, settings, device, precision, state_path, log) -> DomainNet:
+    if len(images_u8) != len(labels) or len(images_u8) == 0:
+        raise UserInputError(f"training data: {len(images_u8)} images for {len(labels)} labels")
+    torch.manual_seed(settings.seed)  # initial weights depend on the seed only
+    net = DomainNet(config).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(images_u8) / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    fingerprint = json.dumps({"config": config.to_json(), "settings": settings.to_json(),
+                              "n": int(len(images_u8))}, sort_keys=True)
+    start_epoch = 0
+    if state_path is not None and Path(state_path).is_file():
+        start_epoch = _load_state(Path(state_path), net, optimizer, fingerprint)
+        if log:
+            log(f"resuming from {state_path} after epoch {start_epoch}")
+    images = torch.from_numpy(np.ascontiguousarray(images_u8))
+    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    for epoch in range(start_epoch, settings.epochs):
+        gen = torch.Generator().manual_seed(sample_seed(settings.seed, epoch))
+        torch.manual_seed(sample_seed(settings.seed, 1_000_000 + epoch))  # dropout stream of this epoch
+        order = torch.randperm(len(images), generator=gen)
+        net.train()
+        seen, loss_sum, correct, tic = 0, 0.0, 0, time.time()
+        for i in range(steps_per_epoch):
+            idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
+            x = _augment(prepare_images(images[idx], config), settings, gen).to(device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            y = targets[idx].to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(epoch * steps_per_epoch + i, total, settings)
+            with autocast(device, precision):
+                _, logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+        if state_path is not None:
+            _save_state(Path(state_path), net, optimizer, epoch + 1, fingerprint)
+        if log:
+            log(f"epoch {epoch + 1}/{settings.epochs}: loss {loss_sum / seen:.4f}, "
+                f"train accuracy {correct / seen:.4f}, {time.time() - tic:.0f}s")
+    return net.eval().to(memory_format=torch.contiguous_format)
+
+
+@torch.no_grad()
+def classify_accuracy(net: DomainNet, images_u8: np.ndarray, labels: np.ndarray, batch_size: int = 512,
+                      device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of `net` on uint8 NCHW images."""
+    net = net.eval().to(device)
+    correct = 0
+    for start in range(0, len(images_u8), batch_size):
+        x = prepare_images(torch.from_numpy(images_u8[start : start + batch_size]), net.config).to(device)
+        _, logits = net(x)
+        correct += int((logits.argmax(1).cpu() == torch.from_numpy(labels[start : start + batch_size])).sum())
+    return correct / max(1, len(images_u8))
+
+
+def _save_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, epoch: int, fingerprint: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    metadata = {"epoch": str(epoch), "fingerprint": fingerprint}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _load_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, fingerprint: str) -> int:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserInputError(f"{path}: unreadable training state ({err}); delete it to start over") from None
+    if metadata.get("fingerprint") != fingerprint:
+        raise UserInputError(f"{path}: training state from other settings or data; delete it or rerun "
+                             "the command that started it")
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optim_state = optimizer.state_dict()
+    optim_state["state"] = state
+    optimizer.load_state_dict(optim_state)
+    return int(metadata["epoch"])
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; outputs get the usual permissions
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,312 @@
+"""The evaluation pipeline: images -> features (batched, sharded under torchrun) -> metrics.
+
+Result keys are fixed: fid, sfid, is, precision, recall (a metric that cannot be computed is None,
+and notes[key] says why), plus num_samples, num_reference, feature_net, features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cmboost.errors import UserInputError
+from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
+from cmboost.metrics.reference import Reference, load_reference
+from cmboost.metrics.stats import RunningStats, frechet_distance, inception_score, precision_recall
+from cmboost.runtime import dist_info, gather
+
+METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
+IS_SPLIT_SIZE = 5000   # guided-diffusion evaluator
+PR_NEIGHBOURS = 3      # k of the k-NN manifolds
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+class ImageSource:
+    """Images delivered in consecutive uint8 NCHW batches, without holding them all when streaming."""
+
+    name: str = ""
+    shape: tuple[int, int, int] = (0, 0, 0)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+
+class ArraySource(ImageSource):
+    def __init__(self, images: np.ndarray, name: str = "images"):
+        from cmboost.data import check_samples
+
+        check_samples(images, None, name)
+        self.images, self.name, self.shape = images, name, tuple(int(v) for v in images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.images), batch_size):
+            yield self.images[start : start + batch_size]
+
+
+class NpzSource(ImageSource):
+    """`arr_0` of an OpenAI-layout .npz (uint8 NHWC), read batch by batch from the zip member."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.name = str(path)
+        with self._member() as (_, count, (h, w, c)):
+            self.count, self.shape = count, (c, h, w)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @contextlib.contextmanager
+    def _member(self):
+        """(open arr_0.npy stream positioned at the data, image count, (H, W, C)), header checked."""
+        path = self.path
+        try:
+            archive = zipfile.ZipFile(path)
+        except FileNotFoundError:
+            raise UserInputError(f"{path}: file not found") from None
+        except (zipfile.BadZipFile, OSError) as err:
+            raise UserInputError(f"{path}: not a readable .npz file ({err})") from None
+        with archive:
+            if "arr_0.npy" not in archive.namelist():
+                raise UserInputError(f"{path}: no 'arr_0' array (has {', '.join(archive.namelist()) or 'none'})")
+            with archive.open("arr_0.npy") as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(fh)
+                except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+                    raise UserInputError(f"{path}: damaged arr_0 header ({err})") from None
+                if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or fortran:
+                    raise UserInputError(f"{path}: arr_0 must be uint8 NHWC with 1 or 3 channels, got "
+                                         f"{dtype} {shape}{' in Fortran order' if fortran else ''}")
+                yield fh, int(shape[0]), tuple(int(v) for v in shape[1:])
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        c, h, w = self.shape
+        per_image = h * w * c
+        with self._member() as (fh, count, _):
+            for start in range(0, count, batch_size):
+                n = min(batch_size, count - start)
+                try:
+                    raw = fh.read(n * per_image)
+                except (zipfile.BadZipFile, OSError, EOFError) as err:
+                    raise UserInputError(f"{self.path}: damaged arr_0 ({err})") from None
+                if len(raw) != n * per_image:
+                    raise UserInputError(f"{self.path}: arr_0 is truncated at image {start + len(raw) // per_image}")
+                batch = np.frombuffer(raw, dtype=np.uint8).reshape(n, h, w, c)
+                yield np.array(batch.transpose(0, 3, 1, 2), order="C")  # a writable copy
+
+
+def open_samples(path: str | os.PathLike) -> ImageSource:
+    """A .npz streams its arr_0; a folder of PNGs is read whole (data.load_samples)."""
+    path = Path(path)
+    if path.is_dir():
+        from cmboost.data import load_samples
+
+        images, _ = load_samples(path)
+        return ArraySource(images, str(path))
+    if not path.exists():
+        raise UserInputError(f"{path}: file not found")
+    return NpzSource(path)
+
+
+# ----------------------------------------------------------------------------- feature extraction
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    count: int
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray | None
+    sigma_s: np.ndarray | None
+    pool: np.ndarray | None      # float32 rows selected by `keep`
+    probs: np.ndarray | None     # float32 softmax of every row
+    images: np.ndarray | None    # uint8 NCHW rows selected by `keep`
+
+
+def extract_features(source: ImageSource, extractor: FeatureExtractor, batch_size: int = 256,
+                     keep: np.ndarray | None = None, keep_probs: bool = True, keep_images: bool = False,
+                     progress: bool = False, desc: str = "features") -> FeatureSet:
+    """Runs `extractor` over `source`. Statistics cover every image; pool features (and images) are
+    kept for the sorted indices `keep` (None: all). Under torchrun, rank r takes batches r, r+W, ...
+    and the parts are gathered in order, so the result does not depend on the number of ranks."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size {batch_size}: must be at least 1")
+    info = dist_info()
+    n = len(source)
+    keep_mask = np.ones(n, dtype=bool) if keep is None else np.isin(np.arange(n), keep)
+    pool_stats = RunningStats(extractor.pool_dim)
+    spatial_stats = RunningStats(extractor.spatial_dim) if extractor.spatial_dim else None
+    parts = []  # this rank's (pool, probs, images) per batch, in batch order
+    bar = tqdm(total=n, desc=desc, unit="img", file=sys.stderr, disable=not (progress and info.is_main),
+               dynamic_ncols=True)
+    with bar:
+        for index, batch in enumerate(source.batches(batch_size)):
+            start = index * batch_size
+            if index % info.world_size != info.rank:
+                bar.update(len(batch))
+                continue
+            out = extractor(torch.from_numpy(batch))
+            pool = out["pool"].cpu()
+            pool_stats.update(pool)
+            if spatial_stats is not None:
+                spatial_stats.update(out["spatial"].cpu())
+            mask = keep_mask[start : start + len(batch)]
+            probs = torch.softmax(out["logits"].double(), dim=1).float().cpu().numpy() if keep_probs else None
+            parts.append((pool.numpy()[mask], probs, batch[mask] if keep_images else None))
+            bar.update(len(batch))
+    parts = gather(parts, info)
+    stats = gather([(pool_stats, spatial_stats)], info) if info.enabled else [(pool_stats, spatial_stats)]
+    pool_stats, spatial_stats = stats[0]
+    for other_pool, other_spatial in stats[1:]:
+        pool_stats.merge(other_pool)
+        if spatial_stats is not None:
+            spatial_stats.merge(other_spatial)
+    if n < 2:
+        raise UserInputError(f"{source.name}: {n} image(s); statistics need at least 2")
+    mu, sigma = pool_stats.finalize()
+    mu_s, sigma_s = spatial_stats.finalize() if spatial_stats is not None else (None, None)
+    pool = np.concatenate([p[0] for p in parts]) if parts else None
+    probs = np.concatenate([p[1] for p in parts]) if keep_probs else None
+    images = np.concatenate([p[2] for p in parts]) if keep_images else None
+    return FeatureSet(n, mu, sigma, mu_s, sigma_s, pool, probs, images)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLike,
+                    features: FeatureExtractor | str = "fmnist", batch_size: int = 256,
+                    device: torch.device | str | None = None, precision: str | None = None,
+                    inception_weights: str | os.PathLike | None = None, progress: bool = False) -> dict:
+    """FID, sFID, IS, precision and recall of the images in `source` against `reference`."""
+    ref = reference if isinstance(reference, Reference) else load_reference(reference)
+    extractor = load_feature_extractor(features, device, precision, inception_weights)
+    extractor.check_images(source.shape, source.name)
+    ref.check_against(extractor)
+    if len(source) <= PR_NEIGHBOURS:
+        raise UserInputError(f"{source.name}: {len(source)} images; need more than {PR_NEIGHBOURS} "
+                             "(k-NN precision/recall)")
+    samples = extract_features(source, extractor, batch_size, progress=progress, desc="samples")
+
+    notes: dict[str, str] = {}
+    ref_features = ref.features
+    if ref_features is None and ref.images is not None:
+        extractor.check_images(ref.images.shape[1:], f"{ref.source} (arr_0)")
+        ref_set = extract_features(ArraySource(ref.images, f"{ref.source} arr_0"), extractor, batch_size,
+                                   keep_probs=False, progress=progress, desc="reference")
+        ref_features = ref_set.pool
+        if ref.mu is None:
+            ref.mu, ref.sigma, ref.mu_s, ref.sigma_s = ref_set.mu, ref_set.sigma, ref_set.mu_s, ref_set.sigma_s
+
+    result: dict = {}
+    if dist_info().is_main:
+        result["fid"] = frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma)
+        if samples.mu_s is None:
+            result["sfid"], notes["sfid"] = None, extractor.spatial_reason
+        elif ref.mu_s is None:
+            result["sfid"], notes["sfid"] = None, f"{ref.source} holds no spatial statistics (mu_s, sigma_s)"
+        else:
+            result["sfid"] = frechet_distance(samples.mu_s, samples.sigma_s, ref.mu_s, ref.sigma_s)
+        result["is"] = inception_score(samples.probs, IS_SPLIT_SIZE)
+        if ref_features is None:
+            result["precision"] = result["recall"] = None
+            notes["precision"] = notes["recall"] = f"{ref.source} holds neither reference images nor features"
+        elif len(ref_features) <= PR_NEIGHBOURS:
+            result["precision"] = result["recall"] = None
+            notes["precision"] = notes["recall"] = f"{ref.source}: {len(ref_features)} reference rows, too few for k=3"
+        else:
+            result["precision"], result["recall"] = precision_recall(
+                ref_features, samples.pool, k=PR_NEIGHBOURS, device=extractor.device)
+        result = {key: result[key] for key in METRIC_KEYS}
+        result.update(notes={k: v for k, v in notes.items()}, num_samples=samples.count,
+                      num_reference=None if ref_features is None else int(len(ref_features)),
+                      reference_count=ref.count, feature_net=extractor.identity, features=extractor.name,
+                      samples=source.name, reference=ref.source, precision_mode=extractor.precision)
+    info = dist_info()
+    if info.enabled:
+        box = [result]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
+def evaluate_images(images_u8: np.ndarray, reference: Reference | str | os.PathLike,
+                    features: FeatureExtractor | str = "fmnist", batch_size: int = 256,
+                    device: torch.device | str | None = None, precision: str | None = None,
+                    inception_weights: str | os.PathLike | None = None, progress: bool = False) -> dict:
+    """Metrics of in-memory uint8 NCHW images against a reference (a Reference or an .npz path)."""
+    return evaluate_source(ArraySource(np.asarray(images_u8), "images"), reference, features, batch_size,
+                           device, precision, inception_weights, progress)
+
+
+def evaluate_file(samples: str | os.PathLike, reference: Reference | str | os.PathLike,
+                  features: FeatureExtractor | str = "fmnist", batch_size: int = 256,
+                  device: torch.device | str | None = None, precision: str | None = None,
+                  inception_weights: str | os.PathLike | None = None, progress: bool = False) -> dict:
+    """Metrics of a sample .npz (streamed) or PNG folder against a reference."""
+    return evaluate_source(open_samples(samples), reference, features, batch_size, device, precision,
+                           inception_weights, progress)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def format_table(result: dict) -> str:
+    labels = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Precision", "recall": "Recall"}
+    lines = [f"{'metric':<10} value   ({result.get('num_samples')} samples, features {result.get('features')})"]
+    for key in METRIC_KEYS:
+        value = result.get(key)
+        text = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else \
+            f"n/a ({result.get('notes', {}).get(key, 'not computed')})"
+        lines.append(f"{labels[key]:<10} {text}")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, result: dict, overwrite: bool = False) -> Path:
+    """Atomic JSON write (no NaN: missing metrics are null with a note)."""
+    from cmboost.data import refuse_existing
+
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        _default_mode(tmp)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(result, fh, indent=2, sort_keys=False, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _default_mode(path: str) -> None:
+    """mkstemp makes files 0600; give outputs the usual permissions (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

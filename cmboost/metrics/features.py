@@ -1,0 +1,285 @@
+"""Feature extractors: uint8 NCHW images in, per-image features out.
+
+Every extractor returns a dict with
+- "pool":    float32 [N, D]  features for FID and precision/recall,
+- "logits":  float32 [N, K]  class logits whose softmax feeds the Inception Score,
+- "spatial": float32 [N, S]  features for sFID, or None when the network defines none
+  (then `spatial_reason` says why, and sFID is reported as missing, never faked).
+
+Two kinds:
+- Inception-v3 of the protocol (METHOD.md §6), torch-fidelity's port of the TF 2015-12-05 graph.
+  Pool = the 2048-d pool_3 features; logits = pool_3 times the softmax weights without bias (the
+  guided-diffusion evaluator's softmax input, torch-fidelity's "logits_unbiased", 1008 classes);
+  spatial = the first 7 channels of mixed_6/conv, 17x17x7 = 2023-d in TF's HWC order. The port's
+  features_list offers no mixed_6/conv, but the port has the layer: mixed_6 is its Mixed_6d block
+  and mixed_6/conv that block's branch1x1 (1x1 conv + BN + ReLU, 192 channels at 17x17), so it
+  is read from there. The TF resize to 299 (legacy bilinear, align_corners=False) is done as two
+  batched matrix products, equal to torch-fidelity's resize up to float rounding.
+- A domain network (domain_net.py) for small datasets: pool = its feature layer, no spatial map.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from cmboost.errors import UserInputError
+from cmboost.runtime import autocast, resolve_device, resolve_precision
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+INCEPTION_IDENTITY = "inception-v3-tf-2015-12-05"
+INCEPTION_SIZE = 299
+SPATIAL_CHANNELS = 7  # sFID keeps the first 7 channels of mixed_6/conv: 17 * 17 * 7 = 2023
+
+# Inception-v3 blocks in graph order; mixed_6 (Mixed_6d) is where the sFID features branch off.
+_BEFORE_MIXED_6 = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
+                   "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                   "Mixed_6c")
+_FROM_MIXED_6 = ("Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")
+
+
+class FeatureExtractor:
+    """Common interface; see the module docstring for what __call__ returns."""
+
+    name: str = ""            # what the user asked for ("inception", "fmnist", a path)
+    identity: str = ""        # what the features are: stored in references and checked against them
+    pool_dim: int = 0
+    num_classes: int = 0
+    spatial_dim: int | None = None
+    spatial_reason: str | None = None
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+
+    def check_images(self, shape: tuple[int, ...], source: str) -> None:
+        raise NotImplementedError
+
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- TF1 bilinear resize
+
+
+def tf1_bilinear_matrix(in_size: int, out_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[out, in] interpolation matrix of TF 1.x resize_bilinear with align_corners=False
+    (source coordinate = dst * in/out, no half-pixel offset; the upper neighbour clamps at the edge)."""
+    scale = in_size / out_size
+    grid = torch.arange(out_size, dtype=torch.float32) * torch.tensor(scale, dtype=torch.float32)
+    lo = grid.long()
+    hi = (lo + 1).clamp_max(in_size - 1)
+    frac = grid - lo.float()
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float32)
+    rows = torch.arange(out_size)
+    matrix.index_put_((rows, lo), 1.0 - frac, accumulate=True)
+    matrix.index_put_((rows, hi), frac, accumulate=True)
+    return matrix.to(device)
+
+
+def tf1_resize(x: torch.Tensor, size: int, cache: dict | None = None) -> torch.Tensor:
+    """Float NCHW -> NCHW at size x size with the TF 1.x bilinear rule, as A_h @ x @ A_w^T."""
+    h, w = x.shape[-2:]
+    cache = {} if cache is None else cache
+    key_h, key_w = (h, size, x.device), (w, size, x.device)
+    if key_h not in cache:
+        cache[key_h] = tf1_bilinear_matrix(h, size, x.device)
+    if key_w not in cache:
+        cache[key_w] = tf1_bilinear_matrix(w, size, x.device)
+    return torch.matmul(cache[key_h], torch.matmul(x, cache[key_w].T))
+
+
+# ----------------------------------------------------------------------------- Inception
+
+
+def resolve_inception_weights(path: str | os.PathLike | None = None, allow_download: bool = True) -> Path:
+    """The Inception weights file: `path` (a file, or a folder holding it), else $CMBOOST_WEIGHTS
+    (likewise), else torch's hub cache (where torch-fidelity keeps it), else a download into that
+    cache when the internet is reachable (not when $CMBOOST_OFFLINE is set). Raises one line naming
+    the file and where to put it."""
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    if path:
+        given = Path(path)
+        found = given / INCEPTION_FILE if given.is_dir() else given
+        if not found.is_file():
+            raise UserInputError(f"--inception-weights {path}: no such file (expected {INCEPTION_FILE}; "
+                                 f"download it from {INCEPTION_URL})")
+        return found
+    places = []
+    if os.environ.get("CMBOOST_WEIGHTS"):
+        env = Path(os.environ["CMBOOST_WEIGHTS"])
+        places.append(env if env.suffix == ".pth" else env / INCEPTION_FILE)
+    places.append(hub / INCEPTION_FILE)
+    for place in places:
+        if place.is_file():
+            return place
+    failure = "downloads are off ($CMBOOST_OFFLINE)" if os.environ.get("CMBOOST_OFFLINE") else "no download"
+    if allow_download and not os.environ.get("CMBOOST_OFFLINE"):
+        try:
+            return _download(INCEPTION_URL, hub / INCEPTION_FILE)
+        except OSError as err:
+            failure = f"download failed: {getattr(err, 'reason', err)}"
+    looked = ", ".join(str(p) for p in places)
+    raise UserInputError(f"Inception weights {INCEPTION_FILE} not found (looked in {looked}; {failure}): "
+                         f"download {INCEPTION_URL} and put it in $CMBOOST_WEIGHTS/ or {hub}/, "
+                         "or pass --inception-weights PATH")
+
+
+def _download(url: str, target: Path, timeout: float = 60.0) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _import_port():
+    try:
+        from cmboost.metrics import _inception_port
+    except ImportError as err:
+        raise UserInputError(f"--features inception needs torch-fidelity ({err}): "
+                             "pip install 'cmboost[inception]' (torch-fidelity 0.4)") from None
+    return _inception_port
+
+
+class InceptionFeatures(FeatureExtractor):
+    """Inception-v3 (TF 2015-12-05) features of the guided-diffusion protocol. Any image size (resized
+    to 299 like the TF graph); grey images are repeated to 3 channels. `channels_last` and bf16
+    autocast are speed options on GPU; fp32 is the default for comparable numbers."""
+
+    pool_dim = 2048
+    num_classes = 1008
+    spatial_dim = 17 * 17 * SPATIAL_CHANNELS
+
+    def __init__(self, port: torch.nn.Module, identity: str = INCEPTION_IDENTITY,
+                 device: torch.device | str = "cpu", precision: str = "fp32", channels_last: bool = True):
+        self.name = "inception"
+        self.identity = identity
+        self.device = torch.device(device)
+        self.precision = precision
+        self.channels_last = channels_last
+        self.port = port.to(self.device).eval().requires_grad_(False)
+        if channels_last:
+            self.port = self.port.to(memory_format=torch.channels_last)
+        self._resize_cache: dict = {}
+
+    @classmethod
+    def from_weights(cls, path: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+                     precision: str = "fp32", allow_download: bool = True,
+                     channels_last: bool = True) -> "InceptionFeatures":
+        port_module = _import_port()
+        weights = resolve_inception_weights(path, allow_download)
+        try:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in many classes
+            raise UserInputError(f"{weights}: not a weights-only PyTorch state dict ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        if not isinstance(state_dict, dict) or not state_dict:
+            raise UserInputError(f"{weights}: holds no state dict")
+        try:
+            port = port_module.build_port(state_dict)
+        except RuntimeError as err:
+            raise UserInputError(f"{weights}: does not fit torch-fidelity's Inception-v3 "
+                                 f"({str(err).strip().splitlines()[0]})") from None
+        return cls(port, INCEPTION_IDENTITY, device, precision, channels_last)
+
+    @classmethod
+    def random(cls, seed: int = 0, device: torch.device | str = "cpu", precision: str = "fp32",
+               channels_last: bool = True) -> "InceptionFeatures":
+        """Random weights (seeded): for speed measurements and tests only; the identity says so."""
+        port_module = _import_port()
+        torch.manual_seed(seed)
+        return cls(port_module.build_port(None), f"{INCEPTION_IDENTITY}-random-{seed}", device, precision,
+                   channels_last)
+
+    def check_images(self, shape: tuple[int, ...], source: str) -> None:
+        c, h, w = (int(v) for v in shape)
+        if c not in (1, 3):
+            raise UserInputError(f"{source}: images have {c} channels; Inception takes 1 (repeated) or 3")
+        if h < 2 or w < 2:
+            raise UserInputError(f"{source}: images are {h}x{w}, too small to resize to 299")
+
+    @torch.no_grad()
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        if images_u8.dtype != torch.uint8 or images_u8.ndim != 4:
+            raise ValueError(f"expected uint8 NCHW images, got {images_u8.dtype} {tuple(images_u8.shape)}")
+        x = images_u8.to(self.device, non_blocking=True).float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        # The graph's own preprocessing, in fp32 whatever the precision: resize, then (x - 128) / 128.
+        x = (tf1_resize(x, INCEPTION_SIZE, self._resize_cache) - 128.0) / 128.0
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        port = self.port
+        with autocast(self.device, self.precision):
+            for name in _BEFORE_MIXED_6:
+                x = getattr(port, name)(x)
+            spatial = port.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]  # mixed_6/conv, first 7 channels
+            for name in _FROM_MIXED_6:
+                x = getattr(port, name)(x)
+        pool = torch.flatten(x, 1).float()
+        logits = pool @ port.fc.weight.float().T  # "logits_unbiased": the evaluator's softmax has no bias
+        spatial = spatial.float().permute(0, 2, 3, 1).reshape(len(pool), -1)  # TF's NHWC flattening
+        return {"pool": pool, "logits": logits, "spatial": spatial}
+
+
+# ----------------------------------------------------------------------------- domain networks
+
+
+class DomainFeatures(FeatureExtractor):
+    """A domain_net.DomainNet: its feature layer for FID/PR, its logits for IS, no spatial map."""
+
+    spatial_dim = None
+
+    def __init__(self, net, name: str, device: torch.device | str = "cpu", precision: str = "fp32"):
+        from cmboost.metrics.domain_net import weights_digest
+
+        self.net = net.to(device).eval().requires_grad_(False)
+        self.name = str(name)
+        self.identity = f"domain-net-{weights_digest(self.net)}"
+        self.device = torch.device(device)
+        self.precision = precision
+        self.pool_dim = net.config.feature_dim
+        self.num_classes = net.config.num_classes
+        self.spatial_reason = (f"the {self.name} feature net has no spatial feature map "
+                               "(sFID is defined on Inception's mixed_6/conv)")
+
+    def check_images(self, shape: tuple[int, ...], source: str) -> None:
+        from cmboost.metrics.domain_net import check_input_shape
+
+        check_input_shape(tuple(shape), self.net.config, source, self.name)
+
+    @torch.no_grad()
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        from cmboost.metrics.domain_net import prepare_images
+
+        x = prepare_images(images_u8.to(self.device, non_blocking=True), self.net.config)
+        with autocast(self.device, self.precision):
+            features, logits = self.net(x)
+        return {"pool": features.float(), "logits": logits.float(), "spatial": None}
+
+
+def load_feature_extractor(spec: str = "fmnist", device: torch.device | str | None = None,
+                           precision: str | None = None, inception_weights: str | os.PathLike | None = None,
+                           allow_download: bool = True) -> FeatureExtractor:
+    """`spec`: "inception", a shipped domain net ("fmnist"), or a domain-net checkpoint path.
+    Precision defaults to fp32 (comparable numbers); pass "bf16" for speed on GPU."""
+    if isinstance(spec, FeatureExtractor):
+        return spec
+    device = resolve_device(device if not isinstance(device, torch.device) else str(device))
+    precision = "fp32" if precision in (None, "", "auto") else resolve_precision(precision, device)
+    if spec == "inception":
+        return InceptionFeatures.from_weights(inception_weights, device, precision, allow_download)
+    from cmboost.metrics.domain_net import load_domain_net
+
+    net, _ = load_domain_net(spec, device)
+    return DomainFeatures(net, str(spec), device, precision)

@@ -1,0 +1,176 @@
+"""Reference batches: what samples are compared against.
+
+OpenAI's reference .npz (e.g. VIRTUAL_imagenet64_labeled.npz) holds `arr_0` (10k reference
+images, uint8 NHWC) and the Inception statistics of the whole training set: `mu`, `sigma` (pool
+features) and `mu_s`, `sigma_s` (spatial features). Precision/recall use the features of `arr_0`,
+computed at evaluation time.
+
+The files cmboost writes (`cmboost evaluate ref`) keep that layout and add:
+`features` (float32 [M, D], the pool features of `arr_0`, so evaluation need not recompute
+them), `feature_net` (which network made the statistics; checked at evaluation), `count`
+(images behind mu/sigma) and `data` (which data). They stay readable by OpenAI's evaluator
+when made with Inception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from cmboost.errors import UserInputError
+
+OPENAI_FEATURE_NET = "inception-v3-tf-2015-12-05"  # what OpenAI's reference files were made with
+
+
+@dataclasses.dataclass
+class Reference:
+    mu: np.ndarray | None                 # float64 [D]
+    sigma: np.ndarray | None              # float64 [D, D]
+    mu_s: np.ndarray | None = None        # spatial (sFID) statistics, when the network has them
+    sigma_s: np.ndarray | None = None
+    features: np.ndarray | None = None    # float32 [M, D] pool features of `images`, for precision/recall
+    images: np.ndarray | None = None      # uint8 NCHW reference images (arr_0)
+    feature_net: str | None = None        # identity of the feature network; None = OpenAI's (Inception)
+    count: int | None = None              # images behind mu/sigma
+    source: str = ""                      # where it was read from (named in messages)
+    data: str = ""                        # which data the statistics describe (e.g. "fmnist test")
+
+    @property
+    def net(self) -> str:
+        return self.feature_net or OPENAI_FEATURE_NET
+
+    def check_against(self, extractor) -> None:
+        """Raises UserInputError unless these statistics were made by `extractor`'s network."""
+        if self.net != extractor.identity:
+            raise UserInputError(
+                f"{self.source}: reference made with feature net {self.net}, but --features {extractor.name} "
+                f"is {extractor.identity}; use the matching --features or compute a reference with "
+                "'cmboost evaluate ref'")
+        if self.mu is not None and self.mu.shape != (extractor.pool_dim,):
+            raise UserInputError(f"{self.source}: mu has shape {self.mu.shape}, the {extractor.name} features "
+                                 f"have {extractor.pool_dim} dimensions")
+        if self.features is not None and self.features.shape[1] != extractor.pool_dim:
+            raise UserInputError(f"{self.source}: features have {self.features.shape[1]} dimensions, the "
+                                 f"{extractor.name} features have {extractor.pool_dim}")
+
+
+def load_reference(path: str | os.PathLike) -> Reference:
+    """Reads an OpenAI reference .npz or one written by save_reference."""
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserInputError(f"--ref {path}: file not found") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise UserInputError(f"--ref {path}: not a readable .npz file ({err})") from None
+    with archive:
+        names = set(archive.files)
+        try:
+            arrays = {name: archive[name] for name in names}
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+            raise UserInputError(f"--ref {path}: damaged array ({err})") from None
+    if "mu" not in names and "arr_0" not in names:
+        raise UserInputError(f"--ref {path}: neither 'mu'/'sigma' statistics nor 'arr_0' images "
+                             f"(has {', '.join(sorted(names)) or 'nothing'})")
+    ref = Reference(mu=None, sigma=None, source=str(path))
+    for key in ("mu", "mu_s"):
+        sig_key = key.replace("mu", "sigma")
+        if key in names or sig_key in names:
+            mu, sigma = arrays.get(key), arrays.get(sig_key)
+            if mu is None or sigma is None:
+                raise UserInputError(f"--ref {path}: has '{key if mu is not None else sig_key}' without "
+                                     f"'{sig_key if mu is not None else key}'")
+            mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+            if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+                raise UserInputError(f"--ref {path}: {key} {mu.shape} and {sig_key} {sigma.shape} do not match")
+            setattr(ref, key, mu)
+            setattr(ref, sig_key, sigma)
+    if "arr_0" in names:
+        images = arrays["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+            raise UserInputError(f"--ref {path}: arr_0 must be uint8 NHWC images, got {images.dtype} {images.shape}")
+        ref.images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    if "features" in names:
+        features = np.asarray(arrays["features"], np.float32)
+        if features.ndim != 2:
+            raise UserInputError(f"--ref {path}: features must be [N, D], got {features.shape}")
+        if ref.mu is not None and features.shape[1] != ref.mu.shape[0]:
+            raise UserInputError(f"--ref {path}: features have {features.shape[1]} dimensions, mu {ref.mu.shape[0]}")
+        ref.features = features
+    if "feature_net" in names:
+        ref.feature_net = str(arrays["feature_net"])
+    if "count" in names:
+        ref.count = int(arrays["count"])
+    if "data" in names:
+        ref.data = str(arrays["data"])
+    return ref
+
+
+def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = False) -> Path:
+    """Atomic .npz write in the layout described above (images stored NHWC, like OpenAI's)."""
+    from cmboost.data import refuse_existing
+
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    arrays: dict[str, np.ndarray] = {}
+    if ref.images is not None:
+        arrays["arr_0"] = np.ascontiguousarray(ref.images.transpose(0, 2, 3, 1))
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+        if getattr(ref, key) is not None:
+            arrays[key] = np.asarray(getattr(ref, key), np.float64)
+    if ref.features is not None:
+        arrays["features"] = np.asarray(ref.features, np.float32)
+    arrays["feature_net"] = np.array(ref.net)
+    if ref.count is not None:
+        arrays["count"] = np.array(int(ref.count), dtype=np.int64)
+    arrays["data"] = np.array(ref.data or ref.source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        _default_mode(tmp)
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _default_mode(path: str) -> None:
+    """mkstemp makes files 0600; give outputs the usual permissions (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def choose_subset(count: int, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of the `size` images (of `count`) whose features are kept for precision/recall:
+    all of them when there are no more than `size`, else a seeded random choice."""
+    if count <= size:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
+
+
+def reference_stats(images_u8, extractor, batch_size: int = 256, num_features: int = 10000, seed: int = 0,
+                    source: str = "", progress: bool = False) -> Reference:
+    """Statistics of uint8 NCHW `images_u8` (an array or an evaluate.ImageSource) under `extractor`
+    (a FeatureExtractor or a spec like "fmnist"/"inception"): mu/sigma (and mu_s/sigma_s) over all
+    images, plus the images and pool features of up to `num_features` of them for precision/recall."""
+    from cmboost.metrics.evaluate import ArraySource, ImageSource, extract_features
+    from cmboost.metrics.features import load_feature_extractor
+
+    extractor = load_feature_extractor(extractor)
+    data = images_u8 if isinstance(images_u8, ImageSource) else ArraySource(images_u8, source or "reference images")
+    extractor.check_images(data.shape, data.name)
+    keep = choose_subset(len(data), num_features, seed)
+    feats = extract_features(data, extractor, batch_size, keep=keep, keep_probs=False, keep_images=True,
+                             progress=progress, desc="reference")
+    return Reference(mu=feats.mu, sigma=feats.sigma, mu_s=feats.mu_s, sigma_s=feats.sigma_s,
+                     features=feats.pool, images=feats.images, feature_net=extractor.identity,
+                     count=feats.count, source=source or data.name, data=source or data.name)

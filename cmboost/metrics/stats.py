@@ -1,0 +1,196 @@
+"""Pure steps from features to statistics to metrics (guided-diffusion evaluator protocol, METHOD.md §6).
+
+Nothing here knows about images or networks: features in, numbers out. Everything that feeds a
+metric is computed in float64 (statistics, square roots, logs); pairwise distances for
+precision/recall are float32 on the features' device, in row x column blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from scipy import linalg
+
+# ----------------------------------------------------------------------------- Gaussian statistics
+
+
+class RunningStats:
+    """Mean and covariance of feature rows accumulated batch by batch (float64 sums), so that
+    statistics of a million images never need all features in memory. Batches may arrive in any
+    order and from several ranks (`merge`); the result equals np.mean / np.cov(rowvar=False)
+    up to float64 rounding."""
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+        self.count = 0
+        self.sum = np.zeros(self.dim, dtype=np.float64)
+        self.outer = np.zeros((self.dim, self.dim), dtype=np.float64)
+
+    def update(self, features: np.ndarray | torch.Tensor) -> None:
+        x = _as_float64(features)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"features of shape {x.shape} do not match statistics of dimension {self.dim}")
+        self.count += x.shape[0]
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+
+    def merge(self, other: "RunningStats") -> None:
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge statistics of dimension {other.dim} into {self.dim}")
+        self.count += other.count
+        self.sum += other.sum
+        self.outer += other.outer
+
+    def finalize(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) with the unbiased covariance (ddof 1), as np.cov gives."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature rows for a covariance, have {self.count}")
+        mu = self.sum / self.count
+        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, (sigma + sigma.T) / 2.0  # symmetric to the last bit
+
+
+def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of feature rows [N, D] in float64; sigma is np.cov(rowvar=False)."""
+    x = _as_float64(features)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need a [N >= 2, D] feature matrix, got shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 (Heusel et al. 2017, eq. 6).
+
+    As in the guided-diffusion evaluator: when S1 S2 is singular (its square root is not finite,
+    or scipy reports it singular), eps*I is added to both covariances; a square root whose
+    diagonal has an imaginary part above 1e-3 means the statistics are broken and raises."""
+    mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
+    sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1)), np.atleast_2d(_as_float64(sigma2))
+    if mu1.shape != mu2.shape or mu1.ndim != 1:
+        raise ValueError(f"Frechet distance: means of shapes {mu1.shape} and {mu2.shape} differ")
+    dim = mu1.shape[0]
+    if sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
+        raise ValueError(f"Frechet distance: covariances {sigma1.shape}, {sigma2.shape} do not match dimension {dim}")
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"Frechet distance: {name} contains NaN or inf (broken features?)")
+
+    covmean, ok = _sqrtm(sigma1 @ sigma2)
+    if not ok:
+        offset = np.eye(dim) * eps
+        covmean, _ = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            worst = float(np.max(np.abs(covmean.imag)))
+            raise ValueError(f"Frechet distance: sqrt(sigma1 @ sigma2) has an imaginary component of {worst:.3g}; "
+                             "the covariances are not valid (too few samples, or NaN/constant features?)")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _sqrtm(matrix: np.ndarray) -> tuple[np.ndarray, bool]:
+    """scipy's Schur-method square root, and whether it is trustworthy (finite, not flagged singular)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        root = linalg.sqrtm(matrix)
+    singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
+    return root, bool(np.isfinite(root).all()) and not singular
+
+
+# ----------------------------------------------------------------------------- Inception Score
+
+
+def inception_score(probs: np.ndarray | torch.Tensor, split_size: int = 5000) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) averaged over consecutive splits of `split_size` predictions
+    (the last split may be shorter), as the guided-diffusion evaluator computes it. `probs` are
+    softmax rows [N, K]; terms with p = 0 contribute 0 (the limit of p log p)."""
+    p = _as_float64(probs)
+    if p.ndim != 2 or p.shape[0] < 1:
+        raise ValueError(f"inception_score needs a [N, K] matrix of probabilities, got shape {p.shape}")
+    if split_size < 1:
+        raise ValueError(f"split_size {split_size}: must be at least 1")
+    if not np.isfinite(p).all() or p.min() < 0:
+        raise ValueError("inception_score: probabilities must be finite and non-negative")
+    if not np.allclose(p.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("inception_score: rows must sum to 1 (pass softmax probabilities, not logits)")
+    scores = []
+    for start in range(0, p.shape[0], split_size):
+        part = p[start : start + split_size]
+        marginal = part.mean(axis=0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)
+        scores.append(math.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores))
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def knn_radii(features: torch.Tensor, k: int = 3, batch_size: int = 5000) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row (the (k+1)-th smallest distance,
+    counting itself), in row x column blocks: memory is batch_size x (batch_size + k + 1)."""
+    n = features.shape[0]
+    if n <= k:
+        raise ValueError(f"k-NN radii with k={k} need more than {k} feature rows, have {n}")
+    radii = torch.empty(n, dtype=features.dtype, device=features.device)
+    for start in range(0, n, batch_size):
+        rows = features[start : start + batch_size]
+        best = torch.full((rows.shape[0], k + 1), math.inf, dtype=features.dtype, device=features.device)
+        for col in range(0, n, batch_size):
+            dist = torch.cdist(rows, features[col : col + batch_size])
+            best = torch.cat([best, dist], dim=1).topk(k + 1, dim=1, largest=False).values
+        radii[start : start + rows.shape[0]] = best[:, k]
+    return radii
+
+
+def covered(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, batch_size: int = 5000) -> torch.Tensor:
+    """For each query row: does it lie inside some ball (points[j], radii[j])? Bool [Nq]."""
+    inside = torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)
+    for start in range(0, queries.shape[0], batch_size):
+        rows = queries[start : start + batch_size]
+        hit = torch.zeros(rows.shape[0], dtype=torch.bool, device=queries.device)
+        for col in range(0, points.shape[0], batch_size):
+            dist = torch.cdist(rows, points[col : col + batch_size])
+            hit |= (dist <= radii[col : col + batch_size].unsqueeze(0)).any(dim=1)
+        inside[start : start + rows.shape[0]] = hit
+    return inside
+
+
+def precision_recall(real_features, fake_features, k: int = 3, batch_size: int = 5000,
+                     device: torch.device | str | None = None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds:
+    precision = share of generated rows inside some real row's k-NN ball, recall = share of real
+    rows inside some generated row's k-NN ball. Distances in float32 blocks on `device`
+    (default: where the features are), never an N x N matrix."""
+    real = _as_float32_tensor(real_features, device)
+    fake = _as_float32_tensor(fake_features, real.device)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision_recall: feature shapes {tuple(real.shape)} and {tuple(fake.shape)} do not match")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be at least 1")
+    real_radii = knn_radii(real, k, batch_size)
+    fake_radii = knn_radii(fake, k, batch_size)
+    precision = covered(fake, real, real_radii, batch_size).double().mean().item()
+    recall = covered(real, fake, fake_radii, batch_size).double().mean().item()
+    return float(precision), float(recall)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_float64(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _as_float32_tensor(x, device) -> torch.Tensor:
+    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x.detach()
+    t = t.to(dtype=torch.float32)
+    if device is not None:
+        t = t.to(device)
+    return t

@@ -1,0 +1,178 @@
+"""Metric functions on synthetic features: FID, IS, precision/recall, running statistics.
+
+torch-fidelity is imported unguarded on purpose: without it these tests fail (it is in the test extras).
+"""
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_prc import calculate_precision_recall_full, calculate_precision_recall_part
+
+from cmboost.metrics.stats import (RunningStats, feature_statistics, frechet_distance, inception_score,
+                                   knn_radii, precision_recall)
+
+
+def _gaussian(rng, n, d, shift=0.0, scale=1.0):
+    mixing = rng.standard_normal((d, d)) / np.sqrt(d)
+    return (rng.standard_normal((n, d)) @ mixing) * scale + shift
+
+
+def _scipy_fid(mu1, s1, mu2, s2):
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------- FID
+
+def test_fid_matches_scipy_sqrtm_reference():
+    rng = np.random.default_rng(0)
+    a, b = _gaussian(rng, 400, 24), _gaussian(rng, 300, 24, shift=0.3, scale=1.4)
+    (mu1, s1), (mu2, s2) = feature_statistics(a), feature_statistics(b)
+    ours = frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(_scipy_fid(mu1, s1, mu2, s2), rel=1e-9)
+    assert ours > 1.0  # the shift and scale are visible
+
+
+def test_fid_of_identical_statistics_is_zero_and_symmetric():
+    rng = np.random.default_rng(1)
+    mu, sigma = feature_statistics(_gaussian(rng, 200, 16))
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    mu2, sigma2 = feature_statistics(_gaussian(rng, 200, 16, shift=1.0))
+    assert frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(frechet_distance(mu2, sigma2, mu, sigma), rel=1e-8)
+
+
+def test_fid_agrees_with_torch_fidelity():
+    rng = np.random.default_rng(2)
+    a = torch.from_numpy(_gaussian(rng, 500, 32))
+    b = torch.from_numpy(_gaussian(rng, 450, 32, shift=0.2, scale=0.8))
+    stat_a, stat_b = fid_features_to_statistics(a), fid_features_to_statistics(b)
+    theirs = fid_statistics_to_metric(stat_a, stat_b, verbose=False)["frechet_inception_distance"]
+    ours = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_fid_singular_covariances_get_eps_and_stay_finite():
+    rng = np.random.default_rng(3)
+    # fewer samples than dimensions: both covariances are rank-deficient, the product singular
+    a, b = rng.standard_normal((10, 40)), rng.standard_normal((10, 40)) + 0.5
+    fid = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    assert np.isfinite(fid) and fid > 0
+
+
+def test_fid_large_imaginary_component_raises():
+    mu = np.zeros(2)
+    bad = np.diag([1.0, -1.0])  # not a covariance: the product has a negative eigenvalue
+    with pytest.raises(ValueError, match="imaginary"):
+        frechet_distance(mu, bad, mu, np.eye(2))
+
+
+def test_fid_rejects_mismatched_or_nan_inputs():
+    with pytest.raises(ValueError, match="differ"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance(np.array([np.nan, 0.0]), np.eye(2), np.zeros(2), np.eye(2))
+
+
+def test_running_stats_match_numpy_and_ignore_batching_and_order():
+    rng = np.random.default_rng(4)
+    x = _gaussian(rng, 301, 12, shift=3.0)
+    mu, sigma = np.mean(x, axis=0), np.cov(x, rowvar=False)
+    one, many = RunningStats(12), RunningStats(12)
+    one.update(x)
+    for part in np.array_split(x[rng.permutation(len(x))], 7):
+        many.update(part)
+    for stats in (one, many):
+        got_mu, got_sigma = stats.finalize()
+        np.testing.assert_allclose(got_mu, mu, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got_sigma, sigma, rtol=1e-10, atol=1e-12)
+    left, right = RunningStats(12), RunningStats(12)
+    left.update(x[:100])
+    right.update(x[100:])
+    left.merge(right)
+    np.testing.assert_allclose(left.finalize()[1], sigma, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- Inception Score
+
+def test_is_of_identical_predictions_is_one():
+    probs = np.tile(np.array([[0.7, 0.2, 0.1]]), (50, 1))
+    assert inception_score(probs) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_is_of_confident_balanced_predictions_is_number_of_classes():
+    probs = np.eye(4)[np.arange(40) % 4]  # one-hot (exact zeros must not give NaN)
+    assert inception_score(probs) == pytest.approx(4.0, rel=1e-12)
+
+
+def test_is_uses_consecutive_splits_including_the_last_partial_one():
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((23, 6)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    split = [inception_score(probs[i : i + 10]) for i in (0, 10, 20)]
+    assert inception_score(probs, split_size=10) == pytest.approx(np.mean(split), rel=1e-12)
+    with pytest.raises(ValueError, match="sum to 1"):
+        inception_score(np.abs(logits) + 1.0)
+
+
+def test_is_agrees_with_torch_fidelity_single_split():
+    rng = np.random.default_rng(6)
+    logits = torch.from_numpy(rng.standard_normal((200, 10)) * 3)
+    theirs = isc_features_to_metric(logits, splits=1, shuffle=False)["inception_score_mean"]
+    ours = inception_score(torch.softmax(logits, dim=1), split_size=5000)
+    assert ours == pytest.approx(theirs, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+def _clusters(rng, n_per, centres, spread=0.3):
+    return np.concatenate([c + spread * rng.standard_normal((n_per, centres.shape[1])) for c in centres])
+
+
+def test_collapsed_samples_have_high_precision_low_recall():
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((5, 8)) * 6
+    real = _clusters(rng, 80, centres)
+    collapsed = _clusters(rng, 400, centres[:1], spread=0.15)  # all mass on one mode, less varied
+    precision, recall = precision_recall(real, collapsed)
+    assert precision > 0.95
+    assert recall < 0.2
+    # the same samples spread over all modes recover recall
+    _, recall_full = precision_recall(real, _clusters(rng, 80, centres))
+    assert recall_full > 0.8
+
+
+def test_precision_recall_identical_sets_are_one():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((100, 5))
+    assert precision_recall(x, x) == (1.0, 1.0)
+
+
+def test_precision_recall_invariant_to_batch_size_and_order():
+    rng = np.random.default_rng(9)
+    real, fake = rng.standard_normal((150, 6)), rng.standard_normal((130, 6)) * 1.3 + 0.2
+    base = precision_recall(real, fake, batch_size=5000)
+    assert precision_recall(real, fake, batch_size=7) == base
+    assert precision_recall(real[rng.permutation(150)], fake[rng.permutation(130)], batch_size=16) == base
+    assert 0.0 < base[0] < 1.0 and 0.0 < base[1] < 1.0
+
+
+def test_knn_radii_in_blocks_equal_full_matrix():
+    rng = np.random.default_rng(10)
+    x = torch.from_numpy(rng.standard_normal((90, 4))).float()
+    full = torch.cdist(x, x).kthvalue(4, dim=1).values
+    torch.testing.assert_close(knn_radii(x, k=3, batch_size=13), full)
+
+
+def test_precision_recall_agrees_with_torch_fidelity():
+    rng = np.random.default_rng(11)
+    real = torch.from_numpy(_clusters(rng, 60, rng.standard_normal((4, 10)) * 3)).float()
+    fake = torch.from_numpy(_clusters(rng, 50, rng.standard_normal((4, 10)) * 3, spread=0.5)).float()
+    # torch-fidelity's convention: features_1 = generated, features_2 = real
+    theirs_full = calculate_precision_recall_full(fake, real, neighborhood=3, batch_size=10000)
+    theirs_part = calculate_precision_recall_part(fake, real, neighborhood=3, batch_size=64)
+    ours = precision_recall(real, fake, k=3, batch_size=32)
+    assert ours == pytest.approx(theirs_full, abs=1e-12)
+    assert ours == pytest.approx(theirs_part, abs=1e-12)
