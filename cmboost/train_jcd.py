@@ -290,6 +290,57 @@ def _reduce_mean(values: dict[str, torch.Tensor], world: int) -> dict[str, float
     return {k: float(v) for k, v in zip(keys, stacked.cpu())}
 
 
+# ----------------------------------------------------------------------------- one iteration
+
+@dataclasses.dataclass
+class StepResult:
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    logits_real: torch.Tensor
+    logits_gen: torch.Tensor | None
+    x_real_adv: torch.Tensor
+    x_gen_adv: torch.Tensor | None
+
+
+def training_step(model: torch.nn.Module, objective, optimizer: torch.optim.Optimizer, real_attack: PGD,
+                  gen_attack: PGD | None, x_real: torch.Tensor, y_real: torch.Tensor, x_gen: torch.Tensor | None,
+                  y_gen: torch.Tensor | None, precision: str = "fp32", grad_clip: float = 1.0,
+                  attack_mode: str = "eval", train_model: torch.nn.Module | None = None,
+                  scaler: torch.amp.GradScaler | None = None, real_generators=None,
+                  gen_generators=None) -> StepResult:
+    """One iteration (METHOD.md §3): attack the real batch towards "fake" and the generated batch
+    towards "real" (input gradients only), then one forward on cat(x_adv, xh_adv), backward,
+    gradient-norm clip and optimizer step. `train_model` is the DDP wrapper when there is one;
+    the attacks always use the bare `model` so no gradient hooks fire. No scheduler step here."""
+    train_model = train_model if train_model is not None else model
+    device = x_real.device
+    model.train(attack_mode == "train")  # the attacks' mode; PGD itself never changes it
+    x_real_adv = real_attack(model, lambda x: objective.real_attack(model(x), y_real), x_real,
+                             generators=real_generators)
+    x_gen_adv = None
+    if gen_attack is not None and objective.uses_generated and x_gen is not None:
+        x_gen_adv = gen_attack(model, lambda x: objective.gen_attack(model(x), y_gen), x_gen,
+                               generators=gen_generators)
+    train_model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        loss, terms, logits_real, logits_gen = objective.forward(train_model, x_real_adv, y_real, x_gen_adv, y_gen)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    return StepResult(loss.detach(), terms, logits_real.detach(),
+                      None if logits_gen is None else logits_gen.detach(), x_real_adv, x_gen_adv)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train_jcd(config: TrainConfig) -> Path:
@@ -399,31 +450,18 @@ def train_jcd(config: TrainConfig) -> Path:
             x_gen, y_gen = to_device(gen[gidx]), gen_y[gidx].to(device)
             gen_positions = np.arange(step * gen_batch, (step + 1) * gen_batch)[gen_share]
 
-        # Attacks (parameters frozen inside PGD; the mode is ours to choose).
-        model.train(c.attack_mode == "train")
-        x_real_adv = real_attack(model, lambda x: objective.real_attack(model(x), y_real), x_real,
-                                 generators=sample_generators(c.seed, 2 * positions))
         n_gen_steps = gen_steps_at(c, step)
+        gen_attack = None
         if uses_gen:
             gen_attack = PGD(c.attack_norm, c.gen_eps, c.gen_step_size, n_gen_steps, c.gen_random_start,
                              precision=precision, channels_last=channels_last)
-            gens = sample_generators(c.seed, 2 * gen_positions + 1) if c.gen_random_start else None
-            x_gen_adv = gen_attack(model, lambda x: objective.gen_attack(model(x), y_gen), x_gen, generators=gens)
-        else:
-            x_gen_adv = None
-
-        # The update: one forward on cat(real, generated).
-        train_model.train()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            loss, terms, logits_real, logits_gen = objective.forward(train_model, x_real_adv, y_real,
-                                                                     x_gen_adv, y_gen)
-        scaler.scale(loss).backward()
-        if c.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        result = training_step(
+            model, objective, optimizer, real_attack, gen_attack, x_real, y_real, x_gen, y_gen,
+            precision=precision, grad_clip=c.grad_clip, attack_mode=c.attack_mode, train_model=train_model,
+            scaler=scaler, real_generators=sample_generators(c.seed, 2 * positions) if c.real_random_start else None,
+            gen_generators=sample_generators(c.seed, 2 * gen_positions + 1) if uses_gen and c.gen_random_start
+            else None)
+        loss, terms, logits_real, logits_gen = result.loss, result.terms, result.logits_real, result.logits_gen
         scheduler.step()
         done = step + 1
         window_images += c.batch_size + (gen_batch if uses_gen else 0)
