@@ -234,3 +234,30 @@ def test_cli_train_features_writes_a_documented_net(tmp_path, fmnist, capsys):
     capsys.readouterr()
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_torchrun_sharded_evaluation_equals_single_process(tmp_path, fmnist, reference):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ref = save_reference(tmp_path / "ref.npz", reference)
+    samples = save_samples(tmp_path / "s.npz", fmnist[0][1000:1150])  # 150 images: uneven 64-batches over 2 ranks
+    out = tmp_path / "m.json"
+    import socket
+
+    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "cmboost",
+                           "evaluate", str(samples), "--ref", str(ref), "--json", str(out), "--device", "cpu",
+                           "--batch-size", "64", "--quiet"], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sharded = json.loads(out.read_text())
+    single = evaluate_file(samples, ref, "fmnist", batch_size=64)
+    for key in ("fid", "is", "precision", "recall"):
+        assert sharded[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9)  # float64 sums merged per rank
+    assert sharded["num_samples"] == 150

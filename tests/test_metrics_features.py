@@ -1,7 +1,6 @@
 """Feature networks: the Inception port (random weights; the real ones cannot be downloaded here),
 the TF1 resize, the weights-file contract, and the shipped Fashion-MNIST domain net."""
 
-import numpy as np
 import pytest
 import torch
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x

@@ -244,7 +244,7 @@ def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLik
         result.update(notes={k: v for k, v in notes.items()}, num_samples=samples.count,
                       num_reference=None if ref_features is None else int(len(ref_features)),
                       reference_count=ref.count, feature_net=extractor.identity, features=extractor.name,
-                      samples=source.name, reference=ref.source, precision_mode=extractor.precision)
+                      samples=source.name, reference=ref.source, feature_precision=extractor.precision)
     info = dist_info()
     if info.enabled:
         box = [result]

@@ -243,15 +243,16 @@ class DomainFeatures(FeatureExtractor):
     def __init__(self, net, name: str, device: torch.device | str = "cpu", precision: str = "fp32"):
         from cmboost.metrics.domain_net import weights_digest
 
-        self.net = net.to(device).eval().requires_grad_(False)
+        # channels-last: about 2x faster for these narrow convolutions on CPU (benchmarks/features_speed.py)
+        self.net = net.to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.name = str(name)
         self.identity = f"domain-net-{weights_digest(self.net)}"
         self.device = torch.device(device)
         self.precision = precision
         self.pool_dim = net.config.feature_dim
         self.num_classes = net.config.num_classes
-        self.spatial_reason = (f"the {self.name} feature net has no spatial feature map "
-                               "(sFID is defined on Inception's mixed_6/conv)")
+        self.spatial_reason = (f"the {self.name} feature net has no spatial feature map; "
+                               "sFID is defined on Inception's mixed_6/conv")
 
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
         from cmboost.metrics.domain_net import check_input_shape
@@ -263,6 +264,7 @@ class DomainFeatures(FeatureExtractor):
         from cmboost.metrics.domain_net import prepare_images
 
         x = prepare_images(images_u8.to(self.device, non_blocking=True), self.net.config)
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
             features, logits = self.net(x)
         return {"pool": features.float(), "logits": logits.float(), "spatial": None}
