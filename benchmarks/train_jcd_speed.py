@@ -83,11 +83,11 @@ def released_step(model, optimizer, x, y, xh, yh):
 
 # ----------------------------------------------------------------------------- ours
 
-def our_step(model, optimizer, objective, x, y, xh, yh, precision, channels_last):
+def our_step(model, optimizer, scaler, objective, x, y, xh, yh, precision, channels_last):
     real_attack = PGD("l2", 1.0, 0.5, 2, True, precision=precision, channels_last=channels_last)
     gen_attack = PGD("l2", 100.0, 0.1, 5, False, precision=precision, channels_last=channels_last)
     result = training_step(model, objective, optimizer, real_attack, gen_attack, x, y, xh, yh,
-                           precision=precision, grad_clip=1.0, attack_mode="train")
+                           precision=precision, grad_clip=1.0, attack_mode="train", scaler=scaler)
     return result.loss
 
 
@@ -150,8 +150,9 @@ def main():
         model = model.to(memory_format=torch.channels_last)
         x, xh = (t.contiguous(memory_format=torch.channels_last) for t in (x, xh))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     objective = get_objective("ce+bce")
-    ours_s = timed(lambda: our_step(model, optimizer, objective, x, y, xh, yh, precision, channels_last),
+    ours_s = timed(lambda: our_step(model, optimizer, scaler, objective, x, y, xh, yh, precision, channels_last),
                    device, iters, warmup)
 
     images = 2 * batch

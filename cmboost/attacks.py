@@ -150,13 +150,14 @@ class PGD:
             if stopped is not None:
                 active &= ~stopped
             x_adv = x0.clone()
-            if self.random_start and self.eps > 0 and bool(active.any()):
+            if self.random_start and self.eps > 0:
                 start = self._start(x0, generators)
                 x_adv = torch.where(active.view(-1, *([1] * (x0.dim() - 1))), start, x_adv)
             for step in range(self.steps):
-                if not bool(active.any()):
+                # (without a stop rule nothing ever stops: skip the checks, each a GPU sync)
+                if stop is not None and not bool(active.any()):
                     break
-                if step > 0 or self.random_start:  # before step 0 without a random start, x_adv == x0
+                if stop is not None and (step > 0 or self.random_start):  # else x_adv == x0, checked above
                     stopped = self._stopped(stop, x_adv)
                     if stopped is not None:
                         active &= ~stopped  # once stopped, frozen for good
