@@ -324,7 +324,8 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.to(x.dtype))
+        out_dtype = self.out[2].weight.dtype  # fp32 head under use_fp16; bf16 when the whole model is bf16
+        return self.out(h.to(out_dtype)).to(x.dtype)
 
 
 def set_attention_impl(model: nn.Module, impl: str) -> nn.Module:
