@@ -121,9 +121,9 @@ def test_openai_pt_loading_is_weights_only(tmp_path):
     torch.save({"time_embed.0.weight": torch.zeros(3, 3)}, wrong)
     with pytest.raises(UserInputError, match="missing"):
         load_model(wrong)
-    (tmp_path / "x.pt").write_bytes(b"")
-    with pytest.raises(UserInputError, match="--kind"):
-        load_model(tmp_path / "x.pt")  # the kind cannot be told from the name
+    from cmboost.cm.checkpoint import openai_kind_from_name
+    assert [openai_kind_from_name(Path(n)) for n in ("cd_imagenet64_lpips.pt", "ct_imagenet64.pt", "x.pt")] == \
+        ["cd", "ct", None]
 
 
 def _free_port():
@@ -145,3 +145,17 @@ def test_torchrun_two_ranks_equal_one(model, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_array_equal(_load(tmp_path / "two.npz")[1], _load(tmp_path / "one.npz")[1])
     assert np.abs(_load(tmp_path / "two.npz")[0].astype(int) - _load(tmp_path / "one.npz")[0].astype(int)).max() <= 1
+
+
+def test_openai_state_dict_roundtrip(model, tmp_path):
+    """A bare state_dict saved with torch.save (OpenAI's format) loads with weights_only and the same outputs."""
+    from cmboost.cm.checkpoint import load_openai
+
+    ours = load_model(model)
+    path = tmp_path / "ct_tiny.pt"
+    torch.save(ours.net.state_dict(), path)
+    theirs = load_openai(path, unet_config=UNET)
+    assert theirs.kind == "ct" and theirs.ts == (0, 106, 200) and theirs.num_levels == 201
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1.0, 700.0]), torch.tensor([1, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.net(x, t, y), ours.net(x, t, y))

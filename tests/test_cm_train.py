@@ -174,3 +174,32 @@ def test_cli_train_then_sample(tmp_path, capsys):
         assert f["arr_1"].max() < len(set(labels.tolist()))
     assert main(["train-cm", "--mode", "cd", "--run-dir", str(tmp_path / "cd"), *common]) == 2
     assert "--teacher" in capsys.readouterr().err
+
+
+def test_torchrun_ddp_training(tmp_path):
+    """Two gloo ranks train a tiny CT model through DDP and rank 0 exports it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    images, labels = synthetic(16)
+    for i, (im, c) in enumerate(zip(images, labels)):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im[0]).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    args = ["train-cm", "--mode", "ct", "--run-dir", str(tmp_path / "run"), "--data", f"folder:{tmp_path / 'data'}",
+            "--iters", "2", "--batch-size", "2", "--model-channels", "16", "--channel-mult", "1,2",
+            "--num-head-channels", "16", "--no-progress", "--device", "cpu"]
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(Path(__file__).with_name("_torchrun_cm_cli.py")), str(tmp_path / "args.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    from cmboost.cm.checkpoint import read_config
+    assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == 2

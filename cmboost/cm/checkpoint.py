@@ -42,7 +42,7 @@ class LoadedModel:
     """A network ready for the samplers, with what is needed to sample from it."""
 
     net: torch.nn.Module
-    kind: str                      # "cd", "ct" or "edm"
+    kind: str                      # "cd", "ct", "edm", or "cm" (an OpenAI consistency model of unknown kind)
     precond: Preconditioning
     ts: tuple[int, ...] | None     # default multistep indices (None: --ts/--N required)
     num_levels: int | None         # N of that grid
@@ -184,12 +184,10 @@ def openai_kind_from_name(path: Path) -> str | None:
     return None
 
 
-def load_openai(path: Path, kind: str | None = None) -> LoadedModel:
-    """An OpenAI ImageNet-64 state_dict (.pt), loaded with weights_only=True."""
-    kind = kind or openai_kind_from_name(path)
-    if kind is None:
-        raise UserInputError(f"{path}: cannot tell from the file name whether this is a CD or CT model; pass --kind cd|ct "
-                             f"(or --ts and --N)")
+def load_openai(path: Path, kind: str | None = None, unet_config: dict | None = None) -> LoadedModel:
+    """An OpenAI state_dict (.pt), loaded with weights_only=True; ImageNet-64 unless `unet_config` says otherwise."""
+    # Unknown kind ("cm"): 1-step sampling is the same for CD and CT; 2 steps then need --ts/--N (or --kind).
+    kind = kind or openai_kind_from_name(path) or "cm"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -200,11 +198,11 @@ def load_openai(path: Path, kind: str | None = None) -> LoadedModel:
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserInputError(f"{path}: expected a state_dict of tensors")
-    unet_config = dict(IMAGENET64_CONFIG)
-    net = _build_loaded(lambda: UNetModel(**unet_config), state, path)
+    unet_config = dict(unet_config or IMAGENET64_CONFIG)
+    net = _build_loaded(lambda: unet_from_config(unet_config), state, path)
     ts, n = DEFAULT_TS.get(kind, (None, None))
-    return LoadedModel(net, kind, precond_for_kind(kind), ts, n, 64, 3, 1000, "openai",
-                       {"kind": kind, "unet": unet_config})
+    return LoadedModel(net, kind, precond_for_kind(kind), ts, n, unet_config["image_size"], unet_config["in_channels"],
+                       unet_config.get("num_classes"), "openai", {"kind": kind, "unet": unet_config})
 
 
 class _DiffusersUNet(torch.nn.Module):

@@ -66,7 +66,7 @@ def choose_sampler(loaded: LoadedModel, steps: int | None, ts: Sequence[int] | N
         raise UserInputError(f"--steps {steps}: must be at least 1")
     if loaded.ts is None or len(loaded.ts) != steps + 1:
         have = f" (its default schedule has {len(loaded.ts) - 1} steps)" if loaded.ts else ""
-        raise UserInputError(f"--steps {steps}: this {loaded.kind} model has no default {steps}-step schedule{have}; "
+        raise UserInputError(f"--steps {steps}: this {loaded.kind} model has no default {steps}-step schedule{have} (--kind cd|ct picks OpenAI's); "
                              f"pass --ts and --N (e.g. --ts 0,22,39 --N 40 for CD, 0,106,200 --N 201 for CT)")
     return SamplerChoice("multistep", steps, tuple(loaded.ts), loaded.num_levels)
 
