@@ -15,7 +15,6 @@ goal for the bf16 paths on GPU is >= 2x that.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost.cm.denoiser import EDM_PRECOND
 from cmboost.cm.training import (TrainSettings, Trainer, ct_level_probs, ct_num_scales, edm_loss, heun_step,
                                  karras_levels, small_unet_config, train)
 from cmboost.errors import UserInputError

@@ -31,7 +31,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cmboost.cm.checkpoint import load_model, read_safetensors, save_model, save_safetensors, unet_from_config
 from cmboost.cm.denoiser import (CM_PRECOND, EDM_PRECOND, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, denoise)
