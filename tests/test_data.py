@@ -276,3 +276,16 @@ def test_equal_samples_give_byte_identical_files(tmp_path):
     time.sleep(2.1)  # zip entries carry a timestamp with 2 s resolution; ours is fixed
     b = data.save_samples(tmp_path / "b.npz", images, labels)
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_cli_export_data_slice(tmp_path, capsys):
+    out = tmp_path / "heldout.npz"
+    assert cli_main(["export-data", "--split", "test", "--start", "9990", "--image-size", "32", "--out", str(out)]) == 0
+    images, labels = data.load_samples(out)
+    test_images, test_labels = data.fashion_mnist("test")
+    assert images.shape == (10, 1, 32, 32)
+    np.testing.assert_array_equal(images[:, 0, 2:30, 2:30], test_images[9990:])
+    np.testing.assert_array_equal(labels, test_labels[9990:])
+    assert cli_main(["export-data", "--split", "test", "--start", "5", "--stop", "20000", "--out",
+                     str(tmp_path / "x.npz")]) == 2
+    assert "outside the 10000 images" in capsys.readouterr().err

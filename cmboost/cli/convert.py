@@ -1,4 +1,5 @@
-"""`cmboost convert`: sample files between .npz and PNG folders (and a check of either)."""
+"""`cmboost convert` (sample files between .npz and PNG folders) and `cmboost export-data`
+(a slice of a real dataset as a sample file, e.g. held-out images for calibration)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 from cmboost.cli.common import add_output_flags
 
 
-def run(args: argparse.Namespace) -> int:
+def run_convert(args: argparse.Namespace) -> int:
     from cmboost.data import load_samples, refuse_existing, save_samples
 
     refuse_existing(args.out, args.overwrite)
@@ -18,8 +19,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_data(spec: str, split: str, out: str, start: int = 0, stop: int | None = None,
+                image_size: int | None = None, data_dir: str | None = None, overwrite: bool = False):
+    """Writes images [start, stop) of a dataset split as an OpenAI-layout sample file."""
+    from cmboost.data import load_dataset, refuse_existing, save_samples
+    from cmboost.errors import UserInputError
+
+    refuse_existing(out, overwrite)
+    images, labels, _ = load_dataset(spec, split, data_dir, image_size)
+    stop = len(images) if stop is None else stop
+    if not 0 <= start < stop <= len(images):
+        raise UserInputError(f"--start {start} --stop {stop}: outside the {len(images)} images of {spec} {split}")
+    return save_samples(out, images[start:stop], labels[start:stop], overwrite=overwrite)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    path = export_data(args.data, args.split, args.out, args.start, args.stop, args.image_size, args.data_dir,
+                       args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
 def add_parser(verbs) -> None:
     p = verbs.add_parser("convert", help="convert samples between .npz (OpenAI layout) and a folder of PNGs")
     p.add_argument("samples", help="input .npz or PNG folder")
     add_output_flags(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run_convert)
+
+    p = verbs.add_parser("export-data", help="write a slice of a real dataset as a sample file (.npz or PNGs)")
+    p.add_argument("--data", default="fmnist", help="fmnist, imagenet64:PATH or folder:PATH")
+    p.add_argument("--split", default="train", choices=["train", "test", "val"])
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--stop", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="pad Fashion-MNIST to this size (32 for the CMs)")
+    p.add_argument("--data-dir", default=None)
+    add_output_flags(p)
+    p.set_defaults(run=run_export)
