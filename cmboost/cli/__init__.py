@@ -14,6 +14,7 @@ from cmboost import __version__
 from cmboost.errors import UserInputError
 from cmboost.cli import boost as boost_verb
 from cmboost.cli import convert as convert_verb
+from cmboost.cli import demo as demo_verb
 from cmboost.cli import evaluate as evaluate_verb
 from cmboost.cli import info as info_verb
 from cmboost.cli import sample as sample_verb
@@ -21,7 +22,8 @@ from cmboost.cli import train_cm as train_cm_verb
 from cmboost.cli import train_features as train_features_verb
 from cmboost.cli import train_jcd as train_jcd_verb
 
-VERB_MODULES = [info_verb, convert_verb, boost_verb, train_jcd_verb, evaluate_verb, train_features_verb, sample_verb, train_cm_verb]
+VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, evaluate_verb, train_cm_verb, train_jcd_verb,
+                train_features_verb, convert_verb]
 
 
 def build_parser() -> argparse.ArgumentParser:

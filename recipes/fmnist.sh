@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST recipe behind `cmboost demo`: every shipped checkpoint and every boosting
+# setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
+#
+#   RUNS=runs bash recipes/fmnist.sh            # all stages
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd tune ship
+#
+# Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
+# tune boosting 201-204; the demo's evaluation samples 301-304 (drawn by `cmboost demo`). The test
+# split is used only by the demo's final evaluation, never here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs}
+CMB=${CMB:-.venv/bin/cmboost}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$RUNS"
+stage=${1:-all}
+want() { [ "$stage" = all ] || [ "$stage" = "$1" ]; }
+
+# 1. Consistency models, class-conditional, Fashion-MNIST padded to 32x32 (small ADM UNet, 1.4M parameters).
+if want cm-edm; then
+  $CMB train-cm --mode edm --data fmnist --run-dir "$RUNS/fmnist-edm" --iters 400 --batch-size 64 --lr 1e-3 \
+      --warmup 50 --save-every 50 --log-every 10 --device cpu --seed 0 --no-progress
+fi
+if want cm-ct; then
+  $CMB train-cm --mode ct --data fmnist --run-dir "$RUNS/fmnist-ct" --iters 350 --end-scales 80 --batch-size 64 \
+      --lr 5e-4 --warmup 50 --save-every 50 --log-every 10 --device cpu --seed 0 --no-progress
+fi
+if want cm-cd; then
+  $CMB train-cm --mode cd --teacher "$RUNS/fmnist-edm/model.safetensors" --data fmnist --run-dir "$RUNS/fmnist-cd" \
+      --iters 250 --lr 1e-4 --warmup 20 --save-every 50 --log-every 10 --device cpu --seed 0 --no-progress
+fi
+
+# 2. Samples: 1- and 2-step from CT and CD, for training the joint networks and for tuning.
+S="$RUNS/fmnist-samples"
+mkdir -p "$S"
+if want samples; then
+  i=0
+  for gen in ct cd; do
+    for steps in 1 2; do
+      i=$((i + 1))
+      [ -f "$S/train-$gen$steps.npz" ] || $CMB sample --model "$RUNS/fmnist-$gen/model.safetensors" --steps $steps \
+          --num 1500 --seed $((100 + i)) --batch-size 250 --device cpu --no-progress --out "$S/train-$gen$steps.npz"
+      [ -f "$S/val-$gen$steps.npz" ] || $CMB sample --model "$RUNS/fmnist-$gen/model.safetensors" --steps $steps \
+          --num 500 --seed $((200 + i)) --batch-size 250 --device cpu --no-progress --out "$S/val-$gen$steps.npz"
+    done
+  done
+  # Held-out real images (train[55000:], never seen by the joint networks) calibrate the early stop.
+  [ -f "$S/heldout.npz" ] || $CMB export-data --data fmnist --split train --start 55000 --image-size 32 --out "$S/heldout.npz"
+  # The tuning reference: the training split, not the test split.
+  [ -f "$S/train-ref.npz" ] || $CMB evaluate ref --data fmnist --split train --features fmnist --out "$S/train-ref.npz" --quiet
+fi
+
+# 3. The joint networks: one per training objective, same data, seed and schedule. Attack sizes are
+#    the released ones scaled by sqrt(1024/12288) for 32x32x1 images.
+if want jcd; then
+  for objective in joint ce bce ce+bce; do
+    $CMB train-jcd --data fmnist --image-size 32 --real-limit 55000 \
+        --generated "$S"/train-ct1.npz "$S"/train-ct2.npz "$S"/train-cd1.npz "$S"/train-cd2.npz \
+        --arch resnet_small --objective "$objective" --iters 600 --batch-size 32 --lr 3e-3 --milestones 450 \
+        --real-eps 0.3 --real-step-size 0.15 --gen-step-size 0.03 --gen-steps 3 --gen-steps-every 0 \
+        --device cpu --seed 7 --run-dir "$RUNS/fmnist-jcd-$objective"
+  done
+fi
+
+# 4. Tune the boosting radius on validation samples against the training-split reference.
+if want tune; then
+  T="$RUNS/fmnist-tune"
+  mkdir -p "$T"
+  for gen in ct1 cd1; do
+    for eps in 1 2 3 4 6; do
+      out="$T/$gen-pgd-eps$eps"
+      [ -f "$out.json" ] || {
+        $CMB boost "$S/val-$gen.npz" --model "$RUNS/fmnist-jcd-joint/model.safetensors" --method pgd --eps $eps \
+            --steps 10 --threshold-from "$S/heldout.npz" --device cpu --no-grid --out "$out.npz" --overwrite
+        $CMB evaluate "$out.npz" --ref "$S/train-ref.npz" --json "$out.json" --quiet --overwrite >/dev/null
+      }
+      out="$T/$gen-bigroc-eps$eps"
+      [ -f "$out.json" ] || {
+        $CMB boost "$S/val-$gen.npz" --model "$RUNS/fmnist-jcd-ce/model.safetensors" --method bigroc --eps $eps \
+            --device cpu --no-grid --out "$out.npz" --overwrite
+        $CMB evaluate "$out.npz" --ref "$S/train-ref.npz" --json "$out.json" --quiet --overwrite >/dev/null
+      }
+    done
+    for a in 0.002 0.01 0.05; do
+      out="$T/$gen-sgld-a$a"
+      [ -f "$out.json" ] || {
+        $CMB boost "$S/val-$gen.npz" --model "$RUNS/fmnist-jcd-joint/model.safetensors" --method sgld --sgld-step $a \
+            --device cpu --no-grid --out "$out.npz" --overwrite
+        $CMB evaluate "$out.npz" --ref "$S/train-ref.npz" --json "$out.json" --quiet --overwrite >/dev/null
+      }
+    done
+    [ -f "$T/$gen-none.json" ] || $CMB evaluate "$S/val-$gen.npz" --ref "$S/train-ref.npz" --json "$T/$gen-none.json" --quiet >/dev/null
+  done
+  .venv/bin/python - "$T" <<'PY'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(path.read_text())
+    print(f"{path.stem:24s} FID {r['fid']:8.3f}  IS {r['is']:6.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}")
+PY
+fi
+
+# 5. Ship: copy the checkpoints into the package (the demo's settings live in cmboost/assets/fmnist/demo.json).
+if want ship; then
+  A=cmboost/assets/fmnist
+  mkdir -p "$A"
+  cp "$RUNS/fmnist-ct/model.safetensors" "$A/ct.safetensors"
+  cp "$RUNS/fmnist-cd/model.safetensors" "$A/cd.safetensors"
+  for objective in joint ce bce ce+bce; do
+    cp "$RUNS/fmnist-jcd-$objective/model.safetensors" "$A/jcd-$objective.safetensors"
+  done
+  du -ch "$A"/*.safetensors cmboost/assets/fmnist_features.safetensors | tail -1
+fi
