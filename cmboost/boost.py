@@ -15,10 +15,10 @@ import dataclasses
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from cmboost.attacks import PGD
 from cmboost.errors import UserInputError
+from cmboost.jcd import log_prob_from_logits, log_realness_from_logits, realness_from_logits
 from cmboost.runtime import autocast, randn_per_sample, sample_generators
 
 OBJECTIVES = ("realness", "log_prob", "both")
@@ -88,20 +88,14 @@ def _check_hyper(method: str, hyper) -> None:
 
 def joint_score(logits: torch.Tensor, labels: torch.Tensor, objective: str, realness_kind: str) -> torch.Tensor:
     """Per-example score to maximise, from logits f(x): log D(x,y), log p(y|x), or their sum (§4)."""
-    logits = logits.float()
-    log_p = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+    log_p = log_prob_from_logits(logits, labels)
     if objective == "log_prob":
         return log_p
-    log_d = log_p if realness_kind == "softmax" else F.logsigmoid(logits.gather(1, labels[:, None]).squeeze(1))
+    log_d = log_p if realness_kind == "softmax" else log_realness_from_logits(logits, labels, realness_kind)
     return log_d if objective == "realness" else log_p + log_d
 
 
-def realness(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """D(x,y) in (0, 1): sigmoid(f_y(x)) or p(y|x)."""
-    logits = logits.float()
-    if kind == "sigmoid":
-        return torch.sigmoid(logits.gather(1, labels[:, None]).squeeze(1))
-    return torch.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+realness = realness_from_logits  # D(x,y) in (0, 1): sigmoid(f_y(x)) or p(y|x)
 
 
 @contextlib.contextmanager

@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     model = load_joint_model(args.model, arch=args.arch).to(device)
+    if args.compile:
+        import torch
+
+        model.backbone = torch.compile(model.backbone)
     if args.method == "pgd":
         kind = hyper.get("realness_kind", "softmax")
         threshold = resolve_threshold(model, hyper.pop("threshold", None), args.threshold_from, kind, device, precision)
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--threshold-from does not apply to --method {args.method}")
     resolved = {"samples": args.samples, "model": args.model, "out": args.out, "method": args.method,
                 "hyper": dataclasses.asdict(make_hyper(args.method, **hyper)), "labels": args.labels,
-                "device": str(device), "precision": precision, "batch_size": args.batch_size}
+                "device": str(device), "precision": precision, "batch_size": args.batch_size,
+                "compile": args.compile}
     if args.dry_run:
         print0(json.dumps(resolved, indent=2))
         return 0
@@ -86,6 +91,7 @@ def add_parser(verbs) -> None:
     p.add_argument("--sgld-noise", type=float, default=None, help="sgld: noise scale s")
     p.add_argument("--labels", default="file", choices=["file", "predicted"],
                    help="class labels from the sample file or the model's argmax")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU; first batch compiles)")
     p.add_argument("--no-grid", action="store_true", help="skip the before/after PNG grid")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     add_runtime_flags(p)
