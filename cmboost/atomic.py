@@ -1,0 +1,71 @@
+"""Atomic file writes: a temp file beside the target, then a rename.
+
+A reader (or a rerun after kill -9) sees either the old file or the whole new one, never a partial
+write: os.replace is atomic within one filesystem, which is why the temp file lives in the same folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask has no getter)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yields a temp Path beside `path` (its folder is created) to write to. On normal exit the temp
+    file gets the usual permissions (0666 less the umask; mkstemp makes 0600) and replaces `path`;
+    on any exception it is removed and the exception goes on. `suffix` lets writers that pick the
+    format from the name (PIL) see the right extension."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Yields a file open for writing on a temp path beside `path`; it is closed, then renamed onto
+    `path`. Text modes use UTF-8."""
+    if not mode.startswith(("w", "x")) or "+" in mode:
+        raise ValueError(f"atomic_open mode {mode!r}: use a write mode ('wb' or 'w')")
+    mode = "w" + mode[1:]  # the temp file already exists, so "x" would fail
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            yield fh
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
