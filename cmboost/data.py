@@ -23,6 +23,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from cmboost.atomic import atomic_open, atomic_write_bytes
 from cmboost.errors import OutputExistsError, UserInputError
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
@@ -126,7 +127,7 @@ def download_fashion_mnist(dest: str | os.PathLike, base_url: str = FMNIST_URL,
             digest = hashlib.md5(payload).hexdigest()
             if name in md5 and digest != md5[name]:
                 raise UserInputError(f"{url}: MD5 {digest} does not match the published {md5[name]}")
-            _atomic_write_bytes(target, payload)
+            atomic_write_bytes(target, payload)
     return dest
 
 
@@ -361,14 +362,8 @@ def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
         arrays = {"arr_0": np.ascontiguousarray(images.transpose(0, 2, 3, 1))}
         if labels is not None:
             arrays["arr_1"] = labels.astype(np.int64)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                write_npz(fh, arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as fh:
+            write_npz(fh, arrays)
         return path
     return _save_png_folder(path, images, labels, overwrite)
 
@@ -400,17 +395,6 @@ def _save_png_folder(path: Path, images: np.ndarray, labels: np.ndarray | None, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- one entry point
