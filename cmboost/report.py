@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from cmboost.atomic import atomic_path
 
 
 def image_grid(images: np.ndarray, columns: int, pad: int = 2, value: int = 255) -> np.ndarray:
@@ -28,15 +29,8 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:  # PIL picks the format from the suffix
         Image.fromarray(array).save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
