@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from cmboost.atomic import atomic_open, atomic_write_text
 from cmboost.data import refuse_existing, save_samples
 from cmboost.errors import UserInputError
 from cmboost.runtime import barrier, dist_info, shard
@@ -31,17 +31,11 @@ def parts_dir(out: str | os.PathLike) -> Path:
 
 
 def _write_part(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            arrays = {"images": images}
-            if labels is not None:
-                arrays["labels"] = labels
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    arrays = {"images": images}
+    if labels is not None:
+        arrays["labels"] = labels
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def _prepare(parts: Path, config: dict) -> None:
@@ -53,11 +47,7 @@ def _prepare(parts: Path, config: dict) -> None:
                 f"{parts}: holds a partial run with another configuration; rerun with the same flags "
                 f"to resume, or delete that folder to start over")
         return
-    parts.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parts, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(wanted)
-    os.replace(tmp, record)
+    atomic_write_text(record, wanted)  # creates the parts folder
 
 
 def run_resumable(out: str | os.PathLike, num_items: int, batch_size: int, process: BatchFn, config: dict,
