@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cmboost.atomic import atomic_path, atomic_write_text
 from cmboost.attacks import NORMS, PGD
 from cmboost.data import load_dataset, load_samples, to_float
 from cmboost.errors import UserInputError
@@ -218,25 +217,8 @@ def gen_steps_at(c: TrainConfig, step: int) -> int:
 # ----------------------------------------------------------------------------- files
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_same_run(run_dir: Path, c: TrainConfig) -> None:
@@ -384,10 +366,10 @@ def train_jcd(config: TrainConfig) -> Path:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / CONFIG_FILE).exists():
-            _atomic_write_text(run_dir / CONFIG_FILE, json.dumps(c.to_json(), indent=2) + "\n")
+            atomic_write_text(run_dir / CONFIG_FILE, json.dumps(c.to_json(), indent=2) + "\n")
         if log_path.exists():  # drop lines logged after the checkpoint we resume from
             kept = [line for line in log_path.read_text().splitlines() if _log_step(line) <= start]
-            _atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+            atomic_write_text(log_path, "".join(line + "\n" for line in kept))
     barrier()
 
     model.to(device)
