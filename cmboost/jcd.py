@@ -20,13 +20,13 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cmboost.atomic import atomic_path
 from cmboost.errors import OutputExistsError, UserInputError
 
 ARCHS = ("resnet50", "wide_resnet50_2", "resnet_small")
@@ -222,15 +222,8 @@ def save_joint_model(model: JointModel, path: str | os.PathLike, extra: dict | N
     metadata = {"format": FORMAT_TAG, "config": json.dumps(model.config())}
     if extra:
         metadata["extra"] = json.dumps(extra, default=str)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
