@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cmboost.atomic import atomic_open
 from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
 from cmboost.metrics.reference import Reference, load_reference
@@ -291,22 +291,7 @@ def write_json(path: str | os.PathLike, result: dict, overwrite: bool = False) -
 
     path = Path(path)
     refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _default_mode(tmp)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2, sort_keys=False, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as fh:
+        json.dump(result, fh, indent=2, sort_keys=False, allow_nan=False)
+        fh.write("\n")
     return path
-
-
-def _default_mode(path: str) -> None:
-    """mkstemp makes files 0600; give outputs the usual permissions (0666 less the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)

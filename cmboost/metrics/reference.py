@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from cmboost.atomic import atomic_open
 from cmboost.errors import UserInputError
 
 OPENAI_FEATURE_NET = "inception-v3-tf-2015-12-05"  # what OpenAI's reference files were made with
@@ -129,24 +129,9 @@ def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = Fa
     if ref.count is not None:
         arrays["count"] = np.array(int(ref.count), dtype=np.int64)
     arrays["data"] = np.array(ref.data or ref.source)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _default_mode(tmp)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
     return path
-
-
-def _default_mode(path: str) -> None:
-    """mkstemp makes files 0600; give outputs the usual permissions (0666 less the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def choose_subset(count: int, size: int, seed: int) -> np.ndarray:
