@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cmboost.atomic import atomic_path
 from cmboost.errors import UserInputError
 from cmboost.runtime import autocast, sample_seed
 
@@ -142,11 +142,11 @@ def save_domain_net(path: str | os.PathLike, net: DomainNet, info: dict[str, str
 
     path = Path(path)
     refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "config": net.config.to_json()}
     metadata.update({k: str(v) for k, v in (info or {}).items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return path
 
 
@@ -330,7 +330,8 @@ def _save_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, ep
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     metadata = {"epoch": str(epoch), "fingerprint": fingerprint}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def _load_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, fingerprint: str) -> int:
@@ -356,18 +357,3 @@ def _load_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, fi
     optim_state["state"] = state
     optimizer.load_state_dict(optim_state)
     return int(metadata["epoch"])
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; outputs get the usual permissions
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

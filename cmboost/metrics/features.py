@@ -21,12 +21,12 @@ Two kinds:
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
 import torch
 
+from cmboost.atomic import atomic_open
 from cmboost.errors import UserInputError
 from cmboost.runtime import autocast, resolve_device, resolve_precision
 
@@ -129,16 +129,9 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, allow_downl
 
 
 def _download(url: str, target: Path, timeout: float = 60.0) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(target, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
     return target
 
 
