@@ -16,12 +16,12 @@ import dataclasses
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
+from cmboost.atomic import atomic_path
 from cmboost.cm.denoiser import DEFAULT_TS, KINDS, Preconditioning, precond_for_kind
 from cmboost.cm.unet import IMAGENET64_CONFIG, UNetModel
 from cmboost.errors import UserInputError
@@ -64,25 +64,13 @@ def unet_from_config(unet_config: dict) -> UNetModel:
     return UNetModel(**cfg)
 
 
-def _atomic_target(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Atomic safetensors write (temp file in the same folder, then a rename)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -12,13 +12,13 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from cmboost.atomic import atomic_open
 from cmboost.cm.checkpoint import LoadedModel, load_model
 from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
 from cmboost.data import refuse_existing, save_samples, to_uint8
@@ -116,17 +116,11 @@ def _parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 def _save_part(parts_dir: Path, indices: list[int], images: np.ndarray, labels: np.ndarray | None) -> None:
     name = f"part-{indices[0]:09d}-{len(indices):06d}.npz"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parts_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            arrays = {"indices": np.asarray(indices, dtype=np.int64), "images": images}
-            if labels is not None:
-                arrays["labels"] = labels
-            np.savez(fh, **arrays)
-        os.replace(tmp, parts_dir / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    arrays = {"indices": np.asarray(indices, dtype=np.int64), "images": images}
+    if labels is not None:
+        arrays["labels"] = labels
+    with atomic_open(parts_dir / name, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def _read_parts(parts_dir: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cmboost.atomic import atomic_open
 from cmboost.cm.checkpoint import load_model, read_safetensors, save_model, save_safetensors, unet_from_config
 from cmboost.cm.denoiser import (CM_PRECOND, EDM_PRECOND, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, denoise)
 from cmboost.cm.unet import attention_rates
@@ -375,10 +375,8 @@ def _check_same_run(run_dir: Path, settings: TrainSettings) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
+    with atomic_open(path, "w") as fh:
         json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None,
