@@ -4,6 +4,7 @@
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
 #   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd tune ship
+#   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
 # tune boosting 201-204; the demo's evaluation samples 301-304 (drawn by `cmboost demo`). The test
@@ -54,7 +55,7 @@ fi
 # 3. The joint networks: one per training objective, same data, seed and schedule. Attack sizes are
 #    the released ones scaled by sqrt(1024/12288) for 32x32x1 images.
 if want jcd; then
-  for objective in joint ce bce ce+bce; do
+  for objective in ${OBJECTIVES:-joint ce bce ce+bce}; do
     $CMB train-jcd --data fmnist --image-size 32 --real-limit 55000 \
         --generated "$S"/train-ct1.npz "$S"/train-ct2.npz "$S"/train-cd1.npz "$S"/train-cd2.npz \
         --arch resnet_small --objective "$objective" --iters 600 --batch-size 32 --lr 3e-3 --milestones 450 \
