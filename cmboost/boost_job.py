@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cmboost.boost import boost_with, make_hyper, mean_realness, predicted_labels
-from cmboost.data import load_samples, refuse_existing, to_float, to_uint8
+from cmboost.data import load_samples, map_samples, refuse_existing, to_float, to_uint8
 from cmboost.errors import UserInputError
 from cmboost.resumable import run_resumable
 from cmboost.runtime import autocast, init_distributed, resolve_device, resolve_precision
@@ -52,7 +52,7 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
     init_distributed(device)
     record = make_hyper(method, **hyper)
     refuse_existing(out, overwrite)
-    images, labels = load_samples(samples)
+    images, labels = map_samples(samples)  # memory-mapped: each batch is read when it is boosted
     check_fits_model(images, labels, model, str(samples))
     if label_source == "file" and labels is None:
         raise UserInputError(f"{samples}: has no labels (arr_1); pass --labels predicted to use the model's argmax")
@@ -64,7 +64,7 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
         model = model.to(memory_format=torch.channels_last)
 
     def process(indices):
-        x = to_float(images[indices[0]:indices[-1] + 1]).to(device)
+        x = to_float(np.array(images[indices[0]:indices[-1] + 1])).to(device)  # a copy off the map
         if label_source == "file":
             y = torch.as_tensor(labels[indices[0]:indices[-1] + 1], device=device)
         else:

@@ -310,6 +310,60 @@ def load_samples(path: str | os.PathLike, num_classes: int | None = None) -> tup
     return images, labels
 
 
+def map_samples(path: str | os.PathLike, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Like `load_samples`, but an uncompressed .npz's `arr_0` is memory-mapped (an NCHW view), so a
+    50k-image file costs no memory until a batch is sliced. Other inputs are read whole."""
+    path = Path(path)
+    if path.is_dir():
+        return load_samples(path, num_classes)
+    try:
+        archive = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: file not found") from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise UserInputError(f"{path}: not a readable .npz file ({err})") from None
+    with archive:
+        member = next((i for i in archive.infolist() if i.filename == "arr_0.npy"), None)
+        if member is None or member.compress_type != zipfile.ZIP_STORED:
+            return load_samples(path, num_classes)
+        with open(path, "rb") as fh:
+            # The data sit after the local file header (30 bytes + name + extra) and the .npy header.
+            fh.seek(member.header_offset)
+            local = fh.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise UserInputError(f"{path}: damaged zip entry for arr_0")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            fh.seek(member.header_offset + 30 + name_len + extra_len)
+            try:
+                version = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(fh)
+            except (ValueError, OSError, EOFError) as err:
+                raise UserInputError(f"{path}: damaged arr_0 header ({err})") from None
+            offset = fh.tell()
+        labels = None
+        if "arr_1.npy" in archive.namelist():
+            with archive.open("arr_1.npy") as member_fh:
+                try:
+                    labels = np.lib.format.read_array(member_fh, allow_pickle=False)
+                except (ValueError, OSError, EOFError) as err:
+                    raise UserInputError(f"{path}: damaged arr_1 ({err})") from None
+    if dtype != np.uint8:
+        raise UserInputError(f"{path}: arr_0 must be uint8, got {dtype}")
+    if len(shape) != 4 or shape[3] not in (1, 3) or fortran:
+        raise UserInputError(f"{path}: arr_0 must be NHWC with 1 or 3 channels last, got shape {shape}")
+    if offset + int(np.prod(shape)) > path.stat().st_size:
+        raise UserInputError(f"{path}: arr_0 is truncated")
+    images = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(shape)).transpose(0, 3, 1, 2)
+    if labels is not None:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise UserInputError(f"{path}: arr_1 labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64)
+    check_samples(images, labels, str(path), num_classes)
+    return images, labels
+
+
 def _load_png_folder(path: Path, num_classes: int | None) -> tuple[np.ndarray, np.ndarray | None]:
     from PIL import Image
 

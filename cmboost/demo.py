@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cmboost.atomic import atomic_write_text
 from cmboost.boost import boost
 from cmboost.data import load_dataset, to_float, to_uint8
 from cmboost.errors import UserInputError
@@ -69,15 +68,8 @@ class Rows:
 
     def put(self, key: str, value: dict) -> dict:
         self.rows[key] = value
-        _atomic_text(self.path, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=1))
+        atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=1))
         return value
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _sample(model_path: Path, steps: int, num: int, seed: int, device, batch_size: int = 250):
@@ -204,8 +196,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
               "features": "shipped domain network (cmboost/assets/fmnist_features.safetensors)",
               "table1": table1, "table2": table2, "fid_vs_steps": curve, "boost": settings["boost"],
               "grids": grids, "plot": str(plot), "seconds": round(time.perf_counter() - started, 1)}
-    _atomic_text(out / "report.md", render_markdown(report))
-    _atomic_text(report_path, json.dumps(report, indent=1))
+    atomic_write_text(out / "report.md", render_markdown(report))
+    atomic_write_text(report_path, json.dumps(report, indent=1))
     say(render_markdown(report))
     return report
 

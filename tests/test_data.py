@@ -289,3 +289,22 @@ def test_cli_export_data_slice(tmp_path, capsys):
     assert cli_main(["export-data", "--split", "test", "--start", "5", "--stop", "20000", "--out",
                      str(tmp_path / "x.npz")]) == 2
     assert "outside the 10000 images" in capsys.readouterr().err
+
+
+def test_map_samples_matches_load_samples_and_checks(tmp_path):
+    images, labels = random_samples(n=7, c=3)
+    ours = data.save_samples(tmp_path / "ours.npz", images, labels)
+    np.savez(tmp_path / "numpy.npz", arr_0=images.transpose(0, 2, 3, 1), arr_1=labels)
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images.transpose(0, 2, 3, 1), arr_1=labels)
+    for path in (ours, tmp_path / "numpy.npz", tmp_path / "compressed.npz"):
+        mapped, mapped_labels = data.map_samples(path)
+        np.testing.assert_array_equal(np.ascontiguousarray(mapped[2:5]), images[2:5])
+        np.testing.assert_array_equal(mapped_labels, labels)
+    assert isinstance(data.map_samples(ours)[0], np.memmap)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(ours.read_bytes()[:-200])
+    with pytest.raises(UserInputError, match="truncated.npz"):
+        data.map_samples(truncated)
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
+    with pytest.raises(UserInputError, match="float.npz: arr_0 must be uint8"):
+        data.map_samples(tmp_path / "float.npz")
