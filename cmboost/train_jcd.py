@@ -396,6 +396,11 @@ def train_jcd(config: TrainConfig) -> Path:
                f"{device} {precision}, {info.world_size} process(es)")
 
     train_model = model
+    if info.enabled and device.type == "cuda":
+        # Each rank sees 1/world of the batch: synchronised BatchNorm keeps the statistics those of the
+        # global batch, as with one process (parameters are shared, so the optimizer is unaffected).
+        # SyncBatchNorm needs CUDA; resnet_small uses GroupNorm and needs none.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
