@@ -19,7 +19,7 @@ import torch
 
 from cmboost.atomic import atomic_write_text
 from cmboost.boost import boost
-from cmboost.data import load_dataset, to_float, to_uint8
+from cmboost.data import load_dataset, load_samples, save_samples, to_float, to_uint8
 from cmboost.errors import UserInputError
 from cmboost.jcd import load_joint_model, read_metadata
 from cmboost.report import line_plot, markdown_table, save_before_after_grid
@@ -125,70 +125,83 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     extractor = load_feature_extractor("fmnist", device)
     test_images, _, _ = load_dataset("fmnist", "test", image_size=32)
     reference = reference_stats(test_images[: mode["reference_images"]], extractor, source="fmnist test (32x32)")
-    joint = load_joint_model(ASSETS / settings["checkpoints"]["jcd-joint"]).to(device)
-    classifier = load_joint_model(ASSETS / settings["checkpoints"]["jcd-ce"]).to(device)
-    boosters = {  # Table 1's boosting column -> (network, method, hyperparameters)
-        "none": None,
-        "classifier-only (BIGRoC)": (classifier, "bigroc", settings["boost"]["bigroc"]),
-        "joint (PGD)": (joint, "pgd", settings["boost"]["pgd"]),
-        "joint (SGLD)": (joint, "sgld", settings["boost"]["sgld"]),
-    }
+    nets = {name: load_joint_model(ASSETS / settings["checkpoints"][name]).to(device)
+            for name in ("jcd-joint", "jcd-ce", "jcd-bce", "jcd-ce+bce")}
+    samples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def evaluate(images) -> dict:
         result = evaluate_images(images, reference, extractor)
         return {key: float(result[key]) for key in METRICS}
 
-    table1, grids, samples = [], {}, {}
+    def generated(short: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """The evaluation samples of one generator, drawn once and kept in out_dir/samples/."""
+        key = f"{short}{steps}"
+        if key not in samples:
+            path = out / "samples" / f"{key}.npz"
+            if path.is_file():
+                samples[key] = load_samples(path)
+            else:
+                samples[key] = _sample(ASSETS / settings["checkpoints"][short], steps, mode["num_samples"],
+                                       settings["eval_seeds"][key], device)
+                save_samples(path, *samples[key])
+        return samples[key]
+
+    def measure(short: str, steps: int, net: str | None = None, method: str | None = None,
+                hyper: dict | None = None, grid: bool = False) -> dict:
+        """Metrics of one generator's samples, boosted or not; cached by what determines them."""
+        hyper = dict(hyper or {})
+        if method == "pgd" and hyper.get("step_size") is None:
+            hyper["step_size"] = 2.5 * hyper["eps"] / hyper["steps"]  # boost.PGDBoost's default, made explicit
+        if net is None or hyper.get("steps") == 0:
+            net, method, hyper = None, None, {}
+        key = json.dumps([f"{short}{steps}", net, method, hyper], sort_keys=True)
+        if rows.get(key) is None:
+            t0 = time.perf_counter()
+            images, labels = generated(short, steps)
+            boosted = images if net is None else _boost_u8(nets[net], images, labels, method, hyper, device)
+            if grid:
+                save_before_after_grid(images, boosted, out / f"grid-{short}{steps}.png")
+            rows.put(key, dict(evaluate(boosted), seconds=round(time.perf_counter() - t0, 2)))
+        return rows.get(key)
+
+    boost_settings = settings["boost"]
+    boosters = {  # Table 1's boosting column -> (network, method, hyperparameters)
+        "none": (None, None, None),
+        "classifier-only (BIGRoC)": ("jcd-ce", "bigroc", boost_settings["bigroc"]),
+        "joint (PGD)": ("jcd-joint", "pgd", boost_settings["pgd"]),
+        "joint (SGLD)": ("jcd-joint", "sgld", boost_settings["sgld"]),
+    }
+    table1, grids = [], {}
     for name, short, steps in GENERATORS:
-        seed = settings["eval_seeds"][f"{short}{steps}"]
-        images, labels = _sample(ASSETS / settings["checkpoints"][short], steps, mode["num_samples"], seed, device)
-        samples[(short, steps)] = (images, labels)
-        for booster, spec in boosters.items():
-            key = f"table1/{short}{steps}/{booster}"
-            if rows.get(key) is None:
-                t0 = time.perf_counter()
-                boosted = images if spec is None else _boost_u8(spec[0], images, labels, spec[1], spec[2], device)
-                metrics = evaluate(boosted)
-                rows.put(key, dict(generator=name, steps=steps, boost=booster, **metrics,
-                                   seconds=round(time.perf_counter() - t0, 2)))
-                if booster == "joint (PGD)":
-                    save_before_after_grid(images, boosted, out / f"grid-{short}{steps}.png")
-                say(f"  {name} {steps}-step  {booster:26s} FID {metrics['fid']:7.3f}  IS {metrics['is']:5.2f}")
-            table1.append(rows.get(key))
-            grids[f"{short}{steps}"] = str(out / f"grid-{short}{steps}.png")
+        for booster, (net, method, hyper) in boosters.items():
+            metrics = measure(short, steps, net, method, hyper, grid=booster == "joint (PGD)")
+            table1.append(dict(generator=name, steps=steps, boost=booster, **metrics))
+            say(f"  {name} {steps}-step  {booster:26s} FID {metrics['fid']:7.3f}  IS {metrics['is']:5.2f}  "
+                f"P {metrics['precision']:.3f}  R {metrics['recall']:.3f}")
+        grids[f"{short}{steps}"] = str(out / f"grid-{short}{steps}.png")
 
     # Table 2: the four training objectives, each boosting with PGD and its own reading of realness.
     table2 = []
     for objective in ("ce", "bce", "ce+bce", "joint"):
         path = ASSETS / settings["checkpoints"][f"jcd-{objective}"]
-        net = load_joint_model(path).to(device)
         kind = read_metadata(path).get("extra", {}).get("realness_kind", "softmax")
-        hyper = dict(settings["boost"]["pgd"], realness_kind=kind)
-        if objective == "ce":
+        hyper = dict(boost_settings["pgd"], realness_kind=kind)
+        if objective == "ce":  # a classifier has no discriminator: its score is log p(y|x)
             hyper.update(objective="log_prob", threshold=None)
         row = {"objective": objective}
         for short in ("ct", "cd"):
-            key = f"table2/{objective}/{short}1"
-            if rows.get(key) is None:
-                images, labels = samples[(short, 1)]
-                rows.put(key, evaluate(_boost_u8(net, images, labels, "pgd", hyper, device)))
-            row.update({f"{short.upper()} 1-step FID": rows.get(key)["fid"], f"{short.upper()} 1-step IS": rows.get(key)["is"]})
+            metrics = measure(short, 1, f"jcd-{objective}", "pgd", hyper)
+            row.update({f"{short.upper()} 1-step FID": metrics["fid"], f"{short.upper()} 1-step IS": metrics["is"]})
         table2.append(row)
 
-    # FID against the number of joint-network PGD steps (step size fixed at its tuned value).
+    # FID against the number of joint-network PGD steps, the step size fixed at its tuned value.
     curve = {}
-    pgd = settings["boost"]["pgd"]
+    pgd = boost_settings["pgd"]
     step_size = pgd.get("step_size") or 2.5 * pgd["eps"] / pgd["steps"]
     for short in ("ct", "cd"):
-        images, labels = samples[(short, 1)]
-        points = []
-        for steps in mode["curve_steps"]:
-            key = f"curve/{short}1/{steps}"
-            if rows.get(key) is None:
-                hyper = dict(pgd, steps=steps, step_size=step_size)
-                rows.put(key, evaluate(_boost_u8(joint, images, labels, "pgd", hyper, device)))
-            points.append((steps, rows.get(key)["fid"]))
-        curve[f"{short.upper()} 1-step"] = points
+        curve[f"{short.upper()} 1-step"] = [
+            (steps, measure(short, 1, "jcd-joint", "pgd", dict(pgd, steps=steps, step_size=step_size))["fid"])
+            for steps in mode["curve_steps"]]
     plot = line_plot(curve, out / "fid-vs-steps.png", "FID vs joint-network PGD steps", "boosting steps", "FID")
 
     report = {"mode": "quick" if options.quick else "full", "num_samples": mode["num_samples"],
