@@ -79,6 +79,12 @@ if want tune; then
             --steps 10 --threshold-from "$S/heldout.npz" --device cpu --no-grid --out "$out.npz" --overwrite
         $CMB evaluate "$out.npz" --ref "$S/train-ref.npz" --json "$out.json" --quiet --overwrite >/dev/null
       }
+      out="$T/$gen-pgd-nostop-eps$eps"
+      [ -f "$out.json" ] || {
+        $CMB boost "$S/val-$gen.npz" --model "$RUNS/fmnist-jcd-joint/model.safetensors" --method pgd --eps $eps \
+            --steps 10 --device cpu --no-grid --out "$out.npz" --overwrite
+        $CMB evaluate "$out.npz" --ref "$S/train-ref.npz" --json "$out.json" --quiet --overwrite >/dev/null
+      }
       out="$T/$gen-bigroc-eps$eps"
       [ -f "$out.json" ] || {
         $CMB boost "$S/val-$gen.npz" --model "$RUNS/fmnist-jcd-ce/model.safetensors" --method bigroc --eps $eps \
@@ -86,7 +92,7 @@ if want tune; then
         $CMB evaluate "$out.npz" --ref "$S/train-ref.npz" --json "$out.json" --quiet --overwrite >/dev/null
       }
     done
-    for a in 0.002 0.01 0.05; do
+    for a in 0.002 0.01 0.05 0.2 0.5; do
       out="$T/$gen-sgld-a$a"
       [ -f "$out.json" ] || {
         $CMB boost "$S/val-$gen.npz" --model "$RUNS/fmnist-jcd-joint/model.safetensors" --method sgld --sgld-step $a \
