@@ -10,8 +10,8 @@ from cmboost.demo import ASSETS, SETTINGS_FILE
 COMMITTED_QUICK = Path(__file__).resolve().parent.parent / "recipes" / "fmnist-report" / "quick.json"
 # The quick demo is deterministic on one machine; other CPUs and torch builds differ in the last
 # bits of the convolutions, which can flip a handful of rounded pixels. Stated tolerance:
-FID_TOLERANCE = 0.05  # relative
-OTHER_TOLERANCE = 0.02  # absolute, for IS, precision and recall
+RELATIVE_TOLERANCE = 0.05  # FID and IS
+PR_TOLERANCE = 0.05  # precision and recall, absolute: about two of the 48 quick samples
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,10 @@ def test_quick_demo_reproduces_the_committed_numbers(quick_report):
     assert len(ours["table1"]) == len(committed["table1"])
     for mine, theirs in zip(ours["table1"], committed["table1"]):
         assert (mine["generator"], mine["steps"], mine["boost"]) == (theirs["generator"], theirs["steps"], theirs["boost"])
-        assert mine["fid"] == pytest.approx(theirs["fid"], rel=FID_TOLERANCE)
-        for key in ("is", "precision", "recall"):
-            assert mine[key] == pytest.approx(theirs[key], abs=OTHER_TOLERANCE)
+        for key in ("fid", "is"):
+            assert mine[key] == pytest.approx(theirs[key], rel=RELATIVE_TOLERANCE)
+        for key in ("precision", "recall"):
+            assert mine[key] == pytest.approx(theirs[key], abs=PR_TOLERANCE)
 
 
 def test_rerun_prints_the_finished_report_without_redoing_it(quick_report, capsys):
