@@ -302,12 +302,29 @@ def load_samples(path: str | os.PathLike, num_classes: int | None = None) -> tup
     if images.shape[3] not in (1, 3):
         raise UserInputError(f"{path}: arr_0 must have 1 or 3 channels last (NHWC), got shape {images.shape}")
     images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    if labels is not None:
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise UserInputError(f"{path}: arr_1 labels must be integers, got {labels.dtype}")
-        labels = labels.astype(np.int64)
+    labels = _integer_labels(labels, path)
     check_samples(images, labels, str(path), num_classes)
     return images, labels
+
+
+def _integer_labels(labels: np.ndarray | None, path: Path) -> np.ndarray | None:
+    """`arr_1` as int64, or a clear error when it holds anything but integers."""
+    if labels is None:
+        return None
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserInputError(f"{path}: arr_1 labels must be integers, got {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def read_npy_header(fh, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream `fh`, left positioned at the data."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        return read_header(fh)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise UserInputError(f"{what}: damaged .npy header ({err})") from None
 
 
 def map_samples(path: str | os.PathLike, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -334,13 +351,7 @@ def map_samples(path: str | os.PathLike, num_classes: int | None = None) -> tupl
                 raise UserInputError(f"{path}: damaged zip entry for arr_0")
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             fh.seek(member.header_offset + 30 + name_len + extra_len)
-            try:
-                version = np.lib.format.read_magic(fh)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read_header(fh)
-            except (ValueError, OSError, EOFError) as err:
-                raise UserInputError(f"{path}: damaged arr_0 header ({err})") from None
+            shape, fortran, dtype = read_npy_header(fh, f"{path}: arr_0")
             offset = fh.tell()
         labels = None
         if "arr_1.npy" in archive.namelist():
@@ -356,10 +367,7 @@ def map_samples(path: str | os.PathLike, num_classes: int | None = None) -> tupl
     if offset + int(np.prod(shape)) > path.stat().st_size:
         raise UserInputError(f"{path}: arr_0 is truncated")
     images = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(shape)).transpose(0, 3, 1, 2)
-    if labels is not None:
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise UserInputError(f"{path}: arr_1 labels must be integers, got {labels.dtype}")
-        labels = labels.astype(np.int64)
+    labels = _integer_labels(labels, path)
     check_samples(images, labels, str(path), num_classes)
     return images, labels
 

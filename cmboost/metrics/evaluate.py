@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cmboost.atomic import atomic_open
+from cmboost.data import read_npy_header
 from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
 from cmboost.metrics.reference import Reference, load_reference
@@ -88,13 +89,7 @@ class NpzSource(ImageSource):
             if "arr_0.npy" not in archive.namelist():
                 raise UserInputError(f"{path}: no 'arr_0' array (has {', '.join(archive.namelist()) or 'none'})")
             with archive.open("arr_0.npy") as fh:
-                try:
-                    version = np.lib.format.read_magic(fh)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, fortran, dtype = read_header(fh)
-                except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-                    raise UserInputError(f"{path}: damaged arr_0 header ({err})") from None
+                shape, fortran, dtype = read_npy_header(fh, f"{path}: arr_0")
                 if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or fortran:
                     raise UserInputError(f"{path}: arr_0 must be uint8 NHWC with 1 or 3 channels, got "
                                          f"{dtype} {shape}{' in Fortran order' if fortran else ''}")
