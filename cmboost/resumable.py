@@ -53,8 +53,9 @@ def _prepare(parts: Path, config: dict) -> None:
 def run_resumable(out: str | os.PathLike, num_items: int, batch_size: int, process: BatchFn, config: dict,
                   overwrite: bool = False, progress: bool = True, desc: str = "images") -> Path:
     """Runs `process(indices) -> (uint8 NCHW images, labels or None)` over all indices, resumably,
-    and writes `out` (.npz or PNG folder). `config` must describe everything the result depends on
-    and must not include the batch size (the parts record their own index ranges)."""
+    and writes `out` (.npz or PNG folder). `config` must describe everything the result depends on;
+    the batch size is recorded with it, since the parts' index ranges follow from it, so a resume
+    must use the same batch size."""
     out = Path(out)
     info = dist_info()
     refuse_existing(out, overwrite)
