@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from cmboost.boost import boost_with, make_hyper, mean_realness, predicted_label
 from cmboost.data import load_samples, map_samples, refuse_existing, to_float, to_uint8
 from cmboost.errors import UserInputError
 from cmboost.resumable import run_resumable
-from cmboost.runtime import autocast, init_distributed, resolve_device, resolve_precision
+from cmboost.runtime import dist_info, init_distributed, resolve_device, resolve_precision
 
 
 def check_fits_model(images: np.ndarray, labels: np.ndarray | None, model, source: str) -> None:
@@ -40,6 +41,15 @@ def resolve_threshold(model, threshold: float | None, threshold_from: str | None
     check_fits_model(real, real_labels, model, threshold_from)
     x = to_float(real).to(device)
     return mean_realness(model, x, torch.as_tensor(real_labels, device=device), kind, precision=precision)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of the weights, so that a resumed job never mixes parts boosted by another network."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method: str, hyper: dict,
@@ -72,11 +82,12 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
         boosted = boost_with(model, x, y, method, record, indices, precision, channels_last)
         return to_uint8(boosted), y.cpu().numpy().astype(np.int64)
 
-    config = {"samples": str(Path(samples).resolve()), "method": method, "hyper": dataclasses.asdict(record),
+    config = {"samples": str(Path(samples).resolve()), "model": weights_digest(model), "method": method,
+              "hyper": dataclasses.asdict(record),
               "labels": label_source, "precision": precision, "num_images": len(images)}
     path = run_resumable(out, len(images), batch_size, process, config, overwrite=overwrite,
                          progress=progress, desc=f"boost {method}")
-    if grid and int(os.environ.get("RANK", 0)) == 0:
+    if grid and dist_info().is_main:
         from cmboost.report import save_before_after_grid
 
         save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"))

@@ -220,6 +220,11 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, small_model_file, sampl
     with pytest.raises(UserInputError, match="another configuration"):
         boost_file(sample_file, model, tmp_path / "out.npz", "pgd", {"eps": 1.0, "steps": 3}, batch_size=4,
                    progress=False)
+    other = load_joint_model(small_model_file)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(UserInputError, match="another configuration"):  # same settings, other weights
+        boost_file(sample_file, other, tmp_path / "out.npz", "pgd", hyper, batch_size=4, progress=False)
     boost_file(sample_file, model, tmp_path / "out.npz", "pgd", hyper, batch_size=4, progress=False)
     assert (tmp_path / "out.npz").read_bytes() == reference.read_bytes()
 
