@@ -72,7 +72,7 @@ if want tune; then
   T="$RUNS/fmnist-tune"
   mkdir -p "$T"
   for gen in ct1 cd1; do
-    for eps in 1 2 3 4 6; do
+    for eps in 1 2 3 4 6 8 12; do
       out="$T/$gen-pgd-eps$eps"
       [ -f "$out.json" ] || {
         $CMB boost "$S/val-$gen.npz" --model "$RUNS/fmnist-jcd-joint/model.safetensors" --method pgd --eps $eps \
@@ -92,7 +92,7 @@ if want tune; then
         $CMB evaluate "$out.npz" --ref "$S/train-ref.npz" --json "$out.json" --quiet --overwrite >/dev/null
       }
     done
-    for a in 0.002 0.01 0.05 0.2 0.5; do
+    for a in 0.002 0.01 0.05 0.2 0.5 1 2; do
       out="$T/$gen-sgld-a$a"
       [ -f "$out.json" ] || {
         $CMB boost "$S/val-$gen.npz" --model "$RUNS/fmnist-jcd-joint/model.safetensors" --method sgld --sgld-step $a \
