@@ -24,7 +24,7 @@ def hyper_from_args(args: argparse.Namespace) -> dict:
         value = getattr(args, flag)
         if value is None:
             continue
-        if name not in fields or (flag == "step_size" and args.method == "sgld"):
+        if name not in fields:
             raise UserInputError(f"--{flag.replace('_', '-')} does not apply to --method {args.method}")
         hyper[name] = value
     if args.method == "sgld":
