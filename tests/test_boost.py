@@ -264,3 +264,14 @@ def test_two_processes_give_the_same_file_as_one(tmp_path, small_model_file, sam
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert single.read_bytes() == double.read_bytes()
+
+
+def test_cli_pgd_reads_the_realness_kind_the_network_was_trained_with(tmp_path, sample_file, capsys):
+    from cmboost.jcd import build_joint_model, save_joint_model
+
+    path = tmp_path / "bce.safetensors"
+    save_joint_model(build_joint_model("resnet_small", 10, 1, 32), path, extra={"realness_kind": "sigmoid"})
+    assert cli_main(boost_args(sample_file, path, tmp_path / "o.npz", "--dry-run")) == 0
+    assert '"realness_kind": "sigmoid"' in capsys.readouterr().out
+    assert cli_main(boost_args(sample_file, path, tmp_path / "o.npz", "--dry-run", "--realness", "softmax")) == 0
+    assert '"realness_kind": "softmax"' in capsys.readouterr().out

@@ -50,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
 
         model.backbone = torch.compile(model.backbone)
     if args.method == "pgd":
+        if "realness_kind" not in hyper and str(args.model).endswith(".safetensors"):
+            # A network trained by train-jcd records which reading of realness its objective trained.
+            from cmboost.jcd import read_metadata
+
+            saved = read_metadata(args.model).get("extra", {}).get("realness_kind")
+            if saved is not None:
+                hyper["realness_kind"] = saved
         kind = hyper.get("realness_kind", "softmax")
         threshold = resolve_threshold(model, hyper.pop("threshold", None), args.threshold_from, kind, device, precision)
         hyper["threshold"] = threshold
@@ -83,7 +90,8 @@ def add_parser(verbs) -> None:
     p.add_argument("--eps", type=float, default=None, help="L2 radius around the input (pgd, bigroc)")
     p.add_argument("--step-size", type=float, default=None, help="L2 step length (pgd, bigroc)")
     p.add_argument("--objective", default=None, choices=["realness", "log_prob", "both"], help="pgd score")
-    p.add_argument("--realness", default=None, choices=["sigmoid", "softmax"], help="pgd reading of D(x,y)")
+    p.add_argument("--realness", default=None, choices=["sigmoid", "softmax"],
+                   help="pgd reading of D(x,y) (default: the one the network was trained with, else softmax)")
     p.add_argument("--threshold", type=float, default=None, help="pgd early stop once D(x,y) >= this")
     p.add_argument("--threshold-from", default=None,
                    help="pgd: set the threshold to the mean D(x,y) of held-out real images in this .npz")
