@@ -327,19 +327,23 @@ def read_npy_header(fh, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise UserInputError(f"{what}: damaged .npy header ({err})") from None
 
 
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """An .npz opened as the zip it is, with one clear line when it is missing or not a zip."""
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: file not found") from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise UserInputError(f"{path}: not a readable .npz file ({err})") from None
+
+
 def map_samples(path: str | os.PathLike, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Like `load_samples`, but an uncompressed .npz's `arr_0` is memory-mapped (an NCHW view), so a
     50k-image file costs no memory until a batch is sliced. Other inputs are read whole."""
     path = Path(path)
     if path.is_dir():
         return load_samples(path, num_classes)
-    try:
-        archive = zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: file not found") from None
-    except (zipfile.BadZipFile, OSError) as err:
-        raise UserInputError(f"{path}: not a readable .npz file ({err})") from None
-    with archive:
+    with open_zip(path) as archive:
         member = next((i for i in archive.infolist() if i.filename == "arr_0.npy"), None)
         if member is None or member.compress_type != zipfile.ZIP_STORED:
             return load_samples(path, num_classes)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cmboost.atomic import atomic_open
-from cmboost.data import read_npy_header
+from cmboost.data import open_zip, read_npy_header
 from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
 from cmboost.metrics.reference import Reference, load_reference
@@ -79,13 +79,7 @@ class NpzSource(ImageSource):
     def _member(self):
         """(open arr_0.npy stream positioned at the data, image count, (H, W, C)), header checked."""
         path = self.path
-        try:
-            archive = zipfile.ZipFile(path)
-        except FileNotFoundError:
-            raise UserInputError(f"{path}: file not found") from None
-        except (zipfile.BadZipFile, OSError) as err:
-            raise UserInputError(f"{path}: not a readable .npz file ({err})") from None
-        with archive:
+        with open_zip(path) as archive:
             if "arr_0.npy" not in archive.namelist():
                 raise UserInputError(f"{path}: no 'arr_0' array (has {', '.join(archive.namelist()) or 'none'})")
             with archive.open("arr_0.npy") as fh:
