@@ -174,12 +174,10 @@ def _pgd(model, images, labels, hyper: PGDBoost, precision, channels_last):
     def objective(x):
         return joint_score(model.logits(x), labels, hyper.objective, hyper.realness_kind)
 
-    stop = None
-    if hyper.threshold is not None:
-        def stop(x):
-            with torch.no_grad(), autocast(x.device, precision):
-                return realness(model.logits(x), labels, hyper.realness_kind) >= hyper.threshold
-    return attack(model, objective, images, stop=stop)
+    def real_enough(x):  # PGD evaluates it under no_grad and the same autocast
+        return realness(model.logits(x), labels, hyper.realness_kind) >= hyper.threshold
+
+    return attack(model, objective, images, stop=real_enough if hyper.threshold is not None else None)
 
 
 def _bigroc(model, images, labels, hyper: BIGRoCBoost, precision, channels_last):
