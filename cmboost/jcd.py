@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from cmboost.atomic import atomic_path
 from cmboost.errors import OutputExistsError, UserInputError
+from cmboost.safetensors_io import read_safetensors
 
 ARCHS = ("resnet50", "wide_resnet50_2", "resnet_small")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -236,6 +237,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
             meta = fh.metadata() or {}
     except Exception as err:  # safetensors raises its own error types
         raise UserInputError(f"{path}: not a readable safetensors file ({err})") from None
+    return _parse_metadata(meta, path)
+
+
+def _parse_metadata(meta: dict[str, str], path: str | os.PathLike) -> dict:
     out = {}
     for key in ("config", "extra"):
         if key in meta:
@@ -339,13 +344,8 @@ def load_joint_model(path: str | os.PathLike, arch: str | None = None, num_class
         raise UserInputError(f"{path}: checkpoint not found")
     config: dict = {}
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        config = read_metadata(path).get("config", {})
-        try:
-            raw = load_file(str(path), device="cpu")
-        except Exception as err:
-            raise UserInputError(f"{path}: not a readable safetensors file ({err})") from None
+        raw, meta = read_safetensors(path)  # one pass over the file for weights and config
+        config = _parse_metadata(meta, path).get("config", {})
     else:
         raw = _as_state_dict(_torch_load(path), path)
     state, facts = _strip_prefixes(raw)

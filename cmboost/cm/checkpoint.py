@@ -25,6 +25,7 @@ from cmboost.atomic import atomic_path
 from cmboost.cm.denoiser import DEFAULT_TS, KINDS, Preconditioning, precond_for_kind
 from cmboost.cm.unet import IMAGENET64_CONFIG, UNetModel
 from cmboost.errors import UserInputError
+from cmboost.safetensors_io import read_safetensors
 
 FORMAT = "cmboost-cm"
 META_KEY = "cmboost"
@@ -90,22 +91,6 @@ def save_model(path: str | os.PathLike, net: torch.nn.Module, kind: str, unet_co
     }
     config.update(extra or {})
     return save_safetensors(path, net.state_dict(), {META_KEY: json.dumps(config)})
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; UserInputError naming the file if unreadable."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: file not found") from None
-    except Exception as err:  # safetensors raises its own SafetensorError for damaged headers
-        raise UserInputError(f"{path}: not a readable safetensors file ({err})") from None
-    return tensors, metadata
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from cmboost.atomic import atomic_path
 from cmboost.errors import UserInputError
 from cmboost.runtime import autocast, sample_seed
+from cmboost.safetensors_io import read_safetensors
 
 FORMAT = "cmboost.domain_net/1"
 DEFAULT_SEED = 60221  # distinct from the joint network's seeds; recorded in the checkpoint
@@ -166,16 +167,8 @@ def resolve_domain_net_path(spec: str | os.PathLike) -> Path:
 
 def load_domain_net(spec: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[DomainNet, dict[str, str]]:
     """(net in eval mode on `device`, metadata) from a shipped name or a checkpoint path."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     path = resolve_domain_net_path(spec)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserInputError(f"{path}: not a readable safetensors file ({err})") from None
+    tensors, metadata = read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise UserInputError(f"{path}: not a cmboost domain feature net (format {metadata.get('format')!r})")
     config = DomainNetConfig.from_json(metadata.get("config", ""), str(path))
@@ -335,15 +328,10 @@ def _save_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, ep
 
 
 def _load_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, fingerprint: str) -> int:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserInputError(f"{path}: unreadable training state ({err}); delete it to start over") from None
+        tensors, metadata = read_safetensors(path)
+    except UserInputError as err:
+        raise UserInputError(f"{err}; it is the training state: delete it to start over") from None
     if metadata.get("fingerprint") != fingerprint:
         raise UserInputError(f"{path}: training state from other settings or data; delete it or rerun "
                              "the command that started it")
