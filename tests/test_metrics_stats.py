@@ -176,3 +176,46 @@ def test_precision_recall_agrees_with_torch_fidelity():
     ours = precision_recall(real, fake, k=3, batch_size=32)
     assert ours == pytest.approx(theirs_full, abs=1e-12)
     assert ours == pytest.approx(theirs_part, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- KID
+
+
+def test_kid_matches_torch_fidelity_draw_for_draw():
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    from cmboost.metrics.stats import kernel_inception_distance
+
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(300, 16)).astype(np.float32)
+    fake = (rng.normal(size=(200, 16)) * 1.3 + 0.2).astype(np.float32)
+    kid, std = kernel_inception_distance(real, fake, subsets=20, subset_size=150, seed=5)
+    theirs = kid_features_to_metric(torch.from_numpy(real), torch.from_numpy(fake), kid_subsets=20,
+                                    kid_subset_size=150, rng_seed=5, verbose=False, kid_kernel="poly",
+                                    kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
+    assert kid == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
+    assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-5)
+
+
+def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_for_two():
+    from cmboost.metrics.stats import kernel_inception_distance
+
+    rng = np.random.default_rng(0)
+    real, same = rng.normal(size=(600, 8)), rng.normal(size=(600, 8))
+    shifted = rng.normal(size=(600, 8)) + 0.5
+    kid_same, std_same = kernel_inception_distance(real, same, subsets=30, subset_size=300)
+    kid_diff, _ = kernel_inception_distance(real, shifted, subsets=30, subset_size=300)
+    assert abs(kid_same) < 3 * std_same + 1e-3  # unbiased: centred on 0, may go negative
+    assert kid_diff > 10 * max(abs(kid_same), std_same)
+
+
+def test_kid_reuses_a_precomputed_reference_gram():
+    from cmboost.metrics.stats import kernel_inception_distance, polynomial_kernel
+
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(120, 6)), rng.normal(size=(100, 6))
+    gram = polynomial_kernel(torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(real, dtype=torch.float32))
+    assert kernel_inception_distance(real, fake, subsets=5, real_gram=gram) == \
+        kernel_inception_distance(real, fake, subsets=5)
+    with pytest.raises(ValueError, match="subset size"):
+        kernel_inception_distance(real, fake, subset_size=101)

@@ -1,6 +1,6 @@
 """The evaluation pipeline: images -> features (batched, sharded under torchrun) -> metrics.
 
-Result keys are fixed: fid, sfid, is, precision, recall (a metric that cannot be computed is None,
+Result keys are fixed: fid, sfid, is, precision, recall, kid, kid_std (a metric that cannot be computed is None,
 and notes[key] says why), plus num_samples, num_reference, feature_net, features.
 """
 
@@ -24,10 +24,12 @@ from cmboost.data import open_zip, read_npy_header
 from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
 from cmboost.metrics.reference import Reference, load_reference
-from cmboost.metrics.stats import RunningStats, frechet_distance, inception_score, precision_recall
+from cmboost.metrics.stats import (RunningStats, frechet_distance, inception_score, kernel_inception_distance,
+                                   polynomial_kernel, precision_recall)
 from cmboost.runtime import dist_info, gather
 
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
+KID_KEYS = ("kid", "kid_std")  # unbiased KID and its std over subsets; they follow METRIC_KEYS in every result
 IS_SPLIT_SIZE = 5000   # guided-diffusion evaluator
 PR_NEIGHBOURS = 3      # k of the k-NN manifolds
 
@@ -229,7 +231,10 @@ def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLik
         else:
             result["precision"], result["recall"] = precision_recall(
                 ref_features, samples.pool, k=PR_NEIGHBOURS, device=extractor.device)
-        result = {key: result[key] for key in METRIC_KEYS}
+        result["kid"], result["kid_std"], kid_note = _kid(ref, ref_features, samples.pool)
+        if kid_note:
+            notes["kid"] = notes["kid_std"] = kid_note
+        result = {key: result[key] for key in METRIC_KEYS + KID_KEYS}
         result.update(notes={k: v for k, v in notes.items()}, num_samples=samples.count,
                       num_reference=None if ref_features is None else int(len(ref_features)),
                       reference_count=ref.count, feature_net=extractor.identity, features=extractor.name,
@@ -240,6 +245,18 @@ def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLik
         torch.distributed.broadcast_object_list(box, src=0)
         result = box[0]
     return result
+
+
+def _kid(ref: Reference, ref_features: np.ndarray | None, fake_features: np.ndarray) -> tuple:
+    """(kid, kid_std, note): KID against the reference's kept features. The reference's own Gram
+    matrix is the costly part, so it is kept on the Reference for the next evaluation against it."""
+    if ref_features is None or len(ref_features) < 2 or len(fake_features) < 2:
+        return None, None, f"{ref.source}: KID needs reference features and at least 2 rows on each side"
+    if ref.kid_gram is None or ref.kid_gram.shape[0] != len(ref_features):
+        real = torch.as_tensor(np.asarray(ref_features, dtype=np.float32))
+        ref.kid_gram = polynomial_kernel(real, real)
+    kid, kid_std = kernel_inception_distance(ref_features, fake_features, real_gram=ref.kid_gram)
+    return kid, kid_std, None
 
 
 def evaluate_images(images_u8: np.ndarray, reference: Reference | str | os.PathLike,
@@ -271,6 +288,8 @@ def format_table(result: dict) -> str:
         text = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else \
             f"n/a ({result.get('notes', {}).get(key, 'not computed')})"
         lines.append(f"{labels[key]:<10} {text}")
+    if isinstance(result.get("kid"), float):
+        lines.append(f"{'KID':<10} {result['kid']:.6f} +- {result['kid_std']:.6f} (std over subsets)")
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ class Reference:
     count: int | None = None              # images behind mu/sigma
     source: str = ""                      # where it was read from (named in messages)
     data: str = ""                        # which data the statistics describe (e.g. "fmnist test")
+    kid_gram: object = dataclasses.field(default=None, repr=False, compare=False)  # cache, never saved
 
     @property
     def net(self) -> str:

@@ -179,6 +179,54 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     return float(precision), float(recall)
 
 
+# ----------------------------------------------------------------------------- kernel distance (KID)
+
+KID_SUBSETS = 100        # Binkowski et al. 2018 and torch-fidelity: 100 subsets of up to 1000 rows
+KID_SUBSET_SIZE = 1000
+
+
+def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """k(x, y) = (x.y / d + 1)^3, the cubic kernel of KID, as a float64 Gram matrix [len(a), len(b)]."""
+    return (a.double() @ b.double().T / a.shape[1] + 1.0) ** 3
+
+
+def kid_from_gram(k_real: torch.Tensor, k_fake: torch.Tensor, k_cross: torch.Tensor, subsets: int = KID_SUBSETS,
+                  subset_size: int | None = None, seed: int = 0) -> tuple[float, float]:
+    """Unbiased MMD^2 (Binkowski et al. 2018, eq. 4) averaged over random subsets, and its standard
+    deviation over the subsets, from precomputed Gram matrices: k_real [M, M], k_fake [N, N] and
+    k_cross [M, N]. Each subset draws rows without replacement, real first and then generated, from
+    one np.random.RandomState(seed): the same draws as torch-fidelity's KID, so the numbers match it."""
+    m, n = k_real.shape[0], k_fake.shape[0]
+    size = min(KID_SUBSET_SIZE, m, n) if subset_size is None else int(subset_size)
+    if size < 2 or size > min(m, n):
+        raise ValueError(f"KID subset size {size}: need 2 <= size <= min({m} real, {n} generated rows)")
+    rng = np.random.RandomState(seed)
+    values = np.empty(subsets, dtype=np.float64)
+    for i in range(subsets):
+        r = torch.from_numpy(rng.choice(m, size, replace=False))
+        f = torch.from_numpy(rng.choice(n, size, replace=False))
+        kxx, kyy, kxy = k_real[r[:, None], r], k_fake[f[:, None], f], k_cross[r[:, None], f]
+        within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (size * (size - 1))
+        values[i] = float(within - 2.0 * kxy.sum() / (size * size))
+    return float(values.mean()), float(values.std())
+
+
+def kernel_inception_distance(real_features, fake_features, subsets: int = KID_SUBSETS,
+                              subset_size: int | None = None, seed: int = 0,
+                              real_gram: torch.Tensor | None = None) -> tuple[float, float]:
+    """(KID, its std over subsets): the unbiased polynomial-kernel MMD^2 between feature sets.
+    `real_gram` (polynomial_kernel(real, real)) may be passed in when the same reference is reused,
+    since it is the costly part for a 10k-row reference. Gram matrices are float64 throughout:
+    KID is a small difference of large kernel means."""
+    real = _as_float32_tensor(real_features, "cpu")
+    fake = _as_float32_tensor(fake_features, "cpu")
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"KID: feature shapes {tuple(real.shape)} and {tuple(fake.shape)} do not match")
+    k_real = polynomial_kernel(real, real) if real_gram is None else real_gram
+    return kid_from_gram(k_real, polynomial_kernel(fake, fake), polynomial_kernel(real, fake),
+                         subsets, subset_size, seed)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
