@@ -43,6 +43,15 @@ def resolve_threshold(model, threshold: float | None, threshold_from: str | None
     return mean_realness(model, x, torch.as_tensor(real_labels, device=device), kind, precision=precision)
 
 
+def trained_realness_kind(model_path: str | os.PathLike) -> str | None:
+    """The reading of realness a train-jcd network was trained with (in its metadata), if recorded."""
+    if not str(model_path).endswith(".safetensors"):
+        return None
+    from cmboost.jcd import read_metadata
+
+    return read_metadata(model_path).get("extra", {}).get("realness_kind")
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """A short hash of the weights, so that a resumed job never mixes parts boosted by another network."""
     digest = hashlib.sha256()

@@ -21,8 +21,9 @@ from cmboost.cli import sample as sample_verb
 from cmboost.cli import train_cm as train_cm_verb
 from cmboost.cli import train_features as train_features_verb
 from cmboost.cli import train_jcd as train_jcd_verb
+from cmboost.cli import tune as tune_verb
 
-VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, evaluate_verb, train_cm_verb, train_jcd_verb,
+VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, tune_verb, evaluate_verb, train_cm_verb, train_jcd_verb,
                 train_features_verb, convert_verb]
 
 

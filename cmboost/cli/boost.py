@@ -34,12 +34,21 @@ def hyper_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from cmboost.boost import make_hyper
-    from cmboost.boost_job import boost_file, resolve_threshold
+    from cmboost.boost_job import boost_file, resolve_threshold, trained_realness_kind
     from cmboost.data import refuse_existing
     from cmboost.jcd import load_joint_model
     from cmboost.runtime import print0, resolve_device, resolve_precision
 
-    hyper = hyper_from_args(args)
+    if args.settings:
+        from cmboost.tune import load_settings_file, tuned_hyper
+
+        args.method, tuned = tuned_hyper(load_settings_file(args.settings), args.method, args.settings)
+        if args.threshold_from or args.threshold is not None:
+            tuned.pop("threshold", None)
+        hyper = {**tuned, **hyper_from_args(args)}  # a flag given explicitly overrides the tuned value
+    else:
+        args.method = args.method or "pgd"
+        hyper = hyper_from_args(args)
     make_hyper(args.method, **hyper)  # bad hyperparameters fail before any loading
     refuse_existing(args.out, args.overwrite)
     device = resolve_device(args.device)
@@ -50,11 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
         model.backbone = torch.compile(model.backbone)
     if args.method == "pgd":
-        if "realness_kind" not in hyper and str(args.model).endswith(".safetensors"):
+        if "realness_kind" not in hyper:
             # A network trained by train-jcd records which reading of realness its objective trained.
-            from cmboost.jcd import read_metadata
-
-            saved = read_metadata(args.model).get("extra", {}).get("realness_kind")
+            saved = trained_realness_kind(args.model)
             if saved is not None:
                 hyper["realness_kind"] = saved
         kind = hyper.get("realness_kind", "softmax")
@@ -85,7 +92,11 @@ def add_parser(verbs) -> None:
     p.add_argument("samples", help="input .npz (arr_0 uint8 NHWC, arr_1 labels) or PNG folder")
     p.add_argument("--model", required=True, help="joint network checkpoint (safetensors, released .pt, robustness, torchvision)")
     p.add_argument("--arch", default=None, help="architecture for checkpoints that do not record it")
-    p.add_argument("--method", default="pgd", choices=["pgd", "sgld", "bigroc"])
+    p.add_argument("--method", default=None, choices=["pgd", "sgld", "bigroc"],
+                   help="default: pgd, or the method chosen in --settings")
+    p.add_argument("--settings", default=None,
+                   help="settings file from 'cmboost tune': its chosen method (or --method's) and tuned values; "
+                        "flags given explicitly override them")
     p.add_argument("--steps", type=int, default=None, help="number of refinement steps")
     p.add_argument("--eps", type=float, default=None, help="L2 radius around the input (pgd, bigroc)")
     p.add_argument("--step-size", type=float, default=None, help="L2 step length (pgd, bigroc)")

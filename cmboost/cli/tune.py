@@ -1,0 +1,76 @@
+"""`cmboost tune`: choose the boosting method and settings on validation samples with a tuning judge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def run(args: argparse.Namespace) -> int:
+    from cmboost.boost_job import resolve_threshold, trained_realness_kind
+    from cmboost.errors import UserInputError
+    from cmboost.jcd import load_joint_model
+    from cmboost.metrics.features import load_feature_extractor
+    from cmboost.metrics.judges import check_tuning_judge, refuse_reporting_name
+    from cmboost.metrics.reference import load_reference
+    from cmboost.runtime import print0, resolve_device, resolve_precision
+    from cmboost.tune import format_table, tune
+
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size {args.batch_size}: must be at least 1")
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    refuse_reporting_name(args.judge)  # the commonest mistake fails before anything is loaded
+    judge = load_feature_extractor(args.judge, device)
+    check_tuning_judge(judge)  # a reporting judge's weights under another name
+    reference = load_reference(args.ref)
+    model = load_joint_model(args.model).to(device)
+    classifier = load_joint_model(args.classifier).to(device) if args.classifier else None
+    kind = trained_realness_kind(args.model) or "softmax"
+    threshold = resolve_threshold(model, None, args.threshold_from, kind, device, precision) \
+        if args.threshold_from else None
+    grid = None
+    if args.grid:
+        try:
+            raw = json.loads(open(args.grid).read())
+            grid = [(method, dict(hyper)) for method, entries in raw.items() for hyper in entries]
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise UserInputError(f"--grid {args.grid}: expected JSON {{method: [{{hyper}}, ...]}} ({err})") from None
+    provenance = {"samples": args.samples, "model": args.model, "classifier": args.classifier,
+                  "threshold_from": args.threshold_from, "threshold": threshold, "reference": args.ref}
+    settings = tune(args.samples, model, reference, judge, args.out, classifier=classifier, threshold=threshold,
+                    grid=grid, criterion=args.criterion, max_recall_drop=args.max_recall_drop, realness_kind=kind,
+                    device=device, precision=precision, batch_size=args.batch_size, provenance=provenance,
+                    overwrite=args.overwrite, progress=not args.no_progress)
+    print0(format_table(settings))
+    print0(f"wrote {args.out}; use it with: cmboost boost SAMPLES --model {args.model} --settings {args.out} --out OUT")
+    return 0
+
+
+def add_parser(verbs) -> None:
+    p = verbs.add_parser(
+        "tune", help="choose the boosting method and settings with a tuning judge",
+        description="Boost validation samples with every candidate setting (PGD, SGLD, BIGRoC with --classifier, "
+                    "and the unsharp-mask control), score each with a tuning judge against training-data "
+                    "statistics, and write the best settings as JSON for 'cmboost boost --settings'. Reporting "
+                    "judges are refused. Rerunning the same command resumes.")
+    p.add_argument("samples", help="validation samples (.npz with labels), not the ones you will report on")
+    p.add_argument("--model", required=True, help="joint network checkpoint")
+    p.add_argument("--classifier", default=None, help="robust classifier for the BIGRoC candidates (optional)")
+    p.add_argument("--ref", required=True, help="reference made from TRAINING data by the tuning judge "
+                                                "(cmboost evaluate ref --split train --features JUDGE)")
+    p.add_argument("--judge", default="fmnist", help="tuning judge (default fmnist); reporting judges are refused")
+    p.add_argument("--threshold-from", default=None,
+                   help="held-out real images (.npz): adds PGD candidates with early stop at their mean realness")
+    p.add_argument("--grid", default=None, help="JSON {method: [{hyper}, ...]} replacing the default candidates")
+    p.add_argument("--criterion", default="fid", choices=["fid", "kid"], help="what the tuning judge minimises")
+    p.add_argument("--max-recall-drop", type=float, default=0.03,
+                   help="candidates that lose more recall than this (vs unboosted) are not chosen")
+    p.add_argument("--out", required=True, help="settings file to write (.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace the settings file if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=250, help="images per boosting batch")
+    p.set_defaults(run=run)

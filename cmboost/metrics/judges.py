@@ -1,0 +1,75 @@
+"""Which feature network may tune and which may only report: the separation that makes results honest.
+
+Boosting settings are chosen by one feature network (the *tuning* judge) on validation samples
+against training-split statistics. Results are reported by *reporting* judges that took no part in
+the choice. A setting tuned on the network that reports it measures the network, not the method,
+so `cmboost tune` refuses a reporting judge, by name and by weights (a copy of a reporting judge's
+file under another name is refused too).
+
+Judges for Fashion-MNIST:
+- fmnist          tuning     VGG-style CNN, BatchNorm, max pooling (seed 60221), train split
+- fmnist-allconv  reporting  all-convolutional net, strided convolutions (seed 4242), train split
+- effnet-lite0    reporting  EfficientNet-Lite0 with ImageNet weights (never saw Fashion-MNIST),
+                             images upsampled and replicated to RGB, as FID-Inception is used on
+                             small data sets
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cmboost.errors import UserInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    name: str          # the --features / --judge spec
+    role: str          # "tuning" or "reporting"
+    family: str        # what kind of network, in a few words (printed in reports)
+
+
+JUDGES = {
+    "fmnist": Judge("fmnist", "tuning", "VGG-style CNN trained on the Fashion-MNIST train split"),
+    "fmnist-allconv": Judge("fmnist-allconv", "reporting",
+                            "all-convolutional CNN (other architecture and seed) trained on the train split"),
+    "effnet-lite0": Judge("effnet-lite0", "reporting",
+                          "EfficientNet-Lite0 with ImageNet weights, no Fashion-MNIST training"),
+}
+TUNING_JUDGE = "fmnist"
+REPORTING_JUDGES = tuple(name for name, judge in JUDGES.items() if judge.role == "reporting")
+
+
+def describe(name: str) -> str:
+    judge = JUDGES.get(name)
+    return judge.family if judge else f"feature net {name}"
+
+
+def reporting_identities(device="cpu") -> dict[str, str]:
+    """{identity: name} of every reporting judge that can be loaded here (one that cannot, because
+    an optional package is missing, cannot be passed to tune either)."""
+    from cmboost.metrics.features import load_feature_extractor
+
+    found = {}
+    for name in REPORTING_JUDGES:
+        try:
+            found[load_feature_extractor(name, device).identity] = name
+        except UserInputError:
+            continue
+    return found
+
+
+def refuse_reporting_name(name: str, flag: str = "--judge") -> None:
+    """Raises one line when `name` is a reporting judge's (checked before anything is loaded)."""
+    if str(name) in REPORTING_JUDGES:
+        raise UserInputError(f"{flag} {name}: is a reporting judge; settings tuned on it could not be "
+                             f"reported honestly by it. Tune with {TUNING_JUDGE} (or your own domain net) and keep "
+                             f"{', '.join(REPORTING_JUDGES)} for the report")
+
+
+def check_tuning_judge(extractor, flag: str = "--judge") -> None:
+    """Raises one line unless `extractor` is free to tune: not a reporting judge by name or weights."""
+    refuse_reporting_name(extractor.name, flag)
+    twin = reporting_identities(extractor.device).get(extractor.identity)
+    if twin is not None:
+        raise UserInputError(f"{flag} {extractor.name}: has the same weights as the reporting judge {twin}; "
+                             f"tune with {TUNING_JUDGE} (or your own domain net)")
