@@ -31,6 +31,7 @@ from cmboost.errors import OutputExistsError, UserInputError
 from cmboost.safetensors_io import read_safetensors
 
 ARCHS = ("resnet50", "wide_resnet50_2", "resnet_small")
+SMALL_WIDTH = 16  # resnet_small's first-stage width (then 2w, 4w)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # resnet_small is trained from scratch on [0, 1] images: centre them on 0.5.
@@ -150,7 +151,7 @@ class SmallResNet(nn.Module):
     (widths w, 2w, 4w; the last two downsample), global average pool, linear head.
     Width 16 has 78k parameters; batch 64 at 32x32 forward+backward takes ~40 ms on one core."""
 
-    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 16, blocks: tuple[int, ...] = (1, 1, 1)):
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = SMALL_WIDTH, blocks: tuple[int, ...] = (1, 1, 1)):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 2, 1, bias=False)
         self.bn1 = _group_norm(width)
@@ -185,7 +186,8 @@ def _default_stats(arch: str, in_channels: int) -> tuple[tuple[float, ...], tupl
 
 
 def build_joint_model(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 64,
-                      mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> JointModel:
+                      mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                      width: int | None = None) -> JointModel:
     """A randomly initialised JointModel. torchvision `resnet50` / `wide_resnet50_2` keep their
     standard definitions (7x7 stem, max-pool) and take 64x64 inputs directly (METHOD.md §2);
     `resnet_small` is SmallResNet for 28/32-pixel images with 1 or 3 channels."""
@@ -194,8 +196,10 @@ def build_joint_model(arch: str, num_classes: int, in_channels: int = 3, image_s
         raise UserInputError(f"num_classes {num_classes}: need at least 2 classes")
     if in_channels not in (1, 3):
         raise UserInputError(f"in_channels {in_channels}: must be 1 or 3")
+    if width is not None and (arch != "resnet_small" or width < 1):
+        raise UserInputError(f"--width {width}: only for resnet_small, and at least 1")
     if arch == "resnet_small":
-        backbone = SmallResNet(num_classes, in_channels)
+        backbone = SmallResNet(num_classes, in_channels, width=width or SMALL_WIDTH)
     else:
         import torchvision
 
@@ -369,7 +373,9 @@ def load_joint_model(path: str | os.PathLike, arch: str | None = None, num_class
     size = image_size or config.get("image_size") or (32 if arch == "resnet_small" else 64)
     mean = config.get("mean") or facts.get("mean")
     std = config.get("std") or facts.get("std")
-    model = build_joint_model(arch, int(num_classes), int(in_channels), int(size), mean, std)
+    # resnet_small's width is read off its stem, so wider networks need no extra metadata.
+    width = int(conv1.shape[0]) if arch == "resnet_small" and conv1 is not None else None
+    model = build_joint_model(arch, int(num_classes), int(in_channels), int(size), mean, std, width)
     _load_into(model.backbone, state, arch, path)
     return model.eval()
 

@@ -52,6 +52,7 @@ class TrainConfig:
     iters: int
     generated: list[str] = dataclasses.field(default_factory=list)  # .npz files with labels
     arch: str | None = None                # None: from --init
+    width: int | None = None               # resnet_small only: first-stage width (None: 16)
     objective: str = "joint"
     init: str | None = None                # any checkpoint load_joint_model reads
     data_dir: str | None = None
@@ -105,6 +106,8 @@ def _check_config(c: TrainConfig) -> None:
         raise UserInputError(f"--arch {c.arch!r}: choose one of {', '.join(ARCHS)}")
     if c.arch is None and c.init is None:
         raise UserInputError("--arch: required when training from scratch (no --init)")
+    if c.width is not None and (c.init is not None or c.arch != "resnet_small" or c.width < 1):
+        raise UserInputError(f"--width {c.width}: only for resnet_small trained from scratch, and at least 1")
     if c.attack_norm not in NORMS:
         raise UserInputError(f"--attack-norm {c.attack_norm!r}: choose one of {', '.join(NORMS)}")
     if c.attack_mode not in ("eval", "train"):
@@ -351,7 +354,7 @@ def train_jcd(config: TrainConfig) -> Path:
                                  f"--data {c.data} has {real.shape[1]}")
     else:
         torch.manual_seed(c.seed)
-        model = build_joint_model(c.arch, num_classes, real.shape[1], real.shape[-1])
+        model = build_joint_model(c.arch, num_classes, real.shape[1], real.shape[-1], width=c.width)
     model.image_size = int(real.shape[-1])
 
     run_dir = Path(c.run_dir)

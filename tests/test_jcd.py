@@ -181,3 +181,16 @@ def test_unreadable_and_missing_files(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "empty.pt")
     with pytest.raises(UserInputError, match="no state_dict of tensors"):
         load_joint_model(tmp_path / "empty.pt")
+
+
+def test_resnet_small_width_round_trips_through_the_weights(tmp_path):
+    from cmboost.jcd import build_joint_model, load_joint_model, save_joint_model
+
+    wide = build_joint_model("resnet_small", 10, 1, 32, width=24)
+    path = save_joint_model(wide, tmp_path / "wide.safetensors")
+    loaded = load_joint_model(path)
+    assert loaded.backbone.conv1.out_channels == 24
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(loaded.logits(x), wide.eval().logits(x))
+    with pytest.raises(UserInputError, match="--width"):
+        build_joint_model("resnet50", 10, 3, 64, width=24)

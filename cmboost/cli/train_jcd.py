@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         data=args.data, run_dir=args.run_dir, iters=args.iters, generated=list(args.generated or []),
-        arch=args.arch, objective=args.objective, init=args.init, data_dir=args.data_dir,
+        arch=args.arch, width=args.width, objective=args.objective, init=args.init, data_dir=args.data_dir,
         image_size=args.image_size, real_limit=args.real_limit, batch_size=args.batch_size,
         gen_batch_size=args.gen_batch_size, lr=args.lr, betas=tuple(args.betas),
         weight_decay=args.weight_decay, milestones=tuple(args.milestones), gamma=args.gamma,
@@ -47,6 +47,7 @@ def add_parser(verbs) -> None:
     p.add_argument("--generated", nargs="+", metavar="NPZ",
                    help="generated samples (.npz with arr_1 = the labels they were generated for)")
     p.add_argument("--arch", choices=ARCHS, help="backbone (default: that of --init)")
+    p.add_argument("--width", type=int, default=None, help="resnet_small: first-stage width (default 16)")
     p.add_argument("--objective", default="joint", choices=list(OBJECTIVES), help="training objective (default joint)")
     p.add_argument("--init", metavar="PATH", help="initial weights: ours, released, robustness-library or torchvision")
     p.add_argument("--iters", type=int, required=True, help="training iterations")
