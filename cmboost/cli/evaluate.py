@@ -87,7 +87,7 @@ def add_parser(verbs) -> None:
     p.add_argument("samples", help="samples .npz (OpenAI layout) or PNG folder; or the word 'ref'")
     p.add_argument("--ref", help="reference .npz (OpenAI's, or one from 'cmboost evaluate ref')")
     p.add_argument("--features", default="fmnist",
-                   help="inception, a shipped domain net (fmnist), or a domain-net .safetensors (default: fmnist)")
+                   help="inception, effnet-lite0, a shipped domain net (fmnist, fmnist-allconv), or a domain-net .safetensors (default: fmnist)")
     p.add_argument("--inception-weights", default=None,
                    help="weights-inception-2015-12-05-6726825d.pth, or its folder (default: $CMBOOST_WEIGHTS, "
                         "then torch's hub cache, then a download)")

@@ -33,14 +33,15 @@ def run(args: argparse.Namespace) -> int:
     images, labels, num_classes = load_dataset(args.data, "train", args.data_dir)
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
-    config = config_for_data(images, num_classes, args.data)
+    config = config_for_data(images, num_classes, args.data, arch=args.arch)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              hflip=not args.no_flip)
     state = Path(str(args.out) + ".partial")
-    print(f"training a domain feature net on {args.data} train ({len(images)} images, "
-          f"{config.in_channels}x{config.image_size}x{config.image_size}) on {device}, {precision}")
+    print(f"training a domain feature net ({config.arch}, seed {settings.seed}) on {args.data} train "
+          f"({len(images)} images, {config.in_channels}x{config.image_size}x{config.image_size}) on {device}, "
+          f"{precision}")
     net = train_domain_net(images, labels, config, settings, device, precision, state_path=state)
-    info = {"command": _command(args),
+    info = {"command": _command(args), "arch": config.arch, "seed": str(settings.seed),
             "data": args.data, "split": "train", "num_train": str(len(images)), "settings": settings.to_json(),
             "torch": torch.__version__}
     test_split = "test" if args.data.partition(":")[0] in ("fmnist", "fashion-mnist") else "val"
@@ -62,7 +63,8 @@ def _command(args: argparse.Namespace) -> str:
     """The command that reproduces this run, rebuilt from the parsed flags (not sys.argv, which is
     the test runner's when called in-process)."""
     words = ["cmboost", "train-features", "--data", args.data, "--out", str(args.out), "--epochs", str(args.epochs),
-             "--batch-size", str(args.batch_size), "--lr", repr(args.lr), "--seed", str(args.seed)]
+             "--batch-size", str(args.batch_size), "--lr", repr(args.lr), "--seed", str(args.seed),
+             "--arch", args.arch]
     if args.data_dir:
         words += ["--data-dir", str(args.data_dir)]
     if args.no_flip:
@@ -76,20 +78,25 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.metrics.domain_net import DEFAULT_SEED, TrainSettings
+    from cmboost.metrics.domain_net import ARCHS, DEFAULT_SEED, TrainSettings
 
     defaults = TrainSettings()
     p = verbs.add_parser("train-features",
                          help="train a domain feature network (FID/IS/PR features for small datasets) on a "
                               "dataset's train split",
-                         description="Trains a plain VGG-style CNN (not the joint network's ResNet, no adversarial "
-                                     "training, its own seed) on the train split; reruns resume per epoch.")
+                         description="Trains a plain CNN, VGG-style or all-convolutional (not the joint network's "
+                                     "ResNet, no adversarial training, its own seed) on the train split; reruns "
+                                     "resume per epoch.")
     p.add_argument("--data", required=True, help="fmnist, imagenet64:PATH or folder:PATH (train split used)")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST files (default: system copy)")
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (cosine schedule)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"initial weights, data order, augmentation and dropout (default: {DEFAULT_SEED})")
+    p.add_argument("--arch", default="vgg", choices=list(ARCHS),
+                   help="vgg: 3x3 conv + BatchNorm + ReLU with max pooling (the shipped 'fmnist' net); allconv: "
+                        "all-convolutional, strided convs, GELU, global average pool ('fmnist-allconv')")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips (for digits, text)")
     p.add_argument("--limit", type=int, default=0, help="train on the first N images only (quick runs)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

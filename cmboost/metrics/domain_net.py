@@ -1,10 +1,13 @@
 """A domain feature network for small datasets (Fashion-MNIST), where Inception features mean little.
 
 It must stay independent of the joint classifier-discriminator it helps judge (a small ResNet
-trained adversarially): here a plain VGG-style stack of 3x3 conv + BatchNorm + ReLU with max
-pooling, no residual connections, its own seed, and ordinary cross-entropy training (no
-adversarial examples). Its 256-d penultimate layer gives the FID / precision-recall features and
-its softmax the Inception-Score predictions. It has no spatial feature map for sFID.
+trained adversarially): no residual connections, its own seed, and ordinary cross-entropy training
+(no adversarial examples). Two architecture families (`DomainNetConfig.arch`): "vgg", a plain stack
+of 3x3 conv + BatchNorm + ReLU with max pooling (the shipped "fmnist" net), and "allconv", an
+all-convolutional net (Springenberg et al.) with strided convolutions instead of pooling, GELU and
+global average pooling (the shipped "fmnist-allconv" net, a second, independent judge). Its 256-d
+penultimate layer gives the FID / precision-recall features and its softmax the Inception-Score
+predictions. It has no spatial feature map for sFID.
 
 Checkpoints are safetensors with the config (and how the net was trained) as JSON metadata.
 Training resumes per epoch: every epoch's data order, augmentation and dropout depend only on
@@ -35,7 +38,9 @@ from cmboost.safetensors_io import read_safetensors
 FORMAT = "cmboost.domain_net/1"
 DEFAULT_SEED = 60221  # distinct from the joint network's seeds; recorded in the checkpoint
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-SHIPPED = {"fmnist": ASSETS / "fmnist_features.safetensors"}
+SHIPPED = {"fmnist": ASSETS / "fmnist_features.safetensors",
+           "fmnist-allconv": ASSETS / "fmnist_features_allconv.safetensors"}
+ARCHS = ("vgg", "allconv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +55,11 @@ class DomainNetConfig:
     std: float = 0.5
     dropout: float = 0.3
     dataset: str = "fmnist"
+    arch: str = "vgg"             # see ARCHS; configs saved before this field existed are "vgg"
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise UserInputError(f"domain net arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
         if self.image_size % 16 or self.image_size < 16:
             raise UserInputError(f"domain net image size {self.image_size}: must be a multiple of 16")
         if len(self.widths) != 4:
@@ -66,6 +74,8 @@ class DomainNetConfig:
             raw = json.loads(text)
             raw["widths"] = tuple(raw["widths"])
             return cls(**raw)
+        except UserInputError as err:  # a ValueError too: a field out of range, not a broken file
+            raise UserInputError(f"{source}: {err}") from None
         except (ValueError, TypeError, KeyError) as err:
             raise UserInputError(f"{source}: unreadable domain-net config ({err})") from None
 
@@ -74,24 +84,50 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+def _vgg_body(config: DomainNetConfig) -> tuple[nn.Sequential, int]:
+    """conv@S, pool, conv@S/2, pool, 2 x conv@S/4, pool, conv@S/8, pool, flatten."""
+    w0, w1, w2, w3 = config.widths
+    body = nn.Sequential(
+        *_conv(config.in_channels, w0), nn.MaxPool2d(2),
+        *_conv(w0, w1), nn.MaxPool2d(2),
+        *_conv(w1, w2), *_conv(w2, w2), nn.MaxPool2d(2),
+        *_conv(w2, w3), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    side = config.image_size // 16
+    return body, w3 * side * side
+
+
+def _gconv(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+
+
+def _allconv_body(config: DomainNetConfig) -> tuple[nn.Sequential, int]:
+    """All-convolutional (Springenberg et al.): 5x5 conv@S (w0), stride-2 3x3 conv and 3x3 conv@S/2
+    (w1), stride-2 3x3 conv and 3x3 conv@S/4 (w2), 1x1 conv (w3), global average pool; each conv
+    + BatchNorm + GELU; no pooling layers, no residuals."""
+    w0, w1, w2, w3 = config.widths
+    body = nn.Sequential(
+        *_gconv(config.in_channels, w0, 5),
+        *_gconv(w0, w1, 3, stride=2), *_gconv(w1, w1, 3),
+        *_gconv(w1, w2, 3, stride=2), *_gconv(w2, w2, 3),
+        *_gconv(w2, w3, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    return body, w3
+
+
 class DomainNet(nn.Module):
-    """VGG-style: conv@S, pool, conv@S/2, pool, 2 x conv@S/4, pool, conv@S/8, pool, then a
-    linear+BN+ReLU feature layer and a linear classifier. Input: float images in [0, 1]."""
+    """A conv body (`config.arch`: "vgg" or "allconv"), then a linear+BN+act feature layer
+    (ReLU for vgg, GELU for allconv) and a linear classifier. Input: float images in [0, 1]."""
 
     def __init__(self, config: DomainNetConfig):
         super().__init__()
         self.config = config
-        w0, w1, w2, w3 = config.widths
-        self.body = nn.Sequential(
-            *_conv(config.in_channels, w0), nn.MaxPool2d(2),
-            *_conv(w0, w1), nn.MaxPool2d(2),
-            *_conv(w1, w2), *_conv(w2, w2), nn.MaxPool2d(2),
-            *_conv(w2, w3), nn.MaxPool2d(2),
-            nn.Flatten(),
-        )
-        side = config.image_size // 16
-        self.feature = nn.Sequential(nn.Linear(w3 * side * side, config.feature_dim, bias=False),
-                                     nn.BatchNorm1d(config.feature_dim), nn.ReLU(inplace=True))
+        self.body, flat = (_vgg_body if config.arch == "vgg" else _allconv_body)(config)
+        act = nn.ReLU(inplace=True) if config.arch == "vgg" else nn.GELU()
+        self.feature = nn.Sequential(nn.Linear(flat, config.feature_dim, bias=False),
+                                     nn.BatchNorm1d(config.feature_dim), act)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(config.feature_dim, config.num_classes)
 
@@ -199,7 +235,7 @@ class TrainSettings:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
-def config_for_data(images_u8: np.ndarray, num_classes: int, dataset: str) -> DomainNetConfig:
+def config_for_data(images_u8: np.ndarray, num_classes: int, dataset: str, arch: str = "vgg") -> DomainNetConfig:
     """Config for uint8 NCHW training images: padded up to a multiple of 16, mean/std measured."""
     c, h, w = images_u8.shape[1:]
     if h != w:
@@ -211,7 +247,7 @@ def config_for_data(images_u8: np.ndarray, num_classes: int, dataset: str) -> Do
     var = (sample ** 2).mean() * (1.0 - pad_fraction) - mean ** 2
     return DomainNetConfig(in_channels=int(c), image_size=size, pad_from=int(h) if size != h else None,
                            num_classes=int(num_classes), mean=round(float(mean), 4),
-                           std=round(float(math.sqrt(max(var, 1e-8))), 4), dataset=dataset)
+                           std=round(float(math.sqrt(max(var, 1e-8))), 4), dataset=dataset, arch=arch)
 
 
 def _lr_at(step: int, total: int, settings: TrainSettings) -> float:
