@@ -266,7 +266,9 @@ class DomainFeatures(FeatureExtractor):
 def load_feature_extractor(spec: str = "fmnist", device: torch.device | str | None = None,
                            precision: str | None = None, inception_weights: str | os.PathLike | None = None,
                            allow_download: bool = True) -> FeatureExtractor:
-    """`spec`: "inception", a shipped domain net ("fmnist"), or a domain-net checkpoint path.
+    """`spec`: "inception", "effnet-lite0" (ImageNet EfficientNet-Lite0, metrics/effnet.py; weights
+    from $CMBOOST_EFFNET_WEIGHTS or the `cmboost[judges]` package), a shipped domain net ("fmnist"),
+    or a domain-net checkpoint path.
     Precision defaults to fp32 (comparable numbers); pass "bf16" for speed on GPU."""
     if isinstance(spec, FeatureExtractor):
         return spec
@@ -274,6 +276,10 @@ def load_feature_extractor(spec: str = "fmnist", device: torch.device | str | No
     precision = "fp32" if precision in (None, "", "auto") else resolve_precision(precision, device)
     if spec == "inception":
         return InceptionFeatures.from_weights(inception_weights, device, precision, allow_download)
+    if spec == "effnet-lite0":
+        from cmboost.metrics.effnet import EffNetLite0Features
+
+        return EffNetLite0Features.from_weights(None, device, precision)
     from cmboost.metrics.domain_net import load_domain_net
 
     net, _ = load_domain_net(spec, device)
