@@ -8,11 +8,9 @@ precision/recall are float32 on the features' device, in row x column blocks.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
-from scipy import linalg
 
 # ----------------------------------------------------------------------------- Gaussian statistics
 
@@ -64,9 +62,13 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 (Heusel et al. 2017, eq. 6).
 
-    As in the guided-diffusion evaluator: when S1 S2 is singular (its square root is not finite,
-    or scipy reports it singular), eps*I is added to both covariances; a square root whose
-    diagonal has an imaginary part above 1e-3 means the statistics are broken and raises."""
+    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, which are those of
+    the symmetric S1^(1/2) S2 S1^(1/2): two symmetric eigendecompositions instead of a general
+    (Schur) matrix square root. The result equals scipy's sqrtm definition on well-conditioned
+    statistics, costs a fraction of it (1280-d: about 0.5 s instead of 8 s here), never has complex
+    parts, and stays finite for rank-deficient covariances, so the evaluator's eps*I retry is not
+    needed (`eps` is kept only as the tolerance for negative rounding). Covariances with clearly
+    negative eigenvalues are not covariances: the square root would be imaginary, and that raises."""
     mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
     sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1)), np.atleast_2d(_as_float64(sigma2))
     if mu1.shape != mu2.shape or mu1.ndim != 1:
@@ -78,27 +80,27 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         if not np.isfinite(value).all():
             raise ValueError(f"Frechet distance: {name} contains NaN or inf (broken features?)")
 
-    covmean, ok = _sqrtm(sigma1 @ sigma2)
-    if not ok:
-        offset = np.eye(dim) * eps
-        covmean, _ = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            worst = float(np.max(np.abs(covmean.imag)))
-            raise ValueError(f"Frechet distance: sqrt(sigma1 @ sigma2) has an imaginary component of {worst:.3g}; "
-                             "the covariances are not valid (too few samples, or NaN/constant features?)")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2)
+                 - 2.0 * trace_sqrt_product(sigma1, sigma2, eps))
 
 
-def _sqrtm(matrix: np.ndarray) -> tuple[np.ndarray, bool]:
-    """scipy's Schur-method square root, and whether it is trustworthy (finite, not flagged singular)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", linalg.LinAlgWarning)
-        root = linalg.sqrtm(matrix)
-    singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
-    return root, bool(np.isfinite(root).all()) and not singular
+def _psd_eigenvalues(matrix: np.ndarray, name: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (clipped at 0) and vectors of a symmetric matrix that must be PSD up to rounding."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
+    scale = max(float(np.abs(values).max(initial=0.0)), 1.0)
+    if values.min(initial=0.0) < -max(eps, 1e-10) * scale:
+        raise ValueError(f"Frechet distance: {name} has a negative eigenvalue {values.min():.3g}, so its square "
+                         "root would have an imaginary component; the covariances are not valid (too few "
+                         "samples, or NaN/constant features?)")
+    return np.clip(values, 0.0, None), vectors
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """tr((S1 S2)^(1/2)) for covariances S1, S2, via eig(S1^(1/2) S2 S1^(1/2)) in float64."""
+    values, vectors = _psd_eigenvalues(sigma1, "sigma1", eps)
+    root1 = (vectors * np.sqrt(values)) @ vectors.T
+    inner, _ = _psd_eigenvalues(root1 @ sigma2 @ root1, "sqrt(sigma1) sigma2 sqrt(sigma1)", eps)
+    return float(np.sqrt(inner).sum())
 
 
 # ----------------------------------------------------------------------------- Inception Score
