@@ -1,10 +1,17 @@
-"""`cmboost demo`: the paper's Table 1 and Table 2 on Fashion-MNIST, from the shipped checkpoints.
+"""`cmboost demo`: does boosting help, judged by networks that did not choose its settings?
 
-Samples 1- and 2-step from the shipped CT and CD models, boosts them with the joint network
-(PGD, SGLD) and with the classifier-only baseline (BIGRoC on the CE-trained network), and
-evaluates FID, IS, precision and recall against the Fashion-MNIST test split with the shipped
-domain feature network. Every number is written to report.json and report.md; each finished row
-is kept in rows.json, so rerunning after an interruption resumes.
+From the shipped Fashion-MNIST checkpoints it samples the CT and CD consistency models, boosts the
+samples with the settings `cmboost tune` chose (tuning judge, validation samples, training-split
+statistics; cmboost/assets/fmnist/tuned-*.json), and reports against the test split with the
+*reporting* judges only (cmboost/metrics/judges.py):
+- headline rows (CT and CD 1-step) over several sample seeds, mean +- std of FID and KID;
+- two controls per generator: the tuned unsharp mask, and a random edit with the same per-image
+  L2 norm as the joint-network PGD edit; the mean L2 change of every method;
+- bars: held-out real images, and the same blurred with sigma 1;
+- 2-step generators, the four training objectives (the paper's Table 2), and the compute frontier:
+  FID against network evaluations per image, generator steps against boosting steps;
+- verdicts against the targets, in plain words; larger labelled before/after grids.
+Finished rows are cached in rows.json, so an interrupted demo resumes.
 """
 
 from __future__ import annotations
@@ -18,17 +25,24 @@ import numpy as np
 import torch
 
 from cmboost.atomic import atomic_write_text
-from cmboost.boost import boost
+from cmboost.controls import gaussian_blur, l2_change, random_perturbation
 from cmboost.data import load_dataset, load_samples, save_samples, to_float, to_uint8
+from cmboost.demo_report import render_markdown, summarise, verdicts
 from cmboost.errors import UserInputError
 from cmboost.jcd import load_joint_model, read_metadata
-from cmboost.report import line_plot, markdown_table, save_before_after_grid
+from cmboost.metrics.judges import JUDGES, REPORTING_JUDGES, describe
+from cmboost.report import line_plot, save_labelled_grid
 from cmboost.runtime import resolve_device
+from cmboost.tune import load_settings_file, run_method, tuned_hyper
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "fmnist"
 SETTINGS_FILE = ASSETS / "demo.json"
-GENERATORS = (("CT", "ct", 1), ("CT", "ct", 2), ("CD", "cd", 1), ("CD", "cd", 2))
-METRICS = ("fid", "is", "precision", "recall")
+HEADLINE = ("ct1", "cd1")
+NAMES = {"ct": "CT", "cd": "CD"}
+METRICS = ("fid", "kid", "kid_std", "is", "precision", "recall")
+# The tuning judge may prefer almost no sharpening; the classic strength is kept as a second control,
+# chosen by no judge, since reporting judges can reward sharpening that the tuning judge does not.
+STANDARD_UNSHARP = {"amount": 1.0, "sigma": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +56,13 @@ class DemoOptions:
 
 
 def load_settings(path: Path = SETTINGS_FILE) -> dict:
-    """The shipped recipe's settings: checkpoints, sample seeds and the tuned boosting hyperparameters."""
+    """The shipped recipe's settings: checkpoints, sample seeds, and the tune files per generator."""
     if not path.is_file():
         raise UserInputError(f"{path}: missing; the demo's checkpoints are made by recipes/fmnist.sh")
     settings = json.loads(path.read_text())
-    for name in settings["checkpoints"].values():
+    for name in list(settings["checkpoints"].values()) + list(settings["tuned"].values()):
         if not (ASSETS / name).is_file():
-            raise UserInputError(f"{ASSETS / name}: missing shipped checkpoint (see recipes/fmnist.sh)")
+            raise UserInputError(f"{ASSETS / name}: missing shipped file (see recipes/fmnist.sh)")
     return settings
 
 
@@ -72,28 +86,22 @@ class Rows:
         return value
 
 
-def _sample(model_path: Path, steps: int, num: int, seed: int, device, batch_size: int = 250):
+def _sample(model_path: Path, steps: int, schedule: dict | None, num: int, seed: int, device, batch_size: int = 250):
     from cmboost.cm.checkpoint import load_model
     from cmboost.cm.sample import choose_sampler, sample_batch
 
     loaded = load_model(model_path)
     loaded.net.to(device).eval()
-    choice = choose_sampler(loaded, steps)
+    if schedule:
+        choice = choose_sampler(loaded, steps, schedule["ts"], schedule["N"])
+    else:
+        choice = choose_sampler(loaded, steps)
     images, labels = [], []
     for start in range(0, num, batch_size):
         x, y = sample_batch(loaded, choice, range(start, min(start + batch_size, num)), seed, device)
         images.append(to_uint8(x, "signed"))
         labels.append(y.numpy())
     return np.concatenate(images), np.concatenate(labels)
-
-
-def _boost_u8(model, images, labels, method: str, hyper: dict, device, batch_size: int = 250):
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size]).to(device)
-        y = torch.as_tensor(labels[start:start + batch_size], device=device)
-        out.append(to_uint8(boost(model, x, y, method, indices=range(start, start + len(x)), **hyper)))
-    return np.concatenate(out)
 
 
 def run_demo(options: DemoOptions = DemoOptions()) -> dict:
@@ -104,12 +112,13 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
 
     started = time.perf_counter()
     settings = load_settings()
-    mode = settings["quick"] if options.quick else settings["full"]
+    mode_name = "quick" if options.quick else "full"
+    mode = settings[mode_name]
     out = Path(options.out_dir)
     report_path = out / "report.json"
     if report_path.exists() and not options.overwrite:
         saved = json.loads(report_path.read_text())
-        if saved.get("mode") == ("quick" if options.quick else "full"):
+        if saved.get("mode") == mode_name:
             print((out / "report.md").read_text())
             print(f"(already done: {report_path}; pass --overwrite to run again)")
             return saved
@@ -119,111 +128,176 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
     say = print if options.progress else (lambda *a, **k: None)
-    fingerprint = {"settings": settings, "mode": mode, "torch": torch.__version__}
+
+    # The judges: the tuning judge is the one named in the tune files; the report uses only the others.
+    tuned = {gen: load_settings_file(ASSETS / name) for gen, name in settings["tuned"].items()}
+    tuning_ids = {t["judge"]["identity"] for t in tuned.values()}
+    judges = {name: load_feature_extractor(name, device) for name in REPORTING_JUDGES}
+    overlap = tuning_ids & {j.identity for j in judges.values()}
+    if overlap:
+        raise UserInputError(f"the tuning judge {overlap} is also a reporting judge; retune with another judge")
+    tuning_names = sorted({t["judge"]["name"] for t in tuned.values()})
+    fingerprint = {"settings": settings, "mode": mode, "torch": torch.__version__,
+                   "judges": {n: j.identity for n, j in judges.items()},
+                   "tuned": {g: t["methods"] for g, t in tuned.items()}}
     rows = Rows(out / "rows.json", fingerprint)
 
-    extractor = load_feature_extractor("fmnist", device)
     test_images, _, _ = load_dataset("fmnist", "test", image_size=32)
-    reference = reference_stats(test_images[: mode["reference_images"]], extractor, source="fmnist test (32x32)")
+    test_images = test_images[: mode["reference_images"]]
+    references = {}
+
+    def reference(name):  # computed on first use: a resumed demo whose rows are all cached needs none
+        if name not in references:
+            references[name] = reference_stats(test_images, judges[name], source="fmnist test (32x32)")
+        return references[name]
+
     nets = {name: load_joint_model(ASSETS / settings["checkpoints"][name]).to(device)
             for name in ("jcd-joint", "jcd-ce", "jcd-bce", "jcd-ce+bce")}
-    samples: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    samples: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def evaluate(images) -> dict:
-        result = evaluate_images(images, reference, extractor)
-        return {key: float(result[key]) for key in METRICS}
+    def judge_all(images) -> dict:
+        results = {name: evaluate_images(images, reference(name), judge) for name, judge in judges.items()}
+        return {name: {k: result[k] for k in METRICS} for name, result in results.items()}
 
-    def generated(short: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """The evaluation samples of one generator, drawn once and kept in out_dir/samples/."""
-        key = f"{short}{steps}"
-        if key not in samples:
-            path = out / "samples" / f"{key}.npz"
+    def generated(gen: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """One generator's samples for one seed, drawn once and kept in out_dir/samples/."""
+        if (gen, seed) not in samples:
+            path = out / "samples" / f"{gen}-seed{seed}.npz"
             if path.is_file():
-                samples[key] = load_samples(path)
+                samples[gen, seed] = load_samples(path)
             else:
-                samples[key] = _sample(ASSETS / settings["checkpoints"][short], steps, mode["num_samples"],
-                                       settings["eval_seeds"][key], device)
-                save_samples(path, *samples[key])
-        return samples[key]
+                short, steps = gen[:2], int(gen[2:])
+                samples[gen, seed] = _sample(ASSETS / settings["checkpoints"][short], steps,
+                                             settings["schedules"].get(gen), mode["num_samples"], seed, device)
+                save_samples(path, *samples[gen, seed])
+        return samples[gen, seed]
 
-    def measure(short: str, steps: int, net: str | None = None, method: str | None = None,
-                hyper: dict | None = None, grid: bool = False) -> dict:
-        """Metrics of one generator's samples, boosted or not; cached by what determines them."""
-        hyper = dict(hyper or {})
-        if method == "pgd" and hyper.get("step_size") is None:
-            hyper["step_size"] = 2.5 * hyper["eps"] / hyper["steps"]  # boost.PGDBoost's default, made explicit
-        if net is None or hyper.get("steps") == 0:
-            net, method, hyper = None, None, {}
-        key = json.dumps([f"{short}{steps}", net, method, hyper], sort_keys=True)
+    def boosted(gen: str, seed: int, net: str, method: str, hyper: dict):
+        images, labels = generated(gen, seed)
+        model = nets[net] if method not in ("bigroc", "unsharp") else None
+        classifier = nets[net] if method == "bigroc" else None
+        return run_method(method, hyper, model, classifier, images, labels, device)
+
+    def measure(gen: str, seed: int, net: str | None = None, method: str | None = None,
+                hyper: dict | None = None, grid: str | None = None) -> dict:
+        """Metrics of one generator's samples, boosted or not, under every reporting judge; cached."""
+        key = json.dumps([gen, seed, net, method, hyper], sort_keys=True)
         if rows.get(key) is None:
             t0 = time.perf_counter()
-            images, labels = generated(short, steps)
-            boosted = images if net is None else _boost_u8(nets[net], images, labels, method, hyper, device)
+            images, labels = generated(gen, seed)
+            change = np.zeros(len(images))
+            if method == "random":  # the same per-image L2 norm as the joint-network PGD edit
+                pgd_images, change = boosted(gen, seed, "jcd-joint", "pgd", hyper)
+                x = to_float(images).to(device)
+                edited = to_uint8(random_perturbation(x, torch.as_tensor(change, dtype=torch.float32), seed))
+                change = l2_change(x, to_float(edited).to(device)).cpu().numpy()
+            elif method is not None:
+                edited, change = boosted(gen, seed, net, method, hyper)
+            else:
+                edited = images
             if grid:
-                save_before_after_grid(images, boosted, out / f"grid-{short}{steps}.png")
-            rows.put(key, dict(evaluate(boosted), seconds=round(time.perf_counter() - t0, 2)))
+                save_labelled_grid(images, edited, labels, out / grid)
+            rows.put(key, {"judges": judge_all(edited), "mean_l2_change": float(change.mean()),
+                           "seconds": round(time.perf_counter() - t0, 2)})
         return rows.get(key)
 
-    boost_settings = settings["boost"]
-    boosters = {  # Table 1's boosting column -> (network, method, hyperparameters)
-        "none": (None, None, None),
-        "classifier-only (BIGRoC)": ("jcd-ce", "bigroc", boost_settings["bigroc"]),
-        "joint (PGD)": ("jcd-joint", "pgd", boost_settings["pgd"]),
-        "joint (SGLD)": ("jcd-joint", "sgld", boost_settings["sgld"]),
-    }
-    table1, grids = [], {}
-    for name, short, steps in GENERATORS:
-        for booster, (net, method, hyper) in boosters.items():
-            metrics = measure(short, steps, net, method, hyper, grid=booster == "joint (PGD)")
-            table1.append(dict(generator=name, steps=steps, boost=booster, **metrics))
-            say(f"  {name} {steps}-step  {booster:26s} FID {metrics['fid']:7.3f}  IS {metrics['is']:5.2f}  "
-                f"P {metrics['precision']:.3f}  R {metrics['recall']:.3f}")
-        grids[f"{short}{steps}"] = str(out / f"grid-{short}{steps}.png")
+    # Bars: held-out real images (never used to train or tune anything) and the same blurred.
+    real, _, _ = load_dataset("fmnist", "train", image_size=32)
+    real = real[55000: 55000 + mode["num_samples"]]
+    bars = {}
+    for name, sigma in (("real (held-out train)", None), ("real, Gaussian blur sigma 1", 1.0)):
+        key = json.dumps(["real", sigma], sort_keys=True)
+        if rows.get(key) is None:
+            images = real if sigma is None else to_uint8(gaussian_blur(to_float(real), sigma))
+            rows.put(key, {"judges": judge_all(images), "mean_l2_change": 0.0})
+        bars[name] = rows.get(key)
+    say("  bars: " + ", ".join(f"{n}: FID {r['judges'][REPORTING_JUDGES[0]]['fid']:.2f}" for n, r in bars.items()))
 
-    # Table 2: the four training objectives, each boosting with PGD and its own reading of realness.
-    table2 = []
+    def methods_of(gen: str) -> dict:
+        """Table 1's boosting column -> (network, method, hyperparameters), from the generator's tune file."""
+        t = tuned[gen]
+        _, pgd = tuned_hyper(t, "pgd", gen)
+        chosen = {"none": (None, None, None),
+                  "unsharp mask, tuned (control)": (None, "unsharp", t["methods"]["unsharp"]["hyper"]),
+                  "unsharp mask, amount 1 (control)": (None, "unsharp", STANDARD_UNSHARP),
+                  "random, PGD's L2 (control)": ("jcd-joint", "random", pgd),
+                  "classifier-only (BIGRoC)": ("jcd-ce", "bigroc", tuned_hyper(t, "bigroc", gen)[1]),
+                  "joint (PGD)": ("jcd-joint", "pgd", pgd),
+                  "joint (SGLD)": ("jcd-joint", "sgld", tuned_hyper(t, "sgld", gen)[1])}
+        return chosen
+
+    headline = []  # one row per (generator, seed, method)
+    for gen in HEADLINE:
+        for i, seed in enumerate(settings["eval_seeds"][gen][: mode["seeds"]]):
+            for booster, (net, method, hyper) in methods_of(gen).items():
+                grid = f"grid-{gen}.png" if (booster == "joint (PGD)" and i == 0) else None
+                row = measure(gen, seed, net, method, hyper, grid)
+                headline.append(dict(generator=f"{NAMES[gen[:2]]} {gen[2:]}-step", gen=gen, seed=seed,
+                                     boost=booster, **row))
+            say(f"  {gen} seed {seed}: " + "  ".join(
+                f"{r['boost'].split(' (')[0]} {r['judges'][REPORTING_JUDGES[0]]['fid']:.2f}"
+                for r in headline[-len(methods_of(gen)):]))
+
+    two_step = []
+    for gen in ("ct2", "cd2"):
+        seed = settings["eval_seeds"][gen][0]
+        for booster, (net, method, hyper) in methods_of(gen).items():
+            if "control" in booster:
+                continue
+            row = measure(gen, seed, net, method, hyper)
+            two_step.append(dict(generator=f"{NAMES[gen[:2]]} 2-step", gen=gen, seed=seed, boost=booster, **row))
+
+    # Table 2: the four training objectives, each boosting with PGD (the joint network's tuned settings)
+    # and its own reading of realness; a plain classifier has no discriminator, so it ascends log p(y|x).
+    objectives = []
     for objective in ("ce", "bce", "ce+bce", "joint"):
-        path = ASSETS / settings["checkpoints"][f"jcd-{objective}"]
-        kind = read_metadata(path).get("extra", {}).get("realness_kind", "softmax")
-        hyper = dict(boost_settings["pgd"], realness_kind=kind)
-        if objective == "ce":  # a classifier has no discriminator: its score is log p(y|x)
-            hyper.update(objective="log_prob", threshold=None)
-        row = {"objective": objective}
-        for short in ("ct", "cd"):
-            metrics = measure(short, 1, f"jcd-{objective}", "pgd", hyper)
-            row.update({f"{short.upper()} 1-step FID": metrics["fid"], f"{short.upper()} 1-step IS": metrics["is"]})
-        table2.append(row)
+        kind = read_metadata(ASSETS / settings["checkpoints"][f"jcd-{objective}"]).get("extra", {}).get(
+            "realness_kind", "softmax")
+        for gen in HEADLINE:
+            hyper = dict(tuned_hyper(tuned[gen], "pgd", gen)[1], realness_kind=kind)
+            if objective == "ce":
+                hyper.update(objective="log_prob", threshold=None)
+            row = measure(gen, settings["eval_seeds"][gen][0], f"jcd-{objective}", "pgd", hyper)
+            objectives.append(dict(objective=objective, generator=f"{NAMES[gen[:2]]} 1-step", **row))
 
-    # FID against the number of joint-network PGD steps, the step size fixed at its tuned value.
-    curve = {}
-    pgd = boost_settings["pgd"]
-    step_size = pgd.get("step_size") or 2.5 * pgd["eps"] / pgd["steps"]
+    # The compute frontier: network evaluations per image, generator steps against boosting steps.
+    frontier = {}
     for short in ("ct", "cd"):
-        curve[f"{short.upper()} 1-step"] = [
-            (steps, measure(short, 1, "jcd-joint", "pgd", dict(pgd, steps=steps, step_size=step_size))["fid"])
-            for steps in mode["curve_steps"]]
-    plot = line_plot(curve, out / "fid-vs-steps.png", "FID vs joint-network PGD steps", "boosting steps", "FID")
+        gen = f"{short}1"
+        seed = settings["eval_seeds"][gen][0]
+        _, pgd = tuned_hyper(tuned[gen], "pgd", gen)
+        points = []
+        for steps in (1, 2, 3):
+            g = f"{short}{steps}"
+            row = measure(g, settings["eval_seeds"][g][0])
+            points.append({"route": "generator steps", "nfe": steps, **row})
+        for k in mode["frontier_boost_steps"]:
+            hyper = dict(pgd, steps=k, step_size=2.5 * pgd["eps"] / k)  # each k may reach the ball's edge
+            points.append({"route": "1 step + joint PGD", "nfe": 1 + k, **measure(gen, seed, "jcd-joint", "pgd", hyper)})
+        frontier[NAMES[short]] = points
+    series = {}
+    for name, points in frontier.items():
+        for route in ("generator steps", "1 step + joint PGD"):
+            pts = [(p["nfe"], p["judges"][REPORTING_JUDGES[0]]["fid"]) for p in points if p["route"] == route]
+            if route == "1 step + joint PGD":
+                pts = [(1, points[0]["judges"][REPORTING_JUDGES[0]]["fid"])] + pts
+            series[f"{name}: {route}"] = pts
+    plot = line_plot(series, out / "fid-vs-nfe.png", f"FID ({REPORTING_JUDGES[0]}) vs network evaluations per image",
+                     "network evaluations per image", "FID")
 
-    report = {"mode": "quick" if options.quick else "full", "num_samples": mode["num_samples"],
+    report = {"mode": mode_name, "num_samples": mode["num_samples"], "seeds": mode["seeds"],
               "reference": f"Fashion-MNIST test split, first {mode['reference_images']} images, padded to 32x32",
-              "features": "shipped domain network (cmboost/assets/fmnist_features.safetensors)",
-              "table1": table1, "table2": table2, "fid_vs_steps": curve, "boost": settings["boost"],
-              "grids": grids, "plot": str(plot), "seconds": round(time.perf_counter() - started, 1)}
+              "tuning_judge": {"names": tuning_names, "identities": sorted(tuning_ids),
+                               "family": "; ".join(describe(n) for n in tuning_names),
+                               "how": "cmboost tune on validation samples against training-split statistics"},
+              "reporting_judges": {n: {"identity": j.identity, "family": JUDGES[n].family} for n, j in judges.items()},
+              "bars": bars, "headline": headline, "summary": summarise(headline), "two_step": two_step,
+              "objectives": objectives, "frontier": frontier, "plot": str(plot),
+              "grids": {gen: str(out / f"grid-{gen}.png") for gen in HEADLINE},
+              "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},
+              "seconds": round(time.perf_counter() - started, 1)}
+    report["verdicts"] = verdicts(report)
     atomic_write_text(out / "report.md", render_markdown(report))
     atomic_write_text(report_path, json.dumps(report, indent=1))
     say(render_markdown(report))
     return report
-
-
-def render_markdown(report: dict) -> str:
-    t1 = markdown_table(report["table1"], ["generator", "steps", "boost", "fid", "is", "precision", "recall"])
-    columns = ["objective", "CT 1-step FID", "CT 1-step IS", "CD 1-step FID", "CD 1-step IS"]
-    t2 = markdown_table(report["table2"], columns)
-    curve = "\n".join(f"- {name}: " + ", ".join(f"{s} steps {f:.2f}" for s, f in pts)
-                      for name, pts in report["fid_vs_steps"].items())
-    return (f"# cmboost demo: Fashion-MNIST ({report['mode']}, {report['num_samples']} samples per row)\n\n"
-            f"Reference: {report['reference']}. Features: {report['features']}.\n\n"
-            f"## Table 1: boosting consistency-model samples\n\n{t1}\n\n"
-            f"## Table 2: training objective of the joint network (PGD boosting)\n\n{t2}\n\n"
-            f"## FID against boosting steps (joint network, PGD)\n\n{curve}\n\n![FID vs steps](fid-vs-steps.png)\n\n"
-            f"Boosting settings: `{json.dumps(report['boost'])}`\n\nRan in {report['seconds']} s.\n")

@@ -57,13 +57,13 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], floats: str = "
 
 
 def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str,
-              xlabel: str, ylabel: str, size: tuple[int, int] = (640, 420)) -> Path:
+              xlabel: str, ylabel: str, size: tuple[int, int] = (860, 420)) -> Path:
     """A small line chart drawn with Pillow (no plotting dependency): one polyline per series."""
     from PIL import Image, ImageDraw
 
     colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
     width, height = size
-    left, right, top, bottom = 70, 20, 40, 60
+    left, right, top, bottom = 70, 230, 40, 60  # the legend sits in the right margin, clear of the lines
     points = [p for s in series.values() for p in s if all(map(math.isfinite, p))]
     if not points:
         raise ValueError("line_plot: no finite points")
@@ -98,5 +98,44 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | os.P
             draw.line(pix, fill=color, width=2)
         for px, py in pix:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.text((width - right - 150, top + 8 + 14 * i), name, fill=color)
+        draw.line([width - right + 12, top + 14 + 16 * i, width - right + 32, top + 14 + 16 * i], fill=color, width=2)
+        draw.text((width - right + 38, top + 8 + 16 * i), name, fill=color)
     return save_png(np.asarray(image), path)
+
+
+def save_labelled_grid(before: np.ndarray, after: np.ndarray, labels: np.ndarray, path: str | os.PathLike,
+                       class_names: Sequence[str] | None = None, classes: int = 8, per_class: int = 8,
+                       scale: int = 2) -> Path:
+    """Before (left) and after (right) panels: one column per class (named on top), the first
+    `per_class` samples of that class down the column; uint8 NCHW images with labels."""
+    from PIL import Image, ImageDraw
+
+    from cmboost.data import FMNIST_CLASSES
+
+    names = list(class_names or FMNIST_CLASSES)
+    chosen = [c for c in range(len(names)) if (labels == c).any()][:classes]
+    n, c, h, w = before.shape
+    blank = np.full((c, h, w), 255, np.uint8)
+
+    def panel(images):
+        tiles = []
+        for row in range(per_class):
+            for cls in chosen:
+                where = np.flatnonzero(labels == cls)
+                tiles.append(images[where[row]] if row < len(where) else blank)
+        grid = image_grid(np.stack(tiles), columns=len(chosen))
+        return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+    left, right = panel(before), panel(after)
+    header, gap = 28, 16
+    height, width = left.shape[0] + header, left.shape[1] * 2 + gap
+    canvas = Image.new("L" if left.ndim == 2 else "RGB", (width, height), 255)
+    canvas.paste(Image.fromarray(left), (0, header))
+    canvas.paste(Image.fromarray(right), (left.shape[1] + gap, header))
+    draw = ImageDraw.Draw(canvas)
+    tile = (w + 2) * scale
+    for offset, title in ((0, "before"), (left.shape[1] + gap, "after")):
+        draw.text((offset + 4, 2), title, fill=0)
+        for i, cls in enumerate(chosen):
+            draw.text((offset + 2 * scale + i * tile, 15), names[cls][:9], fill=0)
+    return save_png(np.asarray(canvas), path)

@@ -25,7 +25,7 @@ from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
 from cmboost.metrics.reference import Reference, load_reference
 from cmboost.metrics.stats import (RunningStats, frechet_distance, inception_score, kernel_inception_distance,
-                                   polynomial_kernel, precision_recall)
+                                   knn_radii, polynomial_kernel, precision_recall, psd_sqrt)
 from cmboost.runtime import dist_info, gather
 
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
@@ -214,7 +214,10 @@ def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLik
 
     result: dict = {}
     if dist_info().is_main:
-        result["fid"] = frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma)
+        if "sqrt_sigma" not in ref.cache:
+            ref.cache["sqrt_sigma"] = psd_sqrt(ref.sigma)
+        result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma,
+                                         sqrt_sigma1=ref.cache["sqrt_sigma"])
         if samples.mu_s is None:
             result["sfid"], notes["sfid"] = None, extractor.spatial_reason
         elif ref.mu_s is None:
@@ -229,8 +232,11 @@ def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLik
             result["precision"] = result["recall"] = None
             notes["precision"] = notes["recall"] = f"{ref.source}: {len(ref_features)} reference rows, too few for k=3"
         else:
+            key = ("radii", PR_NEIGHBOURS, len(ref_features))
+            if key not in ref.cache:
+                ref.cache[key] = knn_radii(torch.as_tensor(np.asarray(ref_features, dtype=np.float32)), PR_NEIGHBOURS)
             result["precision"], result["recall"] = precision_recall(
-                ref_features, samples.pool, k=PR_NEIGHBOURS, device=extractor.device)
+                ref_features, samples.pool, k=PR_NEIGHBOURS, device=extractor.device, real_radii=ref.cache[key])
         result["kid"], result["kid_std"], kid_note = _kid(ref, ref_features, samples.pool)
         if kid_note:
             notes["kid"] = notes["kid_std"] = kid_note
@@ -252,10 +258,11 @@ def _kid(ref: Reference, ref_features: np.ndarray | None, fake_features: np.ndar
     matrix is the costly part, so it is kept on the Reference for the next evaluation against it."""
     if ref_features is None or len(ref_features) < 2 or len(fake_features) < 2:
         return None, None, f"{ref.source}: KID needs reference features and at least 2 rows on each side"
-    if ref.kid_gram is None or ref.kid_gram.shape[0] != len(ref_features):
+    key = ("kid_gram", len(ref_features))
+    if key not in ref.cache:
         real = torch.as_tensor(np.asarray(ref_features, dtype=np.float32))
-        ref.kid_gram = polynomial_kernel(real, real)
-    kid, kid_std = kernel_inception_distance(ref_features, fake_features, real_gram=ref.kid_gram)
+        ref.cache[key] = polynomial_kernel(real, real)
+    kid, kid_std = kernel_inception_distance(ref_features, fake_features, real_gram=ref.cache[key])
     return kid, kid_std, None
 
 

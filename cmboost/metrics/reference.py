@@ -39,7 +39,8 @@ class Reference:
     count: int | None = None              # images behind mu/sigma
     source: str = ""                      # where it was read from (named in messages)
     data: str = ""                        # which data the statistics describe (e.g. "fmnist test")
-    kid_gram: object = dataclasses.field(default=None, repr=False, compare=False)  # cache, never saved
+    # What evaluations against this reference reuse (KID Gram matrix, k-NN radii, sqrt(sigma)); never saved.
+    cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def net(self) -> str:

@@ -59,7 +59,7 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1: np.ndarray | None = None) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 (Heusel et al. 2017, eq. 6).
 
     tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, which are those of
@@ -68,7 +68,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     statistics, costs a fraction of it (1280-d: about 0.5 s instead of 8 s here), never has complex
     parts, and stays finite for rank-deficient covariances, so the evaluator's eps*I retry is not
     needed (`eps` is kept only as the tolerance for negative rounding). Covariances with clearly
-    negative eigenvalues are not covariances: the square root would be imaginary, and that raises."""
+    negative eigenvalues are not covariances: the square root would be imaginary, and that raises.
+    `sqrt_sigma1` (psd_sqrt(sigma1)) may be passed in when the same reference is reused."""
     mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
     sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1)), np.atleast_2d(_as_float64(sigma2))
     if mu1.shape != mu2.shape or mu1.ndim != 1:
@@ -81,7 +82,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             raise ValueError(f"Frechet distance: {name} contains NaN or inf (broken features?)")
 
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2)
-                 - 2.0 * trace_sqrt_product(sigma1, sigma2, eps))
+                 - 2.0 * trace_sqrt_product(sigma1, sigma2, eps, sqrt_sigma1))
 
 
 def _psd_eigenvalues(matrix: np.ndarray, name: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -95,10 +96,16 @@ def _psd_eigenvalues(matrix: np.ndarray, name: str, eps: float) -> tuple[np.ndar
     return np.clip(values, 0.0, None), vectors
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def psd_sqrt(sigma: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """The symmetric square root of a covariance (float64), from its eigendecomposition."""
+    values, vectors = _psd_eigenvalues(_as_float64(sigma), "sigma1", eps)
+    return (vectors * np.sqrt(values)) @ vectors.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6,
+                       sqrt_sigma1: np.ndarray | None = None) -> float:
     """tr((S1 S2)^(1/2)) for covariances S1, S2, via eig(S1^(1/2) S2 S1^(1/2)) in float64."""
-    values, vectors = _psd_eigenvalues(sigma1, "sigma1", eps)
-    root1 = (vectors * np.sqrt(values)) @ vectors.T
+    root1 = psd_sqrt(sigma1, eps) if sqrt_sigma1 is None else sqrt_sigma1
     inner, _ = _psd_eigenvalues(root1 @ sigma2 @ root1, "sqrt(sigma1) sigma2 sqrt(sigma1)", eps)
     return float(np.sqrt(inner).sum())
 
@@ -163,18 +170,20 @@ def covered(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, ba
 
 
 def precision_recall(real_features, fake_features, k: int = 3, batch_size: int = 5000,
-                     device: torch.device | str | None = None) -> tuple[float, float]:
+                     device: torch.device | str | None = None,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds:
     precision = share of generated rows inside some real row's k-NN ball, recall = share of real
     rows inside some generated row's k-NN ball. Distances in float32 blocks on `device`
-    (default: where the features are), never an N x N matrix."""
+    (default: where the features are), never an N x N matrix. `real_radii` (knn_radii of the real
+    rows) may be passed in when the same reference is reused: for 10k rows it is the costly part."""
     real = _as_float32_tensor(real_features, device)
     fake = _as_float32_tensor(fake_features, real.device)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"precision_recall: feature shapes {tuple(real.shape)} and {tuple(fake.shape)} do not match")
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be at least 1")
-    real_radii = knn_radii(real, k, batch_size)
+    real_radii = knn_radii(real, k, batch_size) if real_radii is None else real_radii.to(real.device)
     fake_radii = knn_radii(fake, k, batch_size)
     precision = covered(fake, real, real_radii, batch_size).double().mean().item()
     recall = covered(real, fake, fake_radii, batch_size).double().mean().item()
