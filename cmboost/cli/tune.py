@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from cmboost.cli.common import add_device_flags
+
 
 def run(args: argparse.Namespace) -> int:
     from cmboost.boost_job import resolve_threshold, trained_realness_kind
@@ -69,8 +71,6 @@ def add_parser(verbs) -> None:
     p.add_argument("--out", required=True, help="settings file to write (.json)")
     p.add_argument("--overwrite", action="store_true", help="replace the settings file if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (default: bf16 on GPU, fp32 on CPU)")
+    add_device_flags(p)
     p.add_argument("--batch-size", type=int, default=250, help="images per boosting batch")
     p.set_defaults(run=run)
