@@ -152,7 +152,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         return references[name]
 
     nets = {name: load_joint_model(ASSETS / settings["checkpoints"][name]).to(device)
-            for name in ("jcd-joint", "jcd-ce", "jcd-bce", "jcd-ce+bce")}
+            for name in settings["checkpoints"] if name.startswith("jcd-")}
+    booster = settings["booster"]  # the joint network chosen in the recipe (tuning judge, validation)
     samples: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def judge_all(images) -> dict:
@@ -187,7 +188,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             images, labels = generated(gen, seed)
             change = np.zeros(len(images))
             if method == "random":  # the same per-image L2 norm as the joint-network PGD edit
-                pgd_images, change = boosted(gen, seed, "jcd-joint", "pgd", hyper)
+                pgd_images, change = boosted(gen, seed, booster, "pgd", hyper)
                 x = to_float(images).to(device)
                 edited = to_uint8(random_perturbation(x, torch.as_tensor(change, dtype=torch.float32), seed))
                 change = l2_change(x, to_float(edited).to(device)).cpu().numpy()
@@ -220,10 +221,10 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         chosen = {"none": (None, None, None),
                   "unsharp mask, tuned (control)": (None, "unsharp", t["methods"]["unsharp"]["hyper"]),
                   "unsharp mask, amount 1 (control)": (None, "unsharp", STANDARD_UNSHARP),
-                  "random, PGD's L2 (control)": ("jcd-joint", "random", pgd),
+                  "random, PGD's L2 (control)": (booster, "random", pgd),
                   "classifier-only (BIGRoC)": ("jcd-ce", "bigroc", tuned_hyper(t, "bigroc", gen)[1]),
-                  "joint (PGD)": ("jcd-joint", "pgd", pgd),
-                  "joint (SGLD)": ("jcd-joint", "sgld", tuned_hyper(t, "sgld", gen)[1])}
+                  "joint (PGD)": (booster, "pgd", pgd),
+                  "joint (SGLD)": (booster, "sgld", tuned_hyper(t, "sgld", gen)[1])}
         return chosen
 
     headline = []  # one row per (generator, seed, method)
@@ -247,8 +248,9 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             row = measure(gen, seed, net, method, hyper)
             two_step.append(dict(generator=f"{NAMES[gen[:2]]} 2-step", gen=gen, seed=seed, boost=booster, **row))
 
-    # Table 2: the four training objectives, each boosting with PGD (the joint network's tuned settings)
-    # and its own reading of realness; a plain classifier has no discriminator, so it ascends log p(y|x).
+    # Table 2: the four training objectives (width-16 networks, same data and schedule), each boosting
+    # with the same tuned PGD settings and its own reading of realness; a plain classifier has no
+    # discriminator, so it ascends log p(y|x).
     objectives = []
     for objective in ("ce", "bce", "ce+bce", "joint"):
         kind = read_metadata(ASSETS / settings["checkpoints"][f"jcd-{objective}"]).get("extra", {}).get(
@@ -273,7 +275,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             points.append({"route": "generator steps", "nfe": steps, **row})
         for k in mode["frontier_boost_steps"]:
             hyper = dict(pgd, steps=k, step_size=2.5 * pgd["eps"] / k)  # each k may reach the ball's edge
-            points.append({"route": "1 step + joint PGD", "nfe": 1 + k, **measure(gen, seed, "jcd-joint", "pgd", hyper)})
+            points.append({"route": "1 step + joint PGD", "nfe": 1 + k, **measure(gen, seed, booster, "pgd", hyper)})
         frontier[NAMES[short]] = points
     series = {}
     for name, points in frontier.items():
@@ -294,6 +296,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
               "bars": bars, "headline": headline, "summary": summarise(headline), "two_step": two_step,
               "objectives": objectives, "frontier": frontier, "plot": str(plot),
               "grids": {gen: str(out / f"grid-{gen}.png") for gen in HEADLINE},
+              "booster": booster,
               "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     report["verdicts"] = verdicts(report)

@@ -77,6 +77,8 @@ def render_markdown(report: dict) -> str:
              f"{report['tuning_judge']['how']}.",
              *[f"- **Reporting judge** `{n}`: {j['family']} (`{j['identity']}`)."
                for n, j in report["reporting_judges"].items()],
+             f"- **Boosting network**: `{report['booster']}`, chosen among the joint-network variants by the "
+             "tuning judge on validation samples.",
              "",
              "## Bars: real images\n",
              markdown_table([{"images": name, **{f"{j} FID": r["judges"][j]["fid"] for j in judges},
