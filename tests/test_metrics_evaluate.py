@@ -261,3 +261,16 @@ def test_torchrun_sharded_evaluation_equals_single_process(tmp_path, fmnist, ref
     for key in ("fid", "is", "precision", "recall"):
         assert sharded[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9)  # float64 sums merged per rank
     assert sharded["num_samples"] == 150
+
+
+def test_kid_follows_the_fixed_keys_and_ranks_like_fid(fmnist, reference):
+    from cmboost.metrics.evaluate import KID_KEYS
+
+    real = fmnist[0][600:1000]
+    good = evaluate_images(real, reference, "fmnist", batch_size=128)
+    assert list(good)[5:7] == list(KID_KEYS)
+    blurred = (real.astype(np.float32).reshape(len(real), 1, 14, 2, 14, 2).mean(axis=(3, 5))
+               .repeat(2, axis=2).repeat(2, axis=3).round().astype(np.uint8))
+    bad = evaluate_images(blurred, reference, "fmnist", batch_size=128)
+    assert abs(good["kid"]) < 3 * good["kid_std"] + 1e-3  # same distribution: unbiased, near 0
+    assert bad["kid"] > good["kid"] + 3 * bad["kid_std"] and bad["kid_std"] > 0

@@ -208,7 +208,9 @@ def kid_from_gram(k_real: torch.Tensor, k_fake: torch.Tensor, k_cross: torch.Ten
     k_cross [M, N]. Each subset draws rows without replacement, real first and then generated, from
     one np.random.RandomState(seed): the same draws as torch-fidelity's KID, so the numbers match it."""
     m, n = k_real.shape[0], k_fake.shape[0]
-    size = min(KID_SUBSET_SIZE, m, n) if subset_size is None else int(subset_size)
+    # Default: 1000 rows, but at most half of each set, so that the subsets differ on both sides and
+    # their spread measures sampling noise (a subset holding every row has no spread at all).
+    size = min(KID_SUBSET_SIZE, m // 2, n // 2) if subset_size is None else int(subset_size)
     if size < 2 or size > min(m, n):
         raise ValueError(f"KID subset size {size}: need 2 <= size <= min({m} real, {n} generated rows)")
     rng = np.random.RandomState(seed)
