@@ -153,7 +153,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
 
     nets = {name: load_joint_model(ASSETS / settings["checkpoints"][name]).to(device)
             for name in settings["checkpoints"] if name.startswith("jcd-")}
-    booster = settings["booster"]  # the joint network chosen in the recipe (tuning judge, validation)
+    boost_net = settings["booster"]  # the joint network chosen in the recipe (tuning judge, validation)
     samples: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def judge_all(images) -> dict:
@@ -188,7 +188,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             images, labels = generated(gen, seed)
             change = np.zeros(len(images))
             if method == "random":  # the same per-image L2 norm as the joint-network PGD edit
-                pgd_images, change = boosted(gen, seed, booster, "pgd", hyper)
+                pgd_images, change = boosted(gen, seed, boost_net, "pgd", hyper)
                 x = to_float(images).to(device)
                 edited = to_uint8(random_perturbation(x, torch.as_tensor(change, dtype=torch.float32), seed))
                 change = l2_change(x, to_float(edited).to(device)).cpu().numpy()
@@ -221,10 +221,10 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         chosen = {"none": (None, None, None),
                   "unsharp mask, tuned (control)": (None, "unsharp", t["methods"]["unsharp"]["hyper"]),
                   "unsharp mask, amount 1 (control)": (None, "unsharp", STANDARD_UNSHARP),
-                  "random, PGD's L2 (control)": (booster, "random", pgd),
+                  "random, PGD's L2 (control)": (boost_net, "random", pgd),
                   "classifier-only (BIGRoC)": ("jcd-ce", "bigroc", tuned_hyper(t, "bigroc", gen)[1]),
-                  "joint (PGD)": (booster, "pgd", pgd),
-                  "joint (SGLD)": (booster, "sgld", tuned_hyper(t, "sgld", gen)[1])}
+                  "joint (PGD)": (boost_net, "pgd", pgd),
+                  "joint (SGLD)": (boost_net, "sgld", tuned_hyper(t, "sgld", gen)[1])}
         return chosen
 
     headline = []  # one row per (generator, seed, method)
@@ -273,9 +273,10 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             g = f"{short}{steps}"
             row = measure(g, settings["eval_seeds"][g][0])
             points.append({"route": "generator steps", "nfe": steps, **row})
+        step_size = pgd["step_size"] or 2.5 * pgd["eps"] / pgd["steps"]
         for k in mode["frontier_boost_steps"]:
-            hyper = dict(pgd, steps=k, step_size=2.5 * pgd["eps"] / k)  # each k may reach the ball's edge
-            points.append({"route": "1 step + joint PGD", "nfe": 1 + k, **measure(gen, seed, booster, "pgd", hyper)})
+            hyper = dict(pgd, steps=k, step_size=step_size)  # the tuned run, stopped after k steps
+            points.append({"route": "1 step + joint PGD", "nfe": 1 + k, **measure(gen, seed, boost_net, "pgd", hyper)})
         frontier[NAMES[short]] = points
     series = {}
     for name, points in frontier.items():
@@ -296,7 +297,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
               "bars": bars, "headline": headline, "summary": summarise(headline), "two_step": two_step,
               "objectives": objectives, "frontier": frontier, "plot": str(plot),
               "grids": {gen: str(out / f"grid-{gen}.png") for gen in HEADLINE},
-              "booster": booster,
+              "booster": boost_net,
               "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     report["verdicts"] = verdicts(report)

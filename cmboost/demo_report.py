@@ -121,7 +121,7 @@ def render_markdown(report: dict) -> str:
               "Target: under every reporting judge, FID and KID lowered by ≥ 25%, beating BIGRoC and both controls "
               "beyond the error bars (mean + std below the rival's mean − std, for FID and KID), recall within 0.03.\n"]
     vrows = [{"generator": v["generator"], "method": v["method"], "judge": v["judge"],
-              "FID cut": f"{100 * v['fid_cut']:.1f}%", "KID cut": f"{100 * v['kid_cut']:.1f}%",
+              "FID change": f"{-100 * v['fid_cut']:+.1f}%", "KID change": f"{-100 * v['kid_cut']:+.1f}%",
               **{k: "yes" if ok else "**no**" for k, ok in v["checks"].items()}} for v in report["verdicts"]]
     if vrows:
         parts.append(markdown_table(vrows, list(vrows[0])))
@@ -136,8 +136,9 @@ def render_markdown(report: dict) -> str:
               "## Table 2: training objective of the joint network (PGD, one seed)\n",
               _judge_table(report["objectives"], ["generator", "objective"], judges), "",
               "## Compute frontier\n",
-              "FID against network evaluations per image: more generator steps, or one step plus joint-network "
-              "PGD steps (each a forward and backward pass of the much smaller joint network).\n",
+              "FID against network evaluations per image: more generator steps, or one step plus k steps of the "
+              "tuned joint-network PGD run (its step size, stopped after k steps; each step is a forward and "
+              "backward pass of the much smaller joint network).\n",
               _judge_table([dict(p, generator=g) for g, pts in report["frontier"].items() for p in pts],
                            ["generator", "route", "nfe"], judges),
               f"\n![FID vs network evaluations](fid-vs-nfe.png)\n",

@@ -26,7 +26,7 @@ def main(path: str) -> None:
     print(markdown_table(rows, columns + ["L2 change"]))
     print()
     verdicts = [{"generator": v["generator"], "method": v["method"], "judge": v["judge"],
-                 "FID cut": f"{100 * v['fid_cut']:.0f}%", "KID cut": f"{100 * v['kid_cut']:.0f}%",
+                 "FID change": f"{-100 * v['fid_cut']:+.0f}%", "KID change": f"{-100 * v['kid_cut']:+.0f}%",
                  **{k: "yes" if ok else "no" for k, ok in v["checks"].items()}} for v in report["verdicts"]]
     print(markdown_table(verdicts, list(verdicts[0])))
     print()
