@@ -13,7 +13,6 @@ normalisation (x - 127) / 128 on the 0..255 scale is applied.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmboost.errors import UserInputError
+from cmboost.metrics.domain_net import weights_digest  # the same content hash as the domain nets'
 from cmboost.metrics.features import FeatureExtractor
 from cmboost.runtime import autocast
 
@@ -166,15 +166,6 @@ def load_effnet(path: str | os.PathLike | None = None) -> EfficientNetLite0:
     except (RuntimeError, TypeError, AttributeError) as err:  # e.g. a non-tensor value under a right name
         raise UserInputError(f"{weights}: does not fit EfficientNet-Lite0 ({type(err).__name__})") from None
     return net
-
-
-def weights_digest(net: nn.Module) -> str:
-    """A content hash of the weights (not of the file), so references match however it was found."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class EffNetLite0Features(FeatureExtractor):
