@@ -229,15 +229,16 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
 
     headline = []  # one row per (generator, seed, method)
     for gen in HEADLINE:
+        methods = methods_of(gen)
         for i, seed in enumerate(settings["eval_seeds"][gen][: mode["seeds"]]):
-            for booster, (net, method, hyper) in methods_of(gen).items():
+            for booster, (net, method, hyper) in methods.items():
                 grid = f"grid-{gen}.png" if (booster == "joint (PGD)" and i == 0) else None
                 row = measure(gen, seed, net, method, hyper, grid)
                 headline.append(dict(generator=f"{NAMES[gen[:2]]} {gen[2:]}-step", gen=gen, seed=seed,
                                      boost=booster, **row))
             say(f"  {gen} seed {seed}: " + "  ".join(
                 f"{r['boost'].split(' (')[0]} {r['judges'][REPORTING_JUDGES[0]]['fid']:.2f}"
-                for r in headline[-len(methods_of(gen)):]))
+                for r in headline[-len(methods):]))
 
     two_step = []
     for gen in ("ct2", "cd2"):
