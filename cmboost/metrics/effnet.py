@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cmboost.errors import UserInputError
 from cmboost.metrics.domain_net import weights_digest  # the same content hash as the domain nets'
-from cmboost.metrics.features import FeatureExtractor
+from cmboost.metrics.features import FeatureExtractor, check_resizable
 from cmboost.runtime import autocast
 
 EFFNET_FILE = "efficientnet-lite0-57934424.pth"
@@ -213,11 +213,7 @@ class EffNetLite0Features(FeatureExtractor):
         return cls(net, f"random{seed}", device, precision, resolution)
 
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
-        c, h, w = (int(v) for v in shape)
-        if c not in (1, 3):
-            raise UserInputError(f"{source}: images have {c} channels; EfficientNet-Lite0 takes 1 (repeated) or 3")
-        if h < 2 or w < 2:
-            raise UserInputError(f"{source}: images are {h}x{w}, too small to resize to {self.resolution}")
+        check_resizable(shape, source, "EfficientNet-Lite0", self.resolution)
 
     def preprocess(self, images_u8: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW -> normalised float NCHW RGB at resolution x resolution (always fp32)."""

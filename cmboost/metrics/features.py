@@ -62,6 +62,15 @@ class FeatureExtractor:
         raise NotImplementedError
 
 
+def check_resizable(shape: tuple[int, ...], source: str, net_name: str, size: int) -> None:
+    """For networks that take grey (repeated to RGB) or RGB images of any size, resized to `size`."""
+    c, h, w = (int(v) for v in shape)
+    if c not in (1, 3):
+        raise UserInputError(f"{source}: images have {c} channels; {net_name} takes 1 (repeated) or 3")
+    if h < 2 or w < 2:
+        raise UserInputError(f"{source}: images are {h}x{w}, too small to resize to {size}")
+
+
 # ----------------------------------------------------------------------------- TF1 bilinear resize
 
 
@@ -195,11 +204,7 @@ class InceptionFeatures(FeatureExtractor):
                    channels_last)
 
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
-        c, h, w = (int(v) for v in shape)
-        if c not in (1, 3):
-            raise UserInputError(f"{source}: images have {c} channels; Inception takes 1 (repeated) or 3")
-        if h < 2 or w < 2:
-            raise UserInputError(f"{source}: images are {h}x{w}, too small to resize to 299")
+        check_resizable(shape, source, "Inception", INCEPTION_SIZE)
 
     @torch.no_grad()
     def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
