@@ -13,7 +13,7 @@ def run(args: argparse.Namespace) -> int:
     from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
     from cmboost.metrics.features import load_feature_extractor
-    from cmboost.metrics.judges import check_tuning_judge, refuse_reporting_name
+    from cmboost.metrics.judges import refuse_reporting_name
     from cmboost.metrics.reference import load_reference
     from cmboost.runtime import print0, resolve_device, resolve_precision
     from cmboost.tune import format_table, tune
@@ -22,9 +22,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--batch-size {args.batch_size}: must be at least 1")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    refuse_reporting_name(args.judge)  # the commonest mistake fails before anything is loaded
+    refuse_reporting_name(args.judge)  # the commonest mistake fails before anything is loaded; tune() checks weights
     judge = load_feature_extractor(args.judge, device)
-    check_tuning_judge(judge)  # a reporting judge's weights under another name
     reference = load_reference(args.ref)
     model = load_joint_model(args.model).to(device)
     classifier = load_joint_model(args.classifier).to(device) if args.classifier else None

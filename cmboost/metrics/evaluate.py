@@ -234,7 +234,8 @@ def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLik
         else:
             key = ("radii", PR_NEIGHBOURS, len(ref_features))
             if key not in ref.cache:
-                ref.cache[key] = knn_radii(torch.as_tensor(np.asarray(ref_features, dtype=np.float32)), PR_NEIGHBOURS)
+                real = torch.as_tensor(np.asarray(ref_features, dtype=np.float32), device=extractor.device)
+                ref.cache[key] = knn_radii(real, PR_NEIGHBOURS)  # on the extractor's device, as before caching
             result["precision"], result["recall"] = precision_recall(
                 ref_features, samples.pool, k=PR_NEIGHBOURS, device=extractor.device, real_radii=ref.cache[key])
         result["kid"], result["kid_std"], kid_note = _kid(ref, ref_features, samples.pool)
