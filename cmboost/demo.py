@@ -173,11 +173,17 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                 save_samples(path, *samples[gen, seed])
         return samples[gen, seed]
 
+    edits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
     def boosted(gen: str, seed: int, net: str, method: str, hyper: dict):
-        images, labels = generated(gen, seed)
-        model = nets[net] if method not in ("bigroc", "unsharp") else None
-        classifier = nets[net] if method == "bigroc" else None
-        return run_method(method, hyper, model, classifier, images, labels, device)
+        """(edited images, per-image L2 change), computed once: the random control reuses PGD's."""
+        key = json.dumps([gen, seed, net, method, hyper], sort_keys=True)
+        if key not in edits:
+            images, labels = generated(gen, seed)
+            model = nets[net] if method not in ("bigroc", "unsharp") else None
+            classifier = nets[net] if method == "bigroc" else None
+            edits[key] = run_method(method, hyper, model, classifier, images, labels, device)
+        return edits[key]
 
     def measure(gen: str, seed: int, net: str | None = None, method: str | None = None,
                 hyper: dict | None = None, grid: str | None = None) -> dict:
@@ -188,7 +194,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             images, labels = generated(gen, seed)
             change = np.zeros(len(images))
             if method == "random":  # the same per-image L2 norm as the joint-network PGD edit
-                pgd_images, change = boosted(gen, seed, boost_net, "pgd", hyper)
+                _, change = boosted(gen, seed, boost_net, "pgd", hyper)
                 x = to_float(images).to(device)
                 edited = to_uint8(random_perturbation(x, torch.as_tensor(change, dtype=torch.float32), seed))
                 change = l2_change(x, to_float(edited).to(device)).cpu().numpy()
