@@ -71,22 +71,10 @@ def test_bad_arch_is_a_one_line_error(tmp_path):
         main(["train-features", "--data", "fmnist", "--arch", "resnet", "--out", str(tmp_path / "x.safetensors")])
 
 
-def test_allconv_training_resumes_exactly_and_round_trips(tmp_path, fmnist_test):
+def test_allconv_training_resumes_exactly_and_round_trips(tmp_path, fmnist_test, train_interrupted_and_resumed):
     images, labels = fmnist_test[0][:96], fmnist_test[1][:96]
     settings = TrainSettings(epochs=2, batch_size=32, warmup_steps=2, seed=11)
-    straight = train_domain_net(images, labels, _tiny_allconv(), settings, log=None)
-
-    state = tmp_path / "net.partial"
-
-    def interrupt_after_first_epoch(line):
-        if line.startswith("epoch 1/"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_domain_net(images, labels, _tiny_allconv(), settings, state_path=state, log=interrupt_after_first_epoch)
-    resumed = train_domain_net(images, labels, _tiny_allconv(), settings, state_path=state, log=None)
-    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    resumed, state = train_interrupted_and_resumed(images, labels, _tiny_allconv(), settings)
     # a vgg state is not resumed as allconv (the config, arch included, is in the fingerprint)
     vgg = DomainNetConfig(widths=(4, 8, 8, 8), feature_dim=16, dropout=0.2)
     with pytest.raises(UserInputError, match="other settings"):

@@ -124,23 +124,10 @@ def _tiny_config():
     return DomainNetConfig(widths=(4, 8, 8, 8), feature_dim=16, dropout=0.2)
 
 
-def test_domain_training_resumes_exactly_after_an_interrupt(tmp_path, fmnist_test):
+def test_domain_training_resumes_exactly_after_an_interrupt(tmp_path, fmnist_test, train_interrupted_and_resumed):
     images, labels = fmnist_test[0][:96], fmnist_test[1][:96]
     settings = TrainSettings(epochs=2, batch_size=32, warmup_steps=2, seed=5)
-    straight = train_domain_net(images, labels, _tiny_config(), settings, log=None)
-
-    state = tmp_path / "net.partial"
-
-    def interrupt_after_first_epoch(line):
-        if line.startswith("epoch 1/"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_domain_net(images, labels, _tiny_config(), settings, state_path=state, log=interrupt_after_first_epoch)
-    assert state.is_file()
-    resumed = train_domain_net(images, labels, _tiny_config(), settings, state_path=state, log=None)
-    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    resumed, state = train_interrupted_and_resumed(images, labels, _tiny_config(), settings)
     with pytest.raises(UserInputError, match="other settings"):
         train_domain_net(images, labels, _tiny_config(), TrainSettings(epochs=3, batch_size=32, seed=5),
                          state_path=state, log=None)
