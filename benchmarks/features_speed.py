@@ -90,7 +90,8 @@ def inception_part(args) -> None:
 def fmnist_part(args) -> None:
     from cmboost.data import fashion_mnist
     from cmboost.metrics.domain_net import load_domain_net, prepare_images
-    from cmboost.metrics.evaluate import ArraySource, extract_features
+    from cmboost.metrics.evaluate import extract_features
+    from cmboost.samples import ArraySource
     from cmboost.metrics.features import InceptionFeatures, load_feature_extractor
 
     torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file beside the target, then a rename.
+"""Output files: atomic writes (a temp file beside the target, then a rename), never over an existing file unless asked.
 
 A reader (or a rerun after kill -9) sees either the old file or the whole new one, never a partial
 write: os.replace is atomic within one filesystem, which is why the temp file lives in the same folder.
@@ -11,6 +11,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
+
+from cmboost.errors import OutputExistsError
 
 
 def _umask() -> int:
@@ -69,3 +71,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_open(path, "w") as fh:
         fh.write(text)
     return Path(path)
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+    """Raises OutputExistsError unless `path` is free or `overwrite` was asked for."""
+    if Path(path).exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it")

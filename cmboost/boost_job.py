@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from cmboost.boost import boost_with, make_hyper, mean_realness, predicted_labels
-from cmboost.data import load_samples, map_samples, refuse_existing, to_float, to_uint8
+from cmboost.samples import load_samples, map_samples, to_float, to_uint8
+from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.resumable import run_resumable
 from cmboost.runtime import dist_info, init_distributed, resolve_device, resolve_precision

@@ -26,7 +26,8 @@ import torch
 
 from cmboost.atomic import atomic_write_text
 from cmboost.controls import gaussian_blur, l2_change, random_perturbation
-from cmboost.data import load_dataset, load_samples, save_samples, to_float, to_uint8
+from cmboost.data import load_dataset
+from cmboost.samples import load_samples, save_samples, to_float, to_uint8
 from cmboost.demo_report import render_markdown, summarise, verdicts
 from cmboost.errors import UserInputError
 from cmboost.jcd import load_joint_model, read_metadata

@@ -18,7 +18,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cmboost.atomic import atomic_open, atomic_write_text
-from cmboost.data import refuse_existing, save_samples
+from cmboost.samples import save_samples
+from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.runtime import barrier, dist_info, shard
 

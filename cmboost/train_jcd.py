@@ -27,7 +27,8 @@ import torch
 
 from cmboost.atomic import atomic_path, atomic_write_text
 from cmboost.attacks import NORMS, PGD
-from cmboost.data import load_dataset, load_samples, to_float
+from cmboost.data import load_dataset
+from cmboost.samples import load_samples, to_float
 from cmboost.errors import UserInputError
 from cmboost.jcd import (ARCHS, build_joint_model, load_joint_model, log_realness_from_logits,
                          save_joint_model)

@@ -28,7 +28,8 @@ import torch
 from cmboost.atomic import atomic_write_text
 from cmboost.boost import boost_with, make_hyper
 from cmboost.controls import UnsharpControl, l2_change, unsharp_mask
-from cmboost.data import load_samples, refuse_existing, to_float, to_uint8
+from cmboost.samples import load_samples, to_float, to_uint8
+from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 
 FORMAT = "cmboost.tune/1"

@@ -13,7 +13,8 @@ from cmboost import boost as boost_mod
 from cmboost.boost import boost, joint_score, make_hyper, realness
 from cmboost.boost_job import boost_file
 from cmboost.cli import main as cli_main
-from cmboost.data import fashion_mnist, load_samples, pad_to, save_samples, to_float
+from cmboost.data import fashion_mnist, pad_to
+from cmboost.samples import load_samples, save_samples, to_float
 from cmboost.errors import UserInputError
 
 

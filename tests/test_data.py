@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost import data
+from cmboost import data, samples
 from cmboost.cli import main as cli_main
 from cmboost.errors import OutputExistsError, UserInputError
 
@@ -159,10 +159,10 @@ def test_load_dataset_pads_fmnist():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_npz_round_trip_is_exact(tmp_path, channels):
     images, labels = random_samples(c=channels)
-    path = data.save_samples(tmp_path / "s.npz", images, labels)
+    path = samples.save_samples(tmp_path / "s.npz", images, labels)
     with np.load(path) as raw:  # on disk: OpenAI's NHWC layout
         assert raw["arr_0"].shape == (5, 8, 8, channels)
-    back_images, back_labels = data.load_samples(path)
+    back_images, back_labels = samples.load_samples(path)
     np.testing.assert_array_equal(back_images, images)
     np.testing.assert_array_equal(back_labels, labels)
 
@@ -170,28 +170,28 @@ def test_npz_round_trip_is_exact(tmp_path, channels):
 def test_png_folder_round_trip_is_exact(tmp_path):
     for channels in (1, 3):
         images, labels = random_samples(c=channels, seed=channels)
-        path = data.save_samples(tmp_path / f"pngs{channels}", images, labels)
-        back_images, back_labels = data.load_samples(path)
+        path = samples.save_samples(tmp_path / f"pngs{channels}", images, labels)
+        back_images, back_labels = samples.load_samples(path)
         np.testing.assert_array_equal(back_images, images)
         np.testing.assert_array_equal(back_labels, labels)
 
 
 def test_existing_output_is_refused_unless_asked(tmp_path):
     images, labels = random_samples()
-    path = data.save_samples(tmp_path / "s.npz", images, labels)
+    path = samples.save_samples(tmp_path / "s.npz", images, labels)
     before = path.read_bytes()
     with pytest.raises(OutputExistsError, match="already exists"):
-        data.save_samples(path, images[:2], labels[:2])
+        samples.save_samples(path, images[:2], labels[:2])
     assert path.read_bytes() == before
-    data.save_samples(path, images[:2], labels[:2], overwrite=True)
-    assert len(data.load_samples(path)[0]) == 2
+    samples.save_samples(path, images[:2], labels[:2], overwrite=True)
+    assert len(samples.load_samples(path)[0]) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temp files left behind
 
 
 def test_npz_without_arr_0(tmp_path):
     np.savez(tmp_path / "x.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(UserInputError, match=r"x.npz: no 'arr_0' array \(has images\)"):
-        data.load_samples(tmp_path / "x.npz")
+        samples.load_samples(tmp_path / "x.npz")
 
 
 @pytest.mark.parametrize("array, message", [
@@ -202,39 +202,39 @@ def test_npz_without_arr_0(tmp_path):
 def test_bad_sample_arrays(tmp_path, array, message):
     np.savez(tmp_path / "x.npz", arr_0=array)
     with pytest.raises(UserInputError, match=message):
-        data.load_samples(tmp_path / "x.npz")
+        samples.load_samples(tmp_path / "x.npz")
 
 
 def test_bad_labels(tmp_path):
     images = np.zeros((3, 8, 8, 3), np.uint8)
     np.savez(tmp_path / "count.npz", arr_0=images, arr_1=np.array([0, 1]))
     with pytest.raises(UserInputError, match="count.npz: 2 labels for 3 images"):
-        data.load_samples(tmp_path / "count.npz")
+        samples.load_samples(tmp_path / "count.npz")
     np.savez(tmp_path / "range.npz", arr_0=images, arr_1=np.array([0, 1, 12]))
     with pytest.raises(UserInputError, match="range.npz: label 12 out of range for 10 classes"):
-        data.load_samples(tmp_path / "range.npz", num_classes=10)
+        samples.load_samples(tmp_path / "range.npz", num_classes=10)
     np.savez(tmp_path / "neg.npz", arr_0=images, arr_1=np.array([0, -1, 2]))
     with pytest.raises(UserInputError, match="negative label"):
-        data.load_samples(tmp_path / "neg.npz")
+        samples.load_samples(tmp_path / "neg.npz")
 
 
 def test_not_an_npz(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(UserInputError, match="junk.npz: not a readable .npz"):
-        data.load_samples(tmp_path / "junk.npz")
+        samples.load_samples(tmp_path / "junk.npz")
 
 
 def test_conversions_round_and_reject_nan():
     x = torch.tensor([[[[0.0, 0.5 / 255, 0.49 / 255, 1.0, 1.7 / 255]]]])
-    assert data.to_uint8(x).ravel().tolist() == [0, 0, 0, 255, 2]  # 0.5 rounds half to even, 1.7 -> 2
-    signed = data.to_float(np.array([[[[0, 255, 128]]]], np.uint8), "signed")
+    assert samples.to_uint8(x).ravel().tolist() == [0, 0, 0, 255, 2]  # 0.5 rounds half to even, 1.7 -> 2
+    signed = samples.to_float(np.array([[[[0, 255, 128]]]], np.uint8), "signed")
     assert torch.allclose(signed.ravel(), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]), atol=1e-6)
     levels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
-    np.testing.assert_array_equal(data.to_uint8(data.to_float(levels)), levels)
-    np.testing.assert_array_equal(data.to_uint8(data.to_float(levels, "signed"), "signed"), levels)
+    np.testing.assert_array_equal(samples.to_uint8(samples.to_float(levels)), levels)
+    np.testing.assert_array_equal(samples.to_uint8(samples.to_float(levels, "signed"), "signed"), levels)
     for bad in (float("nan"), float("inf")):
         with pytest.raises(UserInputError, match="NaN or inf"):
-            data.to_uint8(torch.full((1, 1, 2, 2), bad))
+            samples.to_uint8(torch.full((1, 1, 2, 2), bad))
 
 
 # ----------------------------------------------------------------------------- the CLI's bad-input contract
@@ -250,10 +250,10 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
 
 def test_cli_convert_round_trip_and_refuses_overwrite(tmp_path, capsys):
     images, labels = random_samples()
-    src = data.save_samples(tmp_path / "s.npz", images, labels)
+    src = samples.save_samples(tmp_path / "s.npz", images, labels)
     assert cli_main(["convert", str(src), "--out", str(tmp_path / "pngs")]) == 0
     assert cli_main(["convert", str(tmp_path / "pngs"), "--out", str(tmp_path / "back.npz")]) == 0
-    np.testing.assert_array_equal(data.load_samples(tmp_path / "back.npz")[0], images)
+    np.testing.assert_array_equal(samples.load_samples(tmp_path / "back.npz")[0], images)
     assert cli_main(["convert", str(src), "--out", str(tmp_path / "back.npz")]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
@@ -270,18 +270,18 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
 
 def test_equal_samples_give_byte_identical_files(tmp_path):
     images, labels = random_samples()
-    a = data.save_samples(tmp_path / "a.npz", images, labels)
+    a = samples.save_samples(tmp_path / "a.npz", images, labels)
     import time
 
     time.sleep(2.1)  # zip entries carry a timestamp with 2 s resolution; ours is fixed
-    b = data.save_samples(tmp_path / "b.npz", images, labels)
+    b = samples.save_samples(tmp_path / "b.npz", images, labels)
     assert a.read_bytes() == b.read_bytes()
 
 
 def test_cli_export_data_slice(tmp_path, capsys):
     out = tmp_path / "heldout.npz"
     assert cli_main(["export-data", "--split", "test", "--start", "9990", "--image-size", "32", "--out", str(out)]) == 0
-    images, labels = data.load_samples(out)
+    images, labels = samples.load_samples(out)
     test_images, test_labels = data.fashion_mnist("test")
     assert images.shape == (10, 1, 32, 32)
     np.testing.assert_array_equal(images[:, 0, 2:30, 2:30], test_images[9990:])
@@ -293,18 +293,18 @@ def test_cli_export_data_slice(tmp_path, capsys):
 
 def test_map_samples_matches_load_samples_and_checks(tmp_path):
     images, labels = random_samples(n=7, c=3)
-    ours = data.save_samples(tmp_path / "ours.npz", images, labels)
+    ours = samples.save_samples(tmp_path / "ours.npz", images, labels)
     np.savez(tmp_path / "numpy.npz", arr_0=images.transpose(0, 2, 3, 1), arr_1=labels)
     np.savez_compressed(tmp_path / "compressed.npz", arr_0=images.transpose(0, 2, 3, 1), arr_1=labels)
     for path in (ours, tmp_path / "numpy.npz", tmp_path / "compressed.npz"):
-        mapped, mapped_labels = data.map_samples(path)
+        mapped, mapped_labels = samples.map_samples(path)
         np.testing.assert_array_equal(np.ascontiguousarray(mapped[2:5]), images[2:5])
         np.testing.assert_array_equal(mapped_labels, labels)
-    assert isinstance(data.map_samples(ours)[0], np.memmap)
+    assert isinstance(samples.map_samples(ours)[0], np.memmap)
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(ours.read_bytes()[:-200])
     with pytest.raises(UserInputError, match="truncated.npz"):
-        data.map_samples(truncated)
+        samples.map_samples(truncated)
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(UserInputError, match="float.npz: arr_0 must be uint8"):
-        data.map_samples(tmp_path / "float.npz")
+        samples.map_samples(tmp_path / "float.npz")

@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cmboost.cli import main as cli_main
-from cmboost.data import load_dataset, save_samples
+from cmboost.data import load_dataset
+from cmboost.samples import save_samples
 from cmboost.errors import UserInputError
 from cmboost.jcd import build_joint_model, load_joint_model, save_joint_model
 from cmboost.train_jcd import IndexStream, TrainConfig, gen_steps_at, rank_share, train_jcd

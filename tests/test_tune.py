@@ -8,7 +8,8 @@ import torch
 
 from cmboost.cli import main as cli_main
 from cmboost.controls import gaussian_blur
-from cmboost.data import load_dataset, save_samples, to_float, to_uint8
+from cmboost.data import load_dataset
+from cmboost.samples import save_samples, to_float, to_uint8
 from cmboost.demo import ASSETS
 from cmboost.errors import UserInputError
 from cmboost.jcd import load_joint_model

@@ -35,7 +35,7 @@ def hyper_from_args(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from cmboost.boost import make_hyper
     from cmboost.boost_job import boost_file, resolve_threshold, trained_realness_kind
-    from cmboost.data import refuse_existing
+    from cmboost.atomic import refuse_existing
     from cmboost.jcd import load_joint_model
     from cmboost.runtime import print0, resolve_device, resolve_precision
 

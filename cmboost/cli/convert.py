@@ -9,7 +9,8 @@ from cmboost.cli.common import add_output_flags
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from cmboost.data import load_samples, refuse_existing, save_samples
+    from cmboost.samples import load_samples, save_samples
+    from cmboost.atomic import refuse_existing
 
     refuse_existing(args.out, args.overwrite)
     images, labels = load_samples(args.samples)
@@ -22,7 +23,9 @@ def run_convert(args: argparse.Namespace) -> int:
 def export_data(spec: str, split: str, out: str, start: int = 0, stop: int | None = None,
                 image_size: int | None = None, data_dir: str | None = None, overwrite: bool = False):
     """Writes images [start, stop) of a dataset split as an OpenAI-layout sample file."""
-    from cmboost.data import load_dataset, refuse_existing, save_samples
+    from cmboost.data import load_dataset
+    from cmboost.samples import save_samples
+    from cmboost.atomic import refuse_existing
     from cmboost.errors import UserInputError
 
     refuse_existing(out, overwrite)

@@ -30,7 +30,7 @@ def _extractor(args):
 
 
 def run_samples(args: argparse.Namespace) -> int:
-    from cmboost.data import refuse_existing
+    from cmboost.atomic import refuse_existing
     from cmboost.metrics.evaluate import evaluate_source, format_table, open_samples, write_json
     from cmboost.metrics.reference import load_reference
     from cmboost.runtime import dist_info
@@ -54,7 +54,8 @@ def run_samples(args: argparse.Namespace) -> int:
 
 
 def run_reference(args: argparse.Namespace) -> int:
-    from cmboost.data import load_dataset, refuse_existing
+    from cmboost.data import load_dataset
+    from cmboost.atomic import refuse_existing
     from cmboost.metrics.reference import reference_stats, save_reference
     from cmboost.runtime import dist_info
 

@@ -13,7 +13,9 @@ from cmboost.errors import UserInputError
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cmboost.data import load_dataset, refuse_existing
+    from cmboost.data import load_dataset
+
+    from cmboost.atomic import refuse_existing
     from cmboost.metrics.domain_net import (TrainSettings, classify_accuracy, config_for_data, save_domain_net,
                                             train_domain_net)
     from cmboost.runtime import resolve_device, resolve_precision

@@ -21,7 +21,8 @@ import torch
 from cmboost.atomic import atomic_open
 from cmboost.cm.checkpoint import LoadedModel, load_model
 from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
-from cmboost.data import refuse_existing, save_samples, to_uint8
+from cmboost.samples import save_samples, to_uint8
+from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.runtime import DistInfo, barrier, dist_info, randn_per_sample, sample_generators
 

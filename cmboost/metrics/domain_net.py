@@ -175,7 +175,7 @@ def save_domain_net(path: str | os.PathLike, net: DomainNet, info: dict[str, str
     """Atomic safetensors write with {"format", "config", **info} as metadata."""
     from safetensors.torch import save_file
 
-    from cmboost.data import refuse_existing
+    from cmboost.atomic import refuse_existing
 
     path = Path(path)
     refuse_existing(path, overwrite)

@@ -6,118 +6,29 @@ and notes[key] says why), plus num_samples, num_reference, feature_net, features
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
-import zipfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from cmboost.atomic import atomic_open
-from cmboost.data import open_zip, read_npy_header
 from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
 from cmboost.metrics.reference import Reference, load_reference
 from cmboost.metrics.stats import (RunningStats, frechet_distance, inception_score, kernel_inception_distance,
                                    knn_radii, polynomial_kernel, precision_recall, psd_sqrt)
 from cmboost.runtime import dist_info, gather
+from cmboost.samples import ArraySource, ImageSource, open_samples
 
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
 KID_KEYS = ("kid", "kid_std")  # unbiased KID and its std over subsets; they follow METRIC_KEYS in every result
 IS_SPLIT_SIZE = 5000   # guided-diffusion evaluator
 PR_NEIGHBOURS = 3      # k of the k-NN manifolds
-
-
-# ----------------------------------------------------------------------------- image sources
-
-
-class ImageSource:
-    """Images delivered in consecutive uint8 NCHW batches, without holding them all when streaming."""
-
-    name: str = ""
-    shape: tuple[int, int, int] = (0, 0, 0)
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        raise NotImplementedError
-
-
-class ArraySource(ImageSource):
-    def __init__(self, images: np.ndarray, name: str = "images"):
-        from cmboost.data import check_samples
-
-        check_samples(images, None, name)
-        self.images, self.name, self.shape = images, name, tuple(int(v) for v in images.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(self.images), batch_size):
-            yield self.images[start : start + batch_size]
-
-
-class NpzSource(ImageSource):
-    """`arr_0` of an OpenAI-layout .npz (uint8 NHWC), read batch by batch from the zip member."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.name = str(path)
-        with self._member() as (_, count, (h, w, c)):
-            self.count, self.shape = count, (c, h, w)
-
-    def __len__(self) -> int:
-        return self.count
-
-    @contextlib.contextmanager
-    def _member(self):
-        """(open arr_0.npy stream positioned at the data, image count, (H, W, C)), header checked."""
-        path = self.path
-        with open_zip(path) as archive:
-            if "arr_0.npy" not in archive.namelist():
-                raise UserInputError(f"{path}: no 'arr_0' array (has {', '.join(archive.namelist()) or 'none'})")
-            with archive.open("arr_0.npy") as fh:
-                shape, fortran, dtype = read_npy_header(fh, f"{path}: arr_0")
-                if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or fortran:
-                    raise UserInputError(f"{path}: arr_0 must be uint8 NHWC with 1 or 3 channels, got "
-                                         f"{dtype} {shape}{' in Fortran order' if fortran else ''}")
-                yield fh, int(shape[0]), tuple(int(v) for v in shape[1:])
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        c, h, w = self.shape
-        per_image = h * w * c
-        with self._member() as (fh, count, _):
-            for start in range(0, count, batch_size):
-                n = min(batch_size, count - start)
-                try:
-                    raw = fh.read(n * per_image)
-                except (zipfile.BadZipFile, OSError, EOFError) as err:
-                    raise UserInputError(f"{self.path}: damaged arr_0 ({err})") from None
-                if len(raw) != n * per_image:
-                    raise UserInputError(f"{self.path}: arr_0 is truncated at image {start + len(raw) // per_image}")
-                batch = np.frombuffer(raw, dtype=np.uint8).reshape(n, h, w, c)
-                yield np.array(batch.transpose(0, 3, 1, 2), order="C")  # a writable copy
-
-
-def open_samples(path: str | os.PathLike) -> ImageSource:
-    """A .npz streams its arr_0; a folder of PNGs is read whole (data.load_samples)."""
-    path = Path(path)
-    if path.is_dir():
-        from cmboost.data import load_samples
-
-        images, _ = load_samples(path)
-        return ArraySource(images, str(path))
-    if not path.exists():
-        raise UserInputError(f"{path}: file not found")
-    return NpzSource(path)
 
 
 # ----------------------------------------------------------------------------- feature extraction
@@ -303,7 +214,7 @@ def format_table(result: dict) -> str:
 
 def write_json(path: str | os.PathLike, result: dict, overwrite: bool = False) -> Path:
     """Atomic JSON write (no NaN: missing metrics are null with a note)."""
-    from cmboost.data import refuse_existing
+    from cmboost.atomic import refuse_existing
 
     path = Path(path)
     refuse_existing(path, overwrite)

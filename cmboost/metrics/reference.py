@@ -115,7 +115,7 @@ def load_reference(path: str | os.PathLike) -> Reference:
 
 def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = False) -> Path:
     """Atomic .npz write in the layout described above (images stored NHWC, like OpenAI's)."""
-    from cmboost.data import refuse_existing
+    from cmboost.atomic import refuse_existing
 
     path = Path(path)
     refuse_existing(path, overwrite)
@@ -149,7 +149,8 @@ def reference_stats(images_u8, extractor, batch_size: int = 256, num_features: i
     """Statistics of uint8 NCHW `images_u8` (an array or an evaluate.ImageSource) under `extractor`
     (a FeatureExtractor or a spec like "fmnist"/"inception"): mu/sigma (and mu_s/sigma_s) over all
     images, plus the images and pool features of up to `num_features` of them for precision/recall."""
-    from cmboost.metrics.evaluate import ArraySource, ImageSource, extract_features
+    from cmboost.metrics.evaluate import extract_features
+    from cmboost.samples import ArraySource, ImageSource
     from cmboost.metrics.features import load_feature_extractor
 
     extractor = load_feature_extractor(extractor)

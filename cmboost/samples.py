@@ -1,0 +1,391 @@
+"""Sample files: every read and write of generated images, as OpenAI .npz or a folder of PNGs.
+
+On disk a sample file follows OpenAI's .npz layout: `arr_0` uint8 NHWC and optional `arr_1`
+integer labels (a PNG folder carries an optional labels.txt). In memory images are uint8 NCHW
+numpy arrays, or float NCHW tensors once converted. Three ways to read the same file:
+`load_samples` (whole), `map_samples` (memory-mapped when the npz is stored uncompressed) and
+`open_samples` (streamed in batches, for metrics over 50k images). All three parse the .npy
+headers with the same code, which checks a declared shape against the bytes the file holds before
+anything is allocated, and name the file in every error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import struct
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cmboost.atomic import atomic_open, refuse_existing
+from cmboost.errors import UserInputError
+
+__all__ = ["to_float", "to_uint8", "check_samples", "load_samples", "map_samples", "open_samples",
+           "save_samples", "write_npz", "ImageSource", "ArraySource", "NpzSource", "refuse_existing"]
+
+
+# ----------------------------------------------------------------------------- conversions
+
+def to_float(images: np.ndarray | torch.Tensor, value_range: str = "unit") -> torch.Tensor:
+    """uint8 NCHW -> float32 NCHW in [0, 1] ("unit") or [-1, 1] ("signed")."""
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8:
+        raise UserInputError(f"expected uint8 images, got {x.dtype}")
+    x = x.float() / 255.0
+    if value_range == "signed":
+        return x * 2.0 - 1.0
+    if value_range != "unit":
+        raise UserInputError(f"value range {value_range!r}: choose 'unit' or 'signed'")
+    return x
+
+
+def to_uint8(images: torch.Tensor | np.ndarray, value_range: str = "unit") -> np.ndarray:
+    """float NCHW in [0, 1] or [-1, 1] -> uint8 NCHW, rounding to the nearest level (never truncating)."""
+    x = torch.as_tensor(images).detach().float().cpu()
+    if not torch.isfinite(x).all():
+        raise UserInputError("images contain NaN or inf")
+    if value_range == "signed":
+        x = (x + 1.0) * 127.5
+    elif value_range == "unit":
+        x = x * 255.0
+    else:
+        raise UserInputError(f"value range {value_range!r}: choose 'unit' or 'signed'")
+    return x.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_samples(images: np.ndarray, labels: np.ndarray | None, source: str,
+                  num_classes: int | None = None) -> None:
+    """Raises UserInputError naming `source` unless images are uint8 NCHW with 1 or 3 channels
+    and labels (if any) are one non-negative integer per image below `num_classes`."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        dtype = getattr(images, "dtype", type(images).__name__)
+        raise UserInputError(f"{source}: images must be uint8, got {dtype}")
+    if images.ndim != 4:
+        raise UserInputError(f"{source}: images must have 4 dimensions, got shape {images.shape}")
+    if images.shape[1] not in (1, 3):
+        raise UserInputError(f"{source}: images must have 1 or 3 channels, got {images.shape[1]}")
+    if labels is None:
+        return
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserInputError(f"{source}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if len(labels) != len(images):
+        raise UserInputError(f"{source}: {len(labels)} labels for {len(images)} images")
+    if len(labels) and labels.min() < 0:
+        raise UserInputError(f"{source}: negative label {labels.min()}")
+    if num_classes is not None and len(labels) and labels.max() >= num_classes:
+        raise UserInputError(f"{source}: label {labels.max()} out of range for {num_classes} classes")
+
+
+def _integer_labels(labels: np.ndarray | None, path: Path) -> np.ndarray | None:
+    """`arr_1` as int64, or a clear error when it holds anything but integers."""
+    if labels is None:
+        return None
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserInputError(f"{path}: arr_1 labels must be integers, got {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- .npz members
+
+@dataclasses.dataclass(frozen=True)
+class NpyMember:
+    """One array of an .npz, from its headers alone: where it is, what it declares."""
+
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    header_len: int  # bytes of .npy header before the data, inside the member
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=object)) * self.dtype.itemsize
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """An .npz opened as the zip it is, with one clear line when it is missing or not a zip."""
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserInputError(f"{path}: is a folder without PNGs, not an .npz") from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise UserInputError(f"{path}: not a readable .npz file ({err})") from None
+
+
+def _npy_header(fh, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream `fh`, left positioned at the data."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        return read_header(fh)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise UserInputError(f"{what}: damaged .npy header ({err})") from None
+
+
+def npy_member(archive: zipfile.ZipFile, path: Path, name: str) -> NpyMember | None:
+    """The header of array `name` ("arr_0") of an opened .npz, or None when absent. A shape that
+    needs more bytes than the member holds is refused here, before any allocation."""
+    try:
+        info = archive.getinfo(f"{name}.npy")
+    except KeyError:
+        return None
+    try:
+        with archive.open(info) as fh:
+            shape, fortran, dtype = _npy_header(fh, f"{path}: {name}")
+            header_len = fh.tell()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise UserInputError(f"{path}: damaged zip entry for {name} ({err})") from None
+    if dtype.hasobject:
+        raise UserInputError(f"{path}: {name} holds Python objects; only plain numeric arrays are read")
+    member = NpyMember(info, tuple(int(v) for v in shape), bool(fortran), dtype, header_len)
+    if member.nbytes > info.file_size - header_len:
+        raise UserInputError(f"{path}: {name} declares shape {member.shape} ({member.nbytes} bytes) but holds "
+                             f"{max(info.file_size - header_len, 0)} bytes; the file is truncated or damaged")
+    return member
+
+
+def read_member(archive: zipfile.ZipFile, path: Path, member: NpyMember) -> np.ndarray:
+    """The whole array of `member`, in its logical (C or Fortran) order."""
+    name = member.info.filename[:-4]
+    try:
+        with archive.open(member.info) as fh:
+            fh.seek(member.header_len)
+            raw = fh.read(member.nbytes)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+        raise UserInputError(f"{path}: damaged {name} ({err})") from None
+    if len(raw) != member.nbytes:
+        raise UserInputError(f"{path}: {name} is truncated")
+    return np.frombuffer(raw, dtype=member.dtype).reshape(member.shape, order="F" if member.fortran else "C")
+
+
+def _image_member(archive: zipfile.ZipFile, path: Path) -> NpyMember:
+    member = npy_member(archive, path, "arr_0")
+    if member is None:
+        names = ", ".join(n[:-4] if n.endswith(".npy") else n for n in archive.namelist())
+        raise UserInputError(f"{path}: no 'arr_0' array (has {names or 'none'})")
+    if member.dtype != np.uint8:
+        raise UserInputError(f"{path}: arr_0 must be uint8, got {member.dtype}")
+    if len(member.shape) != 4:
+        raise UserInputError(f"{path}: arr_0 must be NHWC with 4 dimensions, got shape {member.shape}")
+    if member.shape[3] not in (1, 3):
+        raise UserInputError(f"{path}: arr_0 must have 1 or 3 channels last (NHWC), got shape {member.shape}")
+    if member.shape[0] == 0:
+        raise UserInputError(f"{path}: arr_0 holds no images")
+    return member
+
+
+def _labels(archive: zipfile.ZipFile, path: Path) -> np.ndarray | None:
+    member = npy_member(archive, path, "arr_1")
+    return None if member is None else _integer_labels(read_member(archive, path, member), path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_samples(path: str | os.PathLike, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reads an OpenAI-format .npz (`arr_0` uint8 NHWC, optional `arr_1` labels) or a folder of PNGs
+    (with an optional labels.txt). Returns uint8 NCHW and int64 labels (or None)."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_png_folder(path, num_classes)
+    with open_zip(path) as archive:
+        member = _image_member(archive, path)
+        labels = _labels(archive, path)
+        images = read_member(archive, path, member)
+    images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    check_samples(images, labels, str(path), num_classes)
+    return images, labels
+
+
+def map_samples(path: str | os.PathLike, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Like `load_samples`, but an uncompressed .npz's `arr_0` is memory-mapped (an NCHW view), so a
+    50k-image file costs no memory until a batch is sliced. Other inputs are read whole."""
+    path = Path(path)
+    if path.is_dir():
+        return load_samples(path, num_classes)
+    with open_zip(path) as archive:
+        member = _image_member(archive, path)
+        if member.info.compress_type != zipfile.ZIP_STORED or member.fortran:
+            return load_samples(path, num_classes)
+        labels = _labels(archive, path)
+    with open(path, "rb") as fh:
+        # The data sit after the local file header (30 bytes + name + extra) and the .npy header.
+        fh.seek(member.info.header_offset)
+        local = fh.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise UserInputError(f"{path}: damaged zip entry for arr_0")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+    offset = member.info.header_offset + 30 + name_len + extra_len + member.header_len
+    if offset + member.nbytes > path.stat().st_size:
+        raise UserInputError(f"{path}: arr_0 is truncated")
+    images = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=member.shape).transpose(0, 3, 1, 2)
+    check_samples(images, labels, str(path), num_classes)
+    return images, labels
+
+
+class ImageSource:
+    """Images delivered in consecutive uint8 NCHW batches, without holding them all when streaming."""
+
+    name: str = ""
+    shape: tuple[int, int, int] = (0, 0, 0)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+
+class ArraySource(ImageSource):
+    def __init__(self, images: np.ndarray, name: str = "images"):
+        check_samples(images, None, name)
+        self.images, self.name, self.shape = images, name, tuple(int(v) for v in images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.images), batch_size):
+            yield self.images[start : start + batch_size]
+
+
+class NpzSource(ImageSource):
+    """`arr_0` of an OpenAI-layout .npz (uint8 NHWC, C order), read batch by batch from the zip member."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.name = str(path)
+        with open_zip(self.path) as archive:
+            member = _image_member(archive, self.path)
+        if member.fortran:
+            raise UserInputError(f"{path}: arr_0 is in Fortran order and cannot be streamed; "
+                                 f"open it with open_samples, which reads it whole")
+        n, h, w, c = member.shape
+        self.count, self.shape = n, (c, h, w)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        c, h, w = self.shape
+        per_image = h * w * c
+        with open_zip(self.path) as archive:
+            member = _image_member(archive, self.path)
+            with archive.open(member.info) as fh:
+                fh.seek(member.header_len)
+                for start in range(0, self.count, batch_size):
+                    n = min(batch_size, self.count - start)
+                    try:
+                        raw = fh.read(n * per_image)
+                    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+                        raise UserInputError(f"{self.path}: damaged arr_0 ({err})") from None
+                    if len(raw) != n * per_image:
+                        raise UserInputError(f"{self.path}: arr_0 is truncated at image {start + len(raw) // per_image}")
+                    batch = np.frombuffer(raw, dtype=np.uint8).reshape(n, h, w, c)
+                    yield np.array(batch.transpose(0, 3, 1, 2), order="C")  # a writable copy
+
+
+def open_samples(path: str | os.PathLike) -> ImageSource:
+    """A C-order .npz streams its arr_0; a folder of PNGs or a Fortran-order arr_0 is read whole."""
+    path = Path(path)
+    if path.is_dir():
+        return ArraySource(load_samples(path)[0], str(path))
+    if not path.exists():
+        raise UserInputError(f"{path}: file not found")
+    with open_zip(path) as archive:
+        fortran = _image_member(archive, path).fortran
+    return ArraySource(load_samples(path)[0], str(path)) if fortran else NpzSource(path)
+
+
+def _load_png_folder(path: Path, num_classes: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
+    if not files:
+        raise UserInputError(f"{path}: no .png files")
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                array = np.asarray(im)
+        except OSError as err:
+            raise UserInputError(f"{file}: not a readable PNG ({err})") from None
+        if array.dtype != np.uint8:
+            raise UserInputError(f"{file}: expected 8-bit pixels, got {array.dtype}")
+        if array.ndim == 3 and array.shape[2] == 4:
+            array = array[..., :3]
+        images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    if len({im.shape for im in images}) > 1:
+        raise UserInputError(f"{path}: PNGs differ in size or channels")
+    labels = None
+    label_file = path / "labels.txt"
+    if label_file.is_file():
+        try:
+            labels = np.asarray([int(line) for line in label_file.read_text().split()], dtype=np.int64)
+        except ValueError:
+            raise UserInputError(f"{label_file}: every line must be one integer label") from None
+    images = np.stack(images)
+    check_samples(images, labels, str(path), num_classes)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- writing
+
+def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
+                 overwrite: bool = False) -> Path:
+    """Writes uint8 NCHW `images` (and labels) as an OpenAI .npz (path ends in .npz) or as a folder of
+    PNGs with labels.txt (any other path). Atomic: a temp file in the same folder, then a rename."""
+    path = Path(path)
+    images = np.asarray(images)
+    labels = None if labels is None else np.asarray(labels)
+    check_samples(images, labels, str(path))
+    refuse_existing(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        arrays = {"arr_0": np.ascontiguousarray(images.transpose(0, 2, 3, 1))}
+        if labels is not None:
+            arrays["arr_1"] = labels.astype(np.int64)
+        with atomic_open(path, "wb") as fh:
+            write_npz(fh, arrays)
+        return path
+    return _save_png_folder(path, images, labels, overwrite)
+
+
+def write_npz(fh, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez with a fixed timestamp in the zip entries, so equal arrays give byte-identical files."""
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+def _save_png_folder(path: Path, images: np.ndarray, labels: np.ndarray | None, overwrite: bool) -> Path:
+    from PIL import Image
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        width = max(6, len(str(len(images))))
+        for i, image in enumerate(images):
+            array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+            Image.fromarray(array).save(tmp / f"{i:0{width}d}.png")
+        if labels is not None:
+            (tmp / "labels.txt").write_text("".join(f"{int(v)}\n" for v in labels))
+        if path.exists() and overwrite:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
