@@ -12,9 +12,8 @@ import torch
 
 from cmboost.boost import boost_with, make_hyper, mean_realness, predicted_labels
 from cmboost.samples import load_samples, map_samples, to_float, to_uint8
-from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
-from cmboost.resumable import run_resumable
+from cmboost.jobs import file_digest, refuse_finished, run_parts
 from cmboost.runtime import dist_info, init_distributed, resolve_device, resolve_precision
 
 
@@ -71,7 +70,7 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
     precision = resolve_precision(precision, device)
     init_distributed(device)
     record = make_hyper(method, **hyper)
-    refuse_existing(out, overwrite)
+    refuse_finished(out, overwrite)
     images, labels = map_samples(samples)  # memory-mapped: each batch is read when it is boosted
     check_fits_model(images, labels, model, str(samples))
     if label_source == "file" and labels is None:
@@ -92,11 +91,13 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
         boosted = boost_with(model, x, y, method, record, indices, precision, channels_last)
         return to_uint8(boosted), y.cpu().numpy().astype(np.int64)
 
-    config = {"samples": str(Path(samples).resolve()), "model": weights_digest(model), "method": method,
+    config = {"samples": str(Path(samples).resolve()), "samples_digest": file_digest(samples),
+              "model": weights_digest(model), "method": method,
               "hyper": dataclasses.asdict(record),
               "labels": label_source, "precision": precision, "num_images": len(images)}
-    path = run_resumable(out, len(images), batch_size, process, config, overwrite=overwrite,
-                         progress=progress, desc=f"boost {method}")
+    # The batch size is part of the record: a resume keeps the batches the finished parts were made with.
+    path = run_parts(out, len(images), batch_size, process, config, overwrite=overwrite,
+                     progress=progress, desc=f"boost {method}")
     if grid and dist_info().is_main:
         from cmboost.report import save_before_after_grid
 

@@ -35,7 +35,7 @@ def hyper_from_args(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from cmboost.boost import make_hyper
     from cmboost.boost_job import boost_file, resolve_threshold, trained_realness_kind
-    from cmboost.atomic import refuse_existing
+    from cmboost.jobs import refuse_finished
     from cmboost.jcd import load_joint_model
     from cmboost.runtime import print0, resolve_device, resolve_precision
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         args.method = args.method or "pgd"
         hyper = hyper_from_args(args)
     make_hyper(args.method, **hyper)  # bad hyperparameters fail before any loading
-    refuse_existing(args.out, args.overwrite)
+    refuse_finished(args.out, args.overwrite)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     model = load_joint_model(args.model, arch=args.arch).to(device)

@@ -2,31 +2,26 @@
 
 Sample i depends only on (seed, i): its generator first gives a uniform draw that picks its class
 label (so the noise does not depend on --class-labels), then its initial noise, then the noise
-between steps. Batches are written as part files in `<out>.parts/` (atomically); rerunning the
-same command skips the parts already there, and the final .npz is assembled atomically at the end.
+between steps, so the images do not depend on the batch size or the number of processes. The
+batches run as a resumable job (jobs.run_parts): rerunning the same command finishes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from cmboost.atomic import atomic_open
 from cmboost.cm.checkpoint import LoadedModel, load_model
 from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
-from cmboost.samples import save_samples, to_uint8
-from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
-from cmboost.runtime import DistInfo, barrier, dist_info, randn_per_sample, sample_generators
+from cmboost.jobs import file_digest, refuse_finished, run_parts
+from cmboost.runtime import randn_per_sample, sample_generators
+from cmboost.samples import to_uint8
 
-SETTINGS_NAME = "settings.json"
 EDM_DEFAULT_STEPS = 18
 
 
@@ -115,39 +110,6 @@ def _parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
     return values
 
 
-def _save_part(parts_dir: Path, indices: list[int], images: np.ndarray, labels: np.ndarray | None) -> None:
-    name = f"part-{indices[0]:09d}-{len(indices):06d}.npz"
-    arrays = {"indices": np.asarray(indices, dtype=np.int64), "images": images}
-    if labels is not None:
-        arrays["labels"] = labels
-    with atomic_open(parts_dir / name, "wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def _read_parts(parts_dir: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    parts = []
-    for file in sorted(parts_dir.glob("part-*.npz")):
-        try:
-            with np.load(file, allow_pickle=False) as archive:
-                parts.append((archive["indices"], archive["images"],
-                              archive["labels"] if "labels" in archive.files else None))
-        except (OSError, ValueError, KeyError, EOFError) as err:
-            raise UserInputError(f"{file}: damaged part file ({err}); delete it and rerun to redo that batch") from None
-    return parts
-
-
-def _check_settings(parts_dir: Path, settings: dict, info: DistInfo) -> None:
-    path = parts_dir / SETTINGS_NAME
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            diff = [k for k in settings if saved.get(k) != settings[k]]
-            raise UserInputError(f"{parts_dir}: unfinished parts from a run with other settings ({', '.join(diff)}); "
-                                 f"rerun that command to finish it, or delete the folder")
-    elif info.is_main:
-        path.write_text(json.dumps(settings, indent=2))
-
-
 def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int, steps: int | None = None,
                      seed: int = 0, ts: Sequence[int] | None = None, num_levels: int | None = None,
                      class_labels: Sequence[int] | None = None, kind: str | None = None, batch_size: int = 256,
@@ -156,12 +118,11 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
     """Writes `num` samples of `model` to `out` (OpenAI .npz, or a PNG folder). Resumable and sharded."""
     device = device or torch.device("cpu")
     out = Path(out)
-    info = dist_info()
     if num < 1:
         raise UserInputError(f"--num {num}: must be at least 1")
     if batch_size < 1:
         raise UserInputError(f"--batch-size {batch_size}: must be at least 1")
-    refuse_existing(out, overwrite)
+    refuse_finished(out, overwrite)
     loaded = load_model(model, kind)
     choice = choose_sampler(loaded, steps, ts, num_levels)
     if class_labels is not None:
@@ -172,52 +133,15 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
             raise UserInputError(f"--class-labels: {bad[0]} is outside 0..{loaded.num_classes - 1}")
     loaded.net.to(device).eval()
 
-    parts_dir = out.parent / (out.name + ".parts")
-    settings = {"model": str(Path(model).resolve()), "model_bytes": Path(model).stat().st_size if Path(model).is_file() else None,
-                "kind": loaded.kind, "sampler": dataclasses.asdict(choice), "seed": seed, "num": num,
-                "class_labels": list(class_labels) if class_labels else None, "precision": precision}
-    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they read back
-    if info.is_main:
-        parts_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    _check_settings(parts_dir, settings, info)
-    done = {int(i) for part in _read_parts(parts_dir) for i in part[0]}
-    barrier()  # every rank has listed the parts before any rank writes new ones
-    remaining = [i for i in range(num) if i not in done]
-    chunks = [remaining[s:s + batch_size] for s in range(0, len(remaining), batch_size)]
-    mine = chunks[info.rank::info.world_size]
+    # The result does not depend on the batch size (one RNG stream per sample), so a resume may change it.
+    config = {"model": str(Path(model).resolve()), "model_digest": file_digest(model), "kind": loaded.kind,
+              "sampler": dataclasses.asdict(choice), "seed": seed,
+              "class_labels": list(class_labels) if class_labels else None, "precision": precision}
 
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=num, initial=len(done), unit="img", desc=f"sample {loaded.kind} {choice.name}",
-                   dynamic_ncols=True)
-    for chunk in mine:
+    def process(chunk):
         images, labels = sample_batch(loaded, choice, chunk, seed, device, precision, class_labels)
-        _save_part(parts_dir, chunk, to_uint8(images, "signed"), None if labels is None else labels.numpy())
-        if bar is not None:
-            bar.update(len(chunk) * info.world_size)
-    if bar is not None:
-        bar.close()
-    barrier()
-    if info.is_main:
-        merge_parts(parts_dir, out, num, overwrite)
-    barrier()
-    return out
+        return to_uint8(images, "signed"), None if labels is None else labels.numpy()
 
-
-def merge_parts(parts_dir: Path, out: Path, num: int, overwrite: bool) -> Path:
-    """Assembles the part files (each sample exactly once) into `out`, then removes the parts."""
-    parts = _read_parts(parts_dir)
-    if not parts:
-        raise UserInputError(f"{parts_dir}: no part files")
-    indices = np.concatenate([p[0] for p in parts])
-    order = np.argsort(indices, kind="stable")
-    if len(indices) != num or not np.array_equal(indices[order], np.arange(num)):
-        raise UserInputError(f"{parts_dir}: parts hold {len(np.unique(indices))} distinct of {num} samples "
-                             f"({len(indices)} in all); rerun the same command to finish")
-    images = np.concatenate([p[1] for p in parts])[order]
-    labels = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])[order]
-    save_samples(out, images, labels, overwrite=overwrite)
-    shutil.rmtree(parts_dir, ignore_errors=True)
+    run_parts(out, num, batch_size, process, config, may_change=("batch_size",), overwrite=overwrite,
+              progress=progress, desc=f"sample {loaded.kind} {choice.name}")
     return out
