@@ -59,11 +59,14 @@ def first_difference(saved: dict, current: dict, may_change: Sequence[str] = ())
 
 
 def check_same_config(saved: dict, current: dict, where: str | os.PathLike, may_change: Sequence[str] = (),
-                      fresh: str = "delete it to start over") -> None:
-    """Refuses, in one line naming `where` and the first differing field, to resume another run."""
+                      fresh: str = "delete it to start over", as_flags: bool = False) -> None:
+    """Refuses, in one line naming `where` and the first differing field, to resume another run.
+    With `as_flags` the field is named as the command-line flag that sets it."""
     diff = first_difference(saved, current, may_change)
     if diff is not None:
         key, old, new = diff
+        if as_flags:
+            key = "--" + key.replace("_", "-")
         raise UserInputError(f"{where}: holds a run with another configuration ({key} was {old!r}, now {new!r}); "
                              f"it cannot resume under other settings: rerun the same command, or {fresh}")
 
@@ -259,7 +262,7 @@ class RunDir:
         """True when the folder holds a run of `config` (to resume); refuses another run's folder."""
         saved = self.saved_config()
         if saved is not None:
-            check_same_config(saved, config, f"--run-dir {self.path}", may_change, self.fresh)
+            check_same_config(saved, config, f"--run-dir {self.path}", may_change, self.fresh, as_flags=True)
         return saved is not None
 
     def record(self, config: dict) -> None:

@@ -17,7 +17,6 @@ at the end, model.safetensors.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_path, atomic_write_text
+from cmboost.atomic import atomic_path
 from cmboost.attacks import NORMS, PGD
 from cmboost.data import load_dataset
 from cmboost.samples import load_samples, to_float
 from cmboost.errors import UserInputError
+from cmboost.jobs import RunDir
 from cmboost.jcd import (ARCHS, build_joint_model, load_joint_model, log_realness_from_logits,
                          save_joint_model)
 from cmboost.losses import OBJECTIVES, get_objective
@@ -225,31 +225,6 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _check_same_run(run_dir: Path, c: TrainConfig) -> None:
-    """A run directory belongs to one configuration; only RESUMABLE_CHANGES may differ."""
-    path = run_dir / CONFIG_FILE
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserInputError(f"{path}: unreadable run config ({err}); use a new --run-dir") from None
-    new = c.to_json()
-    for key in new:
-        if key in RESUMABLE_CHANGES:
-            continue
-        if old.get(key) != new[key]:
-            flag = "--" + key.replace("_", "-")
-            raise UserInputError(f"--run-dir {run_dir}: was started with {flag} {old.get(key)!r}, now "
-                                 f"{new[key]!r}; rerun the same command to resume, or use a new --run-dir")
-
-
-def _log_step(line: str) -> float:
-    """The step of one log line; a torn or foreign line counts as 'after everything'."""
-    try:
-        return float(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return float("inf")
-
-
 def _load_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -358,22 +333,19 @@ def train_jcd(config: TrainConfig) -> Path:
         model = build_joint_model(c.arch, num_classes, real.shape[1], real.shape[-1], width=c.width)
     model.image_size = int(real.shape[-1])
 
-    run_dir = Path(c.run_dir)
-    state_path, final_path, log_path = run_dir / STATE_FILE, run_dir / MODEL_FILE, run_dir / LOG_FILE
-    if (run_dir / CONFIG_FILE).exists():
-        _check_same_run(run_dir, c)
+    run = RunDir(c.run_dir, CONFIG_FILE, LOG_FILE)
+    run_dir = run.path
+    state_path, final_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
+    resuming = run.check(c.to_json(), RESUMABLE_CHANGES)
     state = _load_state(state_path) if state_path.exists() else None
     start = int(state["step"]) if state is not None else 0
     if state is not None and start >= c.iters and final_path.exists():
         print0(f"train-jcd: {run_dir} already finished ({start} iterations); model at {final_path}")
         return final_path
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / CONFIG_FILE).exists():
-            atomic_write_text(run_dir / CONFIG_FILE, json.dumps(c.to_json(), indent=2) + "\n")
-        if log_path.exists():  # drop lines logged after the checkpoint we resume from
-            kept = [line for line in log_path.read_text().splitlines() if _log_step(line) <= start]
-            atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+        if not resuming:
+            run.record(c.to_json())
+        run.trim_log(start, "step")
     barrier()
 
     model.to(device)
@@ -472,8 +444,7 @@ def train_jcd(config: TrainConfig) -> Path:
             record["images_per_s"] = window_images / max(elapsed, 1e-9)
             window_start, window_images = time.perf_counter(), 0
             if info.is_main:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                run.append_log(record)
                 print0(_format_record(record, c.iters), flush=True)
         if done % c.ckpt_every == 0 or done == c.iters:
             save_state(done)
