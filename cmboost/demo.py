@@ -25,11 +25,13 @@ import numpy as np
 import torch
 
 from cmboost.atomic import atomic_write_text
+from cmboost.cm.sample import generate_samples
 from cmboost.controls import gaussian_blur, l2_change, random_perturbation
 from cmboost.data import load_dataset
-from cmboost.samples import load_samples, save_samples, to_float, to_uint8
+from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.demo_report import render_markdown, summarise, verdicts
 from cmboost.errors import UserInputError
+from cmboost.jobs import first_difference, read_record, write_record
 from cmboost.jcd import load_joint_model, read_metadata
 from cmboost.metrics.judges import JUDGES, REPORTING_JUDGES, describe
 from cmboost.report import line_plot, save_labelled_grid
@@ -68,41 +70,22 @@ def load_settings(path: Path = SETTINGS_FILE) -> dict:
 
 
 class Rows:
-    """Finished rows, kept on disk after each one so an interrupted demo resumes."""
+    """Finished rows, kept on disk after each one so an interrupted demo resumes. Rows saved under
+    another configuration (settings, judges, torch version) are dropped, not mixed in."""
 
-    def __init__(self, path: Path, fingerprint: dict):
-        self.path, self.fingerprint = path, fingerprint
-        self.rows: dict[str, dict] = {}
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") == fingerprint:
-                self.rows = saved["rows"]
+    def __init__(self, path: Path, config: dict):
+        self.path, self.config = path, config
+        saved = read_record(path, f"delete {path} to recompute every row") or {}
+        same = first_difference(saved.get("config", {}), config) is None
+        self.rows: dict[str, dict] = saved.get("rows", {}) if same else {}
 
     def get(self, key: str):
         return self.rows.get(key)
 
     def put(self, key: str, value: dict) -> dict:
         self.rows[key] = value
-        atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=1))
+        write_record(self.path, {"config": self.config, "rows": self.rows})
         return value
-
-
-def _sample(model_path: Path, steps: int, schedule: dict | None, num: int, seed: int, device, batch_size: int = 250):
-    from cmboost.cm.checkpoint import load_model
-    from cmboost.cm.sample import choose_sampler, sample_batch
-
-    loaded = load_model(model_path)
-    loaded.net.to(device).eval()
-    if schedule:
-        choice = choose_sampler(loaded, steps, schedule["ts"], schedule["N"])
-    else:
-        choice = choose_sampler(loaded, steps)
-    images, labels = [], []
-    for start in range(0, num, batch_size):
-        x, y = sample_batch(loaded, choice, range(start, min(start + batch_size, num)), seed, device)
-        images.append(to_uint8(x, "signed"))
-        labels.append(y.numpy())
-    return np.concatenate(images), np.concatenate(labels)
 
 
 def run_demo(options: DemoOptions = DemoOptions()) -> dict:
@@ -138,10 +121,10 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     if overlap:
         raise UserInputError(f"the tuning judge {overlap} is also a reporting judge; retune with another judge")
     tuning_names = sorted({t["judge"]["name"] for t in tuned.values()})
-    fingerprint = {"settings": settings, "mode": mode, "torch": torch.__version__,
+    run_config = {"settings": settings, "mode": mode, "torch": torch.__version__,
                    "judges": {n: j.identity for n, j in judges.items()},
                    "tuned": {g: t["methods"] for g, t in tuned.items()}}
-    rows = Rows(out / "rows.json", fingerprint)
+    rows = Rows(out / "rows.json", run_config)
 
     test_images, _, _ = load_dataset("fmnist", "test", image_size=32)
     test_images = test_images[: mode["reference_images"]]
@@ -169,9 +152,11 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                 samples[gen, seed] = load_samples(path)
             else:
                 short, steps = gen[:2], int(gen[2:])
-                samples[gen, seed] = _sample(ASSETS / settings["checkpoints"][short], steps,
-                                             settings["schedules"].get(gen), mode["num_samples"], seed, device)
-                save_samples(path, *samples[gen, seed])
+                schedule = settings["schedules"].get(gen) or {}
+                generate_samples(ASSETS / settings["checkpoints"][short], path, mode["num_samples"], steps, seed,
+                                 schedule.get("ts"), schedule.get("N"), batch_size=250, device=device,
+                                 progress=False)
+                samples[gen, seed] = load_samples(path)
         return samples[gen, seed]
 
     edits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
