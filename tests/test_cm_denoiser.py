@@ -1,4 +1,4 @@
-"""Preconditioning and samplers against hand computations of METHOD.md §5 on a toy network."""
+"""Preconditioning and samplers against hand computations of docs/method.md §5 on a toy network."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost.cm.denoiser import (CM_PRECOND, EDM_PRECOND, Denoiser, denoise, heun, karras_sigma, multistep,
-                                 onestep)
+from cmboost.cm.denoiser import (CM_PRECOND, EDM_PRECOND, Denoiser, denoise, heun, heun_step, karras_sigma,
+                                 multistep, onestep)
 from cmboost.runtime import sample_generators
 
 
@@ -57,6 +57,31 @@ def test_karras_grid():
     assert karras_sigma(39, 40) == pytest.approx(0.002)
     a, b = 80 ** (1 / 7), 0.002 ** (1 / 7)
     assert karras_sigma(22, 40) == pytest.approx((a + 22 / 39 * (b - a)) ** 7)
+
+
+@pytest.mark.parametrize("n", [2, 18, 41, 201])
+def test_karras_grid_both_orders(n):
+    # the sampler's order (Python floats, sigma_max first) and the losses' (a float64 tensor, sigma_min first)
+    desc = torch.tensor([karras_sigma(i, n) for i in range(n)], dtype=torch.float64)
+    asc = karras_sigma(torch.arange(n, dtype=torch.float64), n, ascending=True)
+    assert asc.dtype == torch.float64 and isinstance(karras_sigma(0, n), float)
+    assert desc[0].item() == pytest.approx(80.0, rel=1e-12) and desc[-1].item() == pytest.approx(0.002, rel=1e-12)
+    assert asc[0].item() == pytest.approx(0.002, rel=1e-12) and asc[-1].item() == pytest.approx(80.0, rel=1e-12)
+    torch.testing.assert_close(asc, desc.flip(0), rtol=1e-12, atol=0)
+    assert (asc.diff() > 0).all()
+
+
+def test_heun_step_scalar_and_per_sample_times():
+    # D(x, t) = x / 2 makes dx/dt = x / (2t): Euler gives x (1 + h / (2 t0)), Heun averages both slopes
+    x = torch.randn(3, 1, 2, 2)
+    den = lambda z, t, y: 0.5 * z  # noqa: E731
+    t0, t1 = 2.0, 1.5
+    euler = x * (1 + (t1 - t0) / (2 * t0))
+    heun_x = x + (t1 - t0) * 0.5 * (x / (2 * t0) + euler / (2 * t1))
+    torch.testing.assert_close(heun_step(den, x, t0, t1, None, correct=False), euler)
+    torch.testing.assert_close(heun_step(den, x, t0, t1, None), heun_x)
+    per_sample = heun_step(den, x, torch.full((3,), t0), torch.full((3,), t1), None)
+    torch.testing.assert_close(per_sample, heun_x)
 
 
 @pytest.mark.parametrize("ts,n", [((0, 22, 39), 40), ((0, 106, 200), 201), ((0, 2, 3), 5)])

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost.cm.training import (TrainSettings, Trainer, ct_level_probs, ct_num_scales, edm_loss, heun_step,
-                                 karras_levels, small_unet_config, train)
+from cmboost.cm.losses import ct_level_probs, ct_num_scales, edm_loss, karras_levels
+from cmboost.cm.losses import teacher_heun_step as heun_step
+from cmboost.cm.training import TrainSettings, Trainer, small_unet_config, train
 from cmboost.errors import UserInputError
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Preconditioning (METHOD.md §5, Karras et al. 2022) and the samplers built on it.
+"""Preconditioning (docs/method.md §5, Karras et al. 2022) and the samplers built on it.
 
 A network F becomes a denoiser D(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, 250 ln(s + 1e-44), y).
 Consistency models use the boundary-condition scalings (sigma_min subtracted, so D(x, s_min) = x);
@@ -7,6 +7,8 @@ EDM teachers use Karras' scalings (nothing subtracted).
 Samplers are plain functions of (denoiser, unit noise, labels, ...). The noise added between
 steps comes from one generator per sample (runtime.sample_generators), so a sample does not
 depend on the batch it was drawn in.
+
+The Karras grid and the Heun step live here only; the CD/CT losses (cm/losses.py) reuse them.
 """
 
 from __future__ import annotations
@@ -94,10 +96,38 @@ class Denoiser:
 
 
 def karras_sigma(index: float | torch.Tensor, num_levels: int, sigma_min: float = SIGMA_MIN,
-                 sigma_max: float = SIGMA_MAX, rho: float = RHO):
-    """t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho: i = 0 is sigma_max, i = N-1 sigma_min."""
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+                 sigma_max: float = SIGMA_MAX, rho: float = RHO, ascending: bool = False):
+    """Level `index` of an N-level Karras grid. By default i = 0 is sigma_max and i = N-1 sigma_min
+    (EDM's and OpenAI's sampler indexing); `ascending=True` gives the CM papers' t_1 = sigma_min < ... <
+    t_N = sigma_max. Python numbers in, Python float out; a tensor index gives a tensor of its dtype."""
+    # Both orders interpolate from their first level, not N-1-i from the other end: that keeps each
+    # caller's floating-point rounding (samplers and losses were written with their own order).
+    first, last = (sigma_min, sigma_max) if ascending else (sigma_max, sigma_min)
+    # EDM eq. 5: sigma_i = (first^(1/rho) + i/(N-1) (last^(1/rho) - first^(1/rho)))^rho
+    a, b = first ** (1 / rho), last ** (1 / rho)
     return (a + index / (num_levels - 1) * (b - a)) ** rho
+
+
+def _broadcastable(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
+    """A per-sample t of shape (B,) viewed against x's (B, ...); a Python float stays a float, so the
+    sampler's arithmetic (scalar times tensor) is unchanged."""
+    return t.view(-1, *([1] * (x.ndim - 1))) if torch.is_tensor(t) else t
+
+
+def heun_step(denoiser: Callable, x: torch.Tensor, t_cur: torch.Tensor | float, t_next: torch.Tensor | float,
+              labels: torch.Tensor | None, correct: bool = True) -> torch.Tensor:
+    """One step of the probability-flow ODE dx/dt = (x - D(x, t)) / t from t_cur to t_next: Euler, then
+    (if `correct`) the trapezoid correction. t may be a float or per-sample (B,); `denoiser` is called as
+    D(x, t, labels) with t as given. Used by the EDM sampler and by CD's teacher."""
+    tc, tn = _broadcastable(t_cur, x), _broadcastable(t_next, x)
+    # EDM Alg. 1, lines 4-5 (CM paper eq. 6 with Heun as the ODE solver)
+    d = (x - denoiser(x, t_cur, labels)) / tc
+    x_next = x + (tn - tc) * d
+    if not correct:
+        return x_next
+    # EDM Alg. 1, lines 6-8: second-order correction
+    d_next = (x_next - denoiser(x_next, t_next, labels)) / tn
+    return x + (tn - tc) * 0.5 * (d + d_next)
 
 
 def onestep(denoiser: Callable, noise: torch.Tensor, labels: torch.Tensor | None,
@@ -137,12 +167,8 @@ def heun(denoiser: Callable, noise: torch.Tensor, labels: torch.Tensor | None, n
               for i in range(num_steps)] + [0.0]
     x = sigma_max * noise
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - denoiser(x, t_cur, labels)) / t_cur          # dx/dt = (x - D(x, t)) / t
-        x_next = x + (t_next - t_cur) * d
-        if t_next > 0:
-            d_next = (x_next - denoiser(x_next, t_next, labels)) / t_next
-            x_next = x + (t_next - t_cur) * 0.5 * (d + d_next)  # trapezoid (Heun) correction
-        x = x_next
+        # no correction into sigma = 0, where d_next would divide by zero (EDM Alg. 1, line 6)
+        x = heun_step(denoiser, x, t_cur, t_next, labels, correct=t_next > 0)
     return x
 
 

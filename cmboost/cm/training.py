@@ -1,20 +1,12 @@
 """Training small class-conditional models: an EDM teacher, consistency distillation (CD) from it,
-and consistency training (CT) from scratch.
+and consistency training (CT) from scratch. The losses and their level schedules are in
+cm/losses.py (docs/method.md §5); this module draws their random inputs and runs the loop.
 
-- EDM (Karras et al. 2022): D with Karras preconditioning (nothing subtracted), ln(sigma) ~
-  N(P_mean=-1.2, P_std=1.2), loss weight (s^2 + sd^2) / (s sd)^2 on the squared error.
-- CD (Song et al. 2023, Alg. 2): N Karras levels t_1 < ... < t_N; n uniform; x_{n+1} = x + t_{n+1} z;
-  one Heun step of the teacher ODE dx/dt = (x - D_teacher(x, t)) / t from t_{n+1} to t_n gives
-  x_hat_n; loss d(f(x_{n+1}, t_{n+1}), f_target(x_hat_n, t_n)) with f_target an EMA (mu) of f.
-  f starts from the teacher's weights, as in the paper.
-- CT, improved-CT style (Song & Dhariwal 2023): N(k) = min(s0 2^floor(k/K'), s1) + 1 levels,
-  K' = floor(K / (log2(floor(s1/s0)) + 1)); level index i drawn from a discretised log-normal
-  (P_mean -1.1, P_std 2.0); the same z at both levels; target = stop-grad of the online network
-  (no EMA target); weight 1 / (t_{i+1} - t_i); pseudo-Huber distance c = 0.00054 sqrt(dim).
-
-Every run keeps an EMA of the weights (what is exported and sampled), saves its whole state
-every `save_every` iterations to run_dir/state.safetensors, and resumes from it when the same
-command is rerun. Under torchrun, each rank draws its own batches and DDP averages gradients.
+CD starts from the teacher's weights, as in the paper, and keeps an EMA target network; CT's
+target is the online network itself. Every run keeps an EMA of the weights (what is exported and
+sampled), saves its whole state every `save_every` iterations to run_dir/state.safetensors, and
+resumes from it when the same command is rerun. Under torchrun, each rank draws its own batches
+and DDP averages gradients.
 """
 
 from __future__ import annotations
@@ -22,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -33,13 +24,13 @@ import torch
 
 from cmboost.atomic import atomic_open
 from cmboost.cm.checkpoint import load_model, read_safetensors, save_model, save_safetensors, unet_from_config
-from cmboost.cm.denoiser import (CM_PRECOND, EDM_PRECOND, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, denoise)
+from cmboost.cm.denoiser import CM_PRECOND, EDM_PRECOND
+from cmboost.cm.losses import DISTANCES, cd_loss, ct_level_probs, ct_loss, ct_num_scales, edm_loss
 from cmboost.cm.unet import attention_rates
 from cmboost.errors import UserInputError
 from cmboost.runtime import DistInfo, autocast, barrier, dist_info, print0, sample_seed
 
 MODES = ("edm", "cd", "ct")
-DISTANCES = ("l2", "pseudo-huber")
 STATE_FILE, MODEL_FILE, SETTINGS_FILE, LOG_FILE = "state.safetensors", "model.safetensors", "settings.json", "log.jsonl"
 
 
@@ -103,84 +94,6 @@ class TrainSettings:
             raise UserInputError(f"--num-scales {self.num_scales}: needs at least 2")
         if self.mode == "ct" and not 2 <= self.start_scales <= self.end_scales:
             raise UserInputError("--start-scales and --end-scales: need 2 <= start <= end")
-
-
-# ----------------------------------------------------------------------------- schedules and distances
-
-def karras_levels(num_levels: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                  rho: float = RHO) -> torch.Tensor:
-    """Ascending levels t_1 = sigma_min < ... < t_N = sigma_max (the CM papers' indexing), float64."""
-    i = torch.arange(num_levels, dtype=torch.float64)
-    a, b = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (a + i / (num_levels - 1) * (b - a)) ** rho
-
-
-def ct_num_scales(iteration: int, total_iters: int, start: int, end: int) -> int:
-    """iCT's exponential curriculum: N(k) = min(s0 * 2^floor(k / K'), s1) + 1."""
-    stages = math.floor(math.log2(max(end // start, 1))) + 1
-    per_stage = max(total_iters // stages, 1)
-    return min(start * 2 ** (iteration // per_stage), end) + 1
-
-
-def ct_level_probs(num_levels: int, p_mean: float, p_std: float) -> torch.Tensor:
-    """p(i) ∝ erf((ln t_{i+1} - P_mean)/(sqrt2 P_std)) - erf((ln t_i - P_mean)/(sqrt2 P_std)), i over N-1 pairs."""
-    log_t = torch.log(karras_levels(num_levels))
-    cdf = torch.erf((log_t - p_mean) / (math.sqrt(2) * p_std))
-    p = (cdf[1:] - cdf[:-1]).clamp_min(0)
-    return p / p.sum()
-
-
-def distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-sample distance: mean squared error ("l2") or pseudo-Huber sqrt(|a-b|^2 + c^2) - c, c = 0.00054 sqrt(dim)."""
-    diff = (a - b).flatten(1)
-    if kind == "l2":
-        return diff.pow(2).mean(1)
-    c = 0.00054 * math.sqrt(diff.shape[1])
-    return torch.sqrt(diff.pow(2).sum(1) + c * c) - c
-
-
-# ----------------------------------------------------------------------------- losses (per sample)
-
-def edm_loss(net: Callable, x: torch.Tensor, labels: torch.Tensor | None, sigma: torch.Tensor,
-             noise: torch.Tensor) -> torch.Tensor:
-    """lambda(s) |D(x + s n, s) - x|^2 with lambda = (s^2 + sd^2) / (s sd)^2 (Karras 2022, eq. 8 and Table 1)."""
-    denoised = denoise(net, x + sigma.view(-1, 1, 1, 1) * noise, sigma, labels, EDM_PRECOND)
-    weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
-    return weight * (denoised - x).pow(2).flatten(1).mean(1)
-
-
-def heun_step(teacher: Callable, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
-              labels: torch.Tensor | None) -> torch.Tensor:
-    """One Heun step of the probability-flow ODE dx/dt = (x - D(x, t)) / t from t_from to t_to (per sample)."""
-    shape = (-1, 1, 1, 1)
-    d = (x - denoise(teacher, x, t_from, labels, EDM_PRECOND)) / t_from.view(shape)
-    x_euler = x + (t_to - t_from).view(shape) * d
-    d_next = (x_euler - denoise(teacher, x_euler, t_to, labels, EDM_PRECOND)) / t_to.view(shape)
-    return x + (t_to - t_from).view(shape) * 0.5 * (d + d_next)
-
-
-def cd_loss(net: Callable, target: Callable, teacher: Callable, x: torch.Tensor, labels: torch.Tensor | None,
-            n: torch.Tensor, noise: torch.Tensor, num_scales: int, dist: str) -> torch.Tensor:
-    """d(f(x_{n+1}, t_{n+1}), f_target(Heun_teacher(x_{n+1}: t_{n+1} -> t_n), t_n)); n indexes ascending levels 0..N-2."""
-    levels = karras_levels(num_scales).to(x.device, torch.float32)
-    t_cur, t_next = levels[n], levels[n + 1]
-    x_next = x + t_next.view(-1, 1, 1, 1) * noise
-    with torch.no_grad():
-        x_hat = heun_step(teacher, x_next, t_next, t_cur, labels)
-        target_out = denoise(target, x_hat, t_cur, labels, CM_PRECOND)
-    online = denoise(net, x_next, t_next, labels, CM_PRECOND)
-    return distance(online, target_out.float(), dist)
-
-
-def ct_loss(net: Callable, x: torch.Tensor, labels: torch.Tensor | None, i: torch.Tensor, noise: torch.Tensor,
-            num_scales: int, dist: str) -> torch.Tensor:
-    """(1 / (t_{i+1} - t_i)) d(f(x + t_{i+1} z, t_{i+1}), sg f(x + t_i z, t_i)) (improved CT)."""
-    levels = karras_levels(num_scales).to(x.device, torch.float32)
-    t_cur, t_next = levels[i], levels[i + 1]
-    with torch.no_grad():
-        target_out = denoise(net, x + t_cur.view(-1, 1, 1, 1) * noise, t_cur, labels, CM_PRECOND)
-    online = denoise(net, x + t_next.view(-1, 1, 1, 1) * noise, t_next, labels, CM_PRECOND)
-    return distance(online, target_out.float(), dist) / (t_next - t_cur)
 
 
 # ----------------------------------------------------------------------------- the trainer
