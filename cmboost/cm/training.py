@@ -22,12 +22,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_open
 from cmboost.cm.checkpoint import load_model, read_safetensors, save_model, save_safetensors, unet_from_config
 from cmboost.cm.denoiser import CM_PRECOND, EDM_PRECOND
 from cmboost.cm.losses import DISTANCES, cd_loss, ct_level_probs, ct_loss, ct_num_scales, edm_loss
 from cmboost.cm.unet import attention_rates
 from cmboost.errors import UserInputError
+from cmboost.jobs import RunDir
 from cmboost.runtime import DistInfo, autocast, barrier, dist_info, print0, sample_seed
 
 MODES = ("edm", "cd", "ct")
@@ -259,37 +259,12 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- the loop
 
-# Settings a rerun may change without starting a new run.
-_RESUMABLE_CHANGES = {"iters"}
-
-
-def _check_same_run(run_dir: Path, settings: TrainSettings) -> None:
-    path = run_dir / SETTINGS_FILE
-    if not path.is_file():
-        return
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserInputError(f"{path}: damaged ({err})") from None
-    current = dataclasses.asdict(settings)
-    allowed = set(_RESUMABLE_CHANGES) if settings.mode != "ct" else set()  # CT's curriculum depends on iters
+def resumable_changes(settings: TrainSettings) -> set[str]:
+    """Settings a rerun may change without starting a new run."""
+    allowed = {"iters"} if settings.mode != "ct" else set()  # CT's curriculum depends on iters
     if settings.mode == "cd":
         allowed.add("unet")  # taken from the teacher
-    for key, value in current.items():
-        if key in allowed:
-            continue
-        value, old = json.loads(json.dumps(value)), saved.get(key)
-        if isinstance(value, dict) and isinstance(old, dict) and value != old:
-            sub = sorted(k for k in set(value) | set(old) if value.get(k) != old.get(k))[0]
-            key, value, old = f"{key}.{sub}", value.get(sub), old.get(sub)
-        if value != old:
-            raise UserInputError(f"--run-dir {run_dir}: holds a run with {key}={old!r}, not {value!r}; "
-                                 f"rerun with the same settings to resume, or use a new --run-dir")
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with atomic_open(path, "w") as fh:
-        json.dump(obj, fh, indent=2)
+    return allowed
 
 
 def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None,
@@ -299,17 +274,18 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
     run_dir = Path(run_dir)
     info = dist_info()
     settings.check()
+    run = RunDir(run_dir, SETTINGS_FILE, LOG_FILE)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    _check_same_run(run_dir, settings)
+    resuming = run.check(dataclasses.asdict(settings), resumable_changes(settings))
     trainer = Trainer(settings, images, labels, device, precision, info)
     state_path, model_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
     if state_path.is_file():
         trainer.load_state(state_path)
         print0(f"resuming {run_dir} at iteration {trainer.iteration}/{settings.iters}")
-    elif info.is_main:
-        _write_json(run_dir / SETTINGS_FILE, dataclasses.asdict(settings))
+    elif info.is_main and not resuming:
+        run.record(dataclasses.asdict(settings))
     if trainer.iteration >= settings.iters:
         if info.is_main and not model_path.is_file():
             trainer.export(model_path)
@@ -331,8 +307,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
             record = {"iter": k, "loss": float(np.mean(window)), "num_scales": trainer.num_scales_at(k - 1),
                       "lr": trainer.opt.param_groups[0]["lr"], "sec_per_iter": (time.time() - start) / len(window)}
             if info.is_main:
-                with open(run_dir / LOG_FILE, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                run.append_log(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4g}", N=record["num_scales"])
             window, start = [], time.time()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from cmboost.atomic import atomic_path
 from cmboost.errors import UserInputError
+from cmboost.jobs import check_same_config
 from cmboost.runtime import autocast, sample_seed
 from cmboost.safetensors_io import read_safetensors
 
@@ -368,9 +369,11 @@ def _load_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, fi
         tensors, metadata = read_safetensors(path)
     except UserInputError as err:
         raise UserInputError(f"{err}; it is the training state: delete it to start over") from None
-    if metadata.get("fingerprint") != fingerprint:
-        raise UserInputError(f"{path}: training state from other settings or data; delete it or rerun "
-                             "the command that started it")
+    try:
+        saved = json.loads(metadata.get("fingerprint", "{}"))
+    except json.JSONDecodeError:
+        saved = {"fingerprint": metadata.get("fingerprint")}
+    check_same_config(saved, json.loads(fingerprint), path, fresh="delete that training state to start over")
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
