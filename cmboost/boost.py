@@ -11,78 +11,15 @@ The model's parameters are frozen while boosting and its train/eval mode is rest
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Sequence
 
 import torch
 
 from cmboost.attacks import PGD
 from cmboost.errors import UserInputError
+from cmboost.boost_config import BIGRoCBoost, PGDBoost, SGLDBoost, make_hyper
 from cmboost.jcd import log_prob_from_logits, log_realness_from_logits, realness_from_logits
 from cmboost.runtime import autocast, randn_per_sample, sample_generators
-
-OBJECTIVES = ("realness", "log_prob", "both")
-REALNESS_KINDS = ("sigmoid", "softmax")
-
-
-@dataclasses.dataclass(frozen=True)
-class PGDBoost:
-    """The paper's refinement: maximise the joint score inside ||x - x0||_2 <= eps."""
-    eps: float = 3.0
-    steps: int = 10
-    step_size: float | None = None          # None: 2.5 * eps / steps, enough to reach the ball's edge
-    objective: str = "both"                 # "realness": log D(x,y); "log_prob": log p(y|x); "both": their sum
-    realness_kind: str = "softmax"          # D(x,y) = p(y|x) ("softmax") or sigmoid(f_y(x)) ("sigmoid")
-    threshold: float | None = None          # early stop once D(x,y) >= threshold; None: never stop early
-
-
-@dataclasses.dataclass(frozen=True)
-class SGLDBoost:
-    """The released refinement. `step` is per image: the release differentiated a batch mean with
-    batch 100 and a = 0.2, i.e. 0.002 per image."""
-    steps: int = 15
-    step: float = 0.002
-    noise: float = 1e-4
-    seed: int = 0                           # noise stream of sample i is (seed, index i)
-
-
-@dataclasses.dataclass(frozen=True)
-class BIGRoCBoost:
-    """BIGRoC: minimise CE(f(x), y) with L2 PGD; ImageNet settings eps 1.5, 7 steps, step 1.5 * eps / 7."""
-    eps: float = 1.5
-    steps: int = 7
-    step_size: float | None = None          # None: 1.5 * eps / steps
-
-
-METHODS = {"pgd": PGDBoost, "sgld": SGLDBoost, "bigroc": BIGRoCBoost}
-
-
-def make_hyper(method: str, **hyper) -> PGDBoost | SGLDBoost | BIGRoCBoost:
-    """The method's hyperparameter record; an unknown name is an error, never silently dropped."""
-    if method not in METHODS:
-        raise UserInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    cls = METHODS[method]
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(hyper) - names)
-    if unknown:
-        raise UserInputError(f"method {method!r} has no hyperparameter {', '.join(unknown)} "
-                             f"(it takes {', '.join(sorted(names))})")
-    record = cls(**hyper)
-    _check_hyper(method, record)
-    return record
-
-
-def _check_hyper(method: str, hyper) -> None:
-    if hyper.steps < 0:
-        raise UserInputError(f"--steps {hyper.steps}: must be >= 0")
-    if method in ("pgd", "bigroc") and hyper.eps <= 0:
-        raise UserInputError(f"--eps {hyper.eps}: must be > 0")
-    if method == "pgd":
-        if hyper.objective not in OBJECTIVES:
-            raise UserInputError(f"--objective {hyper.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-        if hyper.realness_kind not in REALNESS_KINDS:
-            raise UserInputError(f"--realness {hyper.realness_kind!r}: choose sigmoid or softmax")
-
 
 # ----------------------------------------------------------------------------- scores
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.boost import boost_with, make_hyper, mean_realness, predicted_labels
+from cmboost.boost import boost_with, mean_realness, predicted_labels
+from cmboost.boost_config import as_record
 from cmboost.samples import load_samples, map_samples, to_float, to_uint8
 from cmboost.errors import UserInputError
-from cmboost.jobs import file_digest, refuse_finished, run_parts
+from cmboost.jobs import file_digest, run_parts
 from cmboost.runtime import dist_info, init_distributed, resolve_device, resolve_precision
 
 
@@ -61,16 +62,16 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method: str, hyper: dict,
+def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method: str, hyper,
                batch_size: int = 256, device: str | None = None, precision: str | None = None,
                label_source: str = "file", channels_last: bool | None = None, overwrite: bool = False,
                grid: bool = True, progress: bool = True) -> Path:
-    """Boosts every image of `samples` and writes `out` (OpenAI .npz). Rerunning resumes."""
+    """Boosts every image of `samples` and writes `out` (OpenAI .npz). Rerunning resumes. `hyper` is the
+    method's record (boost.PGDBoost, ...) or a dict of its fields."""
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     init_distributed(device)
-    record = make_hyper(method, **hyper)
-    refuse_finished(out, overwrite)
+    record = as_record(method, hyper)
     images, labels = map_samples(samples)  # memory-mapped: each batch is read when it is boosted
     check_fits_model(images, labels, model, str(samples))
     if label_source == "file" and labels is None:

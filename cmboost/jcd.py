@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmboost.atomic import atomic_path
+from cmboost.boost_config import REALNESS_KINDS
 from cmboost.errors import OutputExistsError, UserInputError
 from cmboost.safetensors_io import read_safetensors
 
@@ -36,7 +37,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # resnet_small is trained from scratch on [0, 1] images: centre them on 0.5.
 SMALL_MEAN, SMALL_STD = 0.5, 0.5
-REALNESS_KINDS = ("sigmoid", "softmax")
 FORMAT_TAG = "cmboost.jcd/1"
 
 

@@ -159,15 +159,16 @@ def npy_member(archive: zipfile.ZipFile, path: Path, name: str) -> NpyMember | N
 def read_member(archive: zipfile.ZipFile, path: Path, member: NpyMember) -> np.ndarray:
     """The whole array of `member`, in its logical (C or Fortran) order."""
     name = member.info.filename[:-4]
+    flat = np.empty(member.nbytes, dtype=np.uint8)  # filled in place, so the array is writable
     try:
         with archive.open(member.info) as fh:
             fh.seek(member.header_len)
-            raw = fh.read(member.nbytes)
+            got = fh.readinto(memoryview(flat))
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
         raise UserInputError(f"{path}: damaged {name} ({err})") from None
-    if len(raw) != member.nbytes:
+    if got != member.nbytes:
         raise UserInputError(f"{path}: {name} is truncated")
-    return np.frombuffer(raw, dtype=member.dtype).reshape(member.shape, order="F" if member.fortran else "C")
+    return flat.view(member.dtype).reshape(member.shape, order="F" if member.fortran else "C")
 
 
 def _image_member(archive: zipfile.ZipFile, path: Path) -> NpyMember:

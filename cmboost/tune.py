@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from cmboost.atomic import atomic_write_text
-from cmboost.boost import boost_with, make_hyper
+from cmboost.boost import boost_with
+from cmboost.boost_config import make_hyper
 from cmboost.controls import UnsharpControl, l2_change, unsharp_mask
 from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.atomic import refuse_existing

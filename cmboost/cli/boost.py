@@ -8,24 +8,20 @@ import json
 
 from cmboost.cli.common import add_output_flags, add_runtime_flags
 
-# flag name -> hyperparameter name; a flag given for a method that lacks it is an error.
-HYPER_FLAGS = {"steps": "steps", "eps": "eps", "step_size": "step_size", "objective": "objective",
-               "realness": "realness_kind", "threshold": "threshold", "sgld_step": "step",
-               "sgld_noise": "noise"}
-
-
 def hyper_from_args(args: argparse.Namespace) -> dict:
-    from cmboost.boost import METHODS
+    """The hyperparameter flags given on the command line; one given for a method that lacks it is an error."""
+    from cmboost.boost_config import FLAGS, METHODS
     from cmboost.errors import UserInputError
 
     fields = {f.name for f in dataclasses.fields(METHODS[args.method])}
     hyper = {}
-    for flag, name in HYPER_FLAGS.items():
-        value = getattr(args, flag)
-        if value is None:
+    for name, flag in FLAGS.items():
+        value = getattr(args, "sgld_" + name if name in ("step", "noise") else
+                        "realness" if name == "realness_kind" else name)
+        if value is None or name == "seed":
             continue
         if name not in fields:
-            raise UserInputError(f"--{flag.replace('_', '-')} does not apply to --method {args.method}")
+            raise UserInputError(f"{flag} does not apply to --method {args.method}")
         hyper[name] = value
     if args.method == "sgld":
         hyper["seed"] = args.seed
@@ -33,12 +29,15 @@ def hyper_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.boost import make_hyper
+    from cmboost.boost_config import make_hyper
     from cmboost.boost_job import boost_file, resolve_threshold, trained_realness_kind
-    from cmboost.jobs import refuse_finished
+    from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
+    from cmboost.jobs import refuse_finished
     from cmboost.runtime import print0, resolve_device, resolve_precision
 
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.settings:
         from cmboost.tune import load_settings_file, tuned_hyper
 
@@ -49,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         args.method = args.method or "pgd"
         hyper = hyper_from_args(args)
-    make_hyper(args.method, **hyper)  # bad hyperparameters fail before any loading
-    refuse_finished(args.out, args.overwrite)
+    if args.threshold_from and args.method != "pgd":
+        raise UserInputError(f"--threshold-from does not apply to --method {args.method}")
+    record = make_hyper(args.method, **hyper)  # the one validated record: bad values fail before any loading
+    refuse_finished(args.out, args.overwrite)  # before loading a network that may take seconds to read
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     model = load_joint_model(args.model, arch=args.arch).to(device)
@@ -59,26 +60,20 @@ def run(args: argparse.Namespace) -> int:
 
         model.backbone = torch.compile(model.backbone)
     if args.method == "pgd":
+        kind = record.realness_kind
         if "realness_kind" not in hyper:
             # A network trained by train-jcd records which reading of realness its objective trained.
-            saved = trained_realness_kind(args.model)
-            if saved is not None:
-                hyper["realness_kind"] = saved
-        kind = hyper.get("realness_kind", "softmax")
-        threshold = resolve_threshold(model, hyper.pop("threshold", None), args.threshold_from, kind, device, precision)
-        hyper["threshold"] = threshold
-    elif args.threshold_from:
-        from cmboost.errors import UserInputError
-
-        raise UserInputError(f"--threshold-from does not apply to --method {args.method}")
+            kind = trained_realness_kind(args.model) or kind
+        threshold = resolve_threshold(model, record.threshold, args.threshold_from, kind, device, precision)
+        record = dataclasses.replace(record, realness_kind=kind, threshold=threshold)
     resolved = {"samples": args.samples, "model": args.model, "out": args.out, "method": args.method,
-                "hyper": dataclasses.asdict(make_hyper(args.method, **hyper)), "labels": args.labels,
+                "hyper": dataclasses.asdict(record), "labels": args.labels,
                 "device": str(device), "precision": precision, "batch_size": args.batch_size,
                 "compile": args.compile}
     if args.dry_run:
         print0(json.dumps(resolved, indent=2))
         return 0
-    path = boost_file(args.samples, model, args.out, args.method, hyper, batch_size=args.batch_size,
+    path = boost_file(args.samples, model, args.out, args.method, record, batch_size=args.batch_size,
                       device=str(device), precision=precision, label_source=args.labels,
                       overwrite=args.overwrite, grid=not args.no_grid)
     print0(f"wrote {path}")
@@ -86,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
+    from cmboost.boost_config import OBJECTIVES, REALNESS_KINDS, BIGRoCBoost, PGDBoost, SGLDBoost
+
     p = verbs.add_parser("boost", help="refine generated samples with the joint classifier-discriminator",
                          description="Refine samples (.npz, OpenAI layout) with PGD (paper), SGLD (release) "
                                      "or BIGRoC (classifier-only baseline). Rerunning the same command resumes.")
@@ -97,17 +94,22 @@ def add_parser(verbs) -> None:
     p.add_argument("--settings", default=None,
                    help="settings file from 'cmboost tune': its chosen method (or --method's) and tuned values; "
                         "flags given explicitly override them")
-    p.add_argument("--steps", type=int, default=None, help="number of refinement steps")
-    p.add_argument("--eps", type=float, default=None, help="L2 radius around the input (pgd, bigroc)")
-    p.add_argument("--step-size", type=float, default=None, help="L2 step length (pgd, bigroc)")
-    p.add_argument("--objective", default=None, choices=["realness", "log_prob", "both"], help="pgd score")
-    p.add_argument("--realness", default=None, choices=["sigmoid", "softmax"],
-                   help="pgd reading of D(x,y) (default: the one the network was trained with, else softmax)")
-    p.add_argument("--threshold", type=float, default=None, help="pgd early stop once D(x,y) >= this")
+    pgd, sgld, bigroc = PGDBoost(), SGLDBoost(), BIGRoCBoost()  # defaults live in the records only
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"number of refinement steps (default: pgd {pgd.steps}, sgld {sgld.steps}, bigroc {bigroc.steps})")
+    p.add_argument("--eps", type=float, default=None,
+                   help=f"L2 radius around the input (default: pgd {pgd.eps}, bigroc {bigroc.eps})")
+    p.add_argument("--step-size", type=float, default=None,
+                   help="L2 step length (default: pgd 2.5*eps/steps, bigroc 1.5*eps/steps)")
+    p.add_argument("--objective", default=None, choices=OBJECTIVES, help=f"pgd score (default: {pgd.objective})")
+    p.add_argument("--realness", default=None, choices=REALNESS_KINDS,
+                   help=f"pgd reading of D(x,y) (default: the one the network was trained with, else {pgd.realness_kind})")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="pgd early stop once D(x,y) >= this (default: never stop early)")
     p.add_argument("--threshold-from", default=None,
                    help="pgd: set the threshold to the mean D(x,y) of held-out real images in this .npz")
-    p.add_argument("--sgld-step", type=float, default=None, help="sgld: per-image gradient step a")
-    p.add_argument("--sgld-noise", type=float, default=None, help="sgld: noise scale s")
+    p.add_argument("--sgld-step", type=float, default=None, help=f"sgld: per-image gradient step a (default: {sgld.step})")
+    p.add_argument("--sgld-noise", type=float, default=None, help=f"sgld: noise scale s (default: {sgld.noise})")
     p.add_argument("--labels", default="file", choices=["file", "predicted"],
                    help="class labels from the sample file or the model's argmax")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU; first batch compiles)")
