@@ -1,4 +1,4 @@
-"""Refinement of generated images with a joint classifier-discriminator (METHOD.md §4).
+"""Refinement of generated images with a joint classifier-discriminator (docs/method.md §4).
 
 Three methods, each a pure function of (model, images in [0, 1], labels, hyperparameters):
 - "pgd":    example-specific L2 projected gradient ascent on the joint score, with early stop
@@ -24,7 +24,7 @@ from cmboost.runtime import autocast, randn_per_sample, sample_generators
 # ----------------------------------------------------------------------------- scores
 
 def joint_score(logits: torch.Tensor, labels: torch.Tensor, objective: str, realness_kind: str) -> torch.Tensor:
-    """Per-example score to maximise, from logits f(x): log D(x,y), log p(y|x), or their sum (§4)."""
+    """Per-example score to maximise, from logits f(x): log D(x,y), log p(y|x), or their sum (docs/method.md §4)."""
     log_p = log_prob_from_logits(logits, labels)
     if objective == "log_prob":
         return log_p
@@ -136,7 +136,7 @@ def _sgld(model, images, labels, hyper: SGLDBoost, indices, precision):
         x.requires_grad_(True)
         with autocast(x.device, precision):
             logits = model.logits(x)
-        # Sum, not mean: each image's gradient is its own, whatever the batch size (§4).
+        # Sum, not mean: each image's gradient is its own, whatever the batch size (docs/method.md §4).
         chosen = logits.float().gather(1, labels[:, None]).sum()
         grad, = torch.autograd.grad(chosen, x)
         noise = randn_per_sample(generators, x.shape[1:], device=x.device)

@@ -1,4 +1,4 @@
-"""The joint classifier-discriminator (JCD): one network f with K logits (METHOD.md §1-2).
+"""The joint classifier-discriminator (JCD): one network f with K logits (docs/method.md §1-2).
 
 - classifier: p(y|x) = softmax(f(x))_y;
 - energy model: E(x, y) = -f_y(x), unconditional E(x) = -logsumexp_k f_k(x);
@@ -189,7 +189,7 @@ def build_joint_model(arch: str, num_classes: int, in_channels: int = 3, image_s
                       mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                       width: int | None = None) -> JointModel:
     """A randomly initialised JointModel. torchvision `resnet50` / `wide_resnet50_2` keep their
-    standard definitions (7x7 stem, max-pool) and take 64x64 inputs directly (METHOD.md §2);
+    standard definitions (7x7 stem, max-pool) and take 64x64 inputs directly (docs/method.md §2);
     `resnet_small` is SmallResNet for 28/32-pixel images with 1 or 3 channels."""
     _check_arch(arch)
     if int(num_classes) < 2:

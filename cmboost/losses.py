@@ -1,4 +1,4 @@
-"""The four training objectives of the paper's ablation (METHOD.md §3), as small callables.
+"""The four training objectives of the paper's ablation (docs/method.md §3), as small callables.
 
 Each objective is called on the logits of attacked real images (labels y) and attacked generated
 images (the labels they were generated for) and returns (loss, terms): the scalar to minimise

@@ -146,13 +146,6 @@ def randn_per_sample(generators: Sequence[torch.Generator], shape: Sequence[int]
     return torch.stack(draws).to(device=device, dtype=dtype)
 
 
-def randint_per_sample(generators: Sequence[torch.Generator], high: int,
-                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """One integer in [0, high) per sample's generator."""
-    draws = [torch.randint(high, (1,), generator=g) for g in generators]
-    return torch.cat(draws).to(device)
-
-
 def batches(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Consecutive chunks of `indices`."""
     if batch_size < 1:

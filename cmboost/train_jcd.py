@@ -1,4 +1,4 @@
-"""Adversarial training of the joint classifier-discriminator (METHOD.md §3).
+"""Adversarial training of the joint classifier-discriminator (docs/method.md §3).
 
 Per iteration: a real batch (x, y) and a generated batch (xh, yh) with the labels they were
 generated for. PGD pushes the real images towards "fake" (L2, eps 1, 2 steps of 0.5, random
@@ -46,7 +46,7 @@ RESUMABLE_CHANGES = ("iters", "log_every", "ckpt_every", "device", "precision", 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Defaults are the released hyperparameters (METHOD.md §3)."""
+    """Defaults are the released hyperparameters (docs/method.md §3)."""
 
     data: str                              # "fmnist", "imagenet64:PATH" or "folder:PATH"
     run_dir: str
@@ -269,7 +269,7 @@ def training_step(model: torch.nn.Module, objective, optimizer: torch.optim.Opti
                   attack_mode: str = "eval", train_model: torch.nn.Module | None = None,
                   scaler: torch.amp.GradScaler | None = None, real_generators=None,
                   gen_generators=None) -> StepResult:
-    """One iteration (METHOD.md §3): attack the real batch towards "fake" and the generated batch
+    """One iteration (docs/method.md §3): attack the real batch towards "fake" and the generated batch
     towards "real" (input gradients only), then one forward on cat(x_adv, xh_adv), backward,
     gradient-norm clip and optimizer step. `train_model` is the DDP wrapper when there is one;
     the attacks always use the bare `model` so no gradient hooks fire. No scheduler step here."""

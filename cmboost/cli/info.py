@@ -11,11 +11,14 @@ from cmboost import __version__
 
 
 def weights_dirs() -> list[Path]:
-    """Where model weights are looked for, in order: $CMBOOST_WEIGHTS, ~/.cache/cmboost, the shipped assets."""
+    """Where feature-network weights are looked for, in order (metrics.features): $CMBOOST_WEIGHTS,
+    then torch's hub cache; the shipped networks live in the package's assets."""
+    import torch
+
     dirs = []
     if os.environ.get("CMBOOST_WEIGHTS"):
         dirs.append(Path(os.environ["CMBOOST_WEIGHTS"]))
-    dirs.append(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cmboost")
+    dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
     dirs.append(Path(__file__).resolve().parent.parent / "assets")
     return dirs
 

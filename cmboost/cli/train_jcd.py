@@ -40,7 +40,7 @@ def add_parser(verbs) -> None:
     p = verbs.add_parser(
         "train-jcd", help="adversarially train the joint classifier-discriminator",
         description="Adversarial training of the joint classifier-discriminator on real data against "
-                    "generated samples (METHOD.md §3). Defaults are the released hyperparameters. "
+                    "generated samples (docs/method.md §3). Defaults are the released hyperparameters. "
                     "Rerunning the same command resumes from the run directory's latest checkpoint.")
     p.add_argument("--data", required=True, help="real data: fmnist, imagenet64:PATH or folder:PATH")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST files (default: the system copy)")

@@ -7,7 +7,7 @@ layout (Sequential indices, `in_layers`/`emb_layers`/`out_layers`, `qkv`/`proj_o
 therefore fixed by the checkpoints, not a free choice.
 
 Attention runs through `F.scaled_dot_product_attention` with the qkv channels laid out as
-(three, heads, head_dim), the layout the released weights were trained with (METHOD.md §5).
+(three, heads, head_dim), the layout the released weights were trained with (docs/method.md §5).
 A slower reference path written like OpenAI's legacy einsum attention is kept for the
 benchmark and the tests (`attention_impl="reference"`).
 """

@@ -7,7 +7,7 @@ Every extractor returns a dict with
   (then `spatial_reason` says why, and sFID is reported as missing, never faked).
 
 Two kinds:
-- Inception-v3 of the protocol (METHOD.md §6), torch-fidelity's port of the TF 2015-12-05 graph.
+- Inception-v3 of the protocol (docs/method.md §6), torch-fidelity's port of the TF 2015-12-05 graph.
   Pool = the 2048-d pool_3 features; logits = pool_3 times the softmax weights without bias (the
   guided-diffusion evaluator's softmax input, torch-fidelity's "logits_unbiased", 1008 classes);
   spatial = the first 7 channels of mixed_6/conv, 17x17x7 = 2023-d in TF's HWC order. The port's

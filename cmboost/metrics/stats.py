@@ -1,4 +1,4 @@
-"""Pure steps from features to statistics to metrics (guided-diffusion evaluator protocol, METHOD.md §6).
+"""Pure steps from features to statistics to metrics (guided-diffusion evaluator protocol, docs/method.md §6).
 
 Nothing here knows about images or networks: features in, numbers out. Everything that feeds a
 metric is computed in float64 (statistics, square roots, logs); pairwise distances for
