@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from cmboost.atomic import atomic_path
-from cmboost.attacks import NORMS, PGD
-from cmboost.data import load_dataset
-from cmboost.samples import load_samples, to_float
+from cmboost.attacks import PGD
+from cmboost.samples import to_float
 from cmboost.errors import UserInputError
 from cmboost.jobs import RunDir
-from cmboost.jcd import (ARCHS, build_joint_model, load_joint_model, log_realness_from_logits,
+from cmboost.jcd import (build_joint_model, load_joint_model, log_realness_from_logits,
                          save_joint_model)
-from cmboost.losses import OBJECTIVES, get_objective
+from cmboost.losses import get_objective
+from cmboost.train_jcd_config import TrainConfig, check_config, load_training_data
 from cmboost.runtime import (autocast, barrier, init_distributed, print0, resolve_device, resolve_precision,
                              sample_generators)
 
@@ -42,142 +42,6 @@ LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.json"
 # Fields that may change between the first command and a resuming one.
 RESUMABLE_CHANGES = ("iters", "log_every", "ckpt_every", "device", "precision", "channels_last")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Defaults are the released hyperparameters (docs/method.md §3)."""
-
-    data: str                              # "fmnist", "imagenet64:PATH" or "folder:PATH"
-    run_dir: str
-    iters: int
-    generated: list[str] = dataclasses.field(default_factory=list)  # .npz files with labels
-    arch: str | None = None                # None: from --init
-    width: int | None = None               # resnet_small only: first-stage width (None: 16)
-    objective: str = "joint"
-    init: str | None = None                # any checkpoint load_joint_model reads
-    data_dir: str | None = None
-    image_size: int | None = None          # None: the generated images' size
-    real_limit: int | None = None          # use only the first N real images
-    batch_size: int = 128                  # global real batch
-    gen_batch_size: int | None = None      # global generated batch; None: batch_size
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    milestones: tuple[int, ...] = (4000,)
-    gamma: float = 0.1
-    grad_clip: float = 1.0                 # 0 disables
-    attack_norm: str = "l2"
-    real_eps: float = 1.0
-    real_steps: int = 2
-    real_step_size: float = 0.5
-    real_random_start: bool = True
-    gen_eps: float = 100.0
-    gen_steps: int = 5
-    gen_step_size: float = 0.1
-    gen_random_start: bool = False
-    gen_steps_every: int = 1000            # one more generated-attack step every N iterations; 0: never
-    gen_max_steps: int | None = None
-    attack_mode: str = "eval"              # model mode during attacks: "eval" or "train"
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool | None = None      # None: on for CUDA
-    log_every: int = 10
-    ckpt_every: int = 500
-
-    def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        out["milestones"] = list(self.milestones)
-        out["generated"] = [str(g) for g in self.generated]
-        return out
-
-
-# ----------------------------------------------------------------------------- checks
-
-def _check_config(c: TrainConfig) -> None:
-    def positive(name: str, value, allow_zero: bool = False) -> None:
-        if value is None or value < 0 or (value == 0 and not allow_zero):
-            raise UserInputError(f"--{name.replace('_', '-')} {value}: must be {'>= 0' if allow_zero else '> 0'}")
-
-    if c.objective not in OBJECTIVES:
-        raise UserInputError(f"--objective {c.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-    if c.arch is not None and c.arch not in ARCHS:
-        raise UserInputError(f"--arch {c.arch!r}: choose one of {', '.join(ARCHS)}")
-    if c.arch is None and c.init is None:
-        raise UserInputError("--arch: required when training from scratch (no --init)")
-    if c.width is not None and (c.init is not None or c.arch != "resnet_small" or c.width < 1):
-        raise UserInputError(f"--width {c.width}: only for resnet_small trained from scratch, and at least 1")
-    if c.attack_norm not in NORMS:
-        raise UserInputError(f"--attack-norm {c.attack_norm!r}: choose one of {', '.join(NORMS)}")
-    if c.attack_mode not in ("eval", "train"):
-        raise UserInputError(f"--attack-mode {c.attack_mode!r}: choose eval or train")
-    positive("iters", c.iters, allow_zero=True)
-    positive("batch_size", c.batch_size)
-    if c.gen_batch_size is not None:
-        positive("gen_batch_size", c.gen_batch_size)
-    positive("lr", c.lr)
-    for name in ("real_eps", "real_step_size", "gen_eps", "gen_step_size", "weight_decay", "grad_clip"):
-        positive(name, getattr(c, name), allow_zero=True)
-    for name in ("real_steps", "gen_steps", "gen_steps_every"):
-        positive(name, getattr(c, name), allow_zero=True)
-    positive("log_every", c.log_every)
-    positive("ckpt_every", c.ckpt_every)
-    if c.real_limit is not None:
-        positive("real_limit", c.real_limit)
-    if not (0 <= c.betas[0] < 1 and 0 <= c.betas[1] < 1):
-        raise UserInputError(f"--betas {c.betas}: each must be in [0, 1)")
-    if c.objective != "ce" and not c.generated:
-        raise UserInputError(f"--generated: objective {c.objective} needs generated samples (.npz with labels)")
-
-
-def load_training_data(c: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                 torch.Tensor | None, int]:
-    """Real (uint8 NCHW, labels), generated (uint8 NCHW, labels) and the number of classes,
-    after checking that sizes, channels and labels agree."""
-    gen_images, gen_labels = [], []
-    for file in c.generated:
-        images, labels = load_samples(file)
-        if labels is None:
-            raise UserInputError(f"--generated {file}: no labels (arr_1); training needs the labels "
-                                 f"the images were generated for")
-        if gen_images and images.shape[1:] != gen_images[0].shape[1:]:
-            raise UserInputError(f"--generated {file}: images are {_chw(images.shape)}, "
-                                 f"but {c.generated[0]} holds {_chw(gen_images[0].shape)}")
-        if len(images) == 0:
-            raise UserInputError(f"--generated {file}: holds no images")
-        gen_images.append(images)
-        gen_labels.append(labels)
-    gen_size = gen_images[0].shape[-1] if gen_images else None
-    kind = c.data.partition(":")[0]
-    size = c.image_size
-    if size is None and gen_size is not None and (kind == "folder" or (kind in ("fmnist", "fashion-mnist")
-                                                                       and gen_size in (28, 32))):
-        size = gen_size
-    real, real_labels, num_classes = load_dataset(c.data, "train", data_dir=c.data_dir, image_size=size)
-    if c.real_limit is not None:
-        real, real_labels = real[: c.real_limit], real_labels[: c.real_limit]
-    if len(real) == 0:
-        raise UserInputError(f"--data {c.data}: no images")
-    if gen_images:
-        first = gen_images[0]
-        if first.shape[1:] != real.shape[1:]:
-            raise UserInputError(f"--generated {c.generated[0]}: images are {_chw(first.shape)} but --data "
-                                 f"{c.data} gives {_chw(real.shape)}")
-        for file, labels in zip(c.generated, gen_labels):
-            if labels.max() >= num_classes:
-                raise UserInputError(f"--generated {file}: label {labels.max()} out of range for the "
-                                     f"{num_classes} classes of --data {c.data}")
-        gen = torch.from_numpy(np.concatenate(gen_images))
-        gen_y = torch.from_numpy(np.concatenate(gen_labels))
-    else:
-        gen = gen_y = None
-    return torch.from_numpy(real), torch.from_numpy(real_labels), gen, gen_y, num_classes
-
-
-def _chw(shape) -> str:
-    return "x".join(str(v) for v in shape[1:])
 
 
 # ----------------------------------------------------------------------------- batching
@@ -307,7 +171,7 @@ def training_step(model: torch.nn.Module, objective, optimizer: torch.optim.Opti
 def train_jcd(config: TrainConfig) -> Path:
     """Trains (or resumes) the run in config.run_dir; returns the final model's path."""
     c = config
-    _check_config(c)
+    check_config(c)
     device = resolve_device(c.device)
     precision = resolve_precision(c.precision, device)
     channels_last = device.type == "cuda" if c.channels_last is None else bool(c.channels_last)
