@@ -27,6 +27,7 @@ import torch
 
 from cmboost.atomic import atomic_path, atomic_write_text
 from cmboost.attacks import NORMS, PGD
+from cmboost.checkpoints import torch_load
 from cmboost.data import load_dataset, load_samples, to_float
 from cmboost.errors import UserInputError
 from cmboost.jcd import (ARCHS, build_joint_model, load_joint_model, log_realness_from_logits,
@@ -250,11 +251,7 @@ def _log_step(line: str) -> float:
 
 
 def _load_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged checkpoint: say which file
-        raise UserInputError(f"{path}: unreadable training checkpoint ({str(err).splitlines()[0]}); "
-                             f"delete it to restart the run") from None
+    return torch_load(path, fix="it is this run's training checkpoint: delete it to restart the run")
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from cmboost.atomic import atomic_open
-from cmboost.cm.checkpoint import load_model, read_safetensors, save_model, save_safetensors, unet_from_config
+from cmboost.checkpoints import read_safetensors, save_safetensors
+from cmboost.cm.checkpoint import load_model, save_model, unet_from_config
 from cmboost.cm.denoiser import (CM_PRECOND, EDM_PRECOND, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, denoise)
 from cmboost.cm.unet import attention_rates
 from cmboost.errors import UserInputError
