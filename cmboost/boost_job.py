@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from cmboost.boost import boost_with, mean_realness, predicted_labels
 from cmboost.boost_config import as_record
 from cmboost.samples import load_samples, map_samples, to_float, to_uint8
+from cmboost.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, run_parts
 from cmboost.runtime import dist_info, init_distributed, resolve_device, resolve_precision
@@ -51,15 +51,6 @@ def trained_realness_kind(model_path: str | os.PathLike) -> str | None:
     from cmboost.jcd import read_metadata
 
     return read_metadata(model_path).get("extra", {}).get("realness_kind")
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """A short hash of the weights, so that a resumed job never mixes parts boosted by another network."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method: str, hyper,

@@ -7,29 +7,26 @@
 Inputs are images in [0, 1], NCHW; the mean/std normalisation lives inside the model so
 attacks and boosting work in pixel space.
 
-Checkpoints: our own format is safetensors holding the backbone's state_dict (torchvision key
-names) with a JSON config in the metadata, enough to rebuild the model from the file alone.
-`load_joint_model` also imports the released checkpoints (keys under `model.` + `dummy`),
-robustness-library checkpoints (`module.model.*`, `module.attacker.model.*`,
+Checkpoints: our own format is a cmboost checkpoint (cmboost/checkpoints.py, format "jcd") holding
+the backbone's state_dict (torchvision key names) with the model config, enough to rebuild the
+model from the file alone. `load_joint_model` also imports the released checkpoints (keys under
+`model.` + `dummy`), robustness-library checkpoints (`module.model.*`, `module.attacker.model.*`,
 `module.normalizer.*`), and plain torchvision state_dicts, never unpickling code.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cmboost.atomic import atomic_path
 from cmboost.boost_config import REALNESS_KINDS
-from cmboost.errors import OutputExistsError, UserInputError
-from cmboost.safetensors_io import read_safetensors
+from cmboost.checkpoints import (check_fits, describe_keys, find_state_dict, read_checkpoint, save_checkpoint,
+                                 strip_layout, torch_load)
+from cmboost.errors import UserInputError
 
 ARCHS = ("resnet50", "wide_resnet50_2", "resnet_small")
 SMALL_WIDTH = 16  # resnet_small's first-stage width (then 2w, 4w)
@@ -37,7 +34,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # resnet_small is trained from scratch on [0, 1] images: centre them on 0.5.
 SMALL_MEAN, SMALL_STD = 0.5, 0.5
-FORMAT_TAG = "cmboost.jcd/1"
+FORMAT, FORMAT_VERSION = "jcd", 2  # version 1: the header before cmboost.checkpoints
 
 
 # ----------------------------------------------------------------------------- logits -> scores
@@ -215,114 +212,23 @@ def build_joint_model(arch: str, num_classes: int, in_channels: int = 3, image_s
 
 def save_joint_model(model: JointModel, path: str | os.PathLike, extra: dict | None = None,
                      overwrite: bool = False) -> Path:
-    """Writes the backbone's weights as safetensors with the model config (and `extra`, JSON) in
-    the metadata. Atomic (temp file + rename); refuses to overwrite unless asked."""
-    from safetensors.torch import save_file
-
+    """Writes the backbone's weights with the model config (and `extra`, provenance) in cmboost's
+    checkpoint header. Atomic; refuses to overwrite unless asked."""
     model = getattr(model, "module", model)  # a DDP wrapper saves its module
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.backbone.state_dict().items()}
-    metadata = {"format": FORMAT_TAG, "config": json.dumps(model.config())}
-    if extra:
-        metadata["extra"] = json.dumps(extra, default=str)
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return path
+    return save_checkpoint(path, model.backbone.state_dict(), FORMAT, FORMAT_VERSION, model.config(), extra,
+                           overwrite=overwrite)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The config and extra dicts of one of our safetensors files ({} for other files)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types
-        raise UserInputError(f"{path}: not a readable safetensors file ({err})") from None
-    return _parse_metadata(meta, path)
-
-
-def _parse_metadata(meta: dict[str, str], path: str | os.PathLike) -> dict:
-    out = {}
-    for key in ("config", "extra"):
-        if key in meta:
-            try:
-                out[key] = json.loads(meta[key])
-            except json.JSONDecodeError:
-                raise UserInputError(f"{path}: metadata '{key}' is not valid JSON") from None
+    checkpoint = read_checkpoint(path, FORMAT, FORMAT_VERSION, tensors=False, foreign_ok=True)
+    out = {"config": checkpoint.config} if checkpoint.format else {}
+    if checkpoint.info:
+        out["extra"] = checkpoint.info
     return out
 
 
 # ----------------------------------------------------------------------------- loading
-
-def _torch_load(path: Path) -> object:
-    """torch.load with weights_only=True: tensors and plain containers only, never code."""
-    import numpy as np
-
-    # Old checkpoints sometimes carry numpy scalars (e.g. a best accuracy); these are plain data.
-    # numpy 2 moved numpy.core to numpy._core: allow the scalar under both names.
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-    safe: list = [np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"),
-                  (scalar, "numpy._core.multiarray.scalar")]
-    safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")]
-    try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: file not found") from None
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"unsupported global {found.group(1)}" if found else "unsupported content"
-        raise UserInputError(f"{path}: refused by torch.load(weights_only=True), it holds pickled Python "
-                             f"objects ({what}); save its state_dict alone") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserInputError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
-
-
-def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """Finds the tensor dict inside a loaded checkpoint: itself, or under 'model' / 'state_dict'."""
-    for _ in range(3):
-        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-        if isinstance(obj, dict):
-            for key in ("model", "state_dict", "model_state_dict"):
-                if key in obj and isinstance(obj[key], dict):
-                    obj = obj[key]
-                    break
-            else:
-                break
-    keys = ", ".join(list(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
-    raise UserInputError(f"{path}: no state_dict of tensors found (top level holds {keys})")
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Maps the known layouts onto plain backbone keys. Returns (state, facts) where facts may
-    hold the robustness normaliser's mean/std and the layout's name."""
-    facts: dict = {}
-    keys = list(state)
-    if any(k.startswith("module.model.") for k in keys) or any(k.startswith("module.normalizer.") for k in keys):
-        facts["layout"] = "robustness"
-        mean = state.get("module.normalizer.new_mean")
-        std = state.get("module.normalizer.new_std")
-        if mean is not None and std is not None:
-            facts["mean"] = tuple(float(v) for v in mean.flatten())
-            facts["std"] = tuple(float(v) for v in std.flatten())
-        # module.attacker.model.* duplicates module.model.*; the normaliser is not a weight.
-        return {k[len("module.model."):]: v for k, v in state.items() if k.startswith("module.model.")}, facts
-    if "dummy" in state and any(k.startswith("model.") for k in keys):
-        facts["layout"] = "released"
-        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, facts
-    if keys and all(k.startswith("module.") for k in keys):
-        facts["layout"] = "dataparallel"
-        return {k[len("module."):]: v for k, v in state.items()}, facts
-    if keys and all(k.startswith("backbone.") for k in keys):
-        facts["layout"] = "jointmodel"
-        return {k[len("backbone."):]: v for k, v in state.items()}, facts
-    facts["layout"] = "plain"
-    return dict(state), facts
-
 
 def _infer_arch(state: dict[str, torch.Tensor]) -> str | None:
     if "layer1.0.conv3.weight" in state:  # bottleneck blocks: resnet50 family
@@ -334,11 +240,6 @@ def _infer_arch(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _describe(keys: list[str], n: int = 3) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def load_joint_model(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
                      image_size: int | None = None) -> JointModel:
     """Loads any supported checkpoint into a JointModel in eval mode, on CPU.
@@ -346,13 +247,12 @@ def load_joint_model(path: str | os.PathLike, arch: str | None = None, num_class
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: checkpoint not found")
-    config: dict = {}
-    if path.suffix == ".safetensors":
-        raw, meta = read_safetensors(path)  # one pass over the file for weights and config
-        config = _parse_metadata(meta, path).get("config", {})
+    if path.suffix == ".safetensors":  # ours, or bare weights another tool saved as safetensors
+        checkpoint = read_checkpoint(path, FORMAT, FORMAT_VERSION, foreign_ok=True)
+        raw, config = checkpoint.tensors, checkpoint.config
     else:
-        raw = _as_state_dict(_torch_load(path), path)
-    state, facts = _strip_prefixes(raw)
+        raw, config = find_state_dict(torch_load(path), path), {}
+    state, facts = strip_layout(raw)
     if arch is not None:
         _check_arch(arch)
         if config.get("arch") not in (None, arch):
@@ -360,7 +260,7 @@ def load_joint_model(path: str | os.PathLike, arch: str | None = None, num_class
     arch = arch or config.get("arch") or _infer_arch(state)
     if arch is None:
         raise UserInputError(f"{path}: cannot tell the architecture from its keys "
-                             f"({_describe(list(state))}); pass --arch")
+                             f"({describe_keys(list(state))}); pass --arch")
     fc = state.get("fc.weight")
     if num_classes is None:
         num_classes = config.get("num_classes") or (fc.shape[0] if fc is not None else None)
@@ -381,18 +281,5 @@ def load_joint_model(path: str | os.PathLike, arch: str | None = None, num_class
 
 
 def _load_into(backbone: nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_describe(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_describe(unexpected)}")
-        raise UserInputError(f"{path}: does not fit arch {arch}: {'; '.join(parts)}")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise UserInputError(f"{path}: does not fit arch {arch}: shape mismatch {_describe(wrong, 2)}")
+    check_fits(backbone.state_dict(), state, path, f"arch {arch}")
     backbone.load_state_dict(state, strict=True)

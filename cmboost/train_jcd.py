@@ -27,6 +27,7 @@ import torch
 from cmboost.atomic import atomic_path
 from cmboost.attacks import PGD
 from cmboost.samples import to_float
+from cmboost.checkpoints import torch_load
 from cmboost.errors import UserInputError
 from cmboost.jobs import RunDir
 from cmboost.jcd import (build_joint_model, load_joint_model, log_realness_from_logits,
@@ -90,11 +91,7 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
 
 
 def _load_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged checkpoint: say which file
-        raise UserInputError(f"{path}: unreadable training checkpoint ({str(err).splitlines()[0]}); "
-                             f"delete it to restart the run") from None
+    return torch_load(path, fix="it is this run's training checkpoint: delete it to restart the run")
 
 
 # ----------------------------------------------------------------------------- metrics

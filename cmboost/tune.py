@@ -114,7 +114,8 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     (training-data statistics made by that judge), writes the settings file `out`, returns it."""
     from tqdm import tqdm
 
-    from cmboost.boost_job import check_fits_model, weights_digest
+    from cmboost.boost_job import check_fits_model
+    from cmboost.checkpoints import weights_digest
     from cmboost.metrics.evaluate import evaluate_images
     from cmboost.metrics.judges import check_tuning_judge
 

@@ -138,7 +138,7 @@ def test_resume_is_exact_and_settings_are_checked(data, unet, tmp_path):
     train(settings(4), tmp_path / "straight", *data, CPU, save_every=2, progress=False)
     train(settings(2), tmp_path / "resumed", *data, CPU, save_every=2, progress=False)
     train(settings(4), tmp_path / "resumed", *data, CPU, save_every=2, progress=False)  # rerun, longer
-    from cmboost.cm.checkpoint import read_safetensors
+    from cmboost.checkpoints import read_safetensors
     a, meta_a = read_safetensors(tmp_path / "straight" / "state.safetensors")
     b, meta_b = read_safetensors(tmp_path / "resumed" / "state.safetensors")
     assert meta_a["iteration"] == meta_b["iteration"] == "4"

@@ -11,11 +11,10 @@ import torch.nn as nn
 from cmboost.cli import main
 from cmboost.data import fashion_mnist
 from cmboost.errors import UserInputError
+from cmboost.checkpoints import read_safetensors, weights_digest
 from cmboost.metrics.domain_net import (SHIPPED, DomainNet, DomainNetConfig, TrainSettings, classify_accuracy,
-                                        config_for_data, load_domain_net, save_domain_net,
-                                        train_domain_net, weights_digest)
+                                        config_for_data, load_domain_net, save_domain_net, train_domain_net)
 from cmboost.metrics.features import load_feature_extractor
-from cmboost.safetensors_io import read_safetensors
 
 VGG_IDENTITY = "domain-net-b92ac005830d632d"
 ALLCONV_TEST_ACCURACY = 0.9129  # measured when the shipped file was trained (cmboost/assets/README.md)

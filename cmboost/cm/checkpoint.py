@@ -1,9 +1,9 @@
-"""Consistency-model checkpoints: OpenAI's .pt files, ours (safetensors + JSON config), diffusers.
+"""Consistency-model checkpoints: OpenAI's .pt files, ours (cmboost checkpoints), diffusers.
 
-Ours: one .safetensors file holding the (EMA) UNet weights; its metadata key "cmboost" is a JSON
-object {"format": "cmboost-cm", "kind": "cd"|"ct"|"edm", "unet": {UNetModel kwargs},
-"precond": {sigma_data, sigma_min, sigma_max, boundary}, "sampler": {"ts": [...], "N": n},
-"image_size", "in_channels", "num_classes", ...}, so `cmboost sample` needs only the file.
+Ours: a cmboost checkpoint (cmboost/checkpoints.py, format "cm") holding the (EMA) UNet weights;
+its config is {"kind": "cd"|"ct"|"edm", "unet": {UNetModel kwargs}, "precond": {sigma_data,
+sigma_min, sigma_max, boundary}, "sampler": {"ts": [...], "N": n}, "image_size", "in_channels",
+"num_classes"} and its info how it was trained, so `cmboost sample` needs only the file.
 
 OpenAI's: a bare state_dict pickled with torch.save, read with weights_only=True (no code runs).
 Only the ImageNet-64 models are supported; the kind (cd or ct) and so the default 2-step
@@ -13,22 +13,18 @@ schedule come from the file name (cd_imagenet64_l2.pt, ct_imagenet64.pt) or from
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 
-from cmboost.atomic import atomic_path
+from cmboost.checkpoints import (Checkpoint, check_fits, find_state_dict, read_checkpoint, save_checkpoint,
+                                 torch_load)
 from cmboost.cm.denoiser import DEFAULT_TS, KINDS, Preconditioning, precond_for_kind
 from cmboost.cm.unet import IMAGENET64_CONFIG, UNetModel
 from cmboost.errors import UserInputError
-from cmboost.safetensors_io import read_safetensors
 
-FORMAT = "cmboost-cm"
-META_KEY = "cmboost"
+FORMAT, FORMAT_VERSION = "cm", 2  # version 1: the single "cmboost" JSON header before cmboost.checkpoints
 OPENAI_HINT = ("the OpenAI ImageNet-64 checkpoints (cd_imagenet64_l2.pt, cd_imagenet64_lpips.pt, ct_imagenet64.pt) "
                "are linked from the README of github.com/openai/consistency_models "
                "(https://openaipublic.blob.core.windows.net/consistency/<name>.pt)")
@@ -65,82 +61,52 @@ def unet_from_config(unet_config: dict) -> UNetModel:
     return UNetModel(**cfg)
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Atomic safetensors write (temp file in the same folder, then a rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    return path
-
-
 def save_model(path: str | os.PathLike, net: torch.nn.Module, kind: str, unet_config: dict,
                precond: Preconditioning, ts: tuple[int, ...] | None = None, num_levels: int | None = None,
-               extra: dict | None = None) -> Path:
-    """Exports `net` (usually the EMA weights) with everything `cmboost sample` needs."""
+               extra: dict | None = None, overwrite: bool = True) -> Path:
+    """Exports `net` (usually the EMA weights) with everything `cmboost sample` needs; `extra` is
+    provenance. Overwrites by default: a resumed training run exports to the same file again."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: choose one of {KINDS}")
     config = {
-        "format": FORMAT, "version": 1, "kind": kind,
+        "kind": kind,
         "unet": {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet_config.items()},
         "precond": precond.to_dict(),
         "sampler": {"ts": list(ts) if ts else None, "N": num_levels},
         "image_size": unet_config["image_size"], "in_channels": unet_config["in_channels"],
         "num_classes": unet_config.get("num_classes"),
     }
-    config.update(extra or {})
-    return save_safetensors(path, net.state_dict(), {META_KEY: json.dumps(config)})
+    return save_checkpoint(path, net.state_dict(), FORMAT, FORMAT_VERSION, config, extra, overwrite=overwrite)
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    _, metadata = read_safetensors(path)
-    return _parse_config(Path(path), metadata)
+    """The config and the provenance of one of our files, in one dict (the config wins a clash)."""
+    return _parse_config(read_checkpoint(path, FORMAT, FORMAT_VERSION, tensors=False))
 
 
-def _parse_config(path: Path, metadata: dict[str, str]) -> dict:
-    if META_KEY not in metadata:
-        raise UserInputError(f"{path}: no cmboost config in the safetensors metadata (not written by cmboost?)")
-    try:
-        config = json.loads(metadata[META_KEY])
-    except json.JSONDecodeError as err:
-        raise UserInputError(f"{path}: damaged cmboost config ({err})") from None
-    if config.get("format") != FORMAT or config.get("kind") not in KINDS or "unet" not in config:
-        raise UserInputError(f"{path}: not a cmboost consistency-model checkpoint (format {config.get('format')!r})")
+def _parse_config(checkpoint: Checkpoint) -> dict:
+    config = {**checkpoint.info, **checkpoint.config}
+    if config.get("kind") not in KINDS or not isinstance(config.get("unet"), dict):
+        raise UserInputError(f"{checkpoint.path}: damaged consistency-model config (needs a kind, one of "
+                             f"{', '.join(KINDS)}, and a unet)")
     return config
 
 
-def _build_loaded(build, state: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
+def _build_loaded(build, state: dict[str, torch.Tensor], path: Path, target: str) -> torch.nn.Module:
     """Builds the model on the meta device (no init cost), checks names and shapes, then adopts the
     loaded tensors as its parameters."""
     with torch.device("meta"):
         net = build()
-    _check_state(net, state, path)
+    check_fits(net.state_dict(), state, path, target)
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                         strict=True, assign=True)
     return net
 
 
-def _check_state(net: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise UserInputError(f"{path}: weights do not fit the model: {', '.join(parts)} keys")
-    for key, value in expected.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise UserInputError(f"{path}: {key} has shape {tuple(state[key].shape)}, the model needs {tuple(value.shape)}")
-
-
 def load_cmboost(path: Path) -> LoadedModel:
-    tensors, metadata = read_safetensors(path)
-    config = _parse_config(path, metadata)
-    net = _build_loaded(lambda: unet_from_config(config["unet"]), tensors, path)
+    checkpoint = read_checkpoint(path, FORMAT, FORMAT_VERSION)
+    config = _parse_config(checkpoint)
+    net = _build_loaded(lambda: unet_from_config(config["unet"]), checkpoint.tensors, path, "the UNet in its config")
     p = config.get("precond", {})
     precond = Preconditioning(**p) if p else precond_for_kind(config["kind"])
     sampler = config.get("sampler") or {}
@@ -161,18 +127,10 @@ def load_openai(path: Path, kind: str | None = None, unet_config: dict | None = 
     """An OpenAI state_dict (.pt), loaded with weights_only=True; ImageNet-64 unless `unet_config` says otherwise."""
     # Unknown kind ("cm"): 1-step sampling is the same for CD and CT; 2 steps then need --ts/--N (or --kind).
     kind = kind or openai_kind_from_name(path) or "cm"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: file not found; {OPENAI_HINT}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise UserInputError(f"{path}: not a loadable PyTorch state_dict with weights_only=True ({str(err).splitlines()[0]})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserInputError(f"{path}: expected a state_dict of tensors")
+    state = find_state_dict(torch_load(path, fix=OPENAI_HINT), path)
+    target = "the UNet config given" if unet_config else "OpenAI's ImageNet-64 UNet"
     unet_config = dict(unet_config or IMAGENET64_CONFIG)
-    net = _build_loaded(lambda: unet_from_config(unet_config), state, path)
+    net = _build_loaded(lambda: unet_from_config(unet_config), state, path, target)
     ts, n = DEFAULT_TS.get(kind, (None, None))
     return LoadedModel(net, kind, precond_for_kind(kind), ts, n, unet_config["image_size"], unet_config["in_channels"],
                        unet_config.get("num_classes"), "openai", {"kind": kind, "unet": unet_config})

@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cmboost.cm.checkpoint import load_model, read_safetensors, save_model, save_safetensors, unet_from_config
+from cmboost.checkpoints import read_safetensors, save_safetensors
+from cmboost.cm.checkpoint import load_model, save_model, unet_from_config
 from cmboost.cm.denoiser import CM_PRECOND, EDM_PRECOND
 from cmboost.cm.losses import DISTANCES, cd_loss, ct_level_probs, ct_loss, ct_num_scales, edm_loss
 from cmboost.cm.unet import attention_rates

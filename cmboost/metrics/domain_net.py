@@ -9,7 +9,7 @@ global average pooling (the shipped "fmnist-allconv" net, a second, independent 
 penultimate layer gives the FID / precision-recall features and its softmax the Inception-Score
 predictions. It has no spatial feature map for sFID.
 
-Checkpoints are safetensors with the config (and how the net was trained) as JSON metadata.
+Checkpoints are cmboost checkpoints (format "domain_net"): the config, and how the net was trained.
 Training resumes per epoch: every epoch's data order, augmentation and dropout depend only on
 (seed, epoch), so a rerun of the same command picks up where the last finished epoch left it.
 """
@@ -17,7 +17,6 @@ Training resumes per epoch: every epoch's data order, augmentation and dropout d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -30,13 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cmboost.atomic import atomic_path
+from cmboost.checkpoints import check_fits, read_checkpoint, read_safetensors, save_checkpoint, save_safetensors
 from cmboost.errors import UserInputError
 from cmboost.jobs import check_same_config
 from cmboost.runtime import autocast, sample_seed
-from cmboost.safetensors_io import read_safetensors
 
-FORMAT = "cmboost.domain_net/1"
+FORMAT, FORMAT_VERSION = "domain_net", 2  # version 1: the header before cmboost.checkpoints (the shipped nets)
 DEFAULT_SEED = 60221  # distinct from the joint network's seeds; recorded in the checkpoint
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {"fmnist": ASSETS / "fmnist_features.safetensors",
@@ -162,30 +160,12 @@ def check_input_shape(shape: tuple[int, ...], config: DomainNetConfig, source: s
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def weights_digest(net: DomainNet) -> str:
-    """A content hash of the weights (not of the file), so refs match however the file was named."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def save_domain_net(path: str | os.PathLike, net: DomainNet, info: dict[str, str] | None = None,
                     overwrite: bool = False) -> Path:
-    """Atomic safetensors write with {"format", "config", **info} as metadata."""
-    from safetensors.torch import save_file
-
-    from cmboost.atomic import refuse_existing
-
-    path = Path(path)
-    refuse_existing(path, overwrite)
-    metadata = {"format": FORMAT, "config": net.config.to_json()}
-    metadata.update({k: str(v) for k, v in (info or {}).items()})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return path
+    """Atomic cmboost checkpoint with the net's config and `info` (provenance, values as strings)."""
+    info = {k: str(v) for k, v in (info or {}).items()}
+    return save_checkpoint(path, net.state_dict(), FORMAT, FORMAT_VERSION, dataclasses.asdict(net.config), info,
+                           overwrite=overwrite)
 
 
 def resolve_domain_net_path(spec: str | os.PathLike) -> Path:
@@ -203,19 +183,14 @@ def resolve_domain_net_path(spec: str | os.PathLike) -> Path:
 
 
 def load_domain_net(spec: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[DomainNet, dict[str, str]]:
-    """(net in eval mode on `device`, metadata) from a shipped name or a checkpoint path."""
+    """(net in eval mode on `device`, its info: how it was trained) from a shipped name or a checkpoint path."""
     path = resolve_domain_net_path(spec)
-    tensors, metadata = read_safetensors(path)
-    if metadata.get("format") != FORMAT:
-        raise UserInputError(f"{path}: not a cmboost domain feature net (format {metadata.get('format')!r})")
-    config = DomainNetConfig.from_json(metadata.get("config", ""), str(path))
+    checkpoint = read_checkpoint(path, FORMAT, FORMAT_VERSION)
+    config = DomainNetConfig.from_json(json.dumps(checkpoint.config), str(path))
     net = DomainNet(config)
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserInputError(f"{path}: weights do not fit its config ({first})") from None
-    return net.to(device).eval(), metadata
+    check_fits(net.state_dict(), checkpoint.tensors, path, "the domain net its config describes")
+    net.load_state_dict(checkpoint.tensors, strict=True)
+    return net.to(device).eval(), dict(checkpoint.info)
 
 
 # ----------------------------------------------------------------------------- training
@@ -353,15 +328,12 @@ def classify_accuracy(net: DomainNet, images_u8: np.ndarray, labels: np.ndarray,
 
 
 def _save_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, epoch: int, fingerprint: str) -> None:
-    from safetensors.torch import save_file
-
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     metadata = {"epoch": str(epoch), "fingerprint": fingerprint}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    save_safetensors(path, tensors, metadata)
 
 
 def _load_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, fingerprint: str) -> int:

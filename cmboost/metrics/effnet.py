@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cmboost.checkpoints import torch_load, weights_digest  # the same content hash as the domain nets'
 from cmboost.errors import UserInputError
-from cmboost.metrics.domain_net import weights_digest  # the same content hash as the domain nets'
 from cmboost.metrics.features import FeatureExtractor, check_resizable
 from cmboost.runtime import autocast
 
@@ -142,11 +142,7 @@ def resolve_effnet_weights(path: str | os.PathLike | None = None) -> Path:
 
 def load_effnet(path: str | os.PathLike | None = None) -> EfficientNetLite0:
     weights = resolve_effnet_weights(path)
-    try:
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many classes
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserInputError(f"{weights}: not a weights-only PyTorch state dict ({type(err).__name__}: {first})") from None
+    state_dict = torch_load(weights)
     if not isinstance(state_dict, dict) or not state_dict:
         raise UserInputError(f"{weights}: holds no state dict")
     net = EfficientNetLite0()

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cmboost.atomic import atomic_open
+from cmboost.checkpoints import torch_load, weights_digest
 from cmboost.errors import UserInputError
 from cmboost.runtime import autocast, resolve_device, resolve_precision
 
@@ -180,11 +181,7 @@ class InceptionFeatures(FeatureExtractor):
                      channels_last: bool = True) -> "InceptionFeatures":
         port_module = _import_port()
         weights = resolve_inception_weights(path, allow_download)
-        try:
-            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors come in many classes
-            raise UserInputError(f"{weights}: not a weights-only PyTorch state dict ({type(err).__name__}: "
-                                 f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        state_dict = torch_load(weights)
         if not isinstance(state_dict, dict) or not state_dict:
             raise UserInputError(f"{weights}: holds no state dict")
         try:
@@ -239,8 +236,6 @@ class DomainFeatures(FeatureExtractor):
     spatial_dim = None
 
     def __init__(self, net, name: str, device: torch.device | str = "cpu", precision: str = "fp32"):
-        from cmboost.metrics.domain_net import weights_digest
-
         # channels-last: about 2x faster for these narrow convolutions on CPU (benchmarks/features_speed.py)
         self.net = net.to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.name = str(name)
