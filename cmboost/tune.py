@@ -32,6 +32,7 @@ from cmboost.controls import UnsharpControl, l2_change, unsharp_mask
 from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
+from cmboost.jobs import check_same_config, read_record, write_record
 
 FORMAT = "cmboost.tune/1"
 BOOST_METHODS = ("pgd", "sgld", "bigroc")     # what `cmboost boost` runs
@@ -143,12 +144,10 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                    "judge": judge.identity, "reference": _digest(reference.mu), "precision": precision}
     partial = out.with_name(out.name + ".partial.json")
     done: dict[str, dict] = {}
-    if partial.is_file() and not overwrite:
-        saved = json.loads(partial.read_text())
-        if saved.get("fingerprint") != fingerprint:
-            raise UserInputError(f"{partial}: holds a partial tune of other samples, networks or judge; rerun "
-                                 "the same command to resume, or delete it to start over")
-        done = saved["rows"]
+    saved = None if overwrite else read_record(partial)
+    if saved is not None:
+        check_same_config(saved.get("fingerprint", {}), fingerprint, partial)
+        done = saved.get("rows", {})
 
     def score(images_u8: np.ndarray) -> dict:
         result = evaluate_images(images_u8, reference, judge)
@@ -171,7 +170,7 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                 row = {"method": method, "hyper": hyper, "metrics": score(boosted),
                        "mean_l2_change": float(change.mean())}
             done[key] = dict(row, seconds=round(time.perf_counter() - t0, 2))
-            atomic_write_text(partial, json.dumps({"fingerprint": fingerprint, "rows": done}, indent=1))
+            write_record(partial, {"fingerprint": fingerprint, "rows": done})
             bar.update(1)
 
     rows = [done[k] for k in keys]
