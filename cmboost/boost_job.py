@@ -75,7 +75,7 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
         model = model.to(memory_format=torch.channels_last)
 
     def process(indices):
-        x = to_float(np.array(images[indices[0]:indices[-1] + 1])).to(device)  # a copy off the map
+        x = to_float(images[indices[0]:indices[-1] + 1].copy(order="C")).to(device)  # off the map, NCHW strides
         if label_source == "file":
             y = torch.as_tensor(labels[indices[0]:indices[-1] + 1], device=device)
         else:

@@ -204,7 +204,9 @@ def load_samples(path: str | os.PathLike, num_classes: int | None = None) -> tup
         member = _image_member(archive, path)
         labels = _labels(archive, path)
         images = read_member(archive, path, member)
-    images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    # A copy, not ascontiguousarray: with one channel the transposed view already counts as contiguous but
+    # keeps NHWC strides, which torch reads as channels-last and convolves with other kernels.
+    images = images.transpose(0, 3, 1, 2).copy(order="C")
     check_samples(images, labels, str(path), num_classes)
     return images, labels
 
