@@ -343,9 +343,9 @@ def load_feature_extractor(spec: str = "fmnist", device: torch.device | str | No
                            precision: str | None = None, inception_weights: str | os.PathLike | None = None,
                            allow_download: bool = True,
                            dinov2_weights: str | os.PathLike | None = None) -> FeatureExtractor:
-    """`spec`: "inception", "dinov2" (DINOv2 ViT-L/14, metrics/dinov2.py), "effnet-lite0" (ImageNet EfficientNet-Lite0, metrics/effnet.py; weights
-    from $CMBOOST_EFFNET_WEIGHTS or the `cmboost[judges]` package), a shipped domain net ("fmnist"),
-    or a domain-net checkpoint path.
+    """`spec`: "inception", "dinov2" (DINOv2 ViT-L/14, metrics/dinov2.py), "effnet-lite0" (ImageNet
+    EfficientNet-Lite0, metrics/effnet.py; weights from $CMBOOST_EFFNET_WEIGHTS or the
+    `cmboost[judges]` package), a shipped domain net ("fmnist"), or a domain-net checkpoint path.
     Precision defaults to fp32 (comparable numbers); pass "bf16" for speed on GPU."""
     if isinstance(spec, FeatureExtractor):
         return spec
