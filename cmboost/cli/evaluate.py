@@ -24,16 +24,12 @@ def run(args: argparse.Namespace) -> int:
 
 def extractors(args) -> list:
     """The feature extractors of --features (comma-separated), on --device, set up for torchrun."""
-    from cmboost.metrics.features import load_feature_extractor
+    from cmboost.metrics.feature_nets import extractors_for
     from cmboost.runtime import init_distributed, resolve_device
 
-    specs = [spec.strip() for spec in args.features.split(",")]
-    if any(not spec for spec in specs):
-        raise UserInputError(f"--features {args.features!r}: empty name in the list")
     device = resolve_device(args.device)
     init_distributed(device)
-    return [load_feature_extractor(spec, device, args.precision, args.inception_weights,
-                                   dinov2_weights=args.dinov2_weights) for spec in specs]
+    return extractors_for(args.features, device, args.precision, args.inception_weights, args.dinov2_weights)
 
 
 def run_samples(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ import torch
 from cmboost.atomic import atomic_open
 from cmboost.data import open_zip, read_npy_header
 from cmboost.errors import UserInputError
-from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
+from cmboost.metrics.feature_nets import extractors_for, fd_results, reference_for
+from cmboost.metrics.features import FeatureExtractor
 from cmboost.metrics.reference import Reference, load_references
 from cmboost.metrics.stats import (RunningStats, density_coverage, frechet_distance, inception_score,
                                    kernel_inception_distance, knn_radii, polynomial_kernel, precision_recall, psd_sqrt)
@@ -201,18 +202,18 @@ def evaluate_source(source: ImageSource, reference, features="fmnist", batch_siz
     the first of `features` (an extractor, a spec, "inception,dinov2", or a list); with several,
     also the Frechet distance in each network's features (fd_<name>) against the reference made with it."""
     refs = load_references(reference)
-    extractors = _extractors(features, device, precision, inception_weights, dinov2_weights)
+    extractors = extractors_for(features, device, precision, inception_weights, dinov2_weights)
     extractor = extractors[0]
     for each in extractors:
         each.check_images(source.shape, source.name)
-    ref = _reference_for(refs, extractor)
+    ref = reference_for(refs, extractor)
     if len(source) <= PR_NEIGHBOURS:
         raise UserInputError(f"{source.name}: {len(source)} images; need more than {PR_NEIGHBOURS} "
                              "(k-NN precision/recall)")
     samples = extract_features(source, extractor, batch_size, progress=progress, desc="samples")
     others = []  # (extractor, its reference or None, the samples' statistics in its features or None)
     for other in extractors[1:]:
-        other_ref = _reference_for(refs, other, required=False)
+        other_ref = reference_for(refs, other, required=False)
         stats = None if other_ref is None or other_ref.mu is None else extract_features(
             source, other, batch_size, keep=np.empty(0, dtype=np.int64), keep_probs=False, progress=progress,
             desc=f"samples ({other.name})")
@@ -262,7 +263,7 @@ def evaluate_source(source: ImageSource, reference, features="fmnist", batch_siz
         result["kid"], result["kid_std"], kid_note = _kid(ref, ref_features, samples.pool)
         if kid_note:
             notes["kid"] = notes["kid_std"] = kid_note
-        fd_keys = _fd_results(result, notes, extractor, others) if others else {}
+        fd_keys = fd_results(result, notes, extractor, others) if others else {}
         result = {key: result[key] for key in METRIC_KEYS + KID_KEYS + DC_KEYS + tuple(fd_keys)}
         if fd_keys:
             result["fd_feature_nets"] = fd_keys
@@ -276,55 +277,6 @@ def evaluate_source(source: ImageSource, reference, features="fmnist", batch_siz
         torch.distributed.broadcast_object_list(box, src=0)
         result = box[0]
     return result
-
-
-def _extractors(features, device, precision, inception_weights, dinov2_weights) -> list[FeatureExtractor]:
-    specs = features.split(",") if isinstance(features, str) else \
-        list(features) if isinstance(features, (list, tuple)) else [features]
-    specs = [spec.strip() if isinstance(spec, str) else spec for spec in specs]
-    if not specs or any(spec == "" for spec in specs):
-        raise UserInputError(f"--features {features!r}: empty name in the list")
-    extractors = [load_feature_extractor(spec, device, precision, inception_weights, dinov2_weights=dinov2_weights)
-                  for spec in specs]
-    from cmboost.metrics.ref_pickle import fd_key
-
-    keys = [fd_key(e.name) for e in extractors]
-    if len(set(keys)) != len(keys):
-        raise UserInputError(f"--features {features!r}: a feature network is listed twice")
-    return extractors
-
-
-def _reference_for(refs: list[Reference], extractor: FeatureExtractor, required: bool = True) -> Reference | None:
-    """The reference made with `extractor`'s network; for the first extractor a mismatch is an error."""
-    matching = [ref for ref in refs if ref.net == extractor.identity]
-    if not matching:
-        if not required:
-            return None
-        if len(refs) == 1:
-            refs[0].check_against(extractor)  # raises, naming both networks
-        raise UserInputError(f"--ref: none of {', '.join(r.source for r in refs)} was made with --features "
-                             f"{extractor.name} ({extractor.identity}); they hold {', '.join(r.net for r in refs)}")
-    matching[0].check_against(extractor)
-    return matching[0]
-
-
-def _fd_results(result: dict, notes: dict, first: FeatureExtractor, others: list) -> dict[str, str]:
-    """Adds fd_<name> for every feature network (the first one's is its FID); returns {key: identity}."""
-    from cmboost.metrics.ref_pickle import fd_key
-
-    keys = {fd_key(first.name): first.identity}
-    result[fd_key(first.name)] = result["fid"]
-    for other, other_ref, stats in others:
-        key = fd_key(other.name)
-        keys[key] = other.identity
-        if stats is None:
-            result[key] = None
-            notes[key] = (f"no --ref was made with {other.identity}; add one (an EDM2 .pkl, or "
-                          f"'cmboost evaluate-ref --features {other.name}')" if other_ref is None
-                          else f"{other_ref.source} holds no mu/sigma")
-        else:
-            result[key] = frechet_distance(other_ref.mu, other_ref.sigma, stats.mu, stats.sigma)
-    return keys
 
 
 def _kid(ref: Reference, ref_features: np.ndarray | None, fake_features: np.ndarray) -> tuple:
