@@ -84,3 +84,19 @@ def test_gpu_float64_equals_cpu():
     gpu = frechet_distance(mu1, s1, mu2, s2, device="cuda")
     on_gpu_tensors = frechet_distance(*(torch.as_tensor(v, device="cuda") for v in (mu1, s1, mu2, s2)))
     assert gpu == pytest.approx(cpu, rel=1e-9) and on_gpu_tensors == pytest.approx(cpu, rel=1e-9)
+
+
+def test_cpu_congruence_equals_the_two_products_and_leaves_inputs_alone():
+    from cmboost.metrics.stats import _congruence
+
+    rng = np.random.default_rng(8)
+    (_, s1), (_, s2) = _stats(rng, 90, 30), _stats(rng, 90, 30, scale=0.5)
+    before1, before2 = s1.copy(), s2.copy()
+    factor = torch.linalg.cholesky(torch.from_numpy(s1))
+    reduced, uplo = _congruence(factor, torch.from_numpy(s2))
+    expected = (factor.T @ torch.from_numpy(s2) @ factor).numpy()
+    triangle = np.triu if uplo == "U" else np.tril
+    np.testing.assert_allclose(triangle(reduced.numpy()), triangle(expected), rtol=1e-10, atol=1e-12)
+    frechet_distance(np.zeros(30), s1, np.ones(30), s2)
+    np.testing.assert_array_equal(s1, before1)
+    np.testing.assert_array_equal(s2, before2)

@@ -27,7 +27,7 @@ from cmboost.metrics.feature_nets import extractors_for, fd_results, reference_f
 from cmboost.metrics.features import FeatureExtractor
 from cmboost.metrics.reference import Reference, load_references
 from cmboost.metrics.stats import (RunningStats, density_coverage, frechet_distance, inception_score,
-                                   kernel_inception_distance, knn_radii, polynomial_kernel, precision_recall, psd_sqrt)
+                                   kernel_inception_distance, knn_radii, polynomial_kernel, precision_recall)
 from cmboost.runtime import dist_info, gather
 
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
@@ -231,10 +231,8 @@ def evaluate_source(source: ImageSource, reference, features="fmnist", batch_siz
 
     result: dict = {}
     if dist_info().is_main:
-        if "sqrt_sigma" not in ref.cache:
-            ref.cache["sqrt_sigma"] = psd_sqrt(ref.sigma)
-        result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma,
-                                         sqrt_sigma1=ref.cache["sqrt_sigma"])
+        # no cached sqrt(sigma): a fresh Cholesky factor is cheaper than products with a cached root
+        result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma)
         if samples.mu_s is None:
             result["sfid"], notes["sfid"] = None, extractor.spatial_reason
         elif ref.mu_s is None:

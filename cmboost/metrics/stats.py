@@ -82,18 +82,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1=No
         raise ValueError(f"Frechet distance: covariances {tuple(sigma1.shape)}, {tuple(sigma2.shape)} do not "
                          f"match dimension {dim}")
     for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
-        if not bool(torch.isfinite(value).all()):
+        if not bool(torch.isfinite(value.sum())):  # one NaN or inf anywhere makes the sum one
             raise ValueError(f"Frechet distance: {name} contains NaN or inf (broken features?)")
     diff = mu1 - mu2
     return float(diff @ diff + torch.trace(sigma1) + torch.trace(sigma2)
                  - 2.0 * trace_sqrt_product(sigma1, sigma2, eps, sqrt_sigma1, device))
 
 
-def _psd_eigenvalues(matrix: torch.Tensor, name: str, eps: float, vectors: bool = False):
+def _psd_eigenvalues(matrix: torch.Tensor, name: str, eps: float, vectors: bool = False, uplo: str = "L"):
     """Eigenvalues (clipped at 0), and the vectors when asked, of a symmetric matrix that must be
-    PSD up to rounding."""
-    matrix = (matrix + matrix.T) / 2.0
-    values, basis = torch.linalg.eigh(matrix) if vectors else (torch.linalg.eigvalsh(matrix), None)
+    PSD up to rounding; only its `uplo` triangle is read."""
+    values, basis = torch.linalg.eigh(matrix, UPLO=uplo) if vectors else \
+        (torch.linalg.eigvalsh(matrix, UPLO=uplo), None)
     scale = max(float(values.abs().max()) if values.numel() else 0.0, 1.0)
     lowest = float(values.min()) if values.numel() else 0.0
     if lowest < -max(eps, 1e-10) * scale:
@@ -121,25 +121,40 @@ def trace_sqrt_product(sigma1, sigma2, eps: float = 1e-6, sqrt_sigma1=None,
     eigendecomposition, so it is tried first, on S1 and then on S2 (S1 S2 and S2 S1 share their
     eigenvalues); a rank-deficient pair (fewer samples than dimensions) falls back to the
     eigendecomposition square root, which is defined for any PSD matrix. Either way one symmetric
-    eigenvalue problem remains, and only its eigenvalues are computed."""
+    eigenvalue problem remains, and only its eigenvalues are computed. Symmetric inputs are read
+    from one triangle, as LAPACK does."""
     device = _pick_device(device, sigma1, sigma2, sqrt_sigma1)
     s1, s2 = _as_float64_tensor(sigma1, device), _as_float64_tensor(sigma2, device)
+    inner, uplo = None, "L"
     if sqrt_sigma1 is not None:
         root = _as_float64_tensor(sqrt_sigma1, device)
         inner = root @ s2 @ root
     else:
-        inner = None
         for a, b in ((s1, s2), (s2, s1)):
-            factor, info = torch.linalg.cholesky_ex((a + a.T) / 2.0)
+            factor, info = torch.linalg.cholesky_ex(a)
             if int(info) == 0:
-                inner = factor.T @ b @ factor
+                inner, uplo = _congruence(factor, b)
                 break
         if inner is None:
             values, vectors = _psd_eigenvalues(s1, "sigma1", eps, vectors=True)
             root = (vectors * values.sqrt()) @ vectors.T
             inner = root @ s2 @ root
-    values, _ = _psd_eigenvalues(inner, "sigma1 sigma2", eps)
+    values, _ = _psd_eigenvalues(inner, "sigma1 sigma2", eps, uplo=uplo)
     return float(values.sqrt().sum())
+
+
+def _congruence(factor: torch.Tensor, matrix: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """(L^T A L, the triangle that holds it) for lower-triangular L. On the CPU, LAPACK's sygst
+    (itype 2) forms it with half the arithmetic of two matrix products (about 2x faster at 2048-d
+    here); elsewhere the products run where the tensors are."""
+    if factor.device.type == "cpu":
+        from scipy.linalg import lapack
+
+        # Fortran-ordered views, no copies: U = L^T is upper (B = U^T U), A^T = A is read upper
+        reduced, info = lapack.dsygst(matrix.numpy().T, factor.numpy().T, itype=2, lower=0)
+        if info == 0:
+            return torch.from_numpy(reduced), "U"
+    return factor.T @ matrix @ factor, "L"
 
 
 # ----------------------------------------------------------------------------- Inception Score
