@@ -71,7 +71,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1=No
     for negative rounding). Covariances with clearly negative eigenvalues are not covariances: the
     square root would be imaginary, and that raises. Runs in torch float64 on `device` (default: the
     device of a tensor argument, else the CPU), so a GPU does the decompositions when asked.
-    `sqrt_sigma1` (psd_sqrt(sigma1)) may be passed in when the same reference is reused."""
+    `sqrt_sigma1` (psd_sqrt(sigma1)) may be passed in; it replaces the Cholesky route, which is faster."""
     device = _pick_device(device, mu1, sigma1, mu2, sigma2, sqrt_sigma1)
     mu1, mu2 = (_as_float64_tensor(v, device).reshape(-1) for v in (mu1, mu2))
     sigma1, sigma2 = (torch.atleast_2d(_as_float64_tensor(v, device)) for v in (sigma1, sigma2))
