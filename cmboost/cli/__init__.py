@@ -16,6 +16,7 @@ from cmboost.cli import boost as boost_verb
 from cmboost.cli import convert as convert_verb
 from cmboost.cli import demo as demo_verb
 from cmboost.cli import evaluate as evaluate_verb
+from cmboost.cli import evaluate_ref as evaluate_ref_verb
 from cmboost.cli import info as info_verb
 from cmboost.cli import sample as sample_verb
 from cmboost.cli import train_cm as train_cm_verb
@@ -23,8 +24,8 @@ from cmboost.cli import train_features as train_features_verb
 from cmboost.cli import train_jcd as train_jcd_verb
 from cmboost.cli import tune as tune_verb
 
-VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, tune_verb, evaluate_verb, train_cm_verb, train_jcd_verb,
-                train_features_verb, convert_verb]
+VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, tune_verb, evaluate_verb, evaluate_ref_verb,
+                train_cm_verb, train_jcd_verb, train_features_verb, convert_verb]
 
 
 def build_parser() -> argparse.ArgumentParser:

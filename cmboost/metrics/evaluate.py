@@ -1,7 +1,8 @@
 """The evaluation pipeline: images -> features (batched, sharded under torchrun) -> metrics.
 
-Result keys are fixed: fid, sfid, is, precision, recall, kid, kid_std (a metric that cannot be computed is None,
-and notes[key] says why), plus num_samples, num_reference, feature_net, features.
+Result keys are fixed: fid, sfid, is, precision, recall, kid, kid_std, density, coverage (a metric that
+cannot be computed is None, and notes[key] says why), then fd_<name> for each feature network when
+several are asked for, plus num_samples, num_reference, feature_net, features (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import torch
 
 from cmboost.atomic import atomic_open
 from cmboost.errors import UserInputError
-from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
-from cmboost.metrics.reference import Reference, load_reference
-from cmboost.metrics.stats import (RunningStats, frechet_distance, inception_score, kernel_inception_distance,
-                                   knn_radii, polynomial_kernel, precision_recall, psd_sqrt)
+from cmboost.metrics.feature_nets import extractors_for, fd_results, reference_for
+from cmboost.metrics.features import FeatureExtractor
+from cmboost.metrics.reference import Reference, load_references
+from cmboost.metrics.stats import (RunningStats, density_coverage, frechet_distance, inception_score,
+                                   kernel_inception_distance, knn_radii, polynomial_kernel, precision_recall)
 from cmboost.runtime import dist_info, gather
 from cmboost.samples import ArraySource, ImageSource, open_samples
 
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
 KID_KEYS = ("kid", "kid_std")  # unbiased KID and its std over subsets; they follow METRIC_KEYS in every result
+DC_KEYS = ("density", "coverage")  # Naeem et al. 2020 on the precision k-NN balls; they follow KID_KEYS
 IS_SPLIT_SIZE = 5000   # guided-diffusion evaluator
 PR_NEIGHBOURS = 3      # k of the k-NN manifolds
 
@@ -76,7 +79,9 @@ def extract_features(source: ImageSource, extractor: FeatureExtractor, batch_siz
             if spatial_stats is not None:
                 spatial_stats.update(out["spatial"].cpu())
             mask = keep_mask[start : start + len(batch)]
-            probs = torch.softmax(out["logits"].double(), dim=1).float().cpu().numpy() if keep_probs else None
+            probs = None
+            if keep_probs and out["logits"] is not None:  # None: a network without a classifier (DINOv2)
+                probs = torch.softmax(out["logits"].double(), dim=1).float().cpu().numpy()
             parts.append((pool.numpy()[mask], probs, batch[mask] if keep_images else None))
             bar.update(len(batch))
     parts = gather(parts, info)
@@ -91,7 +96,7 @@ def extract_features(source: ImageSource, extractor: FeatureExtractor, batch_siz
     mu, sigma = pool_stats.finalize()
     mu_s, sigma_s = spatial_stats.finalize() if spatial_stats is not None else (None, None)
     pool = np.concatenate([p[0] for p in parts]) if parts else None
-    probs = np.concatenate([p[1] for p in parts]) if keep_probs else None
+    probs = np.concatenate([p[1] for p in parts]) if keep_probs and parts and parts[0][1] is not None else None
     images = np.concatenate([p[2] for p in parts]) if keep_images else None
     return FeatureSet(n, mu, sigma, mu_s, sigma_s, pool, probs, images)
 
@@ -99,19 +104,31 @@ def extract_features(source: ImageSource, extractor: FeatureExtractor, batch_siz
 # ----------------------------------------------------------------------------- metrics
 
 
-def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLike,
-                    features: FeatureExtractor | str = "fmnist", batch_size: int = 256,
+def evaluate_source(source: ImageSource, reference, features="fmnist", batch_size: int = 256,
                     device: torch.device | str | None = None, precision: str | None = None,
-                    inception_weights: str | os.PathLike | None = None, progress: bool = False) -> dict:
-    """FID, sFID, IS, precision and recall of the images in `source` against `reference`."""
-    ref = reference if isinstance(reference, Reference) else load_reference(reference)
-    extractor = load_feature_extractor(features, device, precision, inception_weights)
-    extractor.check_images(source.shape, source.name)
-    ref.check_against(extractor)
+                    inception_weights: str | os.PathLike | None = None, progress: bool = False,
+                    dinov2_weights: str | os.PathLike | None = None) -> dict:
+    """FID, sFID, IS, precision, recall, KID, density and coverage of the images in `source` against
+    `reference` (a Reference, a path, or several: see reference.load_references), in the features of
+    the first of `features` (an extractor, a spec, "inception,dinov2", or a list); with several,
+    also the Frechet distance in each network's features (fd_<name>) against the reference made with it."""
+    refs = load_references(reference)
+    extractors = extractors_for(features, device, precision, inception_weights, dinov2_weights)
+    extractor = extractors[0]
+    for each in extractors:
+        each.check_images(source.shape, source.name)
+    ref = reference_for(refs, extractor)
     if len(source) <= PR_NEIGHBOURS:
         raise UserInputError(f"{source.name}: {len(source)} images; need more than {PR_NEIGHBOURS} "
                              "(k-NN precision/recall)")
     samples = extract_features(source, extractor, batch_size, progress=progress, desc="samples")
+    others = []  # (extractor, its reference or None, the samples' statistics in its features or None)
+    for other in extractors[1:]:
+        other_ref = reference_for(refs, other, required=False)
+        stats = None if other_ref is None or other_ref.mu is None else extract_features(
+            source, other, batch_size, keep=np.empty(0, dtype=np.int64), keep_probs=False, progress=progress,
+            desc=f"samples ({other.name})")
+        others.append((other, other_ref, stats))
 
     notes: dict[str, str] = {}
     ref_features = ref.features
@@ -125,23 +142,24 @@ def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLik
 
     result: dict = {}
     if dist_info().is_main:
-        if "sqrt_sigma" not in ref.cache:
-            ref.cache["sqrt_sigma"] = psd_sqrt(ref.sigma)
-        result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma,
-                                         sqrt_sigma1=ref.cache["sqrt_sigma"])
+        # no cached sqrt(sigma): a fresh Cholesky factor is cheaper than products with a cached root
+        result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma)
         if samples.mu_s is None:
             result["sfid"], notes["sfid"] = None, extractor.spatial_reason
         elif ref.mu_s is None:
             result["sfid"], notes["sfid"] = None, f"{ref.source} holds no spatial statistics (mu_s, sigma_s)"
         else:
             result["sfid"] = frechet_distance(samples.mu_s, samples.sigma_s, ref.mu_s, ref.sigma_s)
-        result["is"] = inception_score(samples.probs, IS_SPLIT_SIZE)
-        if ref_features is None:
-            result["precision"] = result["recall"] = None
-            notes["precision"] = notes["recall"] = f"{ref.source} holds neither reference images nor features"
-        elif len(ref_features) <= PR_NEIGHBOURS:
-            result["precision"] = result["recall"] = None
-            notes["precision"] = notes["recall"] = f"{ref.source}: {len(ref_features)} reference rows, too few for k=3"
+        if samples.probs is None:
+            result["is"], notes["is"] = None, extractor.logits_reason or f"{extractor.name} gives no class logits"
+        else:
+            result["is"] = inception_score(samples.probs, IS_SPLIT_SIZE)
+        knn_keys = ("precision", "recall") + DC_KEYS
+        if ref_features is None or len(ref_features) <= PR_NEIGHBOURS:
+            reason = (f"{ref.source} holds neither reference images nor features" if ref_features is None else
+                      f"{ref.source}: {len(ref_features)} reference rows, too few for k=3")
+            result.update(dict.fromkeys(knn_keys))
+            notes.update(dict.fromkeys(knn_keys, reason))
         else:
             key = ("radii", PR_NEIGHBOURS, len(ref_features))
             if key not in ref.cache:
@@ -149,10 +167,15 @@ def evaluate_source(source: ImageSource, reference: Reference | str | os.PathLik
                 ref.cache[key] = knn_radii(real, PR_NEIGHBOURS)  # on the extractor's device, as before caching
             result["precision"], result["recall"] = precision_recall(
                 ref_features, samples.pool, k=PR_NEIGHBOURS, device=extractor.device, real_radii=ref.cache[key])
+            result["density"], result["coverage"] = density_coverage(
+                ref_features, samples.pool, k=PR_NEIGHBOURS, device=extractor.device, real_radii=ref.cache[key])
         result["kid"], result["kid_std"], kid_note = _kid(ref, ref_features, samples.pool)
         if kid_note:
             notes["kid"] = notes["kid_std"] = kid_note
-        result = {key: result[key] for key in METRIC_KEYS + KID_KEYS}
+        fd_keys = fd_results(result, notes, extractor, others) if others else {}
+        result = {key: result[key] for key in METRIC_KEYS + KID_KEYS + DC_KEYS + tuple(fd_keys)}
+        if fd_keys:
+            result["fd_feature_nets"] = fd_keys
         result.update(notes={k: v for k, v in notes.items()}, num_samples=samples.count,
                       num_reference=None if ref_features is None else int(len(ref_features)),
                       reference_count=ref.count, feature_net=extractor.identity, features=extractor.name,
@@ -181,19 +204,21 @@ def _kid(ref: Reference, ref_features: np.ndarray | None, fake_features: np.ndar
 def evaluate_images(images_u8: np.ndarray, reference: Reference | str | os.PathLike,
                     features: FeatureExtractor | str = "fmnist", batch_size: int = 256,
                     device: torch.device | str | None = None, precision: str | None = None,
-                    inception_weights: str | os.PathLike | None = None, progress: bool = False) -> dict:
-    """Metrics of in-memory uint8 NCHW images against a reference (a Reference or an .npz path)."""
+                    inception_weights: str | os.PathLike | None = None, progress: bool = False,
+                    dinov2_weights: str | os.PathLike | None = None) -> dict:
+    """Metrics of in-memory uint8 NCHW images against a reference (a Reference or a .npz/.pkl path)."""
     return evaluate_source(ArraySource(np.asarray(images_u8), "images"), reference, features, batch_size,
-                           device, precision, inception_weights, progress)
+                           device, precision, inception_weights, progress, dinov2_weights)
 
 
 def evaluate_file(samples: str | os.PathLike, reference: Reference | str | os.PathLike,
                   features: FeatureExtractor | str = "fmnist", batch_size: int = 256,
                   device: torch.device | str | None = None, precision: str | None = None,
-                  inception_weights: str | os.PathLike | None = None, progress: bool = False) -> dict:
+                  inception_weights: str | os.PathLike | None = None, progress: bool = False,
+                  dinov2_weights: str | os.PathLike | None = None) -> dict:
     """Metrics of a sample .npz (streamed) or PNG folder against a reference."""
     return evaluate_source(open_samples(samples), reference, features, batch_size, device, precision,
-                           inception_weights, progress)
+                           inception_weights, progress, dinov2_weights)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -209,6 +234,14 @@ def format_table(result: dict) -> str:
         lines.append(f"{labels[key]:<10} {text}")
     if isinstance(result.get("kid"), float):
         lines.append(f"{'KID':<10} {result['kid']:.6f} +- {result['kid_std']:.6f} (std over subsets)")
+    extra = {"density": "Density", "coverage": "Coverage"}
+    extra.update({key: f"FD {key[3:]}" for key in result if key.startswith("fd_") and key != "fd_feature_nets"})
+    for key, label in extra.items():
+        if key in result:
+            value = result[key]
+            text = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else \
+                f"n/a ({result.get('notes', {}).get(key, 'not computed')})"
+            lines.append(f"{label:<10} {text}")
     return "\n".join(lines)
 
 

@@ -2,11 +2,12 @@
 
 Every extractor returns a dict with
 - "pool":    float32 [N, D]  features for FID and precision/recall,
-- "logits":  float32 [N, K]  class logits whose softmax feeds the Inception Score,
+- "logits":  float32 [N, K]  class logits whose softmax feeds the Inception Score, or None when
+  the network has no classifier (then `logits_reason` says why, and IS is reported as missing),
 - "spatial": float32 [N, S]  features for sFID, or None when the network defines none
   (then `spatial_reason` says why, and sFID is reported as missing, never faked).
 
-Two kinds:
+Three kinds:
 - Inception-v3 of the protocol (docs/method.md §6), torch-fidelity's port of the TF 2015-12-05 graph.
   Pool = the 2048-d pool_3 features; logits = pool_3 times the softmax weights without bias (the
   guided-diffusion evaluator's softmax input, torch-fidelity's "logits_unbiased", 1008 classes);
@@ -15,6 +16,8 @@ Two kinds:
   and mixed_6/conv that block's branch1x1 (1x1 conv + BN + ReLU, 192 channels at 17x17), so it
   is read from there. The TF resize to 299 (legacy bilinear, align_corners=False) is done as two
   batched matrix products, equal to torch-fidelity's resize up to float rounding.
+- DINOv2 ViT-L/14 (dinov2.py) for FD_DINOv2: pool = the 1024-d CLS token; no logits (None), so
+  no IS, and no spatial map.
 - A domain network (domain_net.py) for small datasets: pool = its feature layer, no spatial map.
 """
 
@@ -53,6 +56,7 @@ class FeatureExtractor:
     num_classes: int = 0
     spatial_dim: int | None = None
     spatial_reason: str | None = None
+    logits_reason: str | None = None
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
 
@@ -105,37 +109,47 @@ def tf1_resize(x: torch.Tensor, size: int, cache: dict | None = None) -> torch.T
 # ----------------------------------------------------------------------------- Inception
 
 
-def resolve_inception_weights(path: str | os.PathLike | None = None, allow_download: bool = True) -> Path:
-    """The Inception weights file: `path` (a file, or a folder holding it), else $CMBOOST_WEIGHTS
-    (likewise), else torch's hub cache (where torch-fidelity keeps it), else a download into that
-    cache when the internet is reachable (not when $CMBOOST_OFFLINE is set). Raises one line naming
-    the file and where to put it."""
+def resolve_weights(file: str, url: str, flag: str, what: str, path: str | os.PathLike | None = None,
+                    allow_download: bool = True, env_may_name_file: bool = False) -> Path:
+    """A weights file named `file`: `path` (a file, or a folder holding it), else $CMBOOST_WEIGHTS
+    (a folder holding it; or, where `env_may_name_file`, the .pth file itself), else torch's hub
+    cache (where torch.hub and torch-fidelity keep it), else a download from `url` into that cache
+    when the internet is reachable (not when $CMBOOST_OFFLINE is set). Raises one line naming the
+    file and where to put it."""
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     if path:
         given = Path(path)
-        found = given / INCEPTION_FILE if given.is_dir() else given
+        found = given / file if given.is_dir() else given
         if not found.is_file():
-            raise UserInputError(f"--inception-weights {path}: no such file (expected {INCEPTION_FILE}; "
-                                 f"download it from {INCEPTION_URL})")
+            raise UserInputError(f"{flag} {path}: no such file (expected {file}; download it from {url})")
         return found
     places = []
     if os.environ.get("CMBOOST_WEIGHTS"):
         env = Path(os.environ["CMBOOST_WEIGHTS"])
-        places.append(env if env.suffix == ".pth" else env / INCEPTION_FILE)
-    places.append(hub / INCEPTION_FILE)
+        if env.suffix == ".pth":  # a file: it names one network's weights; the others sit beside it
+            places.append(env if env_may_name_file or env.name == file else env.parent / file)
+        else:
+            places.append(env / file)
+    places.append(hub / file)
     for place in places:
         if place.is_file():
             return place
     failure = "downloads are off ($CMBOOST_OFFLINE)" if os.environ.get("CMBOOST_OFFLINE") else "no download"
     if allow_download and not os.environ.get("CMBOOST_OFFLINE"):
         try:
-            return _download(INCEPTION_URL, hub / INCEPTION_FILE)
+            return _download(url, hub / file)
         except OSError as err:
             failure = f"download failed: {getattr(err, 'reason', err)}"
     looked = ", ".join(str(p) for p in places)
-    raise UserInputError(f"Inception weights {INCEPTION_FILE} not found (looked in {looked}; {failure}): "
-                         f"download {INCEPTION_URL} and put it in $CMBOOST_WEIGHTS/ or {hub}/, "
-                         "or pass --inception-weights PATH")
+    raise UserInputError(f"{what} weights {file} not found (looked in {looked}; {failure}): "
+                         f"download {url} and put it in $CMBOOST_WEIGHTS/ or {hub}/, or pass {flag} PATH")
+
+
+def resolve_inception_weights(path: str | os.PathLike | None = None, allow_download: bool = True) -> Path:
+    """The Inception weights file, found as `resolve_weights` describes ($CMBOOST_WEIGHTS may
+    also be the .pth path itself, as before other networks had weights files)."""
+    return resolve_weights(INCEPTION_FILE, INCEPTION_URL, "--inception-weights", "Inception", path,
+                           allow_download, env_may_name_file=True)
 
 
 def _download(url: str, target: Path, timeout: float = 60.0) -> Path:
@@ -227,6 +241,63 @@ class InceptionFeatures(FeatureExtractor):
         return {"pool": pool, "logits": logits, "spatial": spatial}
 
 
+# ----------------------------------------------------------------------------- DINOv2
+
+
+class DinoV2Features(FeatureExtractor):
+    """DINOv2 ViT-L/14 CLS features for FD_DINOv2 (metrics/dinov2.py): any image size, grey repeated
+    to RGB, resized to 224. No logits and no spatial map, so IS and sFID are n/a with these alone."""
+
+    num_classes = 0
+    spatial_dim = None
+    spatial_reason = "DINOv2 features have no spatial map; sFID is defined on Inception's mixed_6/conv"
+    logits_reason = "DINOv2 features have no classifier; IS needs class probabilities (list inception first)"
+
+    def __init__(self, model, identity: str, device: torch.device | str = "cpu", precision: str = "fp32"):
+        self.name = "dinov2"
+        self.identity = identity
+        self.device = torch.device(device)
+        self.precision = precision
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.pool_dim = model.config.dim
+
+    @classmethod
+    def from_weights(cls, path: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+                     precision: str = "fp32", allow_download: bool = True) -> "DinoV2Features":
+        from cmboost.metrics.dinov2 import DINOV2_FILE, DINOV2_IDENTITY, DINOV2_URL, load_dinov2
+
+        weights = resolve_weights(DINOV2_FILE, DINOV2_URL, "--dinov2-weights", "DINOv2", path, allow_download)
+        model = load_dinov2(weights)
+        c = model.config
+        # Only the released ViT-L/14 shape is FD_DINOv2's network; other shapes say what they are.
+        identity = DINOV2_IDENTITY if c.is_vitl14 else f"dinov2-vit-{c.dim}x{c.depth}-p{c.patch}-g{c.grid}"
+        return cls(model, identity, device, precision)
+
+    @classmethod
+    def random(cls, seed: int = 0, device: torch.device | str = "cpu", precision: str = "fp32",
+               config=None) -> "DinoV2Features":
+        """Random weights (seeded): for speed measurements and tests only; the identity says so."""
+        from cmboost.metrics.dinov2 import DINOV2_IDENTITY, ViTConfig, random_dinov2
+
+        return cls(random_dinov2(config or ViTConfig(), seed), f"{DINOV2_IDENTITY}-random-{seed}", device, precision)
+
+    def check_images(self, shape: tuple[int, ...], source: str) -> None:
+        from cmboost.metrics.dinov2 import DINOV2_SIZE
+
+        check_resizable(shape, source, "DINOv2", DINOV2_SIZE)
+
+    @torch.no_grad()
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        from cmboost.metrics.dinov2 import preprocess
+
+        if images_u8.dtype != torch.uint8 or images_u8.ndim != 4:
+            raise ValueError(f"expected uint8 NCHW images, got {images_u8.dtype} {tuple(images_u8.shape)}")
+        x = preprocess(images_u8.to(self.device, non_blocking=True))  # fp32 whatever the precision
+        with autocast(self.device, self.precision):
+            pool = self.model(x)
+        return {"pool": pool.float(), "logits": None, "spatial": None}
+
+
 # ----------------------------------------------------------------------------- domain networks
 
 
@@ -265,10 +336,11 @@ class DomainFeatures(FeatureExtractor):
 
 def load_feature_extractor(spec: str = "fmnist", device: torch.device | str | None = None,
                            precision: str | None = None, inception_weights: str | os.PathLike | None = None,
-                           allow_download: bool = True) -> FeatureExtractor:
-    """`spec`: "inception", "effnet-lite0" (ImageNet EfficientNet-Lite0, metrics/effnet.py; weights
-    from $CMBOOST_EFFNET_WEIGHTS or the `cmboost[judges]` package), a shipped domain net ("fmnist"),
-    or a domain-net checkpoint path.
+                           allow_download: bool = True,
+                           dinov2_weights: str | os.PathLike | None = None) -> FeatureExtractor:
+    """`spec`: "inception", "dinov2" (DINOv2 ViT-L/14, metrics/dinov2.py), "effnet-lite0" (ImageNet
+    EfficientNet-Lite0, metrics/effnet.py; weights from $CMBOOST_EFFNET_WEIGHTS or the
+    `cmboost[judges]` package), a shipped domain net ("fmnist"), or a domain-net checkpoint path.
     Precision defaults to fp32 (comparable numbers); pass "bf16" for speed on GPU."""
     if isinstance(spec, FeatureExtractor):
         return spec
@@ -276,6 +348,8 @@ def load_feature_extractor(spec: str = "fmnist", device: torch.device | str | No
     precision = "fp32" if precision in (None, "", "auto") else resolve_precision(precision, device)
     if spec == "inception":
         return InceptionFeatures.from_weights(inception_weights, device, precision, allow_download)
+    if spec == "dinov2":
+        return DinoV2Features.from_weights(dinov2_weights, device, precision, allow_download)
     if spec == "effnet-lite0":
         from cmboost.metrics.effnet import EffNetLite0Features
 

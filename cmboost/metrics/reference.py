@@ -5,11 +5,12 @@ images, uint8 NHWC) and the Inception statistics of the whole training set: `mu`
 features) and `mu_s`, `sigma_s` (spatial features). Precision/recall use the features of `arr_0`,
 computed at evaluation time.
 
-The files cmboost writes (`cmboost evaluate ref`) keep that layout and add:
+The .npz files cmboost writes (`cmboost evaluate-ref`) keep that layout and add:
 `features` (float32 [M, D], the pool features of `arr_0`, so evaluation need not recompute
 them), `feature_net` (which network made the statistics; checked at evaluation), `count`
 (images behind mu/sigma) and `data` (which data). They stay readable by OpenAI's evaluator
-when made with Inception.
+when made with Inception. EDM2-style .pkl references (mu/sigma of one or more feature networks,
+nothing else) are read and written by ref_pickle.py.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Reference:
             raise UserInputError(
                 f"{self.source}: reference made with feature net {self.net}, but --features {extractor.name} "
                 f"is {extractor.identity}; use the matching --features or compute a reference with "
-                "'cmboost evaluate ref'")
+                "'cmboost evaluate-ref'")
         if self.mu is not None and self.mu.shape != (extractor.pool_dim,):
             raise UserInputError(f"{self.source}: mu has shape {self.mu.shape}, the {extractor.name} features "
                                  f"have {extractor.pool_dim} dimensions")
@@ -61,9 +62,32 @@ class Reference:
                                  f"{extractor.name} features have {extractor.pool_dim}")
 
 
+def load_references(spec) -> list[Reference]:
+    """Every reference named by `spec`: a path, a comma-separated string of paths, or a list of
+    either. An EDM2-style .pkl (metrics/ref_pickle.py) gives one Reference per feature network."""
+    if isinstance(spec, Reference):
+        return [spec]
+    if isinstance(spec, (list, tuple)):
+        return [ref for item in spec for ref in load_references(item)]
+    parts = [part for part in str(spec).split(",") if part] if isinstance(spec, str) else [spec]
+    if len(parts) > 1:
+        return load_references(parts)
+    if Path(parts[0]).suffix.lower() == ".pkl":
+        from cmboost.metrics.ref_pickle import load_pickled_references
+
+        return load_pickled_references(parts[0])
+    return [load_reference(parts[0])]
+
+
 def load_reference(path: str | os.PathLike) -> Reference:
-    """Reads an OpenAI reference .npz or one written by save_reference."""
+    """Reads an OpenAI reference .npz, one written by save_reference, or a one-network .pkl."""
     path = Path(path)
+    if path.suffix.lower() == ".pkl":
+        refs = load_references(path)
+        if len(refs) != 1:
+            raise UserInputError(f"--ref {path}: holds statistics of {len(refs)} feature networks "
+                                 f"({', '.join(r.net for r in refs)}); use it with 'cmboost evaluate'")
+        return refs[0]
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:

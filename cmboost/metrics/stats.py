@@ -59,55 +59,102 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1: np.ndarray | None = None) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1=None,
+                     device: torch.device | str | None = None) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 (Heusel et al. 2017, eq. 6).
 
-    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, which are those of
-    the symmetric S1^(1/2) S2 S1^(1/2): two symmetric eigendecompositions instead of a general
-    (Schur) matrix square root. The result equals scipy's sqrtm definition on well-conditioned
-    statistics, costs a fraction of it (1280-d: about 0.5 s instead of 8 s here), never has complex
-    parts, and stays finite for rank-deficient covariances, so the evaluator's eps*I retry is not
-    needed (`eps` is kept only as the tolerance for negative rounding). Covariances with clearly
-    negative eigenvalues are not covariances: the square root would be imaginary, and that raises.
-    `sqrt_sigma1` (psd_sqrt(sigma1)) may be passed in when the same reference is reused."""
-    mu1, mu2 = np.atleast_1d(_as_float64(mu1)), np.atleast_1d(_as_float64(mu2))
-    sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1)), np.atleast_2d(_as_float64(sigma2))
-    if mu1.shape != mu2.shape or mu1.ndim != 1:
-        raise ValueError(f"Frechet distance: means of shapes {mu1.shape} and {mu2.shape} differ")
+    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2; see
+    `trace_sqrt_product` for how they are found without a general (Schur) matrix square root. The
+    result equals scipy's sqrtm definition on well-conditioned statistics, costs a fraction of it
+    (benchmarks/fd_sqrt_speed.py), never has complex parts, and stays finite for rank-deficient
+    covariances, so the evaluator's eps*I retry is not needed (`eps` is kept only as the tolerance
+    for negative rounding). Covariances with clearly negative eigenvalues are not covariances: the
+    square root would be imaginary, and that raises. Runs in torch float64 on `device` (default: the
+    device of a tensor argument, else the CPU), so a GPU does the decompositions when asked.
+    `sqrt_sigma1` (psd_sqrt(sigma1)) may be passed in; it replaces the Cholesky route, which is faster."""
+    device = _pick_device(device, mu1, sigma1, mu2, sigma2, sqrt_sigma1)
+    mu1, mu2 = (_as_float64_tensor(v, device).reshape(-1) for v in (mu1, mu2))
+    sigma1, sigma2 = (torch.atleast_2d(_as_float64_tensor(v, device)) for v in (sigma1, sigma2))
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"Frechet distance: means of shapes {tuple(mu1.shape)} and {tuple(mu2.shape)} differ")
     dim = mu1.shape[0]
     if sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
-        raise ValueError(f"Frechet distance: covariances {sigma1.shape}, {sigma2.shape} do not match dimension {dim}")
+        raise ValueError(f"Frechet distance: covariances {tuple(sigma1.shape)}, {tuple(sigma2.shape)} do not "
+                         f"match dimension {dim}")
     for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
-        if not np.isfinite(value).all():
+        if not bool(torch.isfinite(value.sum())):  # one NaN or inf anywhere makes the sum one
             raise ValueError(f"Frechet distance: {name} contains NaN or inf (broken features?)")
+    diff = mu1 - mu2
+    return float(diff @ diff + torch.trace(sigma1) + torch.trace(sigma2)
+                 - 2.0 * trace_sqrt_product(sigma1, sigma2, eps, sqrt_sigma1, device))
 
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2)
-                 - 2.0 * trace_sqrt_product(sigma1, sigma2, eps, sqrt_sigma1))
 
-
-def _psd_eigenvalues(matrix: np.ndarray, name: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (clipped at 0) and vectors of a symmetric matrix that must be PSD up to rounding."""
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
-    scale = max(float(np.abs(values).max(initial=0.0)), 1.0)
-    if values.min(initial=0.0) < -max(eps, 1e-10) * scale:
-        raise ValueError(f"Frechet distance: {name} has a negative eigenvalue {values.min():.3g}, so its square "
+def _psd_eigenvalues(matrix: torch.Tensor, name: str, eps: float, vectors: bool = False, uplo: str = "L"):
+    """Eigenvalues (clipped at 0), and the vectors when asked, of a symmetric matrix that must be
+    PSD up to rounding; only its `uplo` triangle is read."""
+    values, basis = torch.linalg.eigh(matrix, UPLO=uplo) if vectors else \
+        (torch.linalg.eigvalsh(matrix, UPLO=uplo), None)
+    scale = max(float(values.abs().max()) if values.numel() else 0.0, 1.0)
+    lowest = float(values.min()) if values.numel() else 0.0
+    if lowest < -max(eps, 1e-10) * scale:
+        raise ValueError(f"Frechet distance: {name} has a negative eigenvalue {lowest:.3g}, so its square "
                          "root would have an imaginary component; the covariances are not valid (too few "
                          "samples, or NaN/constant features?)")
-    return np.clip(values, 0.0, None), vectors
+    return values.clamp_min(0.0), basis
 
 
-def psd_sqrt(sigma: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """The symmetric square root of a covariance (float64), from its eigendecomposition."""
-    values, vectors = _psd_eigenvalues(_as_float64(sigma), "sigma1", eps)
-    return (vectors * np.sqrt(values)) @ vectors.T
+def psd_sqrt(sigma, eps: float = 1e-6, device: torch.device | str | None = None):
+    """The symmetric square root of a covariance (float64), from its eigendecomposition; a numpy
+    array for numpy input, else a tensor on `device`."""
+    target = _pick_device(device, sigma)
+    values, vectors = _psd_eigenvalues(_as_float64_tensor(sigma, target), "sigma1", eps, vectors=True)
+    root = (vectors * values.sqrt()) @ vectors.T
+    return root if isinstance(sigma, torch.Tensor) or device is not None else root.cpu().numpy()
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6,
-                       sqrt_sigma1: np.ndarray | None = None) -> float:
-    """tr((S1 S2)^(1/2)) for covariances S1, S2, via eig(S1^(1/2) S2 S1^(1/2)) in float64."""
-    root1 = psd_sqrt(sigma1, eps) if sqrt_sigma1 is None else sqrt_sigma1
-    inner, _ = _psd_eigenvalues(root1 @ sigma2 @ root1, "sqrt(sigma1) sigma2 sqrt(sigma1)", eps)
-    return float(np.sqrt(inner).sum())
+def trace_sqrt_product(sigma1, sigma2, eps: float = 1e-6, sqrt_sigma1=None,
+                       device: torch.device | str | None = None) -> float:
+    """tr((S1 S2)^(1/2)) for covariances S1, S2, in float64 on `device`.
+
+    The eigenvalues of S1 S2 are those of any symmetric matrix similar to it: L^T S2 L when
+    S1 = L L^T (Cholesky), or S1^(1/2) S2 S1^(1/2). The Cholesky factor costs a fraction of an
+    eigendecomposition, so it is tried first, on S1 and then on S2 (S1 S2 and S2 S1 share their
+    eigenvalues); a rank-deficient pair (fewer samples than dimensions) falls back to the
+    eigendecomposition square root, which is defined for any PSD matrix. Either way one symmetric
+    eigenvalue problem remains, and only its eigenvalues are computed. Symmetric inputs are read
+    from one triangle, as LAPACK does."""
+    device = _pick_device(device, sigma1, sigma2, sqrt_sigma1)
+    s1, s2 = _as_float64_tensor(sigma1, device), _as_float64_tensor(sigma2, device)
+    inner, uplo = None, "L"
+    if sqrt_sigma1 is not None:
+        root = _as_float64_tensor(sqrt_sigma1, device)
+        inner = root @ s2 @ root
+    else:
+        for a, b in ((s1, s2), (s2, s1)):
+            factor, info = torch.linalg.cholesky_ex(a)
+            if int(info) == 0:
+                inner, uplo = _congruence(factor, b)
+                break
+        if inner is None:
+            values, vectors = _psd_eigenvalues(s1, "sigma1", eps, vectors=True)
+            root = (vectors * values.sqrt()) @ vectors.T
+            inner = root @ s2 @ root
+    values, _ = _psd_eigenvalues(inner, "sigma1 sigma2", eps, uplo=uplo)
+    return float(values.sqrt().sum())
+
+
+def _congruence(factor: torch.Tensor, matrix: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """(L^T A L, the triangle that holds it) for lower-triangular L. On the CPU, LAPACK's sygst
+    (itype 2) forms it with half the arithmetic of two matrix products (about 2x faster at 2048-d
+    here); elsewhere the products run where the tensors are."""
+    if factor.device.type == "cpu":
+        from scipy.linalg import lapack
+
+        # Fortran-ordered views, no copies: U = L^T is upper (B = U^T U), A^T = A is read upper
+        reduced, info = lapack.dsygst(matrix.numpy().T, factor.numpy().T, itype=2, lower=0)
+        if info == 0:
+            return torch.from_numpy(reduced), "U"
+    return factor.T @ matrix @ factor, "L"
 
 
 # ----------------------------------------------------------------------------- Inception Score
@@ -190,6 +237,37 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     return float(precision), float(recall)
 
 
+def density_coverage(real_features, fake_features, k: int = 3, batch_size: int = 5000,
+                     device: torch.device | str | None = None,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
+    """Density and coverage (Naeem et al. 2020) on the real rows' k-NN balls B(X_i, NND_k(X_i)),
+    the same balls as precision uses (pass its `real_radii` to share them):
+    density  = 1/(k M) sum_j sum_i 1[Y_j in B(X_i)]   (how many real balls hold each generated row),
+    coverage = 1/N sum_i 1[some Y_j in B(X_i)]        (share of real balls holding a generated row),
+    for N real rows X and M generated rows Y. One pass over generated x real blocks, float32
+    distances on `device`, never an N x M matrix; counts are exact integers."""
+    real = _as_float32_tensor(real_features, device)
+    fake = _as_float32_tensor(fake_features, real.device)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"density_coverage: feature shapes {tuple(real.shape)} and {tuple(fake.shape)} do not match")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be at least 1")
+    if fake.shape[0] < 1:
+        raise ValueError("density_coverage: no generated rows")
+    radii = knn_radii(real, k, batch_size) if real_radii is None else real_radii.to(real.device)
+    inside = 0
+    hit = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
+    for start in range(0, fake.shape[0], batch_size):
+        rows = fake[start : start + batch_size]
+        for col in range(0, real.shape[0], batch_size):
+            within = torch.cdist(rows, real[col : col + batch_size]) <= radii[col : col + batch_size].unsqueeze(0)
+            inside += int(within.sum())
+            hit[col : col + within.shape[1]] |= within.any(dim=0)
+    density = inside / (k * fake.shape[0])
+    coverage = hit.double().mean().item()
+    return float(density), float(coverage)
+
+
 # ----------------------------------------------------------------------------- kernel distance (KID)
 
 KID_SUBSETS = 100        # Binkowski et al. 2018 and torch-fidelity: 100 subsets of up to 1000 rows
@@ -247,6 +325,22 @@ def _as_float64(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
+
+
+def _as_float64_tensor(x, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device, dtype=torch.float64)
+    return torch.from_numpy(np.array(x, dtype=np.float64, ndmin=1)).to(device)
+
+
+def _pick_device(device, *values) -> torch.device:
+    """`device` when given, else that of the first tensor among `values`, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
 
 
 def _as_float32_tensor(x, device) -> torch.Tensor:
