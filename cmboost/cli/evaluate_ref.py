@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_reference(args: argparse.Namespace) -> int:
-    from cmboost.cli.evaluate import extractors
+    from cmboost.cli.common import extractors
     from cmboost.atomic import refuse_existing
     from cmboost.data import load_dataset
     from cmboost.metrics.evaluate import extract_features
@@ -65,7 +65,7 @@ def run_reference(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.cli.evaluate import add_feature_flags
+    from cmboost.cli.common import add_feature_flags
 
     p = verbs.add_parser(
         "evaluate-ref", help="reference statistics of a dataset (.npz, or EDM2-style .pkl) for 'cmboost evaluate'",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cmboost.checkpoints import torch_load, weights_digest  # the same content hash as the domain nets'
 from cmboost.errors import UserInputError
-from cmboost.metrics.features import FeatureExtractor, check_resizable
+from cmboost.metrics.extractor import FeatureExtractor, check_resizable
 from cmboost.runtime import autocast
 
 EFFNET_FILE = "efficientnet-lite0-57934424.pth"

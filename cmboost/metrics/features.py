@@ -32,6 +32,7 @@ import torch
 from cmboost.atomic import atomic_open
 from cmboost.checkpoints import torch_load, weights_digest
 from cmboost.errors import UserInputError
+from cmboost.metrics.extractor import FeatureExtractor, check_resizable  # noqa: F401 (the registry's base)
 from cmboost.runtime import autocast, resolve_device, resolve_precision
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -45,38 +46,6 @@ _BEFORE_MIXED_6 = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1
                    "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
                    "Mixed_6c")
 _FROM_MIXED_6 = ("Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")
-
-
-class FeatureExtractor:
-    """Common interface; see the module docstring for what __call__ returns."""
-
-    name: str = ""            # what the user asked for ("inception", "fmnist", a path)
-    identity: str = ""        # what the features are: stored in references and checked against them
-    pool_dim: int = 0
-    num_classes: int = 0
-    spatial_dim: int | None = None
-    spatial_reason: str | None = None
-    logits_reason: str | None = None
-    device: torch.device = torch.device("cpu")
-    precision: str = "fp32"
-
-    def check_images(self, shape: tuple[int, ...], source: str) -> None:
-        raise NotImplementedError
-
-    def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        raise NotImplementedError
-
-
-def check_resizable(shape: tuple[int, ...], source: str, net_name: str, size: int) -> None:
-    """For networks that take grey (repeated to RGB) or RGB images of any size, resized to `size`."""
-    c, h, w = (int(v) for v in shape)
-    if c not in (1, 3):
-        raise UserInputError(f"{source}: images have {c} channels; {net_name} takes 1 (repeated) or 3")
-    if h < 2 or w < 2:
-        raise UserInputError(f"{source}: images are {h}x{w}, too small to resize to {size}")
-
-
-# ----------------------------------------------------------------------------- TF1 bilinear resize
 
 
 def tf1_bilinear_matrix(in_size: int, out_size: int, device: torch.device | str = "cpu") -> torch.Tensor:

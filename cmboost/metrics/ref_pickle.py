@@ -79,15 +79,7 @@ def read_pickle(path: str | os.PathLike):
         raise UserInputError(f"--ref {path}: not a readable reference pickle ({type(err).__name__}: {first})") from None
 
 
-def _default_identity(key: str) -> str | None:
-    from cmboost.metrics.dinov2 import DINOV2_IDENTITY
-    from cmboost.metrics.reference import OPENAI_FEATURE_NET
-
-    # EDM2's Inception is a PyTorch translation of the same TF 2015-12-05 graph as OpenAI's
-    return {INCEPTION_KEY: OPENAI_FEATURE_NET, DINOV2_KEY: DINOV2_IDENTITY}.get(key)
-
-
-def _statistics(entry: dict, path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+def pickled_statistics(entry: dict, path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     mu, sigma = entry.get("mu"), entry.get("sigma")
     where = f"--ref {path}" + (f" [{key}]" if key else "")
     if not isinstance(mu, np.ndarray) or not isinstance(sigma, np.ndarray):
@@ -96,44 +88,6 @@ def _statistics(entry: dict, path: Path, key: str) -> tuple[np.ndarray, np.ndarr
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise UserInputError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not match")
     return mu, sigma
-
-
-def load_pickled_references(path: str | os.PathLike) -> list:
-    """One Reference per statistics entry of an EDM2-style .pkl (mu/sigma only: no images, so no
-    precision/recall/KID against it)."""
-    from cmboost.metrics.dinov2 import DINOV2_IDENTITY
-    from cmboost.metrics.reference import OPENAI_FEATURE_NET, Reference
-
-    path = Path(path)
-    data = read_pickle(path)
-    if not isinstance(data, dict):
-        raise UserInputError(f"--ref {path}: holds a {type(data).__name__}, not a dict of statistics")
-    nets = data.get("feature_nets", {})
-    if not isinstance(nets, dict) or not all(isinstance(v, str) for v in nets.values()):
-        raise UserInputError(f"--ref {path}: 'feature_nets' must map entry names to network identities")
-    count = data.get("num_images")
-    count = int(count) if isinstance(count, (int, np.integer)) else None
-    entries = [(key, value) for key, value in data.items()
-               if isinstance(value, dict) and ("mu" in value or "sigma" in value)]
-    if "mu" in data or "sigma" in data:
-        entries.insert(0, ("", data))
-    if not entries:
-        raise UserInputError(f"--ref {path}: no 'mu'/'sigma' statistics (has {', '.join(map(str, data)) or 'nothing'})")
-    refs = []
-    for key, entry in entries:
-        mu, sigma = _statistics(entry, path, key)
-        if key:
-            identity = nets.get(key) or _default_identity(key)
-        else:  # a flat dict says which network made it, or its width does (2048: Inception, 1024: DINOv2)
-            named = entry.get("feature_net")
-            identity = named if isinstance(named, str) else {2048: OPENAI_FEATURE_NET,
-                                                              1024: DINOV2_IDENTITY}.get(mu.shape[0])
-        if identity is None:
-            raise UserInputError(f"--ref {path}: cannot tell which feature network made "
-                                 f"{repr(key) if key else 'its mu/sigma'} (no 'feature_nets' entry)")
-        refs.append(Reference(mu=mu, sigma=sigma, feature_net=identity, count=count,
-                              source=f"{path}" + (f" [{key}]" if key else ""), data=str(path)))
-    return refs
 
 
 def fd_key(name: str) -> str:

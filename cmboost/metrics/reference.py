@@ -24,6 +24,7 @@ import numpy as np
 
 from cmboost.atomic import atomic_open
 from cmboost.errors import UserInputError
+from cmboost.metrics.ref_pickle import DINOV2_KEY, INCEPTION_KEY, pickled_statistics, read_pickle
 
 OPENAI_FEATURE_NET = "inception-v3-tf-2015-12-05"  # what OpenAI's reference files were made with
 
@@ -73,8 +74,6 @@ def load_references(spec) -> list[Reference]:
     if len(parts) > 1:
         return load_references(parts)
     if Path(parts[0]).suffix.lower() == ".pkl":
-        from cmboost.metrics.ref_pickle import load_pickled_references
-
         return load_pickled_references(parts[0])
     return [load_reference(parts[0])]
 
@@ -173,7 +172,7 @@ def reference_stats(images_u8, extractor, batch_size: int = 256, num_features: i
     """Statistics of uint8 NCHW `images_u8` (an array or an evaluate.ImageSource) under `extractor`
     (a FeatureExtractor or a spec like "fmnist"/"inception"): mu/sigma (and mu_s/sigma_s) over all
     images, plus the images and pool features of up to `num_features` of them for precision/recall."""
-    from cmboost.metrics.evaluate import extract_features
+    from cmboost.metrics.extract import extract_features
     from cmboost.samples import ArraySource, ImageSource
     from cmboost.metrics.features import load_feature_extractor
 
@@ -186,3 +185,49 @@ def reference_stats(images_u8, extractor, batch_size: int = 256, num_features: i
     return Reference(mu=feats.mu, sigma=feats.sigma, mu_s=feats.mu_s, sigma_s=feats.sigma_s,
                      features=feats.pool, images=feats.images, feature_net=extractor.identity,
                      count=feats.count, source=source or data.name, data=source or data.name)
+
+
+# ----------------------------------------------------------------------------- EDM2-style .pkl
+
+def _default_identity(key: str) -> str | None:
+    from cmboost.metrics.dinov2 import DINOV2_IDENTITY
+
+    # EDM2's Inception is a PyTorch translation of the same TF 2015-12-05 graph as OpenAI's
+    return {INCEPTION_KEY: OPENAI_FEATURE_NET, DINOV2_KEY: DINOV2_IDENTITY}.get(key)
+
+
+def load_pickled_references(path: str | os.PathLike) -> list:
+    """One Reference per statistics entry of an EDM2-style .pkl (mu/sigma only: no images, so no
+    precision/recall/KID against it)."""
+    from cmboost.metrics.dinov2 import DINOV2_IDENTITY
+
+    path = Path(path)
+    data = read_pickle(path)
+    if not isinstance(data, dict):
+        raise UserInputError(f"--ref {path}: holds a {type(data).__name__}, not a dict of statistics")
+    nets = data.get("feature_nets", {})
+    if not isinstance(nets, dict) or not all(isinstance(v, str) for v in nets.values()):
+        raise UserInputError(f"--ref {path}: 'feature_nets' must map entry names to network identities")
+    count = data.get("num_images")
+    count = int(count) if isinstance(count, (int, np.integer)) else None
+    entries = [(key, value) for key, value in data.items()
+               if isinstance(value, dict) and ("mu" in value or "sigma" in value)]
+    if "mu" in data or "sigma" in data:
+        entries.insert(0, ("", data))
+    if not entries:
+        raise UserInputError(f"--ref {path}: no 'mu'/'sigma' statistics (has {', '.join(map(str, data)) or 'nothing'})")
+    refs = []
+    for key, entry in entries:
+        mu, sigma = pickled_statistics(entry, path, key)
+        if key:
+            identity = nets.get(key) or _default_identity(key)
+        else:  # a flat dict says which network made it, or its width does (2048: Inception, 1024: DINOv2)
+            named = entry.get("feature_net")
+            identity = named if isinstance(named, str) else {2048: OPENAI_FEATURE_NET,
+                                                              1024: DINOV2_IDENTITY}.get(mu.shape[0])
+        if identity is None:
+            raise UserInputError(f"--ref {path}: cannot tell which feature network made "
+                                 f"{repr(key) if key else 'its mu/sigma'} (no 'feature_nets' entry)")
+        refs.append(Reference(mu=mu, sigma=sigma, feature_net=identity, count=count,
+                              source=f"{path}" + (f" [{key}]" if key else ""), data=str(path)))
+    return refs

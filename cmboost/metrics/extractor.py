@@ -1,0 +1,39 @@
+"""The feature-extractor interface every network implements, and the shared input-size check."""
+
+from __future__ import annotations
+
+import torch
+
+from cmboost.errors import UserInputError
+
+
+class FeatureExtractor:
+    """Common interface; cmboost.metrics.features' docstring says what __call__ returns."""
+
+    name: str = ""            # what the user asked for ("inception", "fmnist", a path)
+    identity: str = ""        # what the features are: stored in references and checked against them
+    pool_dim: int = 0
+    num_classes: int = 0
+    spatial_dim: int | None = None
+    spatial_reason: str | None = None
+    logits_reason: str | None = None
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+
+    def check_images(self, shape: tuple[int, ...], source: str) -> None:
+        raise NotImplementedError
+
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+def check_resizable(shape: tuple[int, ...], source: str, net_name: str, size: int) -> None:
+    """For networks that take grey (repeated to RGB) or RGB images of any size, resized to `size`."""
+    c, h, w = (int(v) for v in shape)
+    if c not in (1, 3):
+        raise UserInputError(f"{source}: images have {c} channels; {net_name} takes 1 (repeated) or 3")
+    if h < 2 or w < 2:
+        raise UserInputError(f"{source}: images are {h}x{w}, too small to resize to {size}")
+
+
+# ----------------------------------------------------------------------------- TF1 bilinear resize
