@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
-from cmboost.errors import OutputExistsError
+from cmboost.errors import OutputExistsError, UserInputError
 
 
 def _umask() -> int:
@@ -36,17 +36,28 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     on any exception it is removed and the exception goes on. `suffix` lets writers that pick the
     format from the name (PIL) see the right extension."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _naming(err, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """The error with the output's path as its filename: a full disk reports no file of its own."""
+    return type(err)(err.errno, err.strerror or str(err), str(path)) if err.errno else err
 
 
 @contextmanager
@@ -74,6 +85,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
-    """Raises OutputExistsError unless `path` is free or `overwrite` was asked for."""
+    """Raises OutputExistsError unless `path` is free or `overwrite` was asked for, and a one-line
+    UserInputError when it could not be written at all (checked before any work, changing nothing)."""
     if Path(path).exists() and not overwrite:
         raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it")
+    check_writable(path)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """The nearest existing folder above `path` must be a writable folder (the rest is created)."""
+    path = Path(path).absolute()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserInputError(f"{path}: cannot be written: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserInputError(f"{path}: cannot be written: no permission to write in {parent}")
+            return

@@ -148,6 +148,7 @@ def read_checkpoint(path: str | os.PathLike, format: str, max_version: int, tens
     if version is not None and version > max_version:
         raise UserInputError(f"{path}: {format} checkpoint version {version} is newer than this cmboost reads "
                              f"(up to {max_version}); upgrade cmboost")
+    check_finite(loaded, path)
     return Checkpoint(path, found, version, config, info, loaded)
 
 
@@ -244,11 +245,21 @@ def torch_load(path: str | os.PathLike, fix: str = "") -> object:
         raise UserInputError(f"{path}: not a weights-only PyTorch checkpoint ({_first_line(err)}){tail}") from None
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuses weights holding NaN or inf at load, naming the file and the first bad tensor, so the
+    failure is not reported later as bad images."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserInputError(f"{path}: tensor {name!r} holds NaN or inf; the checkpoint is damaged "
+                                 f"(re-export or retrain it)")
+
+
 def find_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     """The tensor dict inside a loaded pickle: itself, or under 'model' / 'state_dict' /
     'model_state_dict' (training scripts nest it, up to a few levels deep)."""
     for _ in range(3):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            check_finite(obj, path)
             return obj
         if isinstance(obj, dict):
             for key in ("model", "state_dict", "model_state_dict"):

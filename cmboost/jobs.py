@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from cmboost.atomic import atomic_open, atomic_write_text
+from cmboost.atomic import atomic_open, atomic_write_text, check_writable
 from cmboost.errors import OutputExistsError, UserInputError
 from cmboost.runtime import barrier, dist_info
 from cmboost.samples import save_samples, write_npz
@@ -117,6 +117,7 @@ def refuse_finished(out: str | os.PathLike, overwrite: bool) -> None:
     there (a job killed between writing the output and cleaning up: rerunning finishes it)."""
     if Path(out).exists() and not overwrite and not (parts_dir(out) / CONFIG_FILE).is_file():
         raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    check_writable(out)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cmboost import __version__
 from cmboost.errors import UserInputError
@@ -41,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: Ctrl-C here must not print a traceback either
+    except KeyboardInterrupt:
+        print("cmboost: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if args.verb is None:
         parser.print_help()
@@ -54,6 +59,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cmboost {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:
+        # An output that cannot be written (full disk, no permission, ...) is the user's to fix: one
+        # line. Any other OSError is a bug and keeps its traceback.
+        path = output_culprit(err, args)
+        if path is None:
+            raise
+        print(f"cmboost {args.verb}: error: {path}: cannot write ({err.strerror or err})", file=sys.stderr)
+        return 2
+
+
+OUTPUT_FLAGS = ("out", "json", "run_dir", "out_dir")
+
+
+def output_culprit(err: OSError, args: argparse.Namespace) -> str | None:
+    """The output flag's path that `err` is about (the path itself, a folder above it, a file inside
+    it, or a temp or parts file beside it), or None when the error is about something else."""
+    if not err.filename:
+        return None
+    failed = Path(err.filename).absolute()
+    for flag in OUTPUT_FLAGS:
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        out = Path(value).absolute()
+        beside = failed.parent == out.parent and out.name in failed.name
+        if failed == out or failed in out.parents or out in failed.parents or beside:
+            return str(value)
+    return None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ spelling `cmboost evaluate ref ...` still runs `cmboost evaluate-ref`."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from cmboost.cli.common import add_feature_flags, extractors
 from cmboost.errors import UserInputError
@@ -39,6 +40,9 @@ def run_samples(args: argparse.Namespace) -> int:
     references = load_references(args.ref)
     result = evaluate_source(source, references, extractors(args), args.batch_size, progress=not args.quiet)
     if dist_info().is_main:
+        fid_note = result.get("notes", {}).get("fid")
+        if fid_note and "rank-deficient" in fid_note:
+            print(f"cmboost evaluate: warning: {fid_note}", file=sys.stderr)
         print(format_table(result))
         if args.json:
             write_json(args.json, result, overwrite=args.overwrite)

@@ -76,6 +76,10 @@ def evaluate_source(source: ImageSource, reference, features="fmnist", batch_siz
     if dist_info().is_main:
         # no cached sqrt(sigma): a fresh Cholesky factor is cheaper than products with a cached root
         result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma)
+        if samples.count < len(samples.mu):
+            notes["fid"] = (f"{source.name}: {samples.count} images for {len(samples.mu)}-d features: the sample "
+                            f"covariance is rank-deficient and FID is biased high; use at least {len(samples.mu)} "
+                            f"images (papers use 50000)")
         if samples.mu_s is None:
             result["sfid"], notes["sfid"] = None, extractor.spatial_reason
         elif ref.mu_s is None:

@@ -63,6 +63,14 @@ class Reference:
                                  f"{extractor.name} features have {extractor.pool_dim}")
 
 
+def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
+    """Finite statistics of matching shapes, or one line naming the reference."""
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise UserInputError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not match")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserInputError(f"{where}: the statistics hold NaN or inf; rebuild the reference")
+
+
 def load_references(spec) -> list[Reference]:
     """Every reference named by `spec`: a path, a comma-separated string of paths, or a list of
     either. An EDM2-style .pkl (metrics/ref_pickle.py) gives one Reference per feature network."""
@@ -111,6 +119,7 @@ def load_reference(path: str | os.PathLike) -> Reference:
                 raise UserInputError(f"--ref {path}: has '{key if mu is not None else sig_key}' without "
                                      f"'{sig_key if mu is not None else key}'")
             mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+            check_statistics(mu, sigma, f"--ref {path} ({key}, {sig_key})")
             if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
                 raise UserInputError(f"--ref {path}: {key} {mu.shape} and {sig_key} {sigma.shape} do not match")
             setattr(ref, key, mu)
@@ -219,6 +228,7 @@ def load_pickled_references(path: str | os.PathLike) -> list:
     refs = []
     for key, entry in entries:
         mu, sigma = pickled_statistics(entry, path, key)
+        check_statistics(mu, sigma, f"--ref {path}" + (f" [{key}]" if key else ""))
         if key:
             identity = nets.get(key) or _default_identity(key)
         else:  # a flat dict says which network made it, or its width does (2048: Inception, 1024: DINOv2)
