@@ -260,7 +260,9 @@ class RunDir:
         return read_record(self.config_path, self.fresh)
 
     def check(self, config: dict, may_change: Sequence[str] = ()) -> bool:
-        """True when the folder holds a run of `config` (to resume); refuses another run's folder."""
+        """True when the folder holds a run of `config` (to resume); refuses another run's folder, or
+        one that cannot be written."""
+        check_writable(self.config_path)
         saved = self.saved_config()
         if saved is not None:
             check_same_config(saved, config, f"--run-dir {self.path}", may_change, self.fresh, as_flags=True)

@@ -1,0 +1,160 @@
+"""Malformed input, one row per class: exit 2, one stderr line naming the file or flag, nothing written.
+
+The classes come from a corpus run against the CLI: valid inputs refused, tracebacks where one line
+belongs, the wrong culprit named, bad values accepted, debris left behind. Each row builds its own
+input (none of it can be downloaded here) and asserts the same three things.
+"""
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cmboost
+from cmboost.cli import main as cli_main
+from cmboost.jcd import load_joint_model, save_joint_model
+from cmboost.samples import load_samples, save_samples
+
+ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
+JCD = ASSETS / "jcd-joint-w24.safetensors"
+CM = ASSETS / "cd.safetensors"
+
+
+def _npy_bytes(shape, dtype="|u1", payload=b"\0" * 64):
+    """An .npy stream whose header declares `shape`, followed by `payload` (usually far too short)."""
+    header = repr({"descr": dtype, "fortran_order": False, "shape": tuple(shape)}).encode()
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + payload
+
+
+def _forged_npz(path, members, compress=zipfile.ZIP_DEFLATED):
+    with zipfile.ZipFile(path, "w", compression=compress) as archive:
+        for name, data in members.items():
+            archive.writestr(f"{name}.npy", data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 1, 32, 32), dtype=np.uint8)
+    labels = np.arange(8) % 10
+    good = save_samples(d / "good.npz", images, labels)
+    nhwc = images.transpose(0, 2, 3, 1)
+    np.savez(d / "fortran.npz", arr_0=np.asfortranarray(nhwc), arr_1=labels)
+    np.savez(d / "empty.npz", arr_0=np.zeros((0, 32, 32, 1), np.uint8), arr_1=np.zeros(0, np.int64))
+    _forged_npz(d / "huge.npz", {"arr_0": _npy_bytes((10**9, 32, 32, 1))})
+    _forged_npz(d / "huge_labels.npz", {"arr_0": _npy_bytes((8, 32, 32, 1), payload=nhwc.tobytes()),
+                                        "arr_1": _npy_bytes((10**10,), "<i8")})
+    (d / "empty.pt").write_bytes(b"")
+    model = load_joint_model(JCD)
+    with torch.no_grad():
+        next(iter(model.parameters())).view(-1)[0] = float("nan")
+    save_joint_model(model, d / "nan.safetensors")
+    sigma = np.eye(256)
+    sigma[3, 3] = np.nan
+    np.savez(d / "nan_ref.npz", mu=np.zeros(256), sigma=sigma)
+    (d / "a_file").write_text("not a folder")
+    return d
+
+
+def _run(capsys, argv):
+    code = cli_main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+# (id, argv built from the inputs folder d and the output path out, text the one line must contain)
+ROWS = [
+    ("boost-0-images", lambda d, out: ["boost", d / "empty.npz", "--model", JCD, "--out", out], "empty.npz"),
+    ("boost-huge-header", lambda d, out: ["boost", d / "huge.npz", "--model", JCD, "--out", out], "huge.npz"),
+    ("convert-huge-header", lambda d, out: ["convert", d / "huge.npz", "--out", out], "huge.npz"),
+    ("convert-huge-labels", lambda d, out: ["convert", d / "huge_labels.npz", "--out", out], "huge_labels.npz"),
+    ("evaluate-huge-header", lambda d, out: ["evaluate", d / "huge.npz", "--ref", d / "nan_ref.npz",
+                                             "--json", out], "huge.npz"),
+    ("train-jcd-huge-generated", lambda d, out: ["train-jcd", "--data", "fmnist", "--generated", d / "huge.npz",
+                                                 "--arch", "resnet_small", "--iters", "1", "--run-dir", out],
+     "huge.npz"),
+    ("boost-empty-pt", lambda d, out: ["boost", d / "good.npz", "--model", d / "empty.pt", "--out", out], "empty.pt"),
+    ("evaluate-nan-sigma", lambda d, out: ["evaluate", d / "good.npz", "--ref", d / "nan_ref.npz", "--json", out],
+     "nan_ref.npz"),
+    ("boost-batch-size-0", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
+                                           "--batch-size", "0"], "--batch-size"),
+    ("boost-batch-size-negative", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
+                                                  "--batch-size", "-3"], "--batch-size"),
+    ("sample-batch-size-0", lambda d, out: ["sample", "--model", CM, "--num", "4", "--out", out,
+                                            "--batch-size", "0"], "--batch-size"),
+    ("boost-nan-weights", lambda d, out: ["boost", d / "good.npz", "--model", d / "nan.safetensors", "--out", out],
+     "nan.safetensors"),
+    ("boost-eps-nan", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out, "--eps", "nan"], "--eps"),
+    ("boost-eps-inf", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out, "--eps", "inf"], "--eps"),
+    ("boost-sgld-step-nan", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
+                                            "--method", "sgld", "--sgld-step", "nan"], "--sgld-step"),
+    ("boost-step-size-negative", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
+                                                 "--step-size", "-1"], "--step-size"),
+]
+
+# Outputs whose parent is a file: every verb that writes.
+PARENT_IS_FILE = [
+    ("boost", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out]),
+    ("sample", lambda d, out: ["sample", "--model", CM, "--num", "4", "--out", out]),
+    ("convert", lambda d, out: ["convert", d / "good.npz", "--out", out]),
+    ("export-data", lambda d, out: ["export-data", "--data", "fmnist", "--stop", "4", "--out", out]),
+    ("evaluate-json", lambda d, out: ["evaluate", d / "good.npz", "--ref", d / "good.npz", "--json", out]),
+    ("train-jcd-run-dir", lambda d, out: ["train-jcd", "--data", "fmnist", "--arch", "resnet_small", "--iters", "1",
+                                          "--objective", "ce", "--real-limit", "64", "--run-dir", out]),
+]
+
+
+def _assert_clean_refusal(code, err, must_name, out):
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert must_name in err, err
+    assert "Traceback" not in err
+    out = Path(out)
+    assert not out.exists() and not out.with_name(out.name + ".parts").exists()
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_line_and_leaves_nothing(row, files, tmp_path, capsys):
+    _, argv, must_name = row
+    out = tmp_path / "out.npz"
+    code, err = _run(capsys, argv(files, out))
+    _assert_clean_refusal(code, err, must_name, out)
+
+
+@pytest.mark.parametrize("row", PARENT_IS_FILE, ids=[r[0] for r in PARENT_IS_FILE])
+def test_an_output_under_a_file_is_one_line_before_any_work(row, files, capsys):
+    _, argv = row
+    out = files / "a_file" / "out.npz"
+    code, err = _run(capsys, argv(files, out))
+    _assert_clean_refusal(code, err, str(out), out)
+
+
+def test_a_fortran_order_sample_file_is_valid(files, tmp_path, capsys):
+    """NHWC saved in Fortran order (np.asfortranarray) is the same images: boost (memory-mapped
+    reading) and convert take it and give the same bytes as from the C-order file."""
+    for name in ("fortran", "good"):
+        argv = ["boost", files / f"{name}.npz", "--model", JCD, "--steps", "2", "--no-grid",
+                "--out", tmp_path / f"{name}-boosted.npz"]
+        assert _run(capsys, argv)[0] == 0
+    assert (tmp_path / "fortran-boosted.npz").read_bytes() == (tmp_path / "good-boosted.npz").read_bytes()
+    assert _run(capsys, ["convert", files / "fortran.npz", "--out", tmp_path / "copy.npz"])[0] == 0
+    np.testing.assert_array_equal(load_samples(tmp_path / "copy.npz")[0], load_samples(files / "good.npz")[0])
+
+
+def test_too_few_images_for_the_feature_dimension_warn_in_one_line(files, tmp_path, capsys):
+    from cmboost.data import fashion_mnist
+    from cmboost.metrics.features import load_feature_extractor
+    from cmboost.metrics.reference import reference_stats, save_reference
+
+    real = fashion_mnist("test")[0][:400, None]
+    ref = save_reference(tmp_path / "ref.npz", reference_stats(real, load_feature_extractor("fmnist", "cpu"),
+                                                               num_features=300, source="fmnist test"))
+    code, err = _run(capsys, ["evaluate", files / "good.npz", "--ref", ref, "--quiet"])
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "8 images for 256-d features" in warnings[0] and "rank-deficient" in warnings[0]
