@@ -71,6 +71,8 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
     init_distributed(device)
     record = make_hyper(method, **hyper)
     refuse_existing(out, overwrite)
+    if grid:  # checked now, not after the whole run, so a leftover grid cannot waste it
+        refuse_existing(Path(out).with_suffix(".grid.png"), overwrite)
     images, labels = map_samples(samples)  # memory-mapped: each batch is read when it is boosted
     check_fits_model(images, labels, model, str(samples))
     if label_source == "file" and labels is None:
@@ -99,5 +101,5 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
     if grid and dist_info().is_main:
         from cmboost.report import save_before_after_grid
 
-        save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"))
+        save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"), overwrite=overwrite)
     return path
