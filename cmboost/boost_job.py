@@ -13,6 +13,7 @@ from cmboost.boost import boost_with, mean_realness, predicted_labels
 from cmboost.boost_config import as_record
 from cmboost.samples import load_samples, map_samples, to_float, to_uint8
 from cmboost.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
+from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, run_parts
 from cmboost.runtime import dist_info, init_distributed, resolve_device, resolve_precision
@@ -63,6 +64,8 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
     precision = resolve_precision(precision, device)
     init_distributed(device)
     record = as_record(method, hyper)
+    if grid:  # checked now, not after the whole run, so a leftover grid cannot waste it
+        refuse_existing(Path(out).with_suffix(".grid.png"), overwrite)
     images, labels = map_samples(samples)  # memory-mapped: each batch is read when it is boosted
     check_fits_model(images, labels, model, str(samples))
     if label_source == "file" and labels is None:
@@ -93,5 +96,5 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
     if grid and dist_info().is_main:
         from cmboost.report import save_before_after_grid
 
-        save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"))
+        save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"), overwrite=overwrite)
     return path

@@ -29,12 +29,12 @@ from cmboost.cm.sample import generate_samples
 from cmboost.controls import gaussian_blur, l2_change, random_perturbation
 from cmboost.data import load_dataset
 from cmboost.samples import load_samples, to_float, to_uint8
-from cmboost.demo_report import render_markdown, summarise, verdicts
+from cmboost.demo_report import plot_frontier, render_markdown, summarise, verdicts
 from cmboost.errors import UserInputError
 from cmboost.jobs import first_difference, read_record, write_record
 from cmboost.jcd import load_joint_model, read_metadata
 from cmboost.metrics.judges import JUDGES, REPORTING_JUDGES, describe
-from cmboost.report import line_plot, save_labelled_grid
+from cmboost.report import require_matplotlib, save_labelled_grid
 from cmboost.runtime import resolve_device
 from cmboost.tune import load_settings_file, run_method, tuned_hyper
 
@@ -107,6 +107,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             print(f"(already done: {report_path}; pass --overwrite to run again)")
             return saved
         raise UserInputError(f"{report_path}: holds a {saved.get('mode')} report; pass --overwrite to replace it")
+    require_matplotlib()  # the plot comes last: fail now rather than after the whole run
     out.mkdir(parents=True, exist_ok=True)
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -189,7 +190,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             else:
                 edited = images
             if grid:
-                save_labelled_grid(images, edited, labels, out / grid)
+                save_labelled_grid(images, edited, labels, out / grid, overwrite=True)
             rows.put(key, {"judges": judge_all(edited), "mean_l2_change": float(change.mean()),
                            "seconds": round(time.perf_counter() - t0, 2)})
         return rows.get(key)
@@ -271,15 +272,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             hyper = dict(pgd, steps=k, step_size=step_size)  # the tuned run, stopped after k steps
             points.append({"route": "1 step + joint PGD", "nfe": 1 + k, **measure(gen, seed, boost_net, "pgd", hyper)})
         frontier[NAMES[short]] = points
-    series = {}
-    for name, points in frontier.items():
-        for route in ("generator steps", "1 step + joint PGD"):
-            pts = [(p["nfe"], p["judges"][REPORTING_JUDGES[0]]["fid"]) for p in points if p["route"] == route]
-            if route == "1 step + joint PGD":
-                pts = [(1, points[0]["judges"][REPORTING_JUDGES[0]]["fid"])] + pts
-            series[f"{name}: {route}"] = pts
-    plot = line_plot(series, out / "fid-vs-nfe.png", f"FID ({REPORTING_JUDGES[0]}) vs network evaluations per image",
-                     "network evaluations per image", "FID")
+    # The demo owns its figures: a resumed run redraws them (report.json is what --overwrite guards).
+    plot = plot_frontier(frontier, REPORTING_JUDGES[0], out / "fid-vs-nfe.png", overwrite=True)
 
     report = {"mode": mode_name, "num_samples": mode["num_samples"], "seeds": mode["seeds"],
               "reference": f"Fashion-MNIST test split, first {mode['reference_images']} images, padded to 32x32",

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 
-from cmboost.report import markdown_table
+from cmboost.report import line_plot, markdown_table
 
 JOINT_METHODS = ("joint (PGD)", "joint (SGLD)")
 RIVALS = ("classifier-only (BIGRoC)", "unsharp mask, tuned (control)", "unsharp mask, amount 1 (control)",
           "random, PGD's L2 (control)")
 TARGET_CUT = 0.25          # FID and KID lowered by at least 25%
 RECALL_SLACK = 0.03        # recall may drop by at most this much
+FRONTIER_ROUTES = ("generator steps", "1 step + joint PGD")
 
 
 def summarise(headline: list[dict]) -> list[dict]:
@@ -166,3 +169,34 @@ def _misses(found: list[dict]) -> list[str]:
             if not ok:
                 missed.setdefault(check, []).append(f"{v['method']} on {v['generator']} under {v['judge']}")
     return [f"Missed '{check}': {'; '.join(where)}." for check, where in missed.items()]
+
+
+def frontier_series(frontier: dict[str, list[dict]], judge: str) -> dict[str, list[tuple[float, float]]]:
+    """One (nfe, FID) line per generator and route. The boosting route starts from the 1-step sample
+    it boosts (nfe 1), so both routes leave from the same point."""
+    series = {}
+    for name, points in frontier.items():
+        start = next(p for p in points if p["route"] == FRONTIER_ROUTES[0] and p["nfe"] == 1)
+        for route in FRONTIER_ROUTES:
+            pts = [(p["nfe"], p["judges"][judge]["fid"]) for p in points if p["route"] == route]
+            if route == FRONTIER_ROUTES[1]:
+                pts = [(1, start["judges"][judge]["fid"])] + pts
+            series[f"{name}: {route}"] = pts
+    return series
+
+
+def plot_frontier(frontier: dict[str, list[dict]], judge: str, path: str | os.PathLike,
+                  overwrite: bool = False) -> Path:
+    """The compute-frontier figure: FID under `judge` against network evaluations per image."""
+    return line_plot(frontier_series(frontier, judge), path, f"FID ({judge}) vs network evaluations per image",
+                     "network evaluations per image (log scale)", f"FID ({judge})", logx=True, overwrite=overwrite)
+
+
+def redraw_frontier(report_path: str | os.PathLike, out: str | os.PathLike | None = None,
+                    overwrite: bool = False) -> Path:
+    """Redraws a demo's fid-vs-nfe.png from its report.json alone (beside it unless `out` is given),
+    under the first reporting judge as the demo does."""
+    report_path = Path(report_path)
+    report = json.loads(report_path.read_text())
+    judge = next(iter(report["reporting_judges"]))
+    return plot_frontier(report["frontier"], judge, out or report_path.with_name("fid-vs-nfe.png"), overwrite)

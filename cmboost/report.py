@@ -1,4 +1,8 @@
-"""Tables, image grids and plots for reports."""
+"""Tables, image grids and plots for reports.
+
+Every writer is atomic and refuses an existing file unless `overwrite` is passed. Plots need the
+optional matplotlib (`pip install 'cmboost[report]'`); grids need only torchvision and Pillow.
+"""
 
 from __future__ import annotations
 
@@ -10,38 +14,53 @@ from typing import Sequence
 import numpy as np
 
 from cmboost.atomic import atomic_path
+from cmboost.data import refuse_existing
+from cmboost.errors import UserInputError
+
+MIN_TILE = 96  # px: 28-32 px samples are upscaled (nearest) to at least this, to be judged by eye
 
 
 def image_grid(images: np.ndarray, columns: int, pad: int = 2, value: int = 255) -> np.ndarray:
-    """uint8 NCHW -> one HWC (or HW) uint8 image with `columns` tiles per row."""
-    n, c, h, w = images.shape
-    rows = math.ceil(n / columns)
-    grid = np.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), value, np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top:top + h, left:left + w] = image
-    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
+    """uint8 NCHW -> one HWC (or HW, for one channel) uint8 image with `columns` tiles per row,
+    `pad` pixels of `value` around every tile (torchvision's make_grid)."""
+    import torch
+    from torchvision.utils import make_grid
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"image_grid: expected uint8 NCHW images, got {images.dtype} {images.shape}")
+    grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)), nrow=columns, padding=pad,
+                     pad_value=value).numpy()
+    # make_grid turns one channel into three identical ones; keep grey PNGs grey.
+    return grid[0] if images.shape[1] == 1 else grid.transpose(1, 2, 0)
 
 
-def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
+def upscale(images: np.ndarray, scale: int) -> np.ndarray:
+    """NCHW images `scale` times larger, nearest neighbour, so single pixels stay visible as squares."""
+    return images if scale <= 1 else images.repeat(scale, axis=2).repeat(scale, axis=3)
+
+
+def auto_scale(images: np.ndarray, min_tile: int = MIN_TILE) -> int:
+    return max(1, math.ceil(min_tile / max(images.shape[2:])))
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Writes a HW or HWC uint8 array as PNG, atomically."""
     from PIL import Image
 
     path = Path(path)
+    refuse_existing(path, overwrite)
     with atomic_path(path, suffix=".png") as tmp:  # PIL picks the format from the suffix
         Image.fromarray(array).save(tmp)
     return path
 
 
 def save_before_after_grid(before: np.ndarray, after: np.ndarray, path: str | os.PathLike,
-                           count: int = 16, scale: int = 2) -> Path:
+                           count: int = 16, scale: int = 2, overwrite: bool = False) -> Path:
     """Two rows: the first `count` images before (top) and after (bottom) boosting."""
     count = min(count, len(before), len(after))
-    grid = image_grid(np.concatenate([before[:count], after[:count]]), columns=count)
-    if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    return save_png(grid, path)
+    tiles = upscale(np.concatenate([before[:count], after[:count]]), scale)
+    return save_png(image_grid(tiles, columns=count, pad=2 * scale), path, overwrite)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], floats: str = "{:.3f}") -> str:
@@ -56,86 +75,120 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], floats: str = "
     return "\n".join(lines)
 
 
+def require_matplotlib():
+    """matplotlib's Figure and Agg canvas, or one line saying how to install them. Callers that plot
+    at the end of a long run call this first, so a missing extra fails before the work, not after."""
+    try:
+        import matplotlib  # noqa: F401  (imported first so a missing package fails here, not mid-way)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserInputError("plots need matplotlib: pip install 'cmboost[report]'") from None
+    return Figure, FigureCanvasAgg
+
+
 def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike, title: str,
-              xlabel: str, ylabel: str, size: tuple[int, int] = (860, 420)) -> Path:
-    """A small line chart drawn with Pillow (no plotting dependency): one polyline per series."""
-    from PIL import Image, ImageDraw
+              xlabel: str, ylabel: str, logx: bool = False, overwrite: bool = False,
+              size: tuple[float, float] = (8.0, 4.5), dpi: int = 150) -> Path:
+    """One line with markers per series, legend, axis labels; x ticks at the data's x values when
+    there are few. `logx` spaces x by log2 (evaluation counts that roughly double). `size` in inches."""
+    Figure, FigureCanvasAgg = require_matplotlib()
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-    width, height = size
-    left, right, top, bottom = 70, 230, 40, 60  # the legend sits in the right margin, clear of the lines
-    points = [p for s in series.values() for p in s if all(map(math.isfinite, p))]
-    if not points:
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    finite = {name: [(float(x), float(y)) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+              for name, pts in series.items()}
+    xs = sorted({x for pts in finite.values() for x, _ in pts})
+    if not xs:
         raise ValueError("line_plot: no finite points")
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    pad = 0.05 * (max(ys) - min(ys) or 1.0)
-    y0, y1 = min(ys) - pad, max(ys) + pad
+    if logx and xs[0] <= 0:
+        raise ValueError(f"line_plot: log x needs positive x, got {xs[0]:g}")
 
-    def to_px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                top + (y1 - y) / (y1 - y0) * (height - top - bottom))
+    # A bare Figure on an Agg canvas: no pyplot, so no global state and no display is touched.
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, pts in finite.items():
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=5, linewidth=2, label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if len(xs) <= 12:
+        ax.xaxis.set_major_locator(FixedLocator(xs))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_title(title, fontsize=13)
+    ax.set_xlabel(xlabel, fontsize=12)
+    ax.set_ylabel(ylabel, fontsize=12)
+    ax.tick_params(labelsize=10.5)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=10, loc="best", framealpha=0.9)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    return path
 
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-    for i in range(5):  # ticks
-        yv = y0 + (y1 - y0) * i / 4
-        _, py = to_px(x0, yv)
-        draw.line([left - 4, py, left, py], fill=(0, 0, 0))
-        draw.text((5, py - 6), f"{yv:.3g}", fill=(0, 0, 0))
-    for xv in sorted(set(xs)):
-        px, _ = to_px(xv, y0)
-        draw.line([px, height - bottom, px, height - bottom + 4], fill=(0, 0, 0))
-        draw.text((px - 6, height - bottom + 6), f"{xv:g}", fill=(0, 0, 0))
-    draw.text((width // 2 - 4 * len(title), 10), title, fill=(0, 0, 0))
-    draw.text((width // 2 - 4 * len(xlabel), height - 25), xlabel, fill=(0, 0, 0))
-    draw.text((5, top - 20), ylabel, fill=(0, 0, 0))
-    for i, (name, pts) in enumerate(series.items()):
-        color = colors[i % len(colors)]
-        pix = [to_px(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
-        if len(pix) > 1:
-            draw.line(pix, fill=color, width=2)
-        for px, py in pix:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.line([width - right + 12, top + 14 + 16 * i, width - right + 32, top + 14 + 16 * i], fill=color, width=2)
-        draw.text((width - right + 38, top + 8 + 16 * i), name, fill=color)
-    return save_png(np.asarray(image), path)
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font, no system fonts needed
+
+
+def _fitting_font(draw, texts: Sequence[str], width: int, largest: int = 20, smallest: int = 10):
+    """The largest font size at which every text fits in `width` pixels (at least `smallest`)."""
+    for size in range(largest, smallest, -1):
+        font = _font(size)
+        if max(draw.textlength(t, font=font) for t in texts) <= width:
+            return font
+    return _font(smallest)
 
 
 def save_labelled_grid(before: np.ndarray, after: np.ndarray, labels: np.ndarray, path: str | os.PathLike,
-                       class_names: Sequence[str] | None = None, classes: int = 8, per_class: int = 8,
-                       scale: int = 2) -> Path:
-    """Before (left) and after (right) panels: one column per class (named on top), the first
-    `per_class` samples of that class down the column; uint8 NCHW images with labels."""
+                       class_names: Sequence[str] | None = None, classes: int = 10, per_class: int = 8,
+                       scale: int | None = None, overwrite: bool = False) -> Path:
+    """Before (left) and after (right) panels, side by side: one column per class, its name under the
+    column, the first `per_class` samples of that class down the column (blank where a class has
+    fewer). uint8 NCHW images with their labels; `scale` (nearest upscaling) defaults to tiles of at
+    least MIN_TILE pixels."""
     from PIL import Image, ImageDraw
 
     from cmboost.data import FMNIST_CLASSES
 
     names = list(class_names or FMNIST_CLASSES)
+    labels = np.asarray(labels)
     chosen = [c for c in range(len(names)) if (labels == c).any()][:classes]
-    n, c, h, w = before.shape
+    if not chosen:
+        raise ValueError("save_labelled_grid: no labels name a known class")
+    scale = auto_scale(before) if scale is None else scale
+    pad = 2 * scale
+    c, h, w = before.shape[1:]
     blank = np.full((c, h, w), 255, np.uint8)
+    rows = min(per_class, max(int((labels == cls).sum()) for cls in chosen))
 
     def panel(images):
         tiles = []
-        for row in range(per_class):
+        for row in range(rows):
             for cls in chosen:
                 where = np.flatnonzero(labels == cls)
                 tiles.append(images[where[row]] if row < len(where) else blank)
-        grid = image_grid(np.stack(tiles), columns=len(chosen))
-        return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+        return image_grid(upscale(np.stack(tiles), scale), columns=len(chosen), pad=pad)
 
     left, right = panel(before), panel(after)
-    header, gap = 28, 16
-    height, width = left.shape[0] + header, left.shape[1] * 2 + gap
-    canvas = Image.new("L" if left.ndim == 2 else "RGB", (width, height), 255)
-    canvas.paste(Image.fromarray(left), (0, header))
-    canvas.paste(Image.fromarray(right), (left.shape[1] + gap, header))
+    gap, column = 6 * pad, w * scale + pad
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))  # measures text before the canvas size is known
+    name_font = _fitting_font(probe, [names[cls] for cls in chosen], column - 4)
+    title_font = _font(24)
+    header, footer = 36, int(name_font.size * 1.6)
+    canvas = Image.new("L" if left.ndim == 2 else "RGB",
+                       (2 * left.shape[1] + gap, header + left.shape[0] + footer), 255)
     draw = ImageDraw.Draw(canvas)
-    tile = (w + 2) * scale
-    for offset, title in ((0, "before"), (left.shape[1] + gap, "after")):
-        draw.text((offset + 4, 2), title, fill=0)
+    for offset, title, image in ((0, "before", left), (left.shape[1] + gap, "after", right)):
+        canvas.paste(Image.fromarray(image), (offset, header))
+        draw.text((offset + pad, 4), title, fill=0, font=title_font)
         for i, cls in enumerate(chosen):
-            draw.text((offset + 2 * scale + i * tile, 15), names[cls][:9], fill=0)
-    return save_png(np.asarray(canvas), path)
+            centre = offset + pad + i * column + w * scale / 2
+            text = names[cls]
+            draw.text((centre - draw.textlength(text, font=name_font) / 2, header + left.shape[0] + 2),
+                      text, fill=0, font=name_font)
+    return save_png(np.asarray(canvas), path, overwrite)

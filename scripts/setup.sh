@@ -21,6 +21,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # torch and torchvision first, pinned to the builds this machine carries on disk.
     .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1" \
         || .venv/bin/pip install -q "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
-    .venv/bin/pip install -q -e ".[test]"
+    .venv/bin/pip install -q -e ".[test,report]"
     touch "$stamp"
 fi

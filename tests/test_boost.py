@@ -174,6 +174,9 @@ def test_cli_boost_writes_labels_and_grid_and_refuses_overwrite(tmp_path, small_
     assert not (tmp_path / "boosted.npz.parts").exists()
     assert cli_main(boost_args(sample_file, small_model_file, out)) == 2
     assert "already exists" in capsys.readouterr().err
+    out.unlink()  # a leftover grid is refused before any boosting, not after
+    assert cli_main(boost_args(sample_file, small_model_file, out)) == 2
+    assert "boosted.grid.png: already exists" in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_boost_dry_run_and_input_checks(tmp_path, small_model_file, capsys):
