@@ -13,8 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cmboost.atomic import atomic_path
-from cmboost.data import refuse_existing
+from cmboost.atomic import atomic_path, refuse_existing
 from cmboost.errors import UserInputError
 
 MIN_TILE = 96  # px: 28-32 px samples are upscaled (nearest) to at least this, to be judged by eye
