@@ -1,0 +1,176 @@
+"""Resumable jobs under crashes and concurrency: never a silently mixed output, byte-identical after any crash."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cmboost
+from cmboost import jobs
+from cmboost.boost_job import boost_file
+from cmboost.cli import main as cli_main
+from cmboost.cm.sample import generate_samples
+from cmboost.errors import UserInputError
+from cmboost.jcd import load_joint_model
+from cmboost.samples import save_samples
+
+ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
+JCD = ASSETS / "jcd-joint-w24.safetensors"
+PGD = {"eps": 1.0, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_joint_model(JCD)
+
+
+def _samples(path, seed=0, n=8):
+    rng = np.random.default_rng(seed)
+    return save_samples(path, rng.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8), np.arange(n) % 10, overwrite=True)
+
+
+class Killed(BaseException):
+    """Stands for kill -9 at a chosen moment (BaseException: no handler treats it as an error)."""
+
+
+def _die_after_first_part(monkeypatch):
+    real = jobs._write_part
+    calls = []
+
+    def write_then_die(*args):
+        real(*args)
+        calls.append(1)
+        if len(calls) == 1:
+            raise Killed
+
+    monkeypatch.setattr(jobs, "_write_part", write_then_die)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lock(tmp_path, model):
+    src = _samples(tmp_path / "in.npz")
+    out = tmp_path / "out.npz"
+    parts = jobs.parts_dir(out)
+    parts.mkdir()
+    with jobs._locked(parts):  # a first run, still writing
+        with pytest.raises(UserInputError, match="another cmboost run is writing"):
+            boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+    assert not out.exists() and parts.is_dir()  # the first run's folder is left alone
+    boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)  # lock gone: runs
+    assert out.exists() and not parts.exists()
+
+
+def test_an_input_replaced_before_the_resume_is_refused(tmp_path, model, monkeypatch):
+    src = _samples(tmp_path / "in.npz")
+    out = tmp_path / "out.npz"
+    with monkeypatch.context() as m:
+        _die_after_first_part(m)
+        with pytest.raises(Killed):
+            boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+    _samples(src, seed=1)  # same path, same size, other images
+    with pytest.raises(UserInputError, match="samples_digest"):
+        boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+
+
+def test_a_model_replaced_before_a_sample_resume_is_refused(tmp_path, monkeypatch):
+    model = tmp_path / "cm.safetensors"
+    shutil.copy(ASSETS / "cd.safetensors", model)
+    out = tmp_path / "s.npz"
+    with monkeypatch.context() as m:
+        _die_after_first_part(m)
+        with pytest.raises(Killed):
+            generate_samples(model, out, 8, batch_size=4, progress=False)
+    shutil.copy(ASSETS / "ct.safetensors", model)
+    with pytest.raises(UserInputError, match="model_digest"):
+        generate_samples(model, out, 8, batch_size=4, progress=False)
+
+
+def test_a_torn_configuration_record_is_named_with_its_fix(tmp_path, model, monkeypatch):
+    src = _samples(tmp_path / "in.npz")
+    out = tmp_path / "out.npz"
+    with monkeypatch.context() as m:
+        _die_after_first_part(m)
+        with pytest.raises(Killed):
+            boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+    record = jobs.parts_dir(out) / jobs.CONFIG_FILE
+    record.write_text(record.read_text()[:40])
+    with pytest.raises(UserInputError, match=r"config.json: damaged record .* delete .*out.npz.parts"):
+        boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+
+
+def test_killed_just_after_the_output_appeared_the_rerun_finishes(tmp_path, model, monkeypatch):
+    src = _samples(tmp_path / "in.npz")
+    straight = boost_file(src, model, tmp_path / "straight.npz", "pgd", PGD, batch_size=4, progress=False)
+    out = tmp_path / "out.npz"
+    with monkeypatch.context() as m:
+        def killed(*args, **kwargs):
+            raise Killed
+
+        m.setattr(jobs.shutil, "rmtree", killed)  # dies between writing the output and cleaning up
+        with pytest.raises(Killed):
+            boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False)
+    assert out.exists() and jobs.parts_dir(out).is_dir() and not out.with_suffix(".grid.png").exists()
+    boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False)  # the same command again
+    assert out.read_bytes() == straight.read_bytes()
+    assert out.with_suffix(".grid.png").exists() and not jobs.parts_dir(out).exists()
+
+
+def test_an_error_before_any_batch_leaves_no_parts_folder(tmp_path):
+    out = tmp_path / "out.npz"
+
+    def bad_batch(indices):
+        raise UserInputError("images contain NaN or inf")
+
+    with pytest.raises(UserInputError):
+        jobs.run_parts(out, 8, 4, bad_batch, {"what": "test"}, progress=False)
+    assert not out.exists() and not jobs.parts_dir(out).exists()
+
+
+def test_the_batch_size_may_change_on_resume_only_where_the_caller_allows(tmp_path):
+    def batch(indices):
+        return np.full((len(indices), 1, 2, 2), indices[0], np.uint8) + np.arange(len(indices), dtype=np.uint8)[
+            :, None, None, None], None
+
+    out = tmp_path / "out.npz"
+    with pytest.raises(Killed):
+        jobs.run_parts(out, 8, 3, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 3 else batch(idx),
+                       {"what": "test"}, may_change=("batch_size",), progress=False)
+    jobs.run_parts(out, 8, 5, batch, {"what": "test"}, may_change=("batch_size",), progress=False)
+    straight = jobs.run_parts(tmp_path / "straight.npz", 8, 8, batch, {"what": "test"}, progress=False)
+    assert out.read_bytes() == straight.read_bytes()
+    with pytest.raises(Killed):
+        jobs.run_parts(tmp_path / "fixed.npz", 8, 3, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 3
+                       else batch(idx), {"what": "test"}, progress=False)
+    with pytest.raises(UserInputError, match="batch_size was 3, now 5"):
+        jobs.run_parts(tmp_path / "fixed.npz", 8, 5, batch, {"what": "test"}, progress=False)
+
+
+def _tiny_train_args(run_dir):
+    return ["train-jcd", "--data", "fmnist", "--arch", "resnet_small", "--width", "4", "--objective", "ce",
+            "--iters", "6", "--batch-size", "8", "--real-limit", "64", "--real-steps", "1", "--log-every", "1",
+            "--ckpt-every", "1", "--device", "cpu", "--run-dir", str(run_dir)]
+
+
+def test_train_jcd_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli_main(_tiny_train_args(run_dir)) == 0
+    straight = (run_dir / "model.safetensors").read_bytes()
+    shutil.rmtree(run_dir)
+
+    cmd = [sys.executable, "-m", "cmboost", *_tiny_train_args(run_dir)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run_dir / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "model.safetensors").exists(), "the run finished before it could be killed"
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert (run_dir / "model.safetensors").read_bytes() == straight
