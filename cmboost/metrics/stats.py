@@ -216,6 +216,17 @@ def covered(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, ba
     return inside
 
 
+def _feature_pair(real_features, fake_features, device, batch_size: int, what: str):
+    """Both feature sets as float32 tensors on one device, with matching widths."""
+    real = _as_float32_tensor(real_features, device)
+    fake = _as_float32_tensor(fake_features, real.device)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"{what}: feature shapes {tuple(real.shape)} and {tuple(fake.shape)} do not match")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: must be at least 1")
+    return real, fake
+
+
 def precision_recall(real_features, fake_features, k: int = 3, batch_size: int = 5000,
                      device: torch.device | str | None = None,
                      real_radii: torch.Tensor | None = None) -> tuple[float, float]:
@@ -224,12 +235,7 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     rows inside some generated row's k-NN ball. Distances in float32 blocks on `device`
     (default: where the features are), never an N x N matrix. `real_radii` (knn_radii of the real
     rows) may be passed in when the same reference is reused: for 10k rows it is the costly part."""
-    real = _as_float32_tensor(real_features, device)
-    fake = _as_float32_tensor(fake_features, real.device)
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"precision_recall: feature shapes {tuple(real.shape)} and {tuple(fake.shape)} do not match")
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size}: must be at least 1")
+    real, fake = _feature_pair(real_features, fake_features, device, batch_size, "precision_recall")
     real_radii = knn_radii(real, k, batch_size) if real_radii is None else real_radii.to(real.device)
     fake_radii = knn_radii(fake, k, batch_size)
     precision = covered(fake, real, real_radii, batch_size).double().mean().item()
@@ -246,12 +252,7 @@ def density_coverage(real_features, fake_features, k: int = 3, batch_size: int =
     coverage = 1/N sum_i 1[some Y_j in B(X_i)]        (share of real balls holding a generated row),
     for N real rows X and M generated rows Y. One pass over generated x real blocks, float32
     distances on `device`, never an N x M matrix; counts are exact integers."""
-    real = _as_float32_tensor(real_features, device)
-    fake = _as_float32_tensor(fake_features, real.device)
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"density_coverage: feature shapes {tuple(real.shape)} and {tuple(fake.shape)} do not match")
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size}: must be at least 1")
+    real, fake = _feature_pair(real_features, fake_features, device, batch_size, "density_coverage")
     if fake.shape[0] < 1:
         raise ValueError("density_coverage: no generated rows")
     radii = knn_radii(real, k, batch_size) if real_radii is None else real_radii.to(real.device)
