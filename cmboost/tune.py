@@ -128,7 +128,7 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     reference.check_against(judge)
     if "test" in str(reference.data).lower().split():
         raise UserInputError(f"{reference.source}: made from a test split ({reference.data}); tune against "
-                             "training data (cmboost evaluate ref --split train) and keep the test split for the report")
+                             "training data (cmboost evaluate-ref --split train) and keep the test split for the report")
     out = Path(out)
     refuse_existing(out, overwrite)
     images, labels = load_samples(samples, num_classes=model.num_classes)

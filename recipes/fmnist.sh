@@ -49,7 +49,7 @@ if want samples; then
   # Held-out real images (train[55000:], never seen by the joint networks) calibrate the early stop.
   [ -f "$S/heldout.npz" ] || $CMB export-data --data fmnist --split train --start 55000 --image-size 32 --out "$S/heldout.npz"
   # The tuning reference: the training split, not the test split.
-  [ -f "$S/train-ref.npz" ] || $CMB evaluate ref --data fmnist --split train --features fmnist --out "$S/train-ref.npz" --quiet
+  [ -f "$S/train-ref.npz" ] || $CMB evaluate-ref --data fmnist --split train --features fmnist --out "$S/train-ref.npz" --quiet
 fi
 
 # 3. The joint networks: one per training objective, same data, seed and schedule. The real-image

@@ -59,7 +59,7 @@ def add_parser(verbs) -> None:
     p.add_argument("--model", required=True, help="joint network checkpoint")
     p.add_argument("--classifier", default=None, help="robust classifier for the BIGRoC candidates (optional)")
     p.add_argument("--ref", required=True, help="reference made from TRAINING data by the tuning judge "
-                                                "(cmboost evaluate ref --split train --features JUDGE)")
+                                                "(cmboost evaluate-ref --split train --features JUDGE)")
     p.add_argument("--judge", default="fmnist", help="tuning judge (default fmnist); reporting judges are refused")
     p.add_argument("--threshold-from", default=None,
                    help="held-out real images (.npz): adds PGD candidates with early stop at their mean realness")
