@@ -33,7 +33,7 @@ from cmboost.jobs import RunDir
 from cmboost.jcd import (build_joint_model, load_joint_model, log_realness_from_logits,
                          save_joint_model)
 from cmboost.losses import get_objective
-from cmboost.train_jcd_config import TrainConfig, check_config, load_training_data
+from cmboost.train_jcd_config import TrainConfig, load_training_data
 from cmboost.runtime import (autocast, barrier, init_distributed, print0, resolve_device, resolve_precision,
                              sample_generators)
 
@@ -167,8 +167,7 @@ def training_step(model: torch.nn.Module, objective, optimizer: torch.optim.Opti
 
 def train_jcd(config: TrainConfig) -> Path:
     """Trains (or resumes) the run in config.run_dir; returns the final model's path."""
-    c = config
-    check_config(c)
+    c = config  # checked when it was built
     device = resolve_device(c.device)
     precision = resolve_precision(c.precision, device)
     channels_last = device.type == "cuda" if c.channels_last is None else bool(c.channels_last)

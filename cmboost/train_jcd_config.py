@@ -12,18 +12,26 @@ from cmboost.data import load_dataset
 from cmboost.errors import UserInputError
 from cmboost.jcd import ARCHS
 from cmboost.losses import OBJECTIVES
+from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
+                             shown)
 from cmboost.samples import load_samples
 
-@dataclasses.dataclass
+ATTACK_MODES = ("eval", "train")
+# The flags whose name is not --field-name; every message names the flag.
+FLAGS = {"real_random_start": "--no-real-random-start"}
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Defaults are the released hyperparameters (docs/method.md §3)."""
+    """Defaults are the released hyperparameters (docs/method.md §3); `cmboost train-jcd` reads its
+    flags' defaults from here. Checked when built (no files are read): a config that exists is valid."""
 
     data: str                              # "fmnist", "imagenet64:PATH" or "folder:PATH"
     run_dir: str
     iters: int
     generated: list[str] = dataclasses.field(default_factory=list)  # .npz files with labels
     arch: str | None = None                # None: from --init
-    width: int | None = None               # resnet_small only: first-stage width (None: 16)
+    width: int | None = None               # resnet_small only: first-stage width (None: jcd.SMALL_WIDTH)
     objective: str = "joint"
     init: str | None = None                # any checkpoint load_joint_model reads
     data_dir: str | None = None
@@ -56,6 +64,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
 
+    def __post_init__(self):
+        _check(self)
+
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
@@ -64,40 +75,24 @@ class TrainConfig:
         return out
 
 
-# ----------------------------------------------------------------------------- checks
-
-def check_config(c: TrainConfig) -> None:
-    def positive(name: str, value, allow_zero: bool = False) -> None:
-        if value is None or value < 0 or (value == 0 and not allow_zero):
-            raise UserInputError(f"--{name.replace('_', '-')} {value}: must be {'>= 0' if allow_zero else '> 0'}")
-
-    if c.objective not in OBJECTIVES:
-        raise UserInputError(f"--objective {c.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-    if c.arch is not None and c.arch not in ARCHS:
-        raise UserInputError(f"--arch {c.arch!r}: choose one of {', '.join(ARCHS)}")
+def _check(c: TrainConfig) -> None:
+    check_finite(c, FLAGS)
+    check_choice(c, "objective", OBJECTIVES)
+    check_choice(c, "arch", ARCHS, allow_none=True)
     if c.arch is None and c.init is None:
         raise UserInputError("--arch: required when training from scratch (no --init)")
     if c.width is not None and (c.init is not None or c.arch != "resnet_small" or c.width < 1):
         raise UserInputError(f"--width {c.width}: only for resnet_small trained from scratch, and at least 1")
-    if c.attack_norm not in NORMS:
-        raise UserInputError(f"--attack-norm {c.attack_norm!r}: choose one of {', '.join(NORMS)}")
-    if c.attack_mode not in ("eval", "train"):
-        raise UserInputError(f"--attack-mode {c.attack_mode!r}: choose eval or train")
-    positive("iters", c.iters, allow_zero=True)
-    positive("batch_size", c.batch_size)
-    if c.gen_batch_size is not None:
-        positive("gen_batch_size", c.gen_batch_size)
-    positive("lr", c.lr)
-    for name in ("real_eps", "real_step_size", "gen_eps", "gen_step_size", "weight_decay", "grad_clip"):
-        positive(name, getattr(c, name), allow_zero=True)
-    for name in ("real_steps", "gen_steps", "gen_steps_every"):
-        positive(name, getattr(c, name), allow_zero=True)
-    positive("log_every", c.log_every)
-    positive("ckpt_every", c.ckpt_every)
-    if c.real_limit is not None:
-        positive("real_limit", c.real_limit)
-    if not (0 <= c.betas[0] < 1 and 0 <= c.betas[1] < 1):
-        raise UserInputError(f"--betas {c.betas}: each must be in [0, 1)")
+    check_choice(c, "attack_norm", NORMS)
+    check_choice(c, "attack_mode", ATTACK_MODES)
+    check_at_least(c, 0, ("iters", "real_eps", "real_step_size", "gen_eps", "gen_step_size", "weight_decay",
+                          "grad_clip", "real_steps", "gen_steps", "gen_steps_every", "gen_max_steps", "milestones"))
+    check_at_least(c, 1, ("batch_size", "gen_batch_size", "image_size", "real_limit", "log_every", "ckpt_every"))
+    check_above(c, 0, ("lr", "gamma"))
+    if len(c.betas) != 2:
+        raise UserInputError(f"--betas {shown(c.betas)}: give two numbers, B1 B2")
+    check_fraction(c, ("betas",))
+    check_seed(c)
     if c.objective != "ce" and not c.generated:
         raise UserInputError(f"--generated: objective {c.objective} needs generated samples (.npz with labels)")
 

@@ -1,5 +1,6 @@
 """train-jcd: learning on Fashion-MNIST, exact resume, DDP == one process, input checks."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -217,7 +218,7 @@ def test_batching_and_curriculum_are_pure_functions():
     assert [rank_share(8, r, 2) for r in (0, 1)] == [slice(0, 4), slice(4, 8)]
     with pytest.raises(UserInputError, match="divisible"):
         rank_share(9, 0, 2)
-    config = TrainConfig(data="fmnist", run_dir="x", iters=1)
+    config = TrainConfig(data="fmnist", run_dir="x", iters=1, arch="resnet_small", generated=["gen.npz"])
     assert [gen_steps_at(config, s) for s in (0, 999, 1000, 4500)] == [5, 5, 6, 9]
-    config.gen_max_steps = 7
+    config = dataclasses.replace(config, gen_max_steps=7)
     assert gen_steps_at(config, 4500) == 7

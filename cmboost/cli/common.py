@@ -3,20 +3,55 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from cmboost.records import field_default, shown
+
+# Help texts show %(default)s, not a number of their own: a verb's set_defaults (from its record)
+# then shows in --help as well.
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
     """--device and --precision."""
-    parser.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
+    parser.add_argument("--device", default="auto",
+                        help="cuda, cuda:N, cpu, or auto: cuda when present (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast precision (default: bf16 on GPU, fp32 on CPU)")
+                        help="autocast precision; auto: bf16 on GPU, fp32 on CPU (default: %(default)s)")
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """--device, --precision, --seed and --batch-size."""
     add_device_flags(parser)
-    parser.add_argument("--seed", type=int, default=0, help="base seed; sample i uses stream (seed, i)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="base seed; sample i uses stream (seed, i) (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
+
+
+def set_record_defaults(parser: argparse.ArgumentParser, record_type: type, names) -> None:
+    """Shared flags (--seed, --batch-size, ...) take their defaults from the verb's record."""
+    parser.set_defaults(**{name: field_default(record_type, name) for name in names})
+
+
+def add_field_flag(parser: argparse.ArgumentParser, record_type: type, name: str, help: str, *,
+                   flag: str | None = None, type=None, nargs=None, choices=None, metavar=None) -> None:
+    """A flag for the record field `name` (dest `name`, so the record can be built from the parsed
+    flags) whose default is the field's and shows in --help. A None default stands for something
+    that `help` must say itself."""
+    default = field_default(record_type, name)
+    if default is not None:
+        help = f"{help} (default: {shown(default)})"
+    parser.add_argument(flag or "--" + name.replace("_", "-"), dest=name, type=type, nargs=nargs,
+                        choices=choices, metavar=metavar, default=default, help=help)
+
+
+def record_from_args(record_type: type, args: argparse.Namespace, given: dict):
+    """The record from the parsed flags whose dest is a field name, and `given` for the fields that
+    the flags spell differently. A field found in neither is a TypeError, not a silent default."""
+    names = [f.name for f in dataclasses.fields(record_type) if f.init]
+    unknown = set(given) - set(names)
+    if unknown:
+        raise TypeError(f"{record_type.__name__} has no field {', '.join(sorted(unknown))}")
+    return record_type(**{n: given[n] if n in given else getattr(args, n) for n in names})
 
 
 def add_output_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -30,7 +65,7 @@ def add_feature_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", default="fmnist",
                    help="feature network(s), comma-separated, the first one for FID/sFID/IS/PR/KID/density/"
                         "coverage: inception, dinov2, effnet-lite0, a shipped domain net (fmnist, fmnist-allconv), "
-                        "or a domain-net .safetensors (default: fmnist)")
+                        "or a domain-net .safetensors (default: %(default)s)")
     p.add_argument("--inception-weights", default=None,
                    help="weights-inception-2015-12-05-6726825d.pth, or its folder (default: $CMBOOST_WEIGHTS, "
                         "then torch's hub cache, then a download)")
@@ -38,10 +73,20 @@ def add_feature_flags(p: argparse.ArgumentParser) -> None:
                    help="dinov2_vitl14_pretrain.pth, or its folder (default: $CMBOOST_WEIGHTS, then torch's "
                         "hub cache, then a download)")
     p.add_argument("--overwrite", action="store_true", help="replace the output (--out / --json) if it exists")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's choice (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_runtime_flags(p)
     p.set_defaults(precision="fp32", batch_size=200)
+
+
+def check_feature_flags(args: argparse.Namespace) -> None:
+    """The number flags of add_feature_flags that no record checks (evaluate has none)."""
+    from cmboost.errors import UserInputError
+
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.threads < 0:
+        raise UserInputError(f"--threads {args.threads}: must be >= 0")
 
 
 def extractors(args) -> list:

@@ -1,83 +1,90 @@
 """`cmboost train-jcd`: adversarial training of the joint classifier-discriminator.
 
-A thin layer over cmboost.train_jcd.train_jcd; defaults are the released hyperparameters.
+A thin layer over cmboost.train_jcd.train_jcd; the defaults are TrainConfig's, the released hyperparameters.
 Works under torchrun (DDP; gloo on CPU, nccl on GPU). Rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
-from cmboost.cli.common import add_runtime_flags
+from cmboost.cli.common import add_field_flag, add_runtime_flags, record_from_args, set_record_defaults
+
+# --channels-last spells TrainConfig.channels_last's None/True/False as words.
+CHANNELS_LAST = {"auto": None, "on": True, "off": False}
+
+
+def config_from_args(args: argparse.Namespace):
+    """The one TrainConfig of this run, checked as it is built: bad values fail before any file is read."""
+    from cmboost.train_jcd_config import TrainConfig
+
+    return record_from_args(TrainConfig, args, {
+        "generated": list(args.generated or []), "betas": tuple(args.betas), "milestones": tuple(args.milestones),
+        "channels_last": CHANNELS_LAST[args.channels_last]})
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.train_jcd import TrainConfig, train_jcd
+    from cmboost.train_jcd import train_jcd
 
-    config = TrainConfig(
-        data=args.data, run_dir=args.run_dir, iters=args.iters, generated=list(args.generated or []),
-        arch=args.arch, width=args.width, objective=args.objective, init=args.init, data_dir=args.data_dir,
-        image_size=args.image_size, real_limit=args.real_limit, batch_size=args.batch_size,
-        gen_batch_size=args.gen_batch_size, lr=args.lr, betas=tuple(args.betas),
-        weight_decay=args.weight_decay, milestones=tuple(args.milestones), gamma=args.gamma,
-        grad_clip=args.grad_clip, attack_norm=args.attack_norm,
-        real_eps=args.real_eps, real_steps=args.real_steps, real_step_size=args.real_step_size,
-        real_random_start=not args.no_real_random_start,
-        gen_eps=args.gen_eps, gen_steps=args.gen_steps, gen_step_size=args.gen_step_size,
-        gen_random_start=args.gen_random_start, gen_steps_every=args.gen_steps_every,
-        gen_max_steps=args.gen_max_steps, attack_mode=args.attack_mode, seed=args.seed,
-        device=args.device, precision=args.precision,
-        channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
-        log_every=args.log_every, ckpt_every=args.ckpt_every)
-    train_jcd(config)
+    train_jcd(config_from_args(args))
     return 0
 
 
 def add_parser(verbs) -> None:
-    from cmboost.jcd import ARCHS
+    from cmboost.attacks import NORMS
+    from cmboost.jcd import ARCHS, SMALL_WIDTH
     from cmboost.losses import OBJECTIVES
+    from cmboost.records import field_default
+    from cmboost.train_jcd_config import ATTACK_MODES, FLAGS, TrainConfig
 
     p = verbs.add_parser(
         "train-jcd", help="adversarially train the joint classifier-discriminator",
         description="Adversarial training of the joint classifier-discriminator on real data against "
                     "generated samples (docs/method.md §3). Defaults are the released hyperparameters. "
                     "Rerunning the same command resumes from the run directory's latest checkpoint.")
+
+    field = functools.partial(add_field_flag, p, TrainConfig)
     p.add_argument("--data", required=True, help="real data: fmnist, imagenet64:PATH or folder:PATH")
-    p.add_argument("--data-dir", help="folder with the Fashion-MNIST files (default: the system copy)")
-    p.add_argument("--generated", nargs="+", metavar="NPZ",
-                   help="generated samples (.npz with arr_1 = the labels they were generated for)")
-    p.add_argument("--arch", choices=ARCHS, help="backbone (default: that of --init)")
-    p.add_argument("--width", type=int, default=None, help="resnet_small: first-stage width (default 16)")
-    p.add_argument("--objective", default="joint", choices=list(OBJECTIVES), help="training objective (default joint)")
-    p.add_argument("--init", metavar="PATH", help="initial weights: ours, released, robustness-library or torchvision")
-    p.add_argument("--iters", type=int, required=True, help="training iterations")
     p.add_argument("--run-dir", required=True, help="run directory (checkpoints, log.jsonl, model.safetensors)")
-    p.add_argument("--image-size", type=int, help="resize/pad real images to this size (default: the generated size)")
-    p.add_argument("--real-limit", type=int, help="use only the first N real images")
-    p.add_argument("--gen-batch-size", type=int, help="global generated batch (default: --batch-size)")
-    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5)")
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"))
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--milestones", type=int, nargs="*", default=[4000], help="iterations where lr *= gamma")
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0 disables)")
-    p.add_argument("--attack-norm", default="l2", choices=["l2", "linf"])
-    p.add_argument("--real-eps", type=float, default=1.0)
-    p.add_argument("--real-steps", type=int, default=2)
-    p.add_argument("--real-step-size", type=float, default=0.5)
-    p.add_argument("--no-real-random-start", action="store_true", help="start the real attack at x")
-    p.add_argument("--gen-eps", type=float, default=100.0)
-    p.add_argument("--gen-steps", type=int, default=5)
-    p.add_argument("--gen-step-size", type=float, default=0.1)
-    p.add_argument("--gen-random-start", action="store_true")
-    p.add_argument("--gen-steps-every", type=int, default=1000,
-                   help="one more generated-attack step every N iterations (0: never)")
-    p.add_argument("--gen-max-steps", type=int, help="cap on the generated-attack steps")
-    p.add_argument("--attack-mode", default="eval", choices=["eval", "train"],
-                   help="model mode during the attacks (matters for BatchNorm backbones)")
-    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--iters", type=int, required=True, help="training iterations")
+    field("data_dir", "folder with the Fashion-MNIST files (default: the system copy)")
+    field("generated", "generated samples (.npz with arr_1 = the labels they were generated for)",
+          nargs="+", metavar="NPZ")
+    field("arch", "backbone (default: that of --init)", choices=ARCHS)
+    field("width", f"resnet_small: first-stage width (default: {SMALL_WIDTH})", type=int)
+    field("objective", "training objective", choices=list(OBJECTIVES))
+    field("init", "initial weights: ours, released, robustness-library or torchvision", metavar="PATH")
+    field("image_size", "resize/pad real images to this size (default: the generated size)", type=int)
+    field("real_limit", "use only the first N real images (default: all)", type=int)
+    field("gen_batch_size", "global generated batch (default: --batch-size)", type=int)
+    field("lr", "Adam learning rate", type=float)
+    field("betas", "Adam betas", type=float, nargs=2, metavar=("B1", "B2"))
+    field("weight_decay", "Adam weight decay", type=float)
+    field("milestones", "iterations where lr *= gamma", type=int, nargs="*")
+    field("gamma", "learning-rate factor at each milestone", type=float)
+    field("grad_clip", "gradient-norm clip (0 disables)", type=float)
+    field("attack_norm", "norm of both attacks' balls", choices=NORMS)
+    field("real_eps", "radius of the attack on real images", type=float)
+    field("real_steps", "steps of the attack on real images", type=int)
+    field("real_step_size", "step length of the attack on real images", type=float)
+    p.add_argument(FLAGS["real_random_start"], dest="real_random_start", action="store_false",
+                   default=field_default(TrainConfig, "real_random_start"),
+                   help="start the real attack at x (default: at a random point of the ball)")
+    field("gen_eps", "radius of the attack on generated images", type=float)
+    field("gen_steps", "initial steps of the attack on generated images", type=int)
+    field("gen_step_size", "step length of the attack on generated images", type=float)
+    p.add_argument("--gen-random-start", action="store_true", default=field_default(TrainConfig, "gen_random_start"),
+                   help="start the generated attack at a random point of the ball (default: at x)")
+    field("gen_steps_every", "one more generated-attack step every N iterations (0: never)", type=int)
+    field("gen_max_steps", "cap on the generated-attack steps (default: none)", type=int)
+    field("attack_mode", "model mode during the attacks (matters for BatchNorm backbones)", choices=ATTACK_MODES)
+    p.add_argument("--channels-last", choices=list(CHANNELS_LAST),
+                   default=next(k for k, v in CHANNELS_LAST.items() if v is field_default(TrainConfig, "channels_last")),
+                   help="channels-last memory layout; auto: on for CUDA (default: %(default)s)")
+    field("log_every", "iterations between log.jsonl records", type=int)
+    field("ckpt_every", "iterations between checkpoints", type=int)
     add_runtime_flags(p)
-    # --batch-size here is the global real batch (split across processes), 128 as released.
-    p.set_defaults(batch_size=128, run=run)
+    # --batch-size here is the global real batch (split across processes).
+    set_record_defaults(p, TrainConfig, ("batch_size", "seed", "device", "precision"))
+    p.set_defaults(run=run)
