@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Iterable
 
 from cmboost.records import field_default, shown
 
@@ -44,14 +45,15 @@ def add_field_flag(parser: argparse.ArgumentParser, record_type: type, name: str
                         choices=choices, metavar=metavar, default=default, help=help)
 
 
-def record_from_args(record_type: type, args: argparse.Namespace, given: dict):
-    """The record from the parsed flags whose dest is a field name, and `given` for the fields that
-    the flags spell differently. A field found in neither is a TypeError, not a silent default."""
+def record_from_args(record_type: type, args: argparse.Namespace, given: dict, keep_defaults: Iterable[str] = ()):
+    """The record from the parsed flags whose dest is a field name, `given` for the fields that the
+    flags spell differently, and the record's own defaults for `keep_defaults` (fields no flag sets).
+    A field found nowhere is a TypeError, not a silent default."""
     names = [f.name for f in dataclasses.fields(record_type) if f.init]
-    unknown = set(given) - set(names)
+    unknown = (set(given) | set(keep_defaults)) - set(names)
     if unknown:
         raise TypeError(f"{record_type.__name__} has no field {', '.join(sorted(unknown))}")
-    return record_type(**{n: given[n] if n in given else getattr(args, n) for n in names})
+    return record_type(**{n: given[n] if n in given else getattr(args, n) for n in names if n not in keep_defaults})
 
 
 def add_output_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -29,27 +29,64 @@ from cmboost.cm.losses import DISTANCES, cd_loss, ct_level_probs, ct_loss, ct_nu
 from cmboost.cm.unet import attention_rates
 from cmboost.errors import UserInputError
 from cmboost.jobs import RunDir
+from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
+                             field_default, flag_of)
 from cmboost.runtime import DistInfo, autocast, barrier, dist_info, print0, sample_seed
 
 MODES = ("edm", "cd", "ct")
 STATE_FILE, MODEL_FILE, SETTINGS_FILE, LOG_FILE = "state.safetensors", "model.safetensors", "settings.json", "log.jsonl"
 
 
+@dataclasses.dataclass(frozen=True)
+class UNetShape:
+    """The size of a small ADM UNet (what train-cm's architecture flags set), checked when built.
+    The data gives the rest: image size, channels and classes."""
+
+    model_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (8,)  # in pixels: 8 = attention at 8x8
+    dropout: float = 0.0
+    num_head_channels: int = 32                    # -1: one head
+
+    def __post_init__(self):
+        check_finite(self)
+        for name in ("channel_mult", "attention_resolutions"):
+            if not getattr(self, name):
+                raise UserInputError(f"{flag_of(name)}: empty list")
+        check_at_least(self, 1, ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions"))
+        check_fraction(self, ("dropout",))
+        if self.num_head_channels != -1:
+            check_at_least(self, 1, ("num_head_channels",))
+
+    def config(self, image_size: int, in_channels: int, num_classes: int | None) -> dict:
+        """The UNet config dict (as saved in settings.json and checkpoints) for this data."""
+        return dict(image_size=image_size, in_channels=in_channels, model_channels=self.model_channels,
+                    out_channels=in_channels, num_res_blocks=self.num_res_blocks,
+                    attention_resolutions=list(attention_rates(self.attention_resolutions, image_size)),
+                    dropout=self.dropout, channel_mult=list(self.channel_mult), num_classes=num_classes,
+                    num_heads=1, num_head_channels=self.num_head_channels, use_scale_shift_norm=True,
+                    resblock_updown=True)
+
+
+_SHAPE = UNetShape()
+
+
 def small_unet_config(image_size: int = 32, in_channels: int = 1, num_classes: int | None = 10,
-                      model_channels: int = 32, channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
-                      attention_resolutions: tuple[int, ...] = (8,), dropout: float = 0.0,
-                      num_head_channels: int = 32) -> dict:
+                      model_channels: int = _SHAPE.model_channels, channel_mult: tuple[int, ...] = _SHAPE.channel_mult,
+                      num_res_blocks: int = _SHAPE.num_res_blocks,
+                      attention_resolutions: tuple[int, ...] = _SHAPE.attention_resolutions,
+                      dropout: float = _SHAPE.dropout, num_head_channels: int = _SHAPE.num_head_channels) -> dict:
     """A small ADM UNet for 32x32 single-channel data; `attention_resolutions` in pixels (8 = at 8x8)."""
-    return dict(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
-                out_channels=in_channels, num_res_blocks=num_res_blocks,
-                attention_resolutions=list(attention_rates(attention_resolutions, image_size)), dropout=dropout,
-                channel_mult=list(channel_mult), num_classes=num_classes, num_heads=1,
-                num_head_channels=num_head_channels, use_scale_shift_norm=True, resblock_updown=True)
+    shape = UNetShape(model_channels, tuple(channel_mult), num_res_blocks, tuple(attention_resolutions), dropout,
+                      num_head_channels)
+    return shape.config(image_size, in_channels, num_classes)
 
 
 @dataclasses.dataclass
 class TrainSettings:
-    """Everything that defines a run (saved in run_dir/settings.json; a rerun must match)."""
+    """Everything that defines a run (saved in run_dir/settings.json; a rerun must match), checked
+    when built. Not frozen: a CD Trainer fills `unet` in from its teacher, and callers read it there."""
 
     mode: str
     iters: int
@@ -76,25 +113,34 @@ class TrainSettings:
     distance: str = "l2"
     data: str = "fmnist"
 
-    def check(self) -> None:
-        if self.mode not in MODES:
-            raise UserInputError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.iters < 1:
-            raise UserInputError(f"--iters {self.iters}: must be at least 1")
-        if self.batch_size < 1:
-            raise UserInputError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.lr <= 0:
-            raise UserInputError(f"--lr {self.lr}: must be positive")
-        if not 0 <= self.ema_rate < 1 or not 0 <= self.target_ema < 1:
-            raise UserInputError("--ema-rate and --target-ema must lie in [0, 1)")
-        if self.distance not in DISTANCES:
-            raise UserInputError(f"--distance {self.distance!r}: choose one of {', '.join(DISTANCES)}")
+    def __post_init__(self):
+        check_finite(self, SETTINGS_FLAGS)
+        check_choice(self, "mode", MODES)
+        check_at_least(self, 1, ("iters", "batch_size"))
+        check_at_least(self, 0, ("warmup", "grad_clip"))
+        check_above(self, 0, ("lr", "p_std", "ct_p_std"), SETTINGS_FLAGS)
+        check_fraction(self, ("ema_rate", "target_ema"))
+        check_seed(self)
+        check_choice(self, "distance", DISTANCES)
         if self.mode == "cd" and not self.teacher:
             raise UserInputError("--mode cd needs --teacher (an EDM model.safetensors from 'cmboost train-cm --mode edm')")
         if self.mode == "cd" and self.num_scales < 2:
             raise UserInputError(f"--num-scales {self.num_scales}: needs at least 2")
         if self.mode == "ct" and not 2 <= self.start_scales <= self.end_scales:
-            raise UserInputError("--start-scales and --end-scales: need 2 <= start <= end")
+            raise UserInputError(f"--start-scales {self.start_scales}, --end-scales {self.end_scales}: "
+                                 f"need 2 <= start <= end")
+
+
+# Fields no flag sets: messages name them as fields.
+SETTINGS_FLAGS = {name: f"TrainSettings.{name}" for name in ("p_mean", "p_std", "ct_p_mean", "ct_p_std")}
+# A mode's own default where the record's does not suit it (train-cm applies these when the flag is
+# not given): CD starts from the teacher's weights and fine-tunes gently; CT compares with pseudo-Huber.
+MODE_DEFAULTS = {"cd": {"lr": 4e-5}, "ct": {"distance": "pseudo-huber"}}
+
+
+def mode_default(mode: str, name: str):
+    """The default of TrainSettings field `name` for `mode`."""
+    return MODE_DEFAULTS.get(mode, {}).get(name, field_default(TrainSettings, name))
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -112,7 +158,6 @@ class Trainer:
 
     def __init__(self, settings: TrainSettings, images: np.ndarray, labels: np.ndarray | None,
                  device: torch.device, precision: str = "fp32", info: DistInfo | None = None):
-        settings.check()
         self.settings, self.device, self.precision = settings, device, precision
         self.info = info or DistInfo()
         self.images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 NCHW, converted per batch
@@ -272,9 +317,11 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
           device: torch.device, precision: str = "fp32", save_every: int = 500, log_every: int = 50,
           progress: bool = True) -> Path:
     """Trains until settings.iters, resuming from run_dir/state.safetensors; returns run_dir/model.safetensors."""
+    for flag, value in (("--save-every", save_every), ("--log-every", log_every)):
+        if value < 1:
+            raise UserInputError(f"{flag} {value}: must be >= 1")
     run_dir = Path(run_dir)
     info = dist_info()
-    settings.check()
     run = RunDir(run_dir, SETTINGS_FILE, LOG_FILE)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
