@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 from pathlib import Path
 
-from cmboost.cli.common import add_output_flags
+from cmboost.cli.common import add_device_flags, add_field_flag, add_output_flags, record_from_args
 from cmboost.errors import UserInputError
+from cmboost.records import field_default
+
+# TrainSettings fields that no flag sets.
+UNFLAGGED = ("weight_decay", "warmup_steps", "max_shift")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,14 +25,11 @@ def run(args: argparse.Namespace) -> int:
                                             train_domain_net)
     from cmboost.runtime import resolve_device, resolve_precision
 
+    settings = record_from_args(TrainSettings, args, {}, keep_defaults=UNFLAGGED)
+    for flag, value in (("--limit", args.limit), ("--threads", args.threads)):
+        if value < 0:
+            raise UserInputError(f"{flag} {value}: must be >= 0")
     refuse_existing(args.out, args.overwrite)
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserInputError(f"{flag} {value}: must be at least 1")
-    if args.lr <= 0:
-        raise UserInputError(f"--lr {args.lr}: must be positive")
-    if args.limit < 0:
-        raise UserInputError(f"--limit {args.limit}: must be 0 (all) or positive")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -36,8 +38,6 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     config = config_for_data(images, num_classes, args.data, arch=args.arch)
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             hflip=not args.no_flip)
     state = Path(str(args.out) + ".partial")
     print(f"training a domain feature net ({config.arch}, seed {settings.seed}) on {args.data} train "
           f"({len(images)} images, {config.in_channels}x{config.image_size}x{config.image_size}) on {device}, "
@@ -69,7 +69,7 @@ def _command(args: argparse.Namespace) -> str:
              "--arch", args.arch]
     if args.data_dir:
         words += ["--data-dir", str(args.data_dir)]
-    if args.no_flip:
+    if not args.hflip:
         words.append("--no-flip")
     if args.limit:
         words += ["--limit", str(args.limit)]
@@ -80,29 +80,29 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.metrics.domain_net import ARCHS, DEFAULT_SEED, TrainSettings
+    from cmboost.metrics.domain_net import ARCHS, DomainNetConfig, TrainSettings
 
-    defaults = TrainSettings()
     p = verbs.add_parser("train-features",
                          help="train a domain feature network (FID/IS/PR features for small datasets) on a "
                               "dataset's train split",
                          description="Trains a plain CNN, VGG-style or all-convolutional (not the joint network's "
                                      "ResNet, no adversarial training, its own seed) on the train split; reruns "
                                      "resume per epoch.")
+    setting = functools.partial(add_field_flag, p, TrainSettings)
     p.add_argument("--data", required=True, help="fmnist, imagenet64:PATH or folder:PATH (train split used)")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST files (default: system copy)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (cosine schedule)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                   help=f"initial weights, data order, augmentation and dropout (default: {DEFAULT_SEED})")
-    p.add_argument("--arch", default="vgg", choices=list(ARCHS),
+    setting("epochs", "passes over the train split", type=int)
+    setting("batch_size", "images per step", type=int)
+    setting("lr", "peak AdamW learning rate (cosine schedule)", type=float)
+    setting("seed", "initial weights, data order, augmentation and dropout", type=int)
+    p.add_argument("--arch", default=field_default(DomainNetConfig, "arch"), choices=list(ARCHS),
                    help="vgg: 3x3 conv + BatchNorm + ReLU with max pooling (the shipped 'fmnist' net); allconv: "
-                        "all-convolutional, strided convs, GELU, global average pool ('fmnist-allconv')")
-    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (for digits, text)")
-    p.add_argument("--limit", type=int, default=0, help="train on the first N images only (quick runs)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+                        "all-convolutional, strided convs, GELU, global average pool ('fmnist-allconv') "
+                        "(default: %(default)s)")
+    p.add_argument("--no-flip", dest="hflip", action="store_false", default=field_default(TrainSettings, "hflip"),
+                   help="no horizontal flips (for digits, text; default: random flips)")
+    p.add_argument("--limit", type=int, default=0, help="train on the first N images only; 0: all (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's choice (default: %(default)s)")
+    add_device_flags(p)
     add_output_flags(p)
     p.set_defaults(run=run)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from cmboost.checkpoints import check_fits, read_checkpoint, read_safetensors, save_checkpoint, save_safetensors
 from cmboost.errors import UserInputError
 from cmboost.jobs import check_same_config
+from cmboost.records import check_above, check_at_least, check_finite, check_seed
 from cmboost.runtime import autocast, sample_seed
 
 FORMAT, FORMAT_VERSION = "domain_net", 2  # version 1: the header before cmboost.checkpoints (the shipped nets)
@@ -196,8 +197,13 @@ def load_domain_net(spec: str | os.PathLike, device: torch.device | str = "cpu")
 # ----------------------------------------------------------------------------- training
 
 
+# TrainSettings fields that train-features has no flag for: messages name them as fields.
+SETTINGS_FLAGS = {name: f"TrainSettings.{name}" for name in ("weight_decay", "warmup_steps", "max_shift")}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
+    """How a domain net is trained (train-features reads its flags' defaults here); checked when built."""
     epochs: int = 5
     batch_size: int = 128
     lr: float = 2e-3
@@ -206,6 +212,13 @@ class TrainSettings:
     max_shift: int = 2          # random translation in pixels (zero fill)
     hflip: bool = True          # clothes are left-right symmetric; not for digits or text
     seed: int = DEFAULT_SEED
+
+    def __post_init__(self):
+        check_finite(self, SETTINGS_FLAGS)
+        check_at_least(self, 1, ("epochs", "batch_size"))
+        check_at_least(self, 0, ("weight_decay", "warmup_steps", "max_shift"), SETTINGS_FLAGS)
+        check_above(self, 0, ("lr",))
+        check_seed(self)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
