@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmboost.cli.common import add_output_flags, add_runtime_flags
+from cmboost.cli.common import add_field_flag, add_output_flags, add_runtime_flags, set_record_defaults
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +25,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
+    from cmboost.cm.denoiser import KINDS
+    from cmboost.cm.sample import CM_DEFAULT_STEPS, EDM_DEFAULT_STEPS, SampleSettings
+
     p = verbs.add_parser(
         "sample", help="draw samples from a consistency model into an OpenAI-format .npz",
         description="Draws --num samples (1 or 2 steps; Heun for EDM teachers). Sample i depends only on "
@@ -32,16 +35,18 @@ def add_parser(verbs) -> None:
                     "finishes the job. Shards across ranks under torchrun.")
     p.add_argument("--model", required=True,
                    help="cmboost .safetensors, OpenAI .pt (cd_imagenet64_l2.pt, ct_imagenet64.pt, ...) or a diffusers folder")
-    p.add_argument("--steps", type=int, default=None,
-                   help="network evaluations: 1 (default) or 2 for consistency models; Heun steps for EDM (default 18)")
+    add_field_flag(p, SampleSettings, "steps",
+                   f"network evaluations of a consistency model, 1 or 2 (default: {CM_DEFAULT_STEPS}); "
+                   f"Heun steps of an EDM teacher (default: {EDM_DEFAULT_STEPS})", type=int)
     p.add_argument("--ts", default=None, help="multistep indices into the N-level Karras grid, e.g. 0,22,39")
     p.add_argument("--N", type=int, default=None, help="levels of that grid (CD 40, CT 201)")
-    p.add_argument("--kind", choices=["cd", "ct", "edm"], default=None,
+    p.add_argument("--kind", choices=KINDS, default=None,
                    help="model kind when the file name does not tell (OpenAI files)")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--class-labels", default=None,
                    help="comma-separated classes to draw labels from (default: all classes, uniformly)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_flags(p)
+    set_record_defaults(p, SampleSettings, ("seed", "batch_size"))
     add_output_flags(p)
     p.set_defaults(run=run)

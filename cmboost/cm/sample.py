@@ -19,10 +19,26 @@ from cmboost.cm.checkpoint import LoadedModel, load_model
 from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, refuse_finished, run_parts
+from cmboost.records import check_at_least, field_default
 from cmboost.runtime import randn_per_sample, sample_generators
 from cmboost.samples import to_uint8
 
-EDM_DEFAULT_STEPS = 18
+EDM_DEFAULT_STEPS = 18  # Heun steps of an EDM teacher
+CM_DEFAULT_STEPS = 1    # network evaluations of a consistency model
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """The numbers of a sampling run (`cmboost sample` reads its flags' defaults here), checked when
+    built, before the model is read."""
+
+    num: int
+    steps: int | None = None  # None: CM_DEFAULT_STEPS, or EDM_DEFAULT_STEPS for an EDM teacher
+    seed: int = 0             # any integer: sample i's stream is (seed, i)
+    batch_size: int = 256     # the images do not depend on it
+
+    def __post_init__(self):
+        check_at_least(self, 1, ("num", "steps", "batch_size"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +71,7 @@ def choose_sampler(loaded: LoadedModel, steps: int | None, ts: Sequence[int] | N
         if steps is not None and steps != len(ts) - 1:
             raise UserInputError(f"--steps {steps} but --ts {','.join(map(str, ts))} gives {len(ts) - 1} steps")
         return SamplerChoice("multistep", len(ts) - 1, tuple(ts), num_levels)
-    steps = 1 if steps is None else steps
+    steps = CM_DEFAULT_STEPS if steps is None else steps
     if steps == 1:
         return SamplerChoice("onestep", 1)
     if steps < 1:
@@ -110,18 +126,17 @@ def _parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
     return values
 
 
-def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int, steps: int | None = None,
-                     seed: int = 0, ts: Sequence[int] | None = None, num_levels: int | None = None,
-                     class_labels: Sequence[int] | None = None, kind: str | None = None, batch_size: int = 256,
+def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
+                     steps: int | None = field_default(SampleSettings, "steps"),
+                     seed: int = field_default(SampleSettings, "seed"), ts: Sequence[int] | None = None,
+                     num_levels: int | None = None, class_labels: Sequence[int] | None = None, kind: str | None = None,
+                     batch_size: int = field_default(SampleSettings, "batch_size"),
                      device: torch.device | None = None, precision: str = "fp32", overwrite: bool = False,
                      progress: bool = True) -> Path:
     """Writes `num` samples of `model` to `out` (OpenAI .npz, or a PNG folder). Resumable and sharded."""
     device = device or torch.device("cpu")
     out = Path(out)
-    if num < 1:
-        raise UserInputError(f"--num {num}: must be at least 1")
-    if batch_size < 1:
-        raise UserInputError(f"--batch-size {batch_size}: must be at least 1")
+    SampleSettings(num, steps, seed, batch_size)  # bad numbers fail before anything is read or written
     refuse_finished(out, overwrite)
     loaded = load_model(model, kind)
     choice = choose_sampler(loaded, steps, ts, num_levels)
