@@ -33,11 +33,29 @@ from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.jobs import check_same_config, read_record, write_record
+from cmboost.records import check_at_least, check_choice, check_finite, field_default
 
 FORMAT = "cmboost.tune/1"
 BOOST_METHODS = ("pgd", "sgld", "bigroc")     # what `cmboost boost` runs
 CONTROL_METHODS = ("unsharp",)                # tuned alike, never chosen as "the" method
 CRITERIA = ("fid", "kid")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    """How the winner is chosen, and the boosting batch (`cmboost tune` reads its flags' defaults
+    here); checked when built, so the command line fails before it loads anything."""
+
+    criterion: str = "fid"          # what the tuning judge minimises
+    max_recall_drop: float = 0.03   # candidates that lose more recall than this (vs unboosted) are not chosen
+    batch_size: int = 250           # images per boosting batch; the results do not depend on it
+
+    def __post_init__(self):
+        check_finite(self)
+        check_choice(self, "criterion", CRITERIA)
+        if not 0 <= self.max_recall_drop <= 1:
+            raise UserInputError(f"--max-recall-drop {self.max_recall_drop}: must be within [0, 1]")
+        check_at_least(self, 1, ("batch_size",))
 
 
 def default_grid(threshold: float | None, with_classifier: bool) -> list[tuple[str, dict]]:
@@ -80,7 +98,7 @@ def apply_method(method: str, hyper: dict, model, classifier, images: torch.Tens
 
 
 def run_method(method: str, hyper: dict, model, classifier, images_u8: np.ndarray, labels: np.ndarray,
-               device, batch_size: int = 250, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+               device, batch_size: int = field_default(TuneSettings, "batch_size"), precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, per-image L2 change in [0, 1] units) of a whole sample array."""
     out, change = [], []
     for start in range(0, len(images_u8), batch_size):
@@ -107,9 +125,11 @@ def _pick(rows: list[dict], method: str, criterion: str, recall_floor: float) ->
 
 
 def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.PathLike, classifier=None,
-         threshold: float | None = None, grid: list[tuple[str, dict]] | None = None, criterion: str = "fid",
-         max_recall_drop: float = 0.03, realness_kind: str | None = None, device: torch.device | str = "cpu",
-         precision: str = "fp32", batch_size: int = 250, provenance: dict | None = None,
+         threshold: float | None = None, grid: list[tuple[str, dict]] | None = None,
+         criterion: str = field_default(TuneSettings, "criterion"),
+         max_recall_drop: float = field_default(TuneSettings, "max_recall_drop"), realness_kind: str | None = None,
+         device: torch.device | str = "cpu", precision: str = "fp32",
+         batch_size: int = field_default(TuneSettings, "batch_size"), provenance: dict | None = None,
          overwrite: bool = False, progress: bool = True) -> dict:
     """Scores every candidate on `samples` with `judge` (a tuning judge) against `reference`
     (training-data statistics made by that judge), writes the settings file `out`, returns it."""
@@ -120,10 +140,7 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     from cmboost.metrics.evaluate import evaluate_images
     from cmboost.metrics.judges import check_tuning_judge
 
-    if criterion not in CRITERIA:
-        raise UserInputError(f"--criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
-    if not (0 <= max_recall_drop <= 1):
-        raise UserInputError(f"--max-recall-drop {max_recall_drop}: must be within [0, 1]")
+    TuneSettings(criterion, max_recall_drop, batch_size)  # bad values fail before any work
     check_tuning_judge(judge)
     reference.check_against(judge)
     if "test" in str(reference.data).lower().split():

@@ -8,6 +8,9 @@ import json
 
 from cmboost.cli.common import add_output_flags, add_runtime_flags
 
+DEFAULT_METHOD = "pgd"  # the paper's; --settings from 'cmboost tune' may choose another
+
+
 def hyper_from_args(args: argparse.Namespace) -> dict:
     """The hyperparameter flags given on the command line; one given for a method that lacks it is an error."""
     from cmboost.boost_config import FLAGS, METHODS
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             tuned.pop("threshold", None)
         hyper = {**tuned, **hyper_from_args(args)}  # a flag given explicitly overrides the tuned value
     else:
-        args.method = args.method or "pgd"
+        args.method = args.method or DEFAULT_METHOD
         hyper = hyper_from_args(args)
     if args.threshold_from and args.method != "pgd":
         raise UserInputError(f"--threshold-from does not apply to --method {args.method}")
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.boost_config import OBJECTIVES, REALNESS_KINDS, BIGRoCBoost, PGDBoost, SGLDBoost
+    from cmboost.boost_config import METHODS, OBJECTIVES, REALNESS_KINDS, BIGRoCBoost, PGDBoost, SGLDBoost
 
     p = verbs.add_parser("boost", help="refine generated samples with the joint classifier-discriminator",
                          description="Refine samples (.npz, OpenAI layout) with PGD (paper), SGLD (release) "
@@ -89,8 +92,8 @@ def add_parser(verbs) -> None:
     p.add_argument("samples", help="input .npz (arr_0 uint8 NHWC, arr_1 labels) or PNG folder")
     p.add_argument("--model", required=True, help="joint network checkpoint (safetensors, released .pt, robustness, torchvision)")
     p.add_argument("--arch", default=None, help="architecture for checkpoints that do not record it")
-    p.add_argument("--method", default=None, choices=["pgd", "sgld", "bigroc"],
-                   help="default: pgd, or the method chosen in --settings")
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help=f"boosting method (default: {DEFAULT_METHOD}, or the method chosen in --settings)")
     p.add_argument("--settings", default=None,
                    help="settings file from 'cmboost tune': its chosen method (or --method's) and tuned values; "
                         "flags given explicitly override them")
@@ -111,7 +114,7 @@ def add_parser(verbs) -> None:
     p.add_argument("--sgld-step", type=float, default=None, help=f"sgld: per-image gradient step a (default: {sgld.step})")
     p.add_argument("--sgld-noise", type=float, default=None, help=f"sgld: noise scale s (default: {sgld.noise})")
     p.add_argument("--labels", default="file", choices=["file", "predicted"],
-                   help="class labels from the sample file or the model's argmax")
+                   help="class labels from the sample file or the model's argmax (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU; first batch compiles)")
     p.add_argument("--no-grid", action="store_true", help="skip the before/after PNG grid")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")

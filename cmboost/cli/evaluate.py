@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cmboost.cli.common import add_feature_flags, extractors
+from cmboost.cli.common import add_feature_flags, check_feature_flags, extractors
+from cmboost.cli.evaluate_ref import add_reference_flags
 from cmboost.errors import UserInputError
 
 
 def run(args: argparse.Namespace) -> int:
+    check_feature_flags(args)
     if args.threads:
         import torch
 
@@ -67,9 +69,6 @@ def add_parser(verbs) -> None:
                    help="reference .npz (OpenAI's, or from 'cmboost evaluate-ref') or EDM2-style .pkl; repeat "
                         "the flag or separate with commas to give one per feature network")
     p.add_argument("--json", default=None, help="also write the results here (JSON, docs/evaluation.md)")
-    # the old spelling 'cmboost evaluate ref ...' reads these; 'cmboost evaluate-ref' documents them
-    for flag, default in (("--data", None), ("--split", "test"), ("--data-dir", None), ("--out", None)):
-        p.add_argument(flag, default=default, help=argparse.SUPPRESS)
-    p.add_argument("--num-features", type=int, default=10000, help=argparse.SUPPRESS)
+    add_reference_flags(p, hidden=True)
     add_feature_flags(p)
     p.set_defaults(run=run)

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cmboost.cli.common import check_feature_flags
 from cmboost.errors import UserInputError
+from cmboost.records import param_default
 
 
 def run(args: argparse.Namespace) -> int:
+    check_feature_flags(args)
     if args.threads:
         import torch
 
@@ -64,6 +67,23 @@ def run_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_reference_flags(p: argparse.ArgumentParser, hidden: bool) -> None:
+    """--data, --split, --data-dir, --num-features and --out; `hidden` for the old spelling
+    'cmboost evaluate ref ...', whose parser reads them but documents none."""
+    from cmboost.metrics.reference import reference_stats
+
+    def text(help: str):
+        return argparse.SUPPRESS if hidden else help
+
+    p.add_argument("--data", required=not hidden, help=text("fmnist, imagenet64:PATH or folder:PATH"))
+    p.add_argument("--split", default="test", help=text("dataset split (default: %(default)s)"))
+    p.add_argument("--data-dir", default=None, help=text("folder of the Fashion-MNIST files"))
+    p.add_argument("--num-features", type=int, default=param_default(reference_stats, "num_features"),
+                   help=text(".npz: images whose features are kept for precision/recall (seeded choice; "
+                             "default: %(default)s)"))
+    p.add_argument("--out", required=not hidden, help=text("output .npz or .pkl"))
+
+
 def add_parser(verbs) -> None:
     from cmboost.cli.common import add_feature_flags
 
@@ -78,11 +98,6 @@ def add_parser(verbs) -> None:
                     "(entries 'fid' for Inception, 'fd_dinov2' for DINOv2), readable by EDM2's "
                     "calculate_metrics.py; FID/FD only.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="fmnist, imagenet64:PATH or folder:PATH")
-    p.add_argument("--split", default="test", help="dataset split (default: test)")
-    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST files")
-    p.add_argument("--num-features", type=int, default=10000,
-                   help=".npz: images whose features are kept for precision/recall (seeded choice; default 10000)")
-    p.add_argument("--out", required=True, help="output .npz or .pkl")
+    add_reference_flags(p, hidden=False)
     add_feature_flags(p)
     p.set_defaults(run=run)

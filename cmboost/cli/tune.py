@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cmboost.cli.common import add_device_flags
+from cmboost.cli.common import add_device_flags, add_field_flag, record_from_args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,10 +16,9 @@ def run(args: argparse.Namespace) -> int:
     from cmboost.metrics.judges import refuse_reporting_name
     from cmboost.metrics.reference import load_reference
     from cmboost.runtime import print0, resolve_device, resolve_precision
-    from cmboost.tune import format_table, tune
+    from cmboost.tune import TuneSettings, format_table, tune
 
-    if args.batch_size < 1:
-        raise UserInputError(f"--batch-size {args.batch_size}: must be at least 1")
+    choice = record_from_args(TuneSettings, args, {})  # bad values fail before anything is loaded
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     refuse_reporting_name(args.judge)  # the commonest mistake fails before anything is loaded; tune() checks weights
@@ -40,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     provenance = {"samples": args.samples, "model": args.model, "classifier": args.classifier,
                   "threshold_from": args.threshold_from, "threshold": threshold, "reference": args.ref}
     settings = tune(args.samples, model, reference, judge, args.out, classifier=classifier, threshold=threshold,
-                    grid=grid, criterion=args.criterion, max_recall_drop=args.max_recall_drop, realness_kind=kind,
-                    device=device, precision=precision, batch_size=args.batch_size, provenance=provenance,
+                    grid=grid, criterion=choice.criterion, max_recall_drop=choice.max_recall_drop,
+                    realness_kind=kind, device=device, precision=precision, batch_size=choice.batch_size,
+                    provenance=provenance,
                     overwrite=args.overwrite, progress=not args.no_progress)
     print0(format_table(settings))
     print0(f"wrote {args.out}; use it with: cmboost boost SAMPLES --model {args.model} --settings {args.out} --out OUT")
@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
+    from cmboost.tune import CRITERIA, TuneSettings
+
     p = verbs.add_parser(
         "tune", help="choose the boosting method and settings with a tuning judge",
         description="Boost validation samples with every candidate setting (PGD, SGLD, BIGRoC with --classifier, "
@@ -60,16 +62,16 @@ def add_parser(verbs) -> None:
     p.add_argument("--classifier", default=None, help="robust classifier for the BIGRoC candidates (optional)")
     p.add_argument("--ref", required=True, help="reference made from TRAINING data by the tuning judge "
                                                 "(cmboost evaluate-ref --split train --features JUDGE)")
-    p.add_argument("--judge", default="fmnist", help="tuning judge (default fmnist); reporting judges are refused")
+    p.add_argument("--judge", default="fmnist", help="tuning judge; reporting judges are refused (default: %(default)s)")
     p.add_argument("--threshold-from", default=None,
                    help="held-out real images (.npz): adds PGD candidates with early stop at their mean realness")
     p.add_argument("--grid", default=None, help="JSON {method: [{hyper}, ...]} replacing the default candidates")
-    p.add_argument("--criterion", default="fid", choices=["fid", "kid"], help="what the tuning judge minimises")
-    p.add_argument("--max-recall-drop", type=float, default=0.03,
-                   help="candidates that lose more recall than this (vs unboosted) are not chosen")
+    add_field_flag(p, TuneSettings, "criterion", "what the tuning judge minimises", choices=CRITERIA)
+    add_field_flag(p, TuneSettings, "max_recall_drop",
+                   "candidates that lose more recall than this (vs unboosted) are not chosen", type=float)
     p.add_argument("--out", required=True, help="settings file to write (.json)")
     p.add_argument("--overwrite", action="store_true", help="replace the settings file if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_flags(p)
-    p.add_argument("--batch-size", type=int, default=250, help="images per boosting batch")
+    add_field_flag(p, TuneSettings, "batch_size", "images per boosting batch", type=int)
     p.set_defaults(run=run)
