@@ -79,8 +79,8 @@ def add_reference_flags(p: argparse.ArgumentParser, hidden: bool) -> None:
     p.add_argument("--split", default="test", help=text("dataset split (default: %(default)s)"))
     p.add_argument("--data-dir", default=None, help=text("folder of the Fashion-MNIST files"))
     p.add_argument("--num-features", type=int, default=param_default(reference_stats, "num_features"),
-                   help=text(".npz: images whose features are kept for precision/recall (seeded choice; "
-                             "default: %(default)s)"))
+                   help=text(".npz: images whose features are kept for precision/recall, a seeded choice "
+                             "(default: %(default)s)"))
     p.add_argument("--out", required=not hidden, help=text("output .npz or .pkl"))
 
 

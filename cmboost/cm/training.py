@@ -51,10 +51,11 @@ class UNetShape:
 
     def __post_init__(self):
         check_finite(self)
-        for name in ("channel_mult", "attention_resolutions"):
-            if not getattr(self, name):
-                raise UserInputError(f"{flag_of(name)}: empty list")
-        check_at_least(self, 1, ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions"))
+        for name in ("channel_mult", "attention_resolutions"):  # typed comma-separated, shown so
+            values = getattr(self, name)
+            if not values or min(values) < 1:
+                raise UserInputError(f"{flag_of(name)} {','.join(map(str, values))}: needs integers >= 1")
+        check_at_least(self, 1, ("model_channels", "num_res_blocks"))
         check_fraction(self, ("dropout",))
         if self.num_head_channels != -1:
             check_at_least(self, 1, ("num_head_channels",))
