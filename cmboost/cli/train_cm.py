@@ -11,6 +11,8 @@ import functools
 
 # Flags whose value is a comma-separated list of integers (a tuple in UNetShape).
 LIST_FLAGS = ("channel_mult", "attention_resolutions")
+# TrainSettings fields that no flag sets: the method's constants.
+UNFLAGGED = ("p_mean", "p_std", "init_from_teacher", "ct_p_mean", "ct_p_std")
 
 
 def shape_from_args(args: argparse.Namespace):
@@ -33,10 +35,6 @@ def settings_from_args(args: argparse.Namespace):
         "lr": mode_default(args.mode, "lr") if args.lr is None else args.lr,
         "distance": mode_default(args.mode, "distance") if args.distance is None else args.distance,
     }, keep_defaults=UNFLAGGED)
-
-
-# TrainSettings fields that no flag sets: the method's constants.
-UNFLAGGED = ("p_mean", "p_std", "init_from_teacher", "ct_p_mean", "ct_p_std")
 
 
 def run(args: argparse.Namespace) -> int:
