@@ -48,7 +48,7 @@ class TuneSettings:
 
     criterion: str = "fid"          # what the tuning judge minimises
     max_recall_drop: float = 0.03   # candidates that lose more recall than this (vs unboosted) are not chosen
-    batch_size: int = 250           # images per boosting batch; the results do not depend on it
+    batch_size: int = 250           # images per boosting batch
 
     def __post_init__(self):
         check_finite(self)
@@ -98,7 +98,8 @@ def apply_method(method: str, hyper: dict, model, classifier, images: torch.Tens
 
 
 def run_method(method: str, hyper: dict, model, classifier, images_u8: np.ndarray, labels: np.ndarray,
-               device, batch_size: int = field_default(TuneSettings, "batch_size"), precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+               device, batch_size: int = field_default(TuneSettings, "batch_size"),
+               precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, per-image L2 change in [0, 1] units) of a whole sample array."""
     out, change = [], []
     for start in range(0, len(images_u8), batch_size):

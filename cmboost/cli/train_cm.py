@@ -104,7 +104,8 @@ def add_parser(verbs) -> None:
     unet("dropout", "dropout rate", type=float)
     p.add_argument("--save-every", type=int, default=250,
                    help="iterations between saved states / exports (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=25, help="iterations between log.jsonl records (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=25,
+                   help="iterations between log.jsonl records (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_flags(p)
     set_record_defaults(p, TrainSettings, ("batch_size", "seed"))

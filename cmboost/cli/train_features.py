@@ -101,7 +101,8 @@ def add_parser(verbs) -> None:
                         "(default: %(default)s)")
     p.add_argument("--no-flip", dest="hflip", action="store_false", default=field_default(TrainSettings, "hflip"),
                    help="no horizontal flips (for digits, text; default: random flips)")
-    p.add_argument("--limit", type=int, default=0, help="train on the first N images only; 0: all (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="train on the first N images only; 0: all (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's choice (default: %(default)s)")
     add_device_flags(p)
     add_output_flags(p)

@@ -79,8 +79,9 @@ def add_parser(verbs) -> None:
     field("gen_steps_every", "one more generated-attack step every N iterations (0: never)", type=int)
     field("gen_max_steps", "cap on the generated-attack steps (default: none)", type=int)
     field("attack_mode", "model mode during the attacks (matters for BatchNorm backbones)", choices=ATTACK_MODES)
+    channels_last = field_default(TrainConfig, "channels_last")
     p.add_argument("--channels-last", choices=list(CHANNELS_LAST),
-                   default=next(k for k, v in CHANNELS_LAST.items() if v is field_default(TrainConfig, "channels_last")),
+                   default=next(word for word, value in CHANNELS_LAST.items() if value is channels_last),
                    help="channels-last memory layout; auto: on for CUDA (default: %(default)s)")
     field("log_every", "iterations between log.jsonl records", type=int)
     field("ckpt_every", "iterations between checkpoints", type=int)

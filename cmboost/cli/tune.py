@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
     settings = tune(args.samples, model, reference, judge, args.out, classifier=classifier, threshold=threshold,
                     grid=grid, criterion=choice.criterion, max_recall_drop=choice.max_recall_drop,
                     realness_kind=kind, device=device, precision=precision, batch_size=choice.batch_size,
-                    provenance=provenance,
-                    overwrite=args.overwrite, progress=not args.no_progress)
+                    provenance=provenance, overwrite=args.overwrite, progress=not args.no_progress)
     print0(format_table(settings))
     print0(f"wrote {args.out}; use it with: cmboost boost SAMPLES --model {args.model} --settings {args.out} --out OUT")
     return 0
@@ -62,7 +61,8 @@ def add_parser(verbs) -> None:
     p.add_argument("--classifier", default=None, help="robust classifier for the BIGRoC candidates (optional)")
     p.add_argument("--ref", required=True, help="reference made from TRAINING data by the tuning judge "
                                                 "(cmboost evaluate-ref --split train --features JUDGE)")
-    p.add_argument("--judge", default="fmnist", help="tuning judge; reporting judges are refused (default: %(default)s)")
+    p.add_argument("--judge", default="fmnist",
+                   help="tuning judge; reporting judges are refused (default: %(default)s)")
     p.add_argument("--threshold-from", default=None,
                    help="held-out real images (.npz): adds PGD candidates with early stop at their mean realness")
     p.add_argument("--grid", default=None, help="JSON {method: [{hyper}, ...]} replacing the default candidates")
