@@ -42,7 +42,7 @@ def files(tmp_path_factory):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (8, 1, 32, 32), dtype=np.uint8)
     labels = np.arange(8) % 10
-    good = save_samples(d / "good.npz", images, labels)
+    save_samples(d / "good.npz", images, labels)
     nhwc = images.transpose(0, 2, 3, 1)
     np.savez(d / "fortran.npz", arr_0=np.asfortranarray(nhwc), arr_1=labels)
     np.savez(d / "empty.npz", arr_0=np.zeros((0, 32, 32, 1), np.uint8), arr_1=np.zeros(0, np.int64))
