@@ -16,7 +16,8 @@ from cmboost.checkpoints import weights_digest  # a resumed job never mixes part
 from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, run_parts
-from cmboost.runtime import dist_info, init_distributed, resolve_device, resolve_precision
+from cmboost.runtime import (deterministic_kernels, dist_info, init_distributed, resolve_block_size, resolve_device,
+                             resolve_precision)
 
 
 def check_fits_model(images: np.ndarray, labels: np.ndarray | None, model, source: str) -> None:
@@ -57,11 +58,14 @@ def trained_realness_kind(model_path: str | os.PathLike) -> str | None:
 def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method: str, hyper,
                batch_size: int = 256, device: str | None = None, precision: str | None = None,
                label_source: str = "file", channels_last: bool | None = None, overwrite: bool = False,
-               grid: bool = True, progress: bool = True) -> Path:
+               grid: bool = True, progress: bool = True, block_size: int | None = None) -> Path:
     """Boosts every image of `samples` and writes `out` (OpenAI .npz). Rerunning resumes. `hyper` is the
-    method's record (boost.PGDBoost, ...) or a dict of its fields."""
+    method's record (boost.PGDBoost, ...) or a dict of its fields. The network sees `block_size`
+    images at a time (None: the device's default); the output depends on it, not on `batch_size`."""
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
+    block_size = resolve_block_size(block_size, device)
+    deterministic_kernels(device)
     init_distributed(device)
     record = as_record(method, hyper)
     if grid:  # checked now, not after the whole run, so a leftover grid cannot waste it
@@ -90,9 +94,9 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
               "model": weights_digest(model), "method": method,
               "hyper": dataclasses.asdict(record),
               "labels": label_source, "precision": precision, "num_images": len(images)}
-    # The batch size is part of the record: a resume keeps the batches the finished parts were made with.
-    path = run_parts(out, len(images), batch_size, process, config, overwrite=overwrite,
-                     progress=progress, desc=f"boost {method}")
+    # The blocks fix what is computed together, so a resume may change the batch size.
+    path = run_parts(out, len(images), batch_size, process, config, may_change=("batch_size",), overwrite=overwrite,
+                     progress=progress, desc=f"boost {method}", block_size=block_size)
     if grid and dist_info().is_main:
         from cmboost.report import save_before_after_grid
 

@@ -156,7 +156,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                 schedule = settings["schedules"].get(gen) or {}
                 generate_samples(ASSETS / settings["checkpoints"][short], path, mode["num_samples"], steps, seed,
                                  schedule.get("ts"), schedule.get("N"), batch_size=250, device=device,
-                                 progress=False)
+                                 progress=False, block_size=250)  # the blocks the committed report was made with
                 samples[gen, seed] = load_samples(path)
         return samples[gen, seed]
 

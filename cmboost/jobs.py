@@ -4,11 +4,13 @@ Every long job records the configuration its result depends on, and a rerun comp
 with `check_same_config` (the one comparison), naming the first field that differs. Two shapes of
 job use it:
 
-- `run_parts`: a job that turns sample indices into images (sample, boost). Each batch becomes an
-  atomic part file in `<out>.parts/` holding its indices; a rerun skips indices already done, so a
-  job killed at any moment (kill -9 included) resumes. Under torchrun the batches are dealt
-  round-robin to the ranks and rank 0 merges the parts in index order, so the output depends on
-  neither the number of processes nor, where the caller allows it, the batch size.
+- `run_parts`: a job that turns sample indices into images (sample, boost). The indices fall into
+  fixed compute blocks (block b holds b*block_size .. (b+1)*block_size-1), and the work function
+  always sees exactly one block, so an image never depends on the batch size or the number of
+  processes. A batch (whole blocks) becomes an atomic part file in `<out>.parts/` holding its
+  indices; a rerun skips the blocks already done, so a job killed at any moment (kill -9
+  included) resumes. Under torchrun the batches are dealt round-robin to the ranks and rank 0
+  merges the parts in index order.
 - `RunDir`: a trainer's folder with its recorded configuration and `log.jsonl`.
 """
 
@@ -182,19 +184,23 @@ def _prepare_parts(parts: Path, config: dict, may_change: Sequence[str]) -> None
 
 def run_parts(out: str | os.PathLike, num_items: int, batch_size: int, process: BatchFn, config: dict,
               may_change: Sequence[str] = (), overwrite: bool = False, progress: bool = True,
-              desc: str = "images") -> Path:
+              desc: str = "images", block_size: int = 1) -> Path:
     """Runs `process(indices) -> (uint8 NCHW images, labels or None)` over indices 0..num_items-1,
-    resumably, and writes `out` (.npz or PNG folder). `config` must name everything the result
-    depends on; only the fields in `may_change` may differ when a rerun resumes."""
+    resumably, and writes `out` (.npz or PNG folder). `process` is called once per compute block
+    (`block_size` consecutive indices; the last block may be shorter); `batch_size` only sets how
+    many images a part file holds, rounded up to whole blocks. `config` must name everything the
+    result depends on; only the fields in `may_change` may differ when a rerun resumes."""
     out = Path(out)
     info = dist_info()
     if num_items < 1:
         raise UserInputError(f"{out}: nothing to do (0 images)")
     if batch_size < 1:
         raise UserInputError(f"--batch-size {batch_size}: must be at least 1")
+    if block_size < 1:
+        raise UserInputError(f"--block-size {block_size}: must be at least 1")
     refuse_finished(out, overwrite)
     parts = parts_dir(out)
-    config = dict(config, num_items=num_items, batch_size=batch_size)
+    config = dict(config, num_items=num_items, batch_size=batch_size, block_size=block_size)
     with contextlib.ExitStack() as stack:
         if info.is_main:
             parts.mkdir(parents=True, exist_ok=True)
@@ -204,18 +210,21 @@ def run_parts(out: str | os.PathLike, num_items: int, batch_size: int, process: 
         barrier()
         done = _done_indices(parts)
         barrier()  # every rank has listed the parts before any rank writes new ones
-        remaining = [i for i in range(num_items) if i not in done]
-        chunks = [remaining[s:s + batch_size] for s in range(0, len(remaining), batch_size)]
+        # The block size is recorded, so a block is either wholly in the parts or not at all.
+        blocks = [list(range(s, min(s + block_size, num_items))) for s in range(0, num_items, block_size)]
+        remaining = [block for block in blocks if block[0] not in done]
+        per_part = max(1, batch_size // block_size)
+        chunks = [remaining[s:s + per_part] for s in range(0, len(remaining), per_part)]
         bar = None
         if progress and info.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=num_items, initial=len(done), unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0)
         for chunk in chunks[info.rank::info.world_size]:
-            images, labels = process(chunk)
-            _write_part(parts, chunk, images, labels)
+            indices, images, labels = _run_blocks(process, chunk)
+            _write_part(parts, indices, images, labels)
             if bar is not None:
-                bar.update(len(chunk) * info.world_size)
+                bar.update(len(indices) * info.world_size)
         if bar is not None:
             bar.close()
         barrier()
@@ -223,6 +232,13 @@ def run_parts(out: str | os.PathLike, num_items: int, batch_size: int, process: 
             _merge(parts, out, num_items)
     barrier()
     return out
+
+
+def _run_blocks(process: BatchFn, blocks: list[list[int]]) -> tuple[list[int], np.ndarray, np.ndarray | None]:
+    results = [process(block) for block in blocks]
+    images = np.concatenate([r[0] for r in results])
+    labels = None if any(r[1] is None for r in results) else np.concatenate([r[1] for r in results])
+    return [i for block in blocks for i in block], images, labels
 
 
 def _remove_if_empty(parts: Path) -> None:

@@ -56,6 +56,33 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------- compute blocks
+
+# Kernels pick their algorithm, and so their rounding, by batch shape (oneDNN on CPU, cuDNN on
+# GPU), and PGD's normalised steps can amplify a last-bit difference into visible pixels. So
+# jobs never let --batch-size decide what the network sees together: image i is always computed
+# in block i // block_size with the same neighbours, whatever the batch size or process count.
+CPU_BLOCK_SIZE = 16   # small: CPU memory, and tests and laptops run few images
+GPU_BLOCK_SIZE = 256  # large enough to fill a GPU with ImageNet-64 boosting
+
+
+def resolve_block_size(block_size: int | None, device: torch.device) -> int:
+    """--block-size, or the device's default when None ("auto")."""
+    if block_size is None:
+        return GPU_BLOCK_SIZE if device.type == "cuda" else CPU_BLOCK_SIZE
+    if block_size < 1:
+        raise UserInputError(f"--block-size {block_size}: must be at least 1")
+    return block_size
+
+
+def deterministic_kernels(device: torch.device) -> None:
+    """cuDNN picks one deterministic algorithm per shape instead of timing several (whose winner
+    can change from run to run). A no-op on CPU, where a given shape always takes the same kernel."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
 # ----------------------------------------------------------------------------- distributed
 
 @dataclasses.dataclass(frozen=True)

@@ -160,7 +160,7 @@ def sample_file(tmp_path_factory):
 
 def boost_args(samples, model, out, *extra):
     return ["boost", str(samples), "--model", str(model), "--out", str(out), "--method", "pgd", "--steps", "3",
-            "--eps", "2", "--batch-size", "4", "--device", "cpu", *extra]
+            "--eps", "2", "--batch-size", "4", "--block-size", "4", "--device", "cpu", *extra]
 
 
 def test_cli_boost_writes_labels_and_grid_and_refuses_overwrite(tmp_path, small_model_file, sample_file, capsys):
@@ -204,7 +204,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, small_model_file, sampl
 
     model = load_joint_model(small_model_file)
     hyper = {"eps": 2.0, "steps": 3}
-    reference = boost_file(sample_file, model, tmp_path / "ref.npz", "pgd", hyper, batch_size=4, progress=False)
+    reference = boost_file(sample_file, model, tmp_path / "ref.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
 
     calls = {"n": 0}
     real = boost_mod.boost_with
@@ -217,24 +217,24 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, small_model_file, sampl
 
     monkeypatch.setattr("cmboost.boost_job.boost_with", crash_on_third_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        boost_file(sample_file, model, tmp_path / "out.npz", "pgd", hyper, batch_size=4, progress=False)
+        boost_file(sample_file, model, tmp_path / "out.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
     assert not (tmp_path / "out.npz").exists()
     assert len(list((tmp_path / "out.npz.parts").glob("part-*.npz"))) == 2
     monkeypatch.setattr("cmboost.boost_job.boost_with", real)
     with pytest.raises(UserInputError, match="another configuration"):
         boost_file(sample_file, model, tmp_path / "out.npz", "pgd", {"eps": 1.0, "steps": 3}, batch_size=4,
-                   progress=False)
+                   block_size=4, progress=False)
     other = load_joint_model(small_model_file)
     with torch.no_grad():
         next(other.parameters()).add_(0.01)
     with pytest.raises(UserInputError, match="another configuration"):  # same settings, other weights
-        boost_file(sample_file, other, tmp_path / "out.npz", "pgd", hyper, batch_size=4, progress=False)
-    boost_file(sample_file, model, tmp_path / "out.npz", "pgd", hyper, batch_size=4, progress=False)
+        boost_file(sample_file, other, tmp_path / "out.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
+    boost_file(sample_file, model, tmp_path / "out.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
     assert (tmp_path / "out.npz").read_bytes() == reference.read_bytes()
 
 
 def test_kill_9_then_rerun_gives_the_same_file(tmp_path, small_model_file, sample_file):
-    args = boost_args(sample_file, small_model_file, tmp_path / "k.npz", "--batch-size", "1", "--steps", "6",
+    args = boost_args(sample_file, small_model_file, tmp_path / "k.npz", "--batch-size", "1", "--block-size", "1", "--steps", "6",
                       "--no-grid")
     cmd = [sys.executable, "-m", "cmboost", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -248,7 +248,7 @@ def test_kill_9_then_rerun_gives_the_same_file(tmp_path, small_model_file, sampl
     assert not (tmp_path / "k.npz").exists(), "the job finished before it could be killed"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     uninterrupted = boost_args(sample_file, small_model_file, tmp_path / "u.npz", "--batch-size", "1",
-                               "--steps", "6", "--no-grid")
+                               "--block-size", "1", "--steps", "6", "--no-grid")
     assert cli_main(uninterrupted) == 0
     assert (tmp_path / "k.npz").read_bytes() == (tmp_path / "u.npz").read_bytes()
 

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from cmboost.cli.common import add_output_flags, add_runtime_flags
+from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_output_flags, add_runtime_flags
 
 DEFAULT_METHOD = "pgd"  # the paper's; --settings from 'cmboost tune' may choose another
 
@@ -37,10 +37,12 @@ def run(args: argparse.Namespace) -> int:
     from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
     from cmboost.jobs import refuse_finished
-    from cmboost.runtime import print0, resolve_device, resolve_precision
+    from cmboost.runtime import print0, resolve_block_size, resolve_device, resolve_precision
 
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.block_size is not None and args.block_size < 1:
+        raise UserInputError(f"--block-size {args.block_size}: must be at least 1")
     if args.settings:
         from cmboost.tune import load_settings_file, tuned_hyper
 
@@ -72,13 +74,13 @@ def run(args: argparse.Namespace) -> int:
     resolved = {"samples": args.samples, "model": args.model, "out": args.out, "method": args.method,
                 "hyper": dataclasses.asdict(record), "labels": args.labels,
                 "device": str(device), "precision": precision, "batch_size": args.batch_size,
-                "compile": args.compile}
+                "block_size": resolve_block_size(args.block_size, device), "compile": args.compile}
     if args.dry_run:
         print0(json.dumps(resolved, indent=2))
         return 0
     path = boost_file(args.samples, model, args.out, args.method, record, batch_size=args.batch_size,
                       device=str(device), precision=precision, label_source=args.labels,
-                      overwrite=args.overwrite, grid=not args.no_grid)
+                      overwrite=args.overwrite, grid=not args.no_grid, block_size=args.block_size)
     print0(f"wrote {path}")
     return 0
 
@@ -118,6 +120,7 @@ def add_parser(verbs) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU; first batch compiles)")
     p.add_argument("--no-grid", action="store_true", help="skip the before/after PNG grid")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-    add_runtime_flags(p)
+    add_runtime_flags(p, PART_HELP)
+    p.add_argument("--block-size", type=int, default=None, help=BLOCK_HELP)
     add_output_flags(p)
     p.set_defaults(run=run)

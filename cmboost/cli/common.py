@@ -20,12 +20,17 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision; auto: bf16 on GPU, fp32 on CPU (default: %(default)s)")
 
 
-def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+def add_runtime_flags(parser: argparse.ArgumentParser, batch_help: str = "images per forward pass") -> None:
     """--device, --precision, --seed and --batch-size."""
     add_device_flags(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="base seed; sample i uses stream (seed, i) (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help=f"{batch_help} (default: %(default)s)")
+
+
+BLOCK_HELP = ("images the network sees together, image i in block i // size: the output depends on it and "
+              "on nothing else of the batching (default: auto, 16 on CPU, 256 on GPU)")
+PART_HELP = "images per resumable part file, rounded up to whole blocks; the output does not depend on it"
 
 
 def set_record_defaults(parser: argparse.ArgumentParser, record_type: type, names) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmboost.cli.common import add_field_flag, add_output_flags, add_runtime_flags, set_record_defaults
+from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_field_flag, add_output_flags, add_runtime_flags, set_record_defaults
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     out = generate_samples(args.model, args.out, args.num, steps=args.steps, seed=args.seed, ts=ts,
                            num_levels=args.N, class_labels=class_labels, kind=args.kind,
                            batch_size=args.batch_size, device=device, precision=precision,
-                           overwrite=args.overwrite, progress=not args.no_progress)
+                           overwrite=args.overwrite, progress=not args.no_progress, block_size=args.block_size)
     print0(f"{out}: {args.num} samples")
     return 0
 
@@ -46,7 +46,8 @@ def add_parser(verbs) -> None:
     p.add_argument("--class-labels", default=None,
                    help="comma-separated classes to draw labels from (default: all classes, uniformly)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_runtime_flags(p)
+    add_runtime_flags(p, PART_HELP)
     set_record_defaults(p, SampleSettings, ("seed", "batch_size"))
+    add_field_flag(p, SampleSettings, "block_size", BLOCK_HELP, type=int)
     add_output_flags(p)
     p.set_defaults(run=run)

@@ -2,8 +2,9 @@
 
 Sample i depends only on (seed, i): its generator first gives a uniform draw that picks its class
 label (so the noise does not depend on --class-labels), then its initial noise, then the noise
-between steps, so the images do not depend on the batch size or the number of processes. The
-batches run as a resumable job (jobs.run_parts): rerunning the same command finishes it.
+between steps; the network sees fixed blocks of samples (runtime.resolve_block_size), so the images
+depend on neither the batch size nor the number of processes. The batches run as a resumable job
+(jobs.run_parts): rerunning the same command finishes it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, refuse_finished, run_parts
 from cmboost.records import check_at_least, field_default
-from cmboost.runtime import randn_per_sample, sample_generators
+from cmboost.runtime import deterministic_kernels, randn_per_sample, resolve_block_size, sample_generators
 from cmboost.samples import to_uint8
 
 EDM_DEFAULT_STEPS = 18  # Heun steps of an EDM teacher
@@ -35,10 +36,11 @@ class SampleSettings:
     num: int
     steps: int | None = None  # None: CM_DEFAULT_STEPS, or EDM_DEFAULT_STEPS for an EDM teacher
     seed: int = 0             # any integer: sample i's stream is (seed, i)
-    batch_size: int = 256     # the images do not depend on it
+    batch_size: int = 256     # images per part file; the images do not depend on it
+    block_size: int | None = None  # images the network sees together; None: 16 on CPU, 256 on GPU
 
     def __post_init__(self):
-        check_at_least(self, 1, ("num", "steps", "batch_size"))
+        check_at_least(self, 1, ("num", "steps", "batch_size", "block_size"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +134,14 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
                      num_levels: int | None = None, class_labels: Sequence[int] | None = None, kind: str | None = None,
                      batch_size: int = field_default(SampleSettings, "batch_size"),
                      device: torch.device | None = None, precision: str = "fp32", overwrite: bool = False,
-                     progress: bool = True) -> Path:
-    """Writes `num` samples of `model` to `out` (OpenAI .npz, or a PNG folder). Resumable and sharded."""
+                     progress: bool = True, block_size: int | None = field_default(SampleSettings, "block_size")) -> Path:
+    """Writes `num` samples of `model` to `out` (OpenAI .npz, or a PNG folder). Resumable and sharded.
+    The network sees `block_size` images at a time (the images depend on it, not on `batch_size`)."""
     device = device or torch.device("cpu")
     out = Path(out)
-    SampleSettings(num, steps, seed, batch_size)  # bad numbers fail before anything is read or written
+    SampleSettings(num, steps, seed, batch_size, block_size)  # bad numbers fail before anything is read or written
+    block_size = resolve_block_size(block_size, device)
+    deterministic_kernels(device)
     refuse_finished(out, overwrite)
     loaded = load_model(model, kind)
     choice = choose_sampler(loaded, steps, ts, num_levels)
@@ -148,7 +153,7 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
             raise UserInputError(f"--class-labels: {bad[0]} is outside 0..{loaded.num_classes - 1}")
     loaded.net.to(device).eval()
 
-    # The result does not depend on the batch size (one RNG stream per sample), so a resume may change it.
+    # One RNG stream per sample and fixed compute blocks: a resume may change the batch size.
     config = {"model": str(Path(model).resolve()), "model_digest": file_digest(model), "kind": loaded.kind,
               "sampler": dataclasses.asdict(choice), "seed": seed,
               "class_labels": list(class_labels) if class_labels else None, "precision": precision}
@@ -158,5 +163,5 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
         return to_uint8(images, "signed"), None if labels is None else labels.numpy()
 
     run_parts(out, num, batch_size, process, config, may_change=("batch_size",), overwrite=overwrite,
-              progress=progress, desc=f"sample {loaded.kind} {choice.name}")
+              progress=progress, desc=f"sample {loaded.kind} {choice.name}", block_size=block_size)
     return out
