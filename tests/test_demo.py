@@ -13,6 +13,9 @@ COMMITTED_QUICK = Path(__file__).resolve().parent.parent / "recipes" / "fmnist-r
 # bits of the convolutions, which can flip a handful of rounded pixels. Stated tolerance:
 RELATIVE_TOLERANCE = 0.05  # FID
 KID_TOLERANCE = 2e-3       # KID, absolute (48 samples: subset noise is about 1e-3)
+# Another CPU rounds differently (oneDNN/MKL code paths), and PGD turns that into a few changed
+# pixels: on an AMD EPYC the boosted effnet-lite0 KIDs (about 8) moved by up to 0.18%, FIDs by 0.09%.
+KID_RELATIVE_TOLERANCE = 0.01
 PR_TOLERANCE = 0.05        # precision and recall, absolute: about two of the 48 quick samples
 
 
@@ -70,7 +73,7 @@ def test_quick_demo_reproduces_the_committed_numbers(quick_report):
         for judge in REPORTING_JUDGES:
             m, t = mine["judges"][judge], theirs["judges"][judge]
             assert m["fid"] == pytest.approx(t["fid"], rel=RELATIVE_TOLERANCE)
-            assert m["kid"] == pytest.approx(t["kid"], abs=KID_TOLERANCE)
+            assert m["kid"] == pytest.approx(t["kid"], rel=KID_RELATIVE_TOLERANCE, abs=KID_TOLERANCE)
             for key in ("precision", "recall"):
                 assert m[key] == pytest.approx(t[key], abs=PR_TOLERANCE)
 

@@ -197,7 +197,9 @@ def knn_radii(features: torch.Tensor, k: int = 3, batch_size: int = 5000) -> tor
         rows = features[start : start + batch_size]
         best = torch.full((rows.shape[0], k + 1), math.inf, dtype=features.dtype, device=features.device)
         for col in range(0, n, batch_size):
-            dist = torch.cdist(rows, features[col : col + batch_size])
+            # Others first, centres second, as `covered` and `density_coverage` call cdist: its matmul
+            # path is not exactly symmetric, and a ball's edge point must test inside on any BLAS.
+            dist = torch.cdist(features[col : col + batch_size], rows).T
             best = torch.cat([best, dist], dim=1).topk(k + 1, dim=1, largest=False).values
         radii[start : start + rows.shape[0]] = best[:, k]
     return radii
