@@ -158,3 +158,15 @@ def test_too_few_images_for_the_feature_dimension_warn_in_one_line(files, tmp_pa
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "8 images for 256-d features" in warnings[0] and "rank-deficient" in warnings[0]
+
+
+def test_ctrl_c_while_the_cli_starts_is_one_line_and_exit_130(monkeypatch, capsys):
+    import cmboost.cli as cli
+
+    def interrupted():  # Ctrl-C lands while build_parser imports torch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["boost", "--help"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "cmboost: interrupted\n" and captured.out == ""

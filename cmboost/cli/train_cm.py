@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(verbs) -> None:
     from cmboost.cli.common import add_field_flag, add_runtime_flags, set_record_defaults
     from cmboost.cm.losses import DISTANCES
-    from cmboost.cm.training import MODES, TrainSettings, UNetShape, mode_default
+    from cmboost.cm.training import LOG_EVERY, MODES, SAVE_EVERY, TrainSettings, UNetShape, mode_default
     from cmboost.records import field_default
 
     p = verbs.add_parser(
@@ -102,9 +102,9 @@ def add_parser(verbs) -> None:
     unet("num_res_blocks", "residual blocks per level", type=int)
     unet("num_head_channels", "channels per attention head (-1: one head)", type=int)
     unet("dropout", "dropout rate", type=float)
-    p.add_argument("--save-every", type=int, default=250,
+    p.add_argument("--save-every", type=int, default=SAVE_EVERY,
                    help="iterations between saved states / exports (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=25,
+    p.add_argument("--log-every", type=int, default=LOG_EVERY,
                    help="iterations between log.jsonl records (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_flags(p)

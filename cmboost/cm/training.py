@@ -314,8 +314,12 @@ def resumable_changes(settings: TrainSettings) -> set[str]:
     return allowed
 
 
+SAVE_EVERY = 250  # iterations between saved states (train-cm's --save-every reads it)
+LOG_EVERY = 25    # iterations between log.jsonl records
+
+
 def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None,
-          device: torch.device, precision: str = "fp32", save_every: int = 500, log_every: int = 50,
+          device: torch.device, precision: str = "fp32", save_every: int = SAVE_EVERY, log_every: int = LOG_EVERY,
           progress: bool = True) -> Path:
     """Trains until settings.iters, resuming from run_dir/state.safetensors; returns run_dir/model.safetensors."""
     for flag, value in (("--save-every", save_every), ("--log-every", log_every)):
