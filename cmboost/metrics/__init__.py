@@ -1,8 +1,9 @@
-"""Evaluation by the guided-diffusion protocol: FID, sFID, Inception Score, precision and recall.
+"""Evaluation: FID, sFID, Inception Score, precision/recall, density/coverage, KID and FD-DINOv2.
 
-stats.py: features -> statistics -> metrics (pure); features.py: feature networks (Inception-v3 via
-torch-fidelity, domain nets); domain_net.py: the Fashion-MNIST feature net and its training;
-reference.py: reference batches; evaluate.py: the pipeline the CLI and the demo call.
+The steps are pure: images -> features (extract.py, through an extractor of features.py,
+dinov2.py, effnet.py or domain_net.py) -> statistics -> metrics (stats.py). reference.py holds
+reference batches (OpenAI .npz, EDM2 .pkl read by ref_pickle.py); evaluate.py is the pipeline the
+CLI and the demo call, under fixed result keys (docs/evaluation.md).
 """
 
 from cmboost.metrics.evaluate import (METRIC_KEYS, evaluate_file, evaluate_images, evaluate_source, extract_features,

@@ -130,11 +130,11 @@ def _download(url: str, target: Path, timeout: float = 60.0) -> Path:
 
 def _import_port():
     try:
-        from cmboost.metrics import _inception_port
+        import cmboost.metrics._inception_port as inception_port
     except ImportError as err:
         raise UserInputError(f"--features inception needs torch-fidelity ({err}): "
                              "pip install 'cmboost[inception]' (torch-fidelity 0.4)") from None
-    return _inception_port
+    return inception_port
 
 
 class InceptionFeatures(FeatureExtractor):
