@@ -48,7 +48,7 @@ class TuneSettings:
 
     criterion: str = "fid"          # what the tuning judge minimises
     max_recall_drop: float = 0.03   # candidates that lose more recall than this (vs unboosted) are not chosen
-    batch_size: int = 250           # images per boosting batch
+    batch_size: int = 250           # images boosted together (a compute block, as boost's --block-size)
 
     def __post_init__(self):
         check_finite(self)
@@ -159,7 +159,8 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     candidates = [(m, resolve_candidate(m, h, realness_kind)) for m, h in grid]
     fingerprint = {"samples": _digest(images), "labels": _digest(labels), "model": weights_digest(model),
                    "classifier": weights_digest(classifier) if classifier is not None else None,
-                   "judge": judge.identity, "reference": _digest(reference.mu), "precision": precision}
+                   "judge": judge.identity, "reference": _digest(reference.mu), "precision": precision,
+                   "batch_size": batch_size}  # the compute block: a resume must boost with the same one
     partial = out.with_name(out.name + ".partial.json")
     done: dict[str, dict] = {}
     saved = None if overwrite else read_record(partial)

@@ -73,5 +73,6 @@ def add_parser(verbs) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the settings file if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_flags(p)
-    add_field_flag(p, TuneSettings, "batch_size", "images per boosting batch", type=int)
+    add_field_flag(p, TuneSettings, "batch_size", "images boosted together, image i in block i // size "
+                   "(as boost's --block-size; the scores depend on it slightly)", type=int)
     p.set_defaults(run=run)
