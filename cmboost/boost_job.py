@@ -65,7 +65,6 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     block_size = resolve_block_size(block_size, device)
-    deterministic_kernels(device)
     init_distributed(device)
     record = as_record(method, hyper)
     if grid:  # checked now, not after the whole run, so a leftover grid cannot waste it
@@ -95,8 +94,9 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
               "hyper": dataclasses.asdict(record),
               "labels": label_source, "precision": precision, "num_images": len(images)}
     # The blocks fix what is computed together, so a resume may change the batch size.
-    path = run_parts(out, len(images), batch_size, process, config, may_change=("batch_size",), overwrite=overwrite,
-                     progress=progress, desc=f"boost {method}", block_size=block_size)
+    with deterministic_kernels(device):
+        path = run_parts(out, len(images), batch_size, process, config, may_change=("batch_size",),
+                         overwrite=overwrite, progress=progress, desc=f"boost {method}", block_size=block_size)
     if grid and dist_info().is_main:
         from cmboost.report import save_before_after_grid
 

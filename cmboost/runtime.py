@@ -75,12 +75,21 @@ def resolve_block_size(block_size: int | None, device: torch.device) -> int:
     return block_size
 
 
-def deterministic_kernels(device: torch.device) -> None:
-    """cuDNN picks one deterministic algorithm per shape instead of timing several (whose winner
-    can change from run to run). A no-op on CPU, where a given shape always takes the same kernel."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """For the duration, cuDNN picks one deterministic algorithm per shape instead of timing
+    several (whose winner can change from run to run); the caller's settings are restored after.
+    A no-op on CPU, where a given shape always takes the same kernel."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -107,3 +107,21 @@ def test_a_bad_block_size_is_one_line_naming_the_flag(tmp_path, ct_samples, caps
     err = capsys.readouterr().err
     assert code == 2 and "--block-size 0" in err and err.count("\n") == 1
     assert not out.exists() and not jobs.parts_dir(out).exists()
+
+
+def test_deterministic_kernels_hold_only_for_the_job():
+    import torch
+
+    from cmboost.runtime import deterministic_kernels
+
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.deterministic
+    try:
+        cudnn.benchmark, cudnn.deterministic = True, False  # what a user's training script may have set
+        with deterministic_kernels(torch.device("cuda")):  # only flags: runs without a GPU
+            assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
+        assert (cudnn.benchmark, cudnn.deterministic) == (True, False)
+        with deterministic_kernels(torch.device("cpu")):
+            assert (cudnn.benchmark, cudnn.deterministic) == (True, False)
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved

@@ -141,7 +141,6 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
     out = Path(out)
     SampleSettings(num, steps, seed, batch_size, block_size)  # bad numbers fail before anything is read or written
     block_size = resolve_block_size(block_size, device)
-    deterministic_kernels(device)
     refuse_finished(out, overwrite)
     loaded = load_model(model, kind)
     choice = choose_sampler(loaded, steps, ts, num_levels)
@@ -162,6 +161,7 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
         images, labels = sample_batch(loaded, choice, chunk, seed, device, precision, class_labels)
         return to_uint8(images, "signed"), None if labels is None else labels.numpy()
 
-    run_parts(out, num, batch_size, process, config, may_change=("batch_size",), overwrite=overwrite,
-              progress=progress, desc=f"sample {loaded.kind} {choice.name}", block_size=block_size)
+    with deterministic_kernels(device):
+        run_parts(out, num, batch_size, process, config, may_change=("batch_size",), overwrite=overwrite,
+                  progress=progress, desc=f"sample {loaded.kind} {choice.name}", block_size=block_size)
     return out
