@@ -62,7 +62,10 @@ def files(tmp_path_factory):
 
 
 def _run(capsys, argv):
-    code = cli_main([str(a) for a in argv])
+    try:
+        code = cli_main([str(a) for a in argv])
+    except SystemExit as done:  # argparse's own refusals exit from parse_args, as the console script does
+        code = done.code
     err = capsys.readouterr().err.strip()
     return code, err
 
@@ -95,6 +98,12 @@ ROWS = [
                                             "--method", "sgld", "--sgld-step", "nan"], "--sgld-step"),
     ("boost-step-size-negative", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
                                                  "--step-size", "-1"], "--step-size"),
+    # flags argparse itself cannot read: one line as well, not a usage block
+    ("boost-eps-not-a-number", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
+                                               "--eps", "abc"], "--eps"),
+    ("boost-model-missing", lambda d, out: ["boost", d / "good.npz", "--out", out], "--model"),
+    ("sample-kind-unknown", lambda d, out: ["sample", "--model", CM, "--num", "4", "--out", out,
+                                            "--kind", "zz"], "--kind"),
 ]
 
 # Outputs whose parent is a file: every verb that writes.

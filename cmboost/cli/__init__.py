@@ -29,8 +29,16 @@ VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, tune_verb, evalua
                 train_cm_verb, train_jcd_verb, train_features_verb, convert_verb]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A flag argparse cannot read (`--eps abc`, a missing `--out`) is one line too, not a usage
+    block: the rule for bad input holds before the verb runs. Its verbs' parsers are of this class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cmboost",
         description="Sample from consistency models, boost the samples with a joint "
                     "classifier-discriminator, measure FID/IS/precision/recall, and train the networks.")
