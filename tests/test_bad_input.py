@@ -98,6 +98,9 @@ ROWS = [
                                             "--method", "sgld", "--sgld-step", "nan"], "--sgld-step"),
     ("boost-step-size-negative", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
                                                  "--step-size", "-1"], "--step-size"),
+    # a reference that is not a zip: numpy would call it a pickle and suggest allow_pickle=True
+    ("evaluate-ref-not-a-zip", lambda d, out: ["evaluate", d / "good.npz", "--ref", d / "a_file", "--json", out],
+     "a_file: not an .npz (zip) archive"),
     # flags argparse itself cannot read: one line as well, not a usage block
     ("boost-eps-not-a-number", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
                                                "--eps", "abc"], "--eps"),

@@ -95,6 +95,9 @@ def load_reference(path: str | os.PathLike) -> Reference:
             raise UserInputError(f"--ref {path}: holds statistics of {len(refs)} feature networks "
                                  f"({', '.join(r.net for r in refs)}); use it with 'cmboost evaluate'")
         return refs[0]
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # np.load would read it as a pickle and suggest allow_pickle=True, which must never be done here
+        raise UserInputError(f"--ref {path}: not an .npz (zip) archive, nor an EDM2 .pkl")
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
