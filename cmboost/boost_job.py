@@ -16,7 +16,7 @@ from cmboost.checkpoints import weights_digest  # a resumed job never mixes part
 from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, run_parts
-from cmboost.runtime import (deterministic_kernels, dist_info, init_distributed, resolve_block_size, resolve_device,
+from cmboost.runtime import (BLOCK_SIZE, deterministic_kernels, dist_info, init_distributed, resolve_device,
                              resolve_precision)
 
 
@@ -58,13 +58,12 @@ def trained_realness_kind(model_path: str | os.PathLike) -> str | None:
 def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method: str, hyper,
                batch_size: int = 256, device: str | None = None, precision: str | None = None,
                label_source: str = "file", channels_last: bool | None = None, overwrite: bool = False,
-               grid: bool = True, progress: bool = True, block_size: int | None = None) -> Path:
+               grid: bool = True, progress: bool = True, block_size: int = BLOCK_SIZE) -> Path:
     """Boosts every image of `samples` and writes `out` (OpenAI .npz). Rerunning resumes. `hyper` is the
     method's record (boost.PGDBoost, ...) or a dict of its fields. The network sees `block_size`
-    images at a time (None: the device's default); the output depends on it, not on `batch_size`."""
+    images at a time; the output depends on it, not on `batch_size`."""
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
-    block_size = resolve_block_size(block_size, device)
     init_distributed(device)
     record = as_record(method, hyper)
     if grid:  # checked now, not after the whole run, so a leftover grid cannot waste it

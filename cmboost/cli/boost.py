@@ -37,11 +37,11 @@ def run(args: argparse.Namespace) -> int:
     from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
     from cmboost.jobs import refuse_finished
-    from cmboost.runtime import print0, resolve_block_size, resolve_device, resolve_precision
+    from cmboost.runtime import print0, resolve_device, resolve_precision
 
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.block_size is not None and args.block_size < 1:
+    if args.block_size < 1:
         raise UserInputError(f"--block-size {args.block_size}: must be at least 1")
     if args.settings:
         from cmboost.tune import load_settings_file, tuned_hyper
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     resolved = {"samples": args.samples, "model": args.model, "out": args.out, "method": args.method,
                 "hyper": dataclasses.asdict(record), "labels": args.labels,
                 "device": str(device), "precision": precision, "batch_size": args.batch_size,
-                "block_size": resolve_block_size(args.block_size, device), "compile": args.compile}
+                "block_size": args.block_size, "compile": args.compile}
     if args.dry_run:
         print0(json.dumps(resolved, indent=2))
         return 0
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(verbs) -> None:
     from cmboost.boost_config import METHODS, OBJECTIVES, REALNESS_KINDS, BIGRoCBoost, PGDBoost, SGLDBoost
+    from cmboost.runtime import BLOCK_SIZE
 
     p = verbs.add_parser("boost", help="refine generated samples with the joint classifier-discriminator",
                          description="Refine samples (.npz, OpenAI layout) with PGD (paper), SGLD (release) "
@@ -121,6 +122,6 @@ def add_parser(verbs) -> None:
     p.add_argument("--no-grid", action="store_true", help="skip the before/after PNG grid")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     add_runtime_flags(p, PART_HELP)
-    p.add_argument("--block-size", type=int, default=None, help=BLOCK_HELP)
+    p.add_argument("--block-size", type=int, default=BLOCK_SIZE, help=f"{BLOCK_HELP} (default: %(default)s)")
     add_output_flags(p)
     p.set_defaults(run=run)

@@ -28,8 +28,8 @@ def add_runtime_flags(parser: argparse.ArgumentParser, batch_help: str = "images
     parser.add_argument("--batch-size", type=int, default=256, help=f"{batch_help} (default: %(default)s)")
 
 
-BLOCK_HELP = ("images the network sees together, image i in block i // size: the output depends on it and "
-              "on nothing else of the batching (default: auto, 16 on CPU, 256 on GPU)")
+BLOCK_HELP = ("images the network sees together (memory follows it), image i in block i // size: the output "
+              "depends on it and on nothing else of the batching")
 PART_HELP = "images per resumable part file, rounded up to whole blocks; the output does not depend on it"
 
 

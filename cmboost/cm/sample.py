@@ -2,7 +2,7 @@
 
 Sample i depends only on (seed, i): its generator first gives a uniform draw that picks its class
 label (so the noise does not depend on --class-labels), then its initial noise, then the noise
-between steps; the network sees fixed blocks of samples (runtime.resolve_block_size), so the images
+between steps; the network sees fixed blocks of samples (`block_size`), so the images
 depend on neither the batch size nor the number of processes. The batches run as a resumable job
 (jobs.run_parts): rerunning the same command finishes it.
 """
@@ -21,7 +21,7 @@ from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, refuse_finished, run_parts
 from cmboost.records import check_at_least, field_default
-from cmboost.runtime import deterministic_kernels, randn_per_sample, resolve_block_size, sample_generators
+from cmboost.runtime import BLOCK_SIZE, deterministic_kernels, randn_per_sample, sample_generators
 from cmboost.samples import to_uint8
 
 EDM_DEFAULT_STEPS = 18  # Heun steps of an EDM teacher
@@ -37,7 +37,7 @@ class SampleSettings:
     steps: int | None = None  # None: CM_DEFAULT_STEPS, or EDM_DEFAULT_STEPS for an EDM teacher
     seed: int = 0             # any integer: sample i's stream is (seed, i)
     batch_size: int = 256     # images per part file; the images do not depend on it
-    block_size: int | None = None  # images the network sees together; None: 16 on CPU, 256 on GPU
+    block_size: int = BLOCK_SIZE   # images the network sees together, sample i in block i // size
 
     def __post_init__(self):
         check_at_least(self, 1, ("num", "steps", "batch_size", "block_size"))
@@ -134,13 +134,12 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
                      num_levels: int | None = None, class_labels: Sequence[int] | None = None, kind: str | None = None,
                      batch_size: int = field_default(SampleSettings, "batch_size"),
                      device: torch.device | None = None, precision: str = "fp32", overwrite: bool = False,
-                     progress: bool = True, block_size: int | None = field_default(SampleSettings, "block_size")) -> Path:
+                     progress: bool = True, block_size: int = field_default(SampleSettings, "block_size")) -> Path:
     """Writes `num` samples of `model` to `out` (OpenAI .npz, or a PNG folder). Resumable and sharded.
     The network sees `block_size` images at a time (the images depend on it, not on `batch_size`)."""
     device = device or torch.device("cpu")
     out = Path(out)
     SampleSettings(num, steps, seed, batch_size, block_size)  # bad numbers fail before anything is read or written
-    block_size = resolve_block_size(block_size, device)
     refuse_finished(out, overwrite)
     loaded = load_model(model, kind)
     choice = choose_sampler(loaded, steps, ts, num_levels)
