@@ -198,7 +198,8 @@ def knn_radii(features: torch.Tensor, k: int = 3, batch_size: int = 5000) -> tor
         best = torch.full((rows.shape[0], k + 1), math.inf, dtype=features.dtype, device=features.device)
         for col in range(0, n, batch_size):
             # Others first, centres second, as `covered` and `density_coverage` call cdist: its matmul
-            # path is not exactly symmetric, and a ball's edge point must test inside on any BLAS.
+            # path is not exactly symmetric, so both must read the same computed distance for a
+            # ball's own edge point to test inside it.
             dist = torch.cdist(features[col : col + batch_size], rows).T
             best = torch.cat([best, dist], dim=1).topk(k + 1, dim=1, largest=False).values
         radii[start : start + rows.shape[0]] = best[:, k]
