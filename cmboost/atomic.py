@@ -84,9 +84,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+def refuse_unsafe_output(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuses, in one line naming `flag`, an output path that is empty, the current folder, the root
+    or any folder above the current one: replacing an output replaces it whole, so such a path could
+    only ever wreck the user's files. (An unset shell variable gives `--out ""`, and Path("") is ".".)"""
+    text = os.fspath(path)
+    if text in ("", "."):
+        raise UserInputError(f"{flag} is empty (or '.'), which names the current folder; an output never "
+                             f"replaces that: give a new file or folder name")
+    target = Path(text).resolve()
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current folder was deleted: only the root is left to guard
+        cwd = None
+    if target == cwd:
+        raise UserInputError(f"{flag} {text}: is the current folder ({cwd}); an output never replaces that: "
+                             f"give a new file or folder name")
+    if target == Path(target.anchor):
+        raise UserInputError(f"{flag} {text}: is the root folder; an output never replaces that")
+    if cwd is not None and target in cwd.parents:
+        raise UserInputError(f"{flag} {text}: is {target}, a folder above the current one; an output never "
+                             f"replaces that: give a new file or folder name")
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> None:
     """Raises OutputExistsError unless `path` is free or `overwrite` was asked for, and a one-line
-    UserInputError when it could not be written at all (checked before any work, changing nothing)."""
+    UserInputError when it could not be written at all or names the current folder or one above it
+    (`flag` is the option that gave it; checked before any work, changing nothing)."""
+    refuse_unsafe_output(path, flag)
     if Path(path).exists() and not overwrite:
         raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it")
     check_writable(path)

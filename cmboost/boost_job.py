@@ -15,7 +15,7 @@ from cmboost.samples import load_samples, map_samples, to_float, to_uint8
 from cmboost.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
 from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
-from cmboost.jobs import file_digest, run_parts
+from cmboost.jobs import file_digest, refuse_finished, run_parts
 from cmboost.runtime import (BLOCK_SIZE, deterministic_kernels, dist_info, init_distributed, resolve_device,
                              resolve_precision)
 
@@ -66,6 +66,7 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
     precision = resolve_precision(precision, device)
     init_distributed(device)
     record = as_record(method, hyper)
+    refuse_finished(out, overwrite)  # a bad output path or kind fails before the samples are read
     if grid:  # checked now, not after the whole run, so a leftover grid cannot waste it
         refuse_existing(Path(out).with_suffix(".grid.png"), overwrite)
     images, labels = map_samples(samples)  # memory-mapped: each batch is read when it is boosted

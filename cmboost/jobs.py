@@ -26,10 +26,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from cmboost.atomic import atomic_open, atomic_write_text, check_writable
-from cmboost.errors import OutputExistsError, UserInputError
+from cmboost.atomic import atomic_open, atomic_write_text, check_writable, refuse_unsafe_output
+from cmboost.errors import UserInputError
 from cmboost.runtime import barrier, dist_info
-from cmboost.samples import save_samples, write_npz
+from cmboost.samples import check_sample_output, save_samples, write_npz
 
 BatchFn = Callable[[Sequence[int]], tuple[np.ndarray, np.ndarray | None]]
 CONFIG_FILE = "config.json"
@@ -116,10 +116,11 @@ def parts_dir(out: str | os.PathLike) -> Path:
 
 def refuse_finished(out: str | os.PathLike, overwrite: bool) -> None:
     """Refuses an existing output unless asked to overwrite it, or unless its parts folder is still
-    there (a job killed between writing the output and cleaning up: rerunning finishes it)."""
-    if Path(out).exists() and not overwrite and not (parts_dir(out) / CONFIG_FILE).is_file():
-        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    check_writable(out)
+    there (a job killed between writing the output and cleaning up: rerunning finishes it); and
+    whatever `check_sample_output` refuses (a bad path or suffix, an output of another kind or a
+    folder cmboost did not write), with or without --overwrite."""
+    refuse_unsafe_output(out)  # before parts_dir, which cannot name the parts of "" or "."
+    check_sample_output(out, overwrite, resuming=(parts_dir(out) / CONFIG_FILE).is_file())
 
 
 @contextlib.contextmanager

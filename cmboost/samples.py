@@ -12,7 +12,9 @@ anything is allocated, and name the file in every error.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -24,11 +26,17 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_open, refuse_existing
-from cmboost.errors import UserInputError
+from cmboost.atomic import atomic_open, check_writable, refuse_existing, refuse_unsafe_output
+from cmboost.errors import OutputExistsError, UserInputError
 
 __all__ = ["to_float", "to_uint8", "check_samples", "load_samples", "map_samples", "open_samples",
-           "save_samples", "write_npz", "ImageSource", "ArraySource", "NpzSource", "refuse_existing"]
+           "save_samples", "check_sample_output", "write_npz", "ImageSource", "ArraySource", "NpzSource",
+           "refuse_existing", "SAMPLES_MARKER"]
+
+# Every PNG folder cmboost writes holds this file; --overwrite replaces only such a folder.
+SAMPLES_MARKER = ".cmboost-samples"
+_MARKER_RECORD = {"format": "cmboost-png-samples", "version": 1}
+_PNG_NAME = re.compile(r"[0-9]+\.png")
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -345,15 +353,83 @@ def _load_png_folder(path: Path, num_classes: int | None) -> tuple[np.ndarray, n
 
 # ----------------------------------------------------------------------------- writing
 
+def _sample_output_kind(path: Path, flag: str) -> str:
+    """"npz" for a name ending in .npz, "png" (a folder of PNGs) for a name without a suffix; any other
+    suffix is refused, so the format never differs from the one the name promises."""
+    if path.suffix == ".npz":
+        return "npz"
+    if path.suffix == "":
+        return "png"
+    raise UserInputError(f"{flag} {path}: a sample output is an .npz file (a name ending in .npz) or a folder "
+                         f"of PNGs (a name without a suffix); {path.suffix!r} is neither, so nothing is written")
+
+
+def _not_ours(folder: Path) -> str | None:
+    """Why `folder` is not a PNG folder that cmboost wrote and may replace, or None when it is: it must
+    hold the marker and nothing but the numbered PNGs, labels.txt and the marker."""
+    try:
+        record = json.loads((folder / SAMPLES_MARKER).read_text())
+    except FileNotFoundError:
+        return (f"{folder}: a folder not written by cmboost (no {SAMPLES_MARKER} marker), so it is kept; a PNG "
+                f"folder from a cmboost older than the marker is kept too: delete it yourself to replace it, "
+                f"or choose another --out")
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("format") != _MARKER_RECORD["format"]:
+        return (f"{folder}: its {SAMPLES_MARKER} marker is not cmboost's, so the folder is kept; delete it "
+                f"yourself to replace it, or choose another --out")
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            ours = entry.name in (SAMPLES_MARKER, "labels.txt") or _PNG_NAME.fullmatch(entry.name)
+            if not (ours and entry.is_file(follow_symlinks=False)):
+                return (f"{folder}: holds {entry.name}, which cmboost did not write, so the folder is kept; "
+                        f"move that out, or choose another --out")
+    return None
+
+
+def _not_replaceable(path: Path, kind: str) -> str | None:
+    """Why the existing `path` may not be replaced by a sample output of `kind`, or None: a file is
+    replaced only by a file, and a folder only by a PNG folder, and only one that cmboost wrote."""
+    if kind == "npz":
+        if path.is_dir():
+            return f"{path}: is a folder, and an .npz output replaces only a file, so it is kept"
+        return None
+    if path.is_symlink():
+        return f"{path}: is a symbolic link, and a PNG-folder output replaces only a folder cmboost wrote, so it is kept"
+    if not path.is_dir():
+        return (f"{path}: is a file, and a PNG-folder output (a name without a suffix) replaces only a folder "
+                f"cmboost wrote, so it is kept; to write an .npz, end the name in .npz")
+    return _not_ours(path)
+
+
+def check_sample_output(path: str | os.PathLike, overwrite: bool, flag: str = "--out", resuming: bool = False) -> None:
+    """Every check on a sample output, before any work and changing nothing: the path is not empty, the
+    current folder or one above it; its suffix is .npz (a file) or none (a folder of PNGs); an existing
+    output is replaced only with `overwrite` (or when `resuming` a job that wrote it), and only by its
+    own kind, a folder only when cmboost wrote it; the folder above can be written."""
+    refuse_unsafe_output(path, flag)
+    path = Path(path)
+    kind = _sample_output_kind(path, flag)
+    if path.exists() or path.is_symlink():
+        reason = _not_replaceable(path, kind)
+        if reason is not None:
+            raise UserInputError(reason)
+        if not overwrite and not resuming:
+            raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it")
+    check_writable(path)
+
+
 def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
                  overwrite: bool = False) -> Path:
     """Writes uint8 NCHW `images` (and labels) as an OpenAI .npz (path ends in .npz) or as a folder of
-    PNGs with labels.txt (any other path). Atomic: a temp file in the same folder, then a rename."""
+    PNGs with labels.txt and the cmboost marker (a path without a suffix; any other suffix is refused).
+    Atomic: a temp file or folder beside the target, then a rename. See `check_sample_output` for
+    what an existing output must be to be replaced."""
     path = Path(path)
     images = np.asarray(images)
     labels = None if labels is None else np.asarray(labels)
     check_samples(images, labels, str(path))
-    refuse_existing(path, overwrite)
+    check_sample_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
         arrays = {"arr_0": np.ascontiguousarray(images.transpose(0, 2, 3, 1))}
@@ -385,9 +461,25 @@ def _save_png_folder(path: Path, images: np.ndarray, labels: np.ndarray | None, 
             Image.fromarray(array).save(tmp / f"{i:0{width}d}.png")
         if labels is not None:
             (tmp / "labels.txt").write_text("".join(f"{int(v)}\n" for v in labels))
-        if path.exists() and overwrite:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
+        (tmp / SAMPLES_MARKER).write_text(json.dumps(_MARKER_RECORD) + "\n")
+        old = None
+        if path.exists() or path.is_symlink():
+            # Checked again now: the folder may have changed during a long job since the first check.
+            reason = _not_replaceable(path, "png")
+            if reason is not None:
+                raise UserInputError(reason)
+            if not overwrite:
+                raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it")
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(path, old)  # set aside, and put back if the new folder cannot take its place
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,10 +9,9 @@ from cmboost.cli.common import add_output_flags
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from cmboost.samples import load_samples, save_samples
-    from cmboost.atomic import refuse_existing
+    from cmboost.samples import check_sample_output, load_samples, save_samples
 
-    refuse_existing(args.out, args.overwrite)
+    check_sample_output(args.out, args.overwrite)
     images, labels = load_samples(args.samples)
     save_samples(args.out, images, labels, overwrite=args.overwrite)
     n_labels = "no labels" if labels is None else f"labels {labels.min()}..{labels.max()}"
@@ -24,11 +23,10 @@ def export_data(spec: str, split: str, out: str, start: int = 0, stop: int | Non
                 image_size: int | None = None, data_dir: str | None = None, overwrite: bool = False):
     """Writes images [start, stop) of a dataset split as an OpenAI-layout sample file."""
     from cmboost.data import load_dataset
-    from cmboost.samples import save_samples
-    from cmboost.atomic import refuse_existing
+    from cmboost.samples import check_sample_output, save_samples
     from cmboost.errors import UserInputError
 
-    refuse_existing(out, overwrite)
+    check_sample_output(out, overwrite)
     images, labels, _ = load_dataset(spec, split, data_dir, image_size)
     stop = len(images) if stop is None else stop
     if not 0 <= start < stop <= len(images):

@@ -37,7 +37,7 @@ def run_samples(args: argparse.Namespace) -> int:
     if args.out is not None:
         raise UserInputError("--out is for 'cmboost evaluate-ref'; write results with --json PATH")
     if args.json:
-        refuse_existing(args.json, args.overwrite)
+        refuse_existing(args.json, args.overwrite, flag="--json")
     source = open_samples(args.samples)
     references = load_references(args.ref)
     result = evaluate_source(source, references, extractors(args), args.batch_size, progress=not args.quiet)
