@@ -9,14 +9,41 @@ from cmboost.demo import ASSETS, SETTINGS_FILE
 from cmboost.metrics.judges import REPORTING_JUDGES
 
 COMMITTED_QUICK = Path(__file__).resolve().parent.parent / "recipes" / "fmnist-report" / "quick.json"
-# The quick demo is deterministic on one machine; other CPUs and torch builds differ in the last
-# bits of the convolutions, which can flip a handful of rounded pixels. Stated tolerance:
-RELATIVE_TOLERANCE = 0.05  # FID
-KID_TOLERANCE = 2e-3       # KID, absolute (48 samples: subset noise is about 1e-3)
-# Another CPU rounds differently (oneDNN/MKL code paths), and PGD turns that into a few changed
-# pixels: on an AMD EPYC the boosted effnet-lite0 KIDs (about 8) moved by up to 0.18%, FIDs by 0.09%.
-KID_RELATIVE_TOLERANCE = 0.01
-PR_TOLERANCE = 0.05        # precision and recall, absolute: about two of the 48 quick samples
+# Another CPU rounds the convolutions differently (oneDNN/MKL code paths), and PGD and SGLD turn a
+# last-bit difference into different pixels; no fixed tolerance is right for that. Two checks replace
+# a golden number:
+# - on one machine the demo is deterministic: two runs give the same numbers and the same grid bytes;
+# - across machines, the committed numbers are reproduced within their statistical error. At worst,
+#   other rounding is another draw of the boosted pixels, and numbers of the same generator, boost and
+#   judge spread over sample seeds by s (pooled over the boosts from the committed seeds). Two
+#   independent draws differ by more than 4 s with probability below 0.5% (|z| > 2.83), so 4 s is
+#   the bound. KID also carries its own subset std; the bound is the larger of the two.
+SEED_SPREAD_BOUND = 4.0
+COMPARED = ("fid", "kid", "precision", "recall")
+
+
+def _strip_timings(value):
+    """The report without its wall-clock fields, which are the only ones allowed to differ."""
+    if isinstance(value, dict):
+        return {k: _strip_timings(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_strip_timings(v) for v in value]
+    return value
+
+
+def pooled_seed_std(headline: list[dict]) -> dict:
+    """s for each (generator, judge, metric): the within-boost spread over sample seeds, pooled."""
+    groups: dict = {}
+    for row in headline:
+        for judge, numbers in row["judges"].items():
+            for key in COMPARED:
+                groups.setdefault((row["gen"], judge, key, row["boost"]), []).append(numbers[key])
+    sums: dict = {}
+    for (gen, judge, key, _), values in groups.items():
+        mean = sum(values) / len(values)
+        ss, dof = sums.get((gen, judge, key), (0.0, 0))
+        sums[(gen, judge, key)] = (ss + sum((v - mean) ** 2 for v in values), dof + len(values) - 1)
+    return {k: math.sqrt(ss / dof) for k, (ss, dof) in sums.items() if dof > 0}
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +91,46 @@ def test_quick_demo_writes_every_file_and_names_its_judges(quick_report):
     assert "Tuning judge" in text and "Reporting judge" in text and "Compute frontier" in text
 
 
-def test_quick_demo_reproduces_the_committed_numbers(quick_report):
+def test_quick_demo_is_deterministic_on_one_machine(quick_report, tmp_path):
+    again = tmp_path / "again"
+    assert cli_main(["demo", "--quick", "--out-dir", str(again), "--device", "cpu", "--quiet"]) == 0
+    first = _strip_timings(json.loads((quick_report / "report.json").read_text()))
+    second = _strip_timings(json.loads((again / "report.json").read_text()))
+    for report in (first, second):  # file paths, which name the two folders
+        report.pop("plot"), report.pop("grids")
+    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+    for grid in ("grid-ct1.png", "grid-cd1.png"):
+        assert (quick_report / grid).read_bytes() == (again / grid).read_bytes(), grid
+
+
+def test_quick_demo_reproduces_the_committed_numbers_within_their_error(quick_report):
     ours = json.loads((quick_report / "report.json").read_text())
     committed = json.loads(COMMITTED_QUICK.read_text())
+    assert (ours["num_samples"], ours["seeds"]) == (committed["num_samples"], committed["seeds"])
     assert len(ours["headline"]) == len(committed["headline"])
+    spread = pooled_seed_std(committed["headline"])
     for mine, theirs in zip(ours["headline"], committed["headline"]):
         assert (mine["gen"], mine["seed"], mine["boost"]) == (theirs["gen"], theirs["seed"], theirs["boost"])
         for judge in REPORTING_JUDGES:
             m, t = mine["judges"][judge], theirs["judges"][judge]
-            assert m["fid"] == pytest.approx(t["fid"], rel=RELATIVE_TOLERANCE)
-            assert m["kid"] == pytest.approx(t["kid"], rel=KID_RELATIVE_TOLERANCE, abs=KID_TOLERANCE)
-            for key in ("precision", "recall"):
-                assert m[key] == pytest.approx(t[key], abs=PR_TOLERANCE)
+            for key in COMPARED:
+                bound = SEED_SPREAD_BOUND * spread[(mine["gen"], judge, key)]
+                if key == "kid":
+                    bound = max(bound, SEED_SPREAD_BOUND * math.hypot(m["kid_std"], t["kid_std"]))
+                assert abs(m[key] - t[key]) <= bound, (mine["gen"], mine["seed"], mine["boost"], judge, key)
+
+
+def test_the_error_bound_is_tighter_than_the_effects_it_must_see():
+    """The bound must still catch a broken booster: in the committed numbers, the norm-matched random
+    edit moves fmnist-allconv's FID by more than the bound on every seed, for both generators."""
+    committed = json.loads(COMMITTED_QUICK.read_text())
+    spread = pooled_seed_std(committed["headline"])
+    rows = {(r["gen"], r["seed"], r["boost"]): r for r in committed["headline"]}
+    for (gen, seed, boost), row in rows.items():
+        if boost.startswith("random"):
+            none = rows[(gen, seed, "none")]["judges"]["fmnist-allconv"]["fid"]
+            edited = row["judges"]["fmnist-allconv"]["fid"]
+            assert abs(edited - none) > SEED_SPREAD_BOUND * spread[(gen, "fmnist-allconv", "fid")], (gen, seed)
 
 
 def test_rerun_prints_the_finished_report_without_redoing_it(quick_report, capsys):

@@ -1,6 +1,7 @@
 """The domain feature net's architecture families: "vgg" (the shipped "fmnist" judge) and "allconv"
 (the shipped "fmnist-allconv" judge, an all-convolutional net of another family and seed)."""
 
+import copy
 import json
 
 import numpy as np
@@ -13,11 +14,30 @@ from cmboost.data import fashion_mnist
 from cmboost.errors import UserInputError
 from cmboost.checkpoints import read_safetensors, weights_digest
 from cmboost.metrics.domain_net import (SHIPPED, DomainNet, DomainNetConfig, TrainSettings, classify_accuracy,
-                                        config_for_data, load_domain_net, save_domain_net, train_domain_net)
+                                        config_for_data, load_domain_net, prepare_images, save_domain_net, train_domain_net)
 from cmboost.metrics.features import load_feature_extractor
 
 VGG_IDENTITY = "domain-net-b92ac005830d632d"
-ALLCONV_TEST_ACCURACY = 0.9129  # measured when the shipped file was trained (cmboost/assets/README.md)
+# Another CPU's float32 kernels sum in another order. How far that can move a logit is bounded from
+# this machine's own float32 error (float32 against the same net in float64): another float32 kernel
+# is taken to err at most ROUNDING_FACTOR times as much. A prediction can only change where the top-2
+# margin is below the sum of both errors, twice (both logits move).
+ROUNDING_FACTOR = 10.0
+
+
+def accuracy_and_near_ties(net: DomainNet, images_u8: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """Top-1 accuracy in float32, and how many images another CPU's rounding could reclassify."""
+    x = prepare_images(torch.from_numpy(images_u8), net.config)
+    with torch.no_grad():
+        logits32 = torch.cat([net.eval()(b)[1] for b in x.split(500)]).double()
+        exact_net = copy.deepcopy(net).double()
+        logits64 = torch.cat([exact_net(b.double())[1] for b in x.split(500)])
+    own_error = (logits32 - logits64).abs().amax(1)
+    reach = 2 * (1 + ROUNDING_FACTOR) * own_error
+    top2 = logits64.topk(2, dim=1).values
+    near_ties = int((top2[:, 0] - top2[:, 1] <= reach).sum())
+    accuracy = float((logits32.argmax(1).numpy() == labels).mean())
+    return accuracy, near_ties
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +132,9 @@ def test_shipped_allconv_net_is_an_independent_documented_judge(fmnist_test):
     assert extractor.identity.startswith("domain-net-") and extractor.identity != VGG_IDENTITY
     images, labels = fmnist_test
     assert len(images) == 10000
-    accuracy = classify_accuracy(net, images, labels)
-    assert accuracy >= ALLCONV_TEST_ACCURACY - 0.005
-    assert abs(accuracy - float(meta["test_accuracy"])) < 0.005
+    assert accuracy_and_near_ties(net, images[:8], labels[:8])[0] == classify_accuracy(net, images[:8], labels[:8])
+    accuracy, near_ties = accuracy_and_near_ties(net, images, labels)
+    # The accuracy recorded when the file was trained (on another CPU) is ours up to the images that
+    # rounding could reclassify; the README states the same figure.
+    assert abs(accuracy - float(meta["test_accuracy"])) <= near_ties / len(images) + 1e-12
+    assert f"**Test accuracy: {float(meta['test_accuracy']):.4f}**" in (SHIPPED["fmnist-allconv"].parent / "README.md").read_text()
