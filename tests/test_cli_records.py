@@ -21,6 +21,7 @@ from cmboost.cli.train_features import UNFLAGGED as FEATURES_UNFLAGGED
 from cmboost.cli.train_jcd import CHANNELS_LAST
 from cmboost.cm.sample import SampleSettings
 from cmboost.cm.training import MODES, TrainSettings as CMSettings, UNetShape, mode_default
+from cmboost.diagnose import DiagnoseSettings
 from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings as FeatureSettings
 from cmboost.metrics.reference import reference_stats
 from cmboost.records import field_default, param_default, shown
@@ -28,7 +29,7 @@ from cmboost.train_jcd_config import TrainConfig
 from cmboost.tune import TuneSettings
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
-VERBS = ("boost", "sample", "tune", "evaluate", "evaluate-ref", "train-cm", "train-jcd", "train-features")
+VERBS = ("boost", "sample", "tune", "evaluate", "evaluate-ref", "train-cm", "train-jcd", "train-features", "diagnose")
 
 
 def verb_parser(verb: str) -> argparse.ArgumentParser:
@@ -97,7 +98,8 @@ def test_train_features_flags_read_its_settings():
     assert_shows_default(flags["arch"], flags["arch"].default)
 
 
-@pytest.mark.parametrize("verb, record_type", [("sample", SampleSettings), ("tune", TuneSettings)])
+@pytest.mark.parametrize("verb, record_type", [("sample", SampleSettings), ("tune", TuneSettings),
+                                               ("diagnose", DiagnoseSettings)])
 def test_sample_and_tune_flags_read_their_records(verb, record_type):
     flags = actions(verb)
     for name, default in field_defaults(record_type).items():
@@ -147,6 +149,7 @@ TUNE = ["tune", "{data}/val.npz", "--model", str(ASSETS / "jcd-joint.safetensors
         "--device", "cpu", "--out", "{out}"]
 EVALUATE = ["evaluate", "{data}/samples.npz", "--ref", "{data}/ref.npz", "--device", "cpu", "--json", "{out}"]
 EVALUATE_REF = ["evaluate-ref", "--data", "folder:{data}", "--device", "cpu", "--out", "{out}.npz"]
+DIAGNOSE = ["diagnose", "--model", str(ASSETS / "jcd-joint.safetensors"), "--device", "cpu", "--out", "{out}"]
 BOOST = ["boost", "{data}/samples.npz", "--model", str(ASSETS / "jcd-joint.safetensors"), "--device", "cpu",
          "--out", "{out}"]
 
@@ -177,6 +180,10 @@ BAD = [
     *[(EVALUATE, [flag, value], flag) for flag, value in (("--batch-size", "0"), ("--threads", "-1"))],
     *[(EVALUATE_REF, [flag, value], flag) for flag, value in (
         ("--batch-size", "0"), ("--threads", "-2"), ("--num-features", "3"))],
+    *[(DIAGNOSE, [flag, *values], flag) for flag, *values in (
+        ("--num-real", "0"), ("--num-samples", "0"), ("--attack-eps", "0.5", "-1"), ("--attack-steps", "0"),
+        ("--sigmas", "inf"), ("--pag-eps", "0"), ("--pag-steps", "0"), ("--pag-rows", "-1"), ("--seed", "-1"),
+        ("--batch-size", "0"), ("--threads", "-1"), ("--eps", "nan"))],
     (BOOST, ["--steps", "-1"], "--steps"),
     (BOOST, ["--eps", "nan"], "--eps"),
     (BOOST, ["--method", "sgld", "--sgld-noise", "inf"], "--sgld-noise"),

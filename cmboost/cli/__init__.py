@@ -16,6 +16,7 @@ from cmboost.errors import UserInputError
 from cmboost.cli import boost as boost_verb
 from cmboost.cli import convert as convert_verb
 from cmboost.cli import demo as demo_verb
+from cmboost.cli import diagnose as diagnose_verb
 from cmboost.cli import evaluate as evaluate_verb
 from cmboost.cli import evaluate_ref as evaluate_ref_verb
 from cmboost.cli import info as info_verb
@@ -26,7 +27,7 @@ from cmboost.cli import train_jcd as train_jcd_verb
 from cmboost.cli import tune as tune_verb
 
 VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, tune_verb, evaluate_verb, evaluate_ref_verb,
-                train_cm_verb, train_jcd_verb, train_features_verb, convert_verb]
+                train_cm_verb, train_jcd_verb, train_features_verb, convert_verb, diagnose_verb]
 
 
 class OneLineParser(argparse.ArgumentParser):
