@@ -297,8 +297,9 @@ class DenoiserScore:
     Images come in the joint network's [0, 1] pixels and go to the teacher as 2x - 1; the score is
     returned in [0, 1] pixels (times 2, the chain rule). sigma is in the teacher's [-1, 1] units."""
 
-    def __init__(self, net: torch.nn.Module, precond, precision: str = "fp32"):
+    def __init__(self, net: torch.nn.Module, precond, precision: str = "fp32", source: str = "an EDM denoiser"):
         self.net, self.precond, self.precision = net, precond, precision
+        self.description = f"(D(x; sigma, y) - x) / sigma^2 of {source}, sigma in its [-1, 1] units"
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: float, y: torch.Tensor) -> torch.Tensor:
@@ -337,7 +338,7 @@ def load_teacher_score(path: str | os.PathLike, device: torch.device, precision:
         have = "is unconditional" if loaded.num_classes is None else f"has {loaded.num_classes} classes"
         raise UserInputError(f"{flag} {path}: {have}, the network {num_classes}; the score must be class-conditional "
                              f"on the same classes")
-    return DenoiserScore(loaded.net.to(device).eval(), loaded.precond, precision)
+    return DenoiserScore(loaded.net.to(device).eval(), loaded.precond, precision, source=str(path))
 
 
 # ----------------------------------------------------------------------------- the whole diagnosis
@@ -367,11 +368,12 @@ def select_real(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
 def diagnose(model: torch.nn.Module, real_images: np.ndarray, real_labels: np.ndarray,
              generators: Sequence[GeneratorSamples] = (), score: Score | None = None,
              settings: DiagnoseSettings = DiagnoseSettings(), realness_kind: str = "softmax",
-             device: torch.device | str = "cpu", precision: str = "fp32",
-             num_classes: int | None = None) -> tuple[dict, np.ndarray]:
+             device: torch.device | str = "cpu", precision: str = "fp32", num_classes: int | None = None,
+             real_ids: Sequence[int] | None = None) -> tuple[dict, np.ndarray]:
     """The report (JSON-ready; see REPORT_KEYS) and the PAG grid (uint8) of `model` on uint8 NCHW real
     images (held out from its training) with their labels. `real_images` are used as given: draw the
-    subset with `select_real` first. Without a score the alignment section is None."""
+    subset with `select_real` first; `real_ids` name them in the picture's rows (default: their
+    positions). Without a score the alignment section is None."""
     device = torch.device(device)
     bs = settings.batch_size
     num_classes = int(num_classes or getattr(model, "num_classes", 0) or int(real_labels.max()) + 1)
@@ -390,7 +392,7 @@ def diagnose(model: torch.nn.Module, real_images: np.ndarray, real_labels: np.nd
                 "generators": {}}
     alignment = None
     if score is not None:
-        alignment = {"sigmas": list(settings.sigmas),
+        alignment = {"score": getattr(score, "description", None), "sigmas": list(settings.sigmas),
                      "real": alignment_rows(model, score, x_real, y_real, settings.sigmas, bs, precision),
                      "generators": {}}
     for gen in generators:
@@ -414,7 +416,8 @@ def diagnose(model: torch.nn.Module, real_images: np.ndarray, real_labels: np.nd
     starts = torch.cat([torch.full((1, *x_real.shape[1:]), GREY, device=device), x_real[picks]])
     targeted, prob = pag_targets(model, starts, num_classes, settings.pag_eps, settings.pag_steps, bs, precision)
     grid = pag_grid(starts.cpu(), targeted.cpu())
-    rows = ["grey"] + [f"real {i} (label {int(real_labels[i])})" for i in picks]
+    ids = list(range(len(real_labels))) if real_ids is None else [int(i) for i in real_ids]
+    rows = ["grey"] + [f"real {ids[i]} (label {int(real_labels[i])})" for i in picks]
     pag = {"png": PNG_NAME, "eps": settings.pag_eps, "steps": settings.pag_steps,
            "step_size": f"{ATTACK_STEP} * eps / steps", "rows": rows,
            "columns": ["start"] + [f"toward class {k}" for k in range(num_classes)],

@@ -217,12 +217,13 @@ def test_cli_on_the_shipped_networks_writes_the_report_and_picture(inputs, tmp_p
     for when in ("before", "after"):
         assert set(gen[when]) == {"auc", "mean_realness", "mean_p_y", "accuracy"} and 0 <= gen[when]["auc"] <= 1
     alignment = report["alignment"]
-    assert alignment["sigmas"] == [0.1, 0.25, 0.5]
+    assert alignment["sigmas"] == [0.1, 0.25, 0.5] and str(inputs["teacher"]) in alignment["score"]
     for rows in (alignment["real"], alignment["generators"]["ct1"]["before"], alignment["generators"]["ct1"]["after"]):
         assert [r["sigma"] for r in rows] == alignment["sigmas"]
         assert all(set(r) == {"sigma", "mean", "std", "num", "undefined"} and -1 <= r["mean"] <= 1 for r in rows)
     pag = report["pag"]
     assert pag["rows"][0] == "grey" and len(pag["rows"]) == 2 and len(pag["columns"]) == 11
+    assert int(pag["rows"][1].split()[1]) >= 55000  # named by its index in the training split
     assert np.array(pag["target_prob"]).shape == (2, 10)
     from PIL import Image
 

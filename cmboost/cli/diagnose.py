@@ -98,12 +98,12 @@ def run(args: argparse.Namespace) -> int:
         if real_labels is None:
             raise UserInputError(f"--real {args.real}: needs labels (arr_1)")
         check_fits_model(real, real_labels, model, f"--real {args.real}")
-        real_source = str(args.real)
+        real_source, offset = str(args.real), 0
     else:
         real, real_labels, _ = load_dataset("fmnist", "train", image_size=model.image_size)
         real, real_labels = real[HELDOUT_START:], real_labels[HELDOUT_START:]
         check_fits_model(real, real_labels, model, "Fashion-MNIST (the default --real)")
-        real_source = f"fmnist train[{HELDOUT_START}:] padded to {model.image_size}"
+        real_source, offset = f"fmnist train[{HELDOUT_START}:] padded to {model.image_size}", HELDOUT_START
     chosen = select_real(real_labels, settings.num_real, settings.seed)
     real, real_labels = real[chosen], real_labels[chosen]
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         samples.append(GeneratorSamples(name, np.ascontiguousarray(images[:n]), labels[:n], method, record, str(path)))
 
     report, grid = diagnose(model, real, real_labels, samples, score, settings, kind, device, precision,
-                            model.num_classes)
+                            model.num_classes, real_ids=offset + chosen)
     report["provenance"] = {
         "model": str(args.model), "model_digest": weights_digest(model),
         "teacher": str(args.teacher) if args.teacher else None,
