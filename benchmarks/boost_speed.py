@@ -9,18 +9,22 @@ torch.utils.flop_counter). Random weights: speed does not depend on them.
 
 GPU:  python benchmarks/boost_speed.py --arch wide_resnet50_2 --images 5000 --batch 1000 --compile
 CPU:  python benchmarks/boost_speed.py   (small defaults so it ends in about a minute)
+--json PATH writes every figure (benchmarks/gpu_check.py reads it); --profile prints where ours spends its time.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
+from figures import Figures, profile_table, repo_on_path
 
-from cmboost.boost import boost
-from cmboost.jcd import build_joint_model
-from cmboost.runtime import resolve_device, resolve_precision
+repo_on_path()
+from cmboost.boost import boost  # noqa: E402
+from cmboost.jcd import build_joint_model  # noqa: E402
+from cmboost.runtime import resolve_device, resolve_precision  # noqa: E402
 
 
 def sync(device):
@@ -52,8 +56,10 @@ def ours(model, images, labels, steps, batch, precision, channels_last):
     return torch.cat(out)
 
 
-def timed(fn, device, repeats=1):
-    fn()  # warm-up (and compilation)
+def timed(fn, warm, device, repeats=1):
+    """Seconds per call of `fn` after one call of `warm` (a slice of the same work: first kernels,
+    allocator, compilation), so the warm-up does not cost a whole run."""
+    warm()
     sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -76,49 +82,79 @@ def flops_per_image_step(model, image_size, channels, device):
     return counter.get_total_flops() / 2
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=None, help="default: wide_resnet50_2 resnet50 on GPU, resnet50 on CPU")
     parser.add_argument("--images", type=int, default=None, help="default 5000 on GPU, 16 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="ours: default 1000 on GPU, 16 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="default 15 on GPU, 3 on CPU")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network for ours")
-    parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak of the GPU (H100: ~790)")
-    args = parser.parse_args()
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with the network torch.compiled (after the eager figures)")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of one batch of ours")
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="bf16 dense matrix rate of the GPU, the FLOP floor (H100/H200 measured: ~790)")
+    parser.add_argument("--json", default=None, help="also write every figure here (rewritten after each)")
+    args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     precision = resolve_precision(args.precision, device)
     arches = args.arch or (["wide_resnet50_2", "resnet50"] if gpu else ["resnet50"])
     n = args.images or (5000 if gpu else 16)
-    batch = args.batch or (1000 if gpu else 16)
+    batch = min(args.batch or (1000 if gpu else 16), n)
     steps = args.steps or (15 if gpu else 3)
+    figures = Figures(args.json, "boost", device, arches=arches, images=n, batch=batch, released_batch=100,
+                      steps=steps, image_size=args.image_size, precision=precision, compile=args.compile)
     print(f"device {device}, precision {precision}, {n} images, {steps} steps, image size {args.image_size}")
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # for both sides
     torch.manual_seed(0)
     for arch in arches:
-        model = build_joint_model(arch, num_classes=1000, in_channels=3, image_size=args.image_size).to(device).eval()
+        model = build_joint_model(arch, num_classes=args.num_classes, in_channels=3,
+                                  image_size=args.image_size).to(device).eval()
         images = torch.rand(n, 3, args.image_size, args.image_size, device=device)
-        labels = torch.randint(0, 1000, (n,), device=device)
-        base_s = timed(lambda: released_loop(model, images, labels, steps), device)
-        fast_model = model
-        if gpu:
-            fast_model = model.to(memory_format=torch.channels_last)
-        if args.compile:
-            fast_model = torch.compile(fast_model)
-        ours_s = timed(lambda: ours(fast_model, images, labels, steps, batch, precision, gpu), device)
+        labels = torch.randint(0, args.num_classes, (n,), device=device)
         flops = flops_per_image_step(model, args.image_size, 3, device)
-        base_rate, ours_rate = n / base_s, n / ours_s
         floor_rate = args.peak_tflops * 1e12 / (flops * steps)
+        figures.add(arch, gflop_per_image_step=flops / 1e9, bf16_floor_img_s=floor_rate if gpu else None)
         print(f"{arch}: {flops / 1e9:.2f} GFLOP per image-step (forward + input backward)")
+        warm_n = min(100, n)
+        base_s = timed(lambda: released_loop(model, images, labels, steps),
+                       lambda: released_loop(model, images[:warm_n], labels[:warm_n], steps), device)
+        base_rate = n / base_s
+        figures.add(arch, released_img_s=base_rate)
         print(f"  released loop  {base_rate:10.1f} img/s")
-        print(f"  cmboost        {ours_rate:10.1f} img/s   ratio {ours_rate / base_rate:.2f}x")
+        fast_model = model.to(memory_format=torch.channels_last) if gpu else model
+        variants = [("eager", fast_model)]
+        if args.compile:  # as `cmboost boost --compile`: the backbone (boost calls model.logits, not forward)
+            compiled = copy.deepcopy(fast_model)
+            compiled.backbone = torch.compile(compiled.backbone)
+            variants.append(("compiled", compiled))
+        for name, net in variants:  # eager first: its figures stand if compiling runs out of time
+            ours_s = timed(lambda: ours(net, images, labels, steps, batch, precision, gpu),
+                           lambda: ours(net, images[:batch], labels[:batch], steps, batch, precision, gpu), device)
+            ours_rate = n / ours_s
+            row = {f"ours_{name}_img_s": ours_rate, f"ratio_{name}": ours_rate / base_rate}
+            line = f"  cmboost {name:8s}{ours_rate:10.1f} img/s   ratio {ours_rate / base_rate:.2f}x"
+            if gpu:
+                row[f"floor_fraction_{name}"] = ours_rate / floor_rate
+                line += f"   {ours_rate / floor_rate:.1%} of the bf16 floor ({floor_rate:.0f} img/s)"
+            else:
+                line += f"   {ours_rate * flops * steps / 1e9:.1f} GFLOP/s (no FLOP floor on CPU)"
+            figures.add(arch, **row)
+            print(line, flush=True)
+            if args.profile and name == "eager":
+                print(f"--- {arch}, one batch of ours (eager)")
+                print(profile_table(lambda: ours(net, images[:batch], labels[:batch], steps, batch, precision, gpu),
+                                    device), flush=True)
+        del model, fast_model, variants
         if gpu:
-            print(f"  bf16 floor     {floor_rate:10.1f} img/s   ours reach {ours_rate / floor_rate:.1%} of it")
-        else:
-            print(f"  CPU: {ours_rate * flops * steps / 1e9:.1f} GFLOP/s achieved (no FLOP floor on CPU)")
+            torch.cuda.empty_cache()
+    figures.done()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ preconditioning, the UNet, the clip to [-1, 1].
     python benchmarks/cm_sample_speed.py --device cuda --config imagenet64 --batch 256 [--compile] [--profile]
 
 OpenAI's own code was measured at 598 images/s on one H100 (ImageNet-64, fp32, legacy attention); the
-goal for the bf16 paths on GPU is >= 2x that.
+goal for the bf16 paths on GPU is >= 2x that. --json PATH writes every figure (benchmarks/gpu_check.py
+reads it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from figures import Figures  # noqa: E402
 
 from cmboost.cm.denoiser import CM_PRECOND, Denoiser, onestep  # noqa: E402
 from cmboost.cm.training import small_unet_config  # noqa: E402
@@ -100,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
     parser.add_argument("--compile", action="store_true", help="torch.compile the non-baseline paths")
     parser.add_argument("--profile", action="store_true", help="print the top operators of each path")
+    parser.add_argument("--json", default=None, help="also write every figure here (rewritten after each)")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -127,10 +130,15 @@ def main(argv=None) -> int:
           f"threads {torch.get_num_threads()}, config {config} ({params / 1e6:.1f}M params, {size}x{size}), "
           f"batch {batch}, {iters} timed batches after {warmup} warm-up")
 
+    figures = Figures(args.json, "cm_sample", device, config=config, params_m=params / 1e6, image_size=size,
+                      batch=batch, iters=iters, warmup=warmup, compile=args.compile, baseline=names[0])
     results, outputs = {}, {}
     for name in names:
         run = make_path(net, name, device, args.compile)
         results[name], outputs[name] = time_path(run, noise, labels, warmup, iters, device)
+        diff = (outputs[name] - outputs[names[0]]).abs().max().item()
+        figures.add(name, img_s=results[name], ratio=results[name] / results[names[0]], max_abs_diff=diff)
+        print(f"  {name:24s} {results[name]:10.1f} images/s", flush=True)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -150,6 +158,8 @@ def main(argv=None) -> int:
         best = max(results, key=results.get)
         print(f"best {best}: {results[best] / OPENAI_H100_IMAGES_PER_S:.2f}x OpenAI's measured "
               f"{OPENAI_H100_IMAGES_PER_S:.0f} images/s on an H100 (compare only on that GPU)")
+        figures.add("best", path=best, vs_openai_measured_h100=results[best] / OPENAI_H100_IMAGES_PER_S)
+    figures.done()
     return 0
 
 

@@ -4,13 +4,15 @@
     (its own forward: TF-compatible gather resize, fp32, NCHW) against cmboost's InceptionFeatures
     (the same port's layers; resize as two batched matmuls, channels-last, bf16 autocast by
     default). Random weights unless --inception-weights is given (speed does not depend on them).
-    Prints the ratio and how far the features are apart. Skipped with a message without a GPU or
-    without torch-fidelity.
+    Prints the ratio and how far the features are apart, and the FID of two image sets through
+    each extractor (--fid-images A B, e.g. real and generated samples; else two synthetic sets).
+    Skipped with a message without a GPU or without torch-fidelity.
 (b) CPU: Fashion-MNIST test images through the shipped domain net (the cmboost pipeline:
     batching, statistics, softmax), images/s, next to Inception on the same CPU for scale.
 
     python benchmarks/features_speed.py                      # CPU part only on a CPU machine
     python benchmarks/features_speed.py --device cuda --num-images 5000 --batch-size 500
+--json PATH writes every figure of part (a) (benchmarks/gpu_check.py reads it).
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from figures import Figures, repo_on_path
+
+repo_on_path()
 
 
 def _sync(device: torch.device) -> None:
@@ -84,7 +90,63 @@ def inception_part(args) -> None:
     print(f"    cmboost, fp32 + channels-last        : {fp32:9.1f} images/s  ({fp32 / base:.2f}x), "
           f"max rel. pool diff {rel_fp32:.2e}")
     print(f"    cmboost, {args.precision} + channels-last        : {fast:9.1f} images/s  ({fast / base:.2f}x), "
-          f"max rel. pool diff {rel_fast:.2e}")
+          f"max rel. pool diff {rel_fast:.2e}", flush=True)
+    figures = Figures(args.json, "features", device, weights=weights, images=args.num_images,
+                      image_size=args.image_size, batch=args.batch_size, precision=args.precision)
+    figures.add("inception", torch_fidelity_img_s=base, ours_fp32_img_s=fp32, ours_img_s=fast,
+                ratio_fp32=fp32 / base, ratio=fast / base, max_rel_pool_diff_fp32=rel_fp32,
+                max_rel_pool_diff=rel_fast)
+    fid_part(args, theirs, ours, ours_fp32, device, figures)
+    figures.done()
+
+
+def _fid_sets(args) -> tuple[list[np.ndarray], str]:
+    """Two uint8 NCHW image sets: the --fid-images files, or uniform noise against the same noise blurred."""
+    if args.fid_images:
+        from cmboost.samples import load_samples
+
+        sets = [load_samples(path)[0][: args.fid_num] for path in args.fid_images]
+        sets = [np.repeat(s, 3, axis=1) if s.shape[1] == 1 else s for s in sets]  # torch-fidelity takes RGB
+        return sets, " vs ".join(Path(p).name for p in args.fid_images)
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (2 * args.fid_num, 3, args.image_size, args.image_size), dtype=np.uint8)
+    blurred = torch.nn.functional.avg_pool2d(torch.from_numpy(noise[args.fid_num:]).float(), 3, 1, 1)
+    return [noise[: args.fid_num], blurred.round().to(torch.uint8).numpy()], "noise vs blurred noise (synthetic)"
+
+
+def fid_part(args, theirs, ours, ours_fp32, device, figures) -> None:
+    """FID of two image sets through torch-fidelity's extractor, ours in fp32 and ours in --precision.
+    With random weights the features are tiny (FIDs near 1e-12), so every extractor's features are
+    divided by the same number, the RMS of torch-fidelity's features of the first set: the FIDs are
+    then of the usual size and their differences mean what a difference of real FIDs would."""
+    from cmboost.metrics.stats import feature_statistics, frechet_distance
+
+    if args.fid_num < 2:
+        return
+    sets, what = _fid_sets(args)
+    extractors = {"torch_fidelity": lambda b: theirs(b)[0], "ours_fp32": lambda b: ours_fp32(b)["pool"],
+                  f"ours_{args.precision}": lambda b: ours(b)["pool"]}
+    features = {}
+    with torch.no_grad():
+        for name, extract in extractors.items():
+            features[name] = [torch.cat([extract(b.to(device)).float().cpu()
+                                         for b in torch.from_numpy(np.ascontiguousarray(images)).split(args.batch_size)])
+                              for images in sets]
+    real_weights = bool(args.inception_weights)
+    scale = 1.0 if real_weights else float(features["torch_fidelity"][0].double().pow(2).mean().sqrt())
+    fids = {name: float(frechet_distance(*feature_statistics(a.double().numpy() / scale),
+                                         *feature_statistics(b.double().numpy() / scale)))
+            for name, (a, b) in features.items()}
+    base = fids["torch_fidelity"]
+    count = min(len(s) for s in sets)
+    unit = "" if real_weights else f", features / {scale:.3g} (random weights)"
+    print(f"    FID of {what}, {count} images each{unit}:")
+    for name, fid in fids.items():
+        print(f"      {name:22s}: {fid:10.4f}  (diff {fid - base:+.4f})")
+    figures.add("fid", sets=what, images_per_set=count, feature_scale=scale,
+                **{f"fid_{k}": v for k, v in fids.items()},
+                max_abs_fid_diff=max(abs(v - base) for v in fids.values()),
+                max_rel_fid_diff=max(abs(v - base) for v in fids.values()) / max(abs(base), 1e-30))
 
 
 def fmnist_part(args) -> None:
@@ -129,7 +191,7 @@ def fmnist_part(args) -> None:
               f"{ours / rate:.0f}x faster")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="device for part (a) (default: cuda when present)")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="ours, part (a)")
@@ -144,7 +206,12 @@ def main() -> None:
     parser.add_argument("--allow-cpu", action="store_true", help="run part (a) on CPU too (slow; checks the script)")
     parser.add_argument("--skip-inception", action="store_true")
     parser.add_argument("--skip-fmnist", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--fid-images", nargs=2, default=None, metavar=("A", "B"),
+                        help="part (a): two sample files (.npz or PNG folders) whose FID each extractor computes "
+                             "(default: two synthetic sets)")
+    parser.add_argument("--fid-num", type=int, default=2000, help="part (a): images per FID set; 0 skips the FID")
+    parser.add_argument("--json", default=None, help="part (a): also write every figure here")
+    args = parser.parse_args(argv)
     if not args.skip_inception:
         inception_part(args)
     if not args.skip_fmnist:

@@ -14,6 +14,7 @@ speed does not depend on them.
 
 GPU:  python benchmarks/train_jcd_speed.py --arch wide_resnet50_2 --batch 128 --image-size 64
 CPU:  python benchmarks/train_jcd_speed.py   (resnet_small, batch 16, 32x32; about half a minute)
+--json PATH writes every figure (benchmarks/gpu_check.py reads it); --profile prints where ours spends its time.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from figures import Figures, profile_table, repo_on_path
 
-from cmboost.attacks import PGD
-from cmboost.jcd import build_joint_model
-from cmboost.losses import get_objective
-from cmboost.runtime import resolve_device, resolve_precision
-from cmboost.train_jcd import training_step
+repo_on_path()
+from cmboost.attacks import PGD  # noqa: E402
+from cmboost.jcd import build_joint_model  # noqa: E402
+from cmboost.losses import get_objective  # noqa: E402
+from cmboost.runtime import resolve_device, resolve_precision  # noqa: E402
+from cmboost.train_jcd import training_step  # noqa: E402
 
 
 def sync(device):
@@ -102,7 +105,7 @@ def timed(fn, device, iters, warmup):
     return (time.perf_counter() - start) / iters
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default=None, help="default: wide_resnet50_2 on GPU, resnet_small on CPU")
     parser.add_argument("--batch", type=int, default=None, help="real batch = generated batch (default 128 GPU, 16 CPU)")
@@ -115,7 +118,9 @@ def main():
     parser.add_argument("--precision", default="auto", help="ours: default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                         help="ours: default on for GPU")
-    args = parser.parse_args()
+    parser.add_argument("--profile", action="store_true", help="print the top operators of one iteration of ours")
+    parser.add_argument("--json", default=None, help="also write every figure here (rewritten after each)")
+    args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -129,6 +134,9 @@ def main():
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     if gpu:
         torch.backends.cudnn.benchmark = True
+    figures = Figures(args.json, "train_jcd", device, arch=arch, batch_real=batch, batch_generated=batch,
+                      image_size=size, channels=args.channels, num_classes=classes, iters=iters, warmup=warmup,
+                      precision=precision, channels_last=channels_last)
     print(f"{arch}, {classes} classes, batch {batch} real + {batch} generated at {args.channels}x{size}x{size}, "
           f"device {device}; ours: {precision}, channels_last {channels_last}; {iters} timed iterations")
 
@@ -140,6 +148,8 @@ def main():
     base_model = build_joint_model(arch, classes, args.channels, size).to(device)
     base_opt = torch.optim.Adam(base_model.parameters(), lr=1e-5)
     base_s = timed(lambda: released_step(base_model, base_opt, x, y, xh, yh), device, iters, warmup)
+    figures.add(arch, released_img_s=2 * batch / base_s, released_it_s=1 / base_s)
+    print(f"  released loop  {2 * batch / base_s:10.1f} img/s  ({1 / base_s:7.2f} it/s)", flush=True)
     del base_model, base_opt
     if gpu:
         torch.cuda.empty_cache()
@@ -152,13 +162,17 @@ def main():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     objective = get_objective("ce+bce")
-    ours_s = timed(lambda: our_step(model, optimizer, scaler, objective, x, y, xh, yh, precision, channels_last),
-                   device, iters, warmup)
+    step = lambda: our_step(model, optimizer, scaler, objective, x, y, xh, yh, precision, channels_last)  # noqa: E731
+    ours_s = timed(step, device, iters, warmup)
 
     images = 2 * batch
     base_rate, ours_rate = images / base_s, images / ours_s
-    print(f"  released loop  {base_rate:10.1f} img/s  ({1 / base_s:7.2f} it/s)")
+    figures.add(arch, ours_img_s=ours_rate, ours_it_s=1 / ours_s, ratio=ours_rate / base_rate)
     print(f"  cmboost        {ours_rate:10.1f} img/s  ({1 / ours_s:7.2f} it/s)   ratio {ours_rate / base_rate:.2f}x")
+    if args.profile:
+        print("--- one iteration of ours")
+        print(profile_table(step, device))
+    figures.done()
 
 
 if __name__ == "__main__":
