@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants tune tune-variants judges ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants tune tune-variants judges judges-more ship-judges ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -117,6 +117,31 @@ fi
 if want judges; then
   [ -f "$RUNS/fmnist_features_allconv.safetensors" ] || $CMB train-features --data fmnist --arch allconv \
       --seed 4242 --epochs 5 --threads 1 --device cpu --out "$RUNS/fmnist_features_allconv.safetensors"
+fi
+
+# 4c. More candidate judges for `cmboost judges check` (a judge reports only once it passes):
+#     - "fmnist-attacker": a plain VGG of its own seed that judges nothing. Its adversarial edits are the
+#       transfer test's probe and the demo's plain-classifier control, so it must be unrelated to every
+#       judge and to the booster;
+#     - "fmnist-resnet": a third architecture family (BatchNorm residual blocks, SiLU), plainly trained;
+#     - "fmnist-robust": all-convolutional, adversarially trained (L2 PGD, eps 1, 2 steps), whose
+#       features an adversarial edit cannot move cheaply.
+if want judges-more; then
+  [ -f "$RUNS/fmnist_features_attacker.safetensors" ] || $CMB train-features --data fmnist --arch vgg \
+      --seed 777 --epochs 2 --threads 1 --device cpu --out "$RUNS/fmnist_features_attacker.safetensors"
+  [ -f "$RUNS/fmnist_features_resnet.safetensors" ] || $CMB train-features --data fmnist --arch resnet \
+      --seed 1717 --epochs 3 --threads 1 --device cpu --out "$RUNS/fmnist_features_resnet.safetensors"
+  [ -f "$RUNS/fmnist_features_robust.safetensors" ] || $CMB train-features --data fmnist --arch allconv \
+      --adv-eps 1.0 --adv-steps 2 --seed 2929 --epochs 3 --threads 1 --device cpu \
+      --out "$RUNS/fmnist_features_robust.safetensors"
+fi
+
+# 5a. Ship the candidate judges and the attacker (each only once it is trained).
+if want ship-judges; then
+  for name in attacker resnet robust; do
+    [ -f "$RUNS/fmnist_features_$name.safetensors" ] && cp "$RUNS/fmnist_features_$name.safetensors" cmboost/assets/
+  done
+  true
 fi
 
 # 5. Ship: copy the checkpoints into the package (the demo's settings live in cmboost/assets/fmnist/demo.json).

@@ -78,16 +78,41 @@ def test_old_config_without_arch_loads_as_vgg_with_the_same_identity():
 
 def test_bad_arch_is_a_one_line_error(tmp_path):
     with pytest.raises(UserInputError) as err:
-        DomainNetConfig(arch="resnet")
-    assert "'resnet'" in str(err.value) and "vgg, allconv" in str(err.value) and "\n" not in str(err.value)
-    bad = json.dumps({**json.loads(DomainNetConfig().to_json()), "arch": "resnet"})
-    with pytest.raises(UserInputError, match=r"^net.safetensors: domain net arch 'resnet'") as err:
+        DomainNetConfig(arch="densenet")
+    assert "'densenet'" in str(err.value) and "vgg, allconv, resnet" in str(err.value) and "\n" not in str(err.value)
+    bad = json.dumps({**json.loads(DomainNetConfig().to_json()), "arch": "densenet"})
+    with pytest.raises(UserInputError, match=r"^net.safetensors: domain net arch 'densenet'") as err:
         DomainNetConfig.from_json(bad, "net.safetensors")
     assert "\n" not in str(err.value)
-    with pytest.raises(UserInputError, match="arch 'resnet'"):
-        config_for_data(np.zeros((4, 1, 28, 28), np.uint8), 10, "fmnist", arch="resnet")
+    with pytest.raises(UserInputError, match="arch 'densenet'"):
+        config_for_data(np.zeros((4, 1, 28, 28), np.uint8), 10, "fmnist", arch="densenet")
     with pytest.raises(SystemExit):
-        main(["train-features", "--data", "fmnist", "--arch", "resnet", "--out", str(tmp_path / "x.safetensors")])
+        main(["train-features", "--data", "fmnist", "--arch", "densenet", "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_resnet_arch_has_residual_blocks_and_any_size():
+    net = DomainNet(DomainNetConfig(arch="resnet")).eval()
+    features, logits = net(torch.rand(3, 1, 32, 32))
+    assert features.shape == (3, 256) and logits.shape == (3, 10)
+    kinds = {type(m).__name__ for m in net.modules()}
+    assert "_BasicBlock" in kinds and "BatchNorm2d" in kinds and "GroupNorm" not in kinds
+
+
+def test_adversarial_training_moves_the_weights_differently_and_is_recorded(tmp_path, fmnist_test):
+    images, labels = fmnist_test[0][:64], fmnist_test[1][:64]
+    config = DomainNetConfig(arch="allconv", widths=(4, 8, 8, 8), feature_dim=16)
+    plain = train_domain_net(images, labels, config, TrainSettings(epochs=1, batch_size=32, seed=3), log=None)
+    robust = train_domain_net(images, labels, config, TrainSettings(epochs=1, batch_size=32, seed=3, adv_eps=1.0,
+                                                                    adv_steps=2), log=None)
+    differ = [k for k, v in plain.state_dict().items() if not torch.equal(v, robust.state_dict()[k])]
+    assert differ
+    with pytest.raises(UserInputError, match="--adv-eps -1.0: must be >= 0"):
+        TrainSettings(adv_eps=-1.0)
+    out = tmp_path / "r.safetensors"
+    assert main(["train-features", "--data", "fmnist", "--limit", "64", "--epochs", "1", "--batch-size", "32",
+                 "--arch", "resnet", "--adv-eps", "0.5", "--adv-steps", "1", "--device", "cpu", "--out", str(out)]) == 0
+    _, meta = load_domain_net(out)
+    assert "--adv-eps 0.5 --adv-steps 1" in meta["command"] and json.loads(meta["settings"])["adv_eps"] == 0.5
 
 
 def test_allconv_training_resumes_exactly_and_round_trips(tmp_path, fmnist_test, train_interrupted_and_resumed):

@@ -14,6 +14,7 @@ from pathlib import Path
 from cmboost import __version__
 from cmboost.errors import UserInputError
 from cmboost.cli import boost as boost_verb
+from cmboost.cli import check_judges as check_judges_verb
 from cmboost.cli import convert as convert_verb
 from cmboost.cli import demo as demo_verb
 from cmboost.cli import diagnose as diagnose_verb
@@ -26,7 +27,7 @@ from cmboost.cli import train_features as train_features_verb
 from cmboost.cli import train_jcd as train_jcd_verb
 from cmboost.cli import tune as tune_verb
 
-VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, tune_verb, evaluate_verb, evaluate_ref_verb,
+VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, tune_verb, evaluate_verb, evaluate_ref_verb, check_judges_verb,
                 train_cm_verb, train_jcd_verb, train_features_verb, convert_verb, diagnose_verb]
 
 

@@ -67,6 +67,8 @@ def _command(args: argparse.Namespace) -> str:
     words = ["cmboost", "train-features", "--data", args.data, "--out", str(args.out), "--epochs", str(args.epochs),
              "--batch-size", str(args.batch_size), "--lr", repr(args.lr), "--seed", str(args.seed),
              "--arch", args.arch]
+    if args.adv_eps:
+        words += ["--adv-eps", repr(args.adv_eps), "--adv-steps", str(args.adv_steps)]
     if args.data_dir:
         words += ["--data-dir", str(args.data_dir)]
     if not args.hflip:
@@ -85,8 +87,8 @@ def add_parser(verbs) -> None:
     p = verbs.add_parser("train-features",
                          help="train a domain feature network (FID/IS/PR features for small datasets) on a "
                               "dataset's train split",
-                         description="Trains a plain CNN, VGG-style or all-convolutional (not the joint network's "
-                                     "ResNet, no adversarial training, its own seed) on the train split; reruns "
+                         description="Trains a CNN (VGG-style, all-convolutional or a BatchNorm ResNet, its own "
+                                     "seed) on the train split, plainly or adversarially (--adv-eps); reruns "
                                      "resume per epoch.")
     setting = functools.partial(add_field_flag, p, TrainSettings)
     p.add_argument("--data", required=True, help="fmnist, imagenet64:PATH or folder:PATH (train split used)")
@@ -97,8 +99,10 @@ def add_parser(verbs) -> None:
     setting("seed", "initial weights, data order, augmentation and dropout", type=int)
     p.add_argument("--arch", default=field_default(DomainNetConfig, "arch"), choices=list(ARCHS),
                    help="vgg: 3x3 conv + BatchNorm + ReLU with max pooling (the shipped 'fmnist' net); allconv: "
-                        "all-convolutional, strided convs, GELU, global average pool ('fmnist-allconv') "
-                        "(default: %(default)s)")
+                        "all-convolutional, strided convs, GELU, global average pool ('fmnist-allconv'); resnet: "
+                        "basic residual blocks with BatchNorm and SiLU (default: %(default)s)")
+    setting("adv_eps", "L2 radius of adversarial training in [0, 1] pixels; 0: plain cross-entropy", type=float)
+    setting("adv_steps", "PGD steps of the adversarial-training attack", type=int)
     p.add_argument("--no-flip", dest="hflip", action="store_false", default=field_default(TrainSettings, "hflip"),
                    help="no horizontal flips (for digits, text; default: random flips)")
     p.add_argument("--limit", type=int, default=0,

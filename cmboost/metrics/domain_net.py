@@ -39,8 +39,11 @@ FORMAT, FORMAT_VERSION = "domain_net", 2  # version 1: the header before cmboost
 DEFAULT_SEED = 60221  # distinct from the joint network's seeds; recorded in the checkpoint
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = {"fmnist": ASSETS / "fmnist_features.safetensors",
-           "fmnist-allconv": ASSETS / "fmnist_features_allconv.safetensors"}
-ARCHS = ("vgg", "allconv")
+           "fmnist-allconv": ASSETS / "fmnist_features_allconv.safetensors",
+           "fmnist-resnet": ASSETS / "fmnist_features_resnet.safetensors",
+           "fmnist-robust": ASSETS / "fmnist_features_robust.safetensors",
+           "fmnist-attacker": ASSETS / "fmnist_features_attacker.safetensors"}
+ARCHS = ("vgg", "allconv", "resnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +120,46 @@ def _allconv_body(config: DomainNetConfig) -> tuple[nn.Sequential, int]:
     return body, w3
 
 
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm with a skip (a 1x1 strided conv where the shape changes), SiLU after the sum."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.SiLU(),
+            nn.Conv2d(cout, cout, 3, 1, padding=1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = (nn.Identity() if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.branch(x) + self.skip(x))
+
+
+def _resnet_body(config: DomainNetConfig) -> tuple[nn.Sequential, int]:
+    """A small residual net with BatchNorm and SiLU (the joint network is a GroupNorm ResNet): 3x3
+    conv@S (w0), a basic block at S, then one strided basic block per stage (w1@S/2, w2@S/4,
+    w3@S/8), global average pool."""
+    w0, w1, w2, w3 = config.widths
+    body = nn.Sequential(
+        nn.Conv2d(config.in_channels, w0, 3, padding=1, bias=False), nn.BatchNorm2d(w0), nn.SiLU(),
+        _BasicBlock(w0, w0, 1), _BasicBlock(w0, w1, 2), _BasicBlock(w1, w2, 2), _BasicBlock(w2, w3, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    return body, w3
+
+
+BODIES = {"vgg": _vgg_body, "allconv": _allconv_body, "resnet": _resnet_body}
+
+
 class DomainNet(nn.Module):
-    """A conv body (`config.arch`: "vgg" or "allconv"), then a linear+BN+act feature layer
+    """A conv body (`config.arch`: see BODIES), then a linear+BN+act feature layer
     (ReLU for vgg, GELU for allconv) and a linear classifier. Input: float images in [0, 1]."""
 
     def __init__(self, config: DomainNetConfig):
         super().__init__()
         self.config = config
-        self.body, flat = (_vgg_body if config.arch == "vgg" else _allconv_body)(config)
+        self.body, flat = BODIES[config.arch](config)
         act = nn.ReLU(inplace=True) if config.arch == "vgg" else nn.GELU()
         self.feature = nn.Sequential(nn.Linear(flat, config.feature_dim, bias=False),
                                      nn.BatchNorm1d(config.feature_dim), act)
@@ -212,11 +247,14 @@ class TrainSettings:
     max_shift: int = 2          # random translation in pixels (zero fill)
     hflip: bool = True          # clothes are left-right symmetric; not for digits or text
     seed: int = DEFAULT_SEED
+    adv_eps: float = 0.0        # > 0: adversarial training (Madry et al.) in this L2 radius, [0, 1] pixels
+    adv_steps: int = 3          # PGD steps of that attack, each 2.5 * adv_eps / adv_steps long
 
     def __post_init__(self):
         check_finite(self, SETTINGS_FLAGS)
         check_at_least(self, 1, ("epochs", "batch_size"))
-        check_at_least(self, 0, ("weight_decay", "warmup_steps", "max_shift"), SETTINGS_FLAGS)
+        check_at_least(self, 0, ("weight_decay", "warmup_steps", "max_shift", "adv_eps"), SETTINGS_FLAGS)
+        check_at_least(self, 1, ("adv_steps",))
         check_above(self, 0, ("lr",))
         check_seed(self)
 
@@ -308,6 +346,8 @@ def _train(images_u8, labels, config, settings, device, precision, state_path, l
             x = _augment(prepare_images(images[idx], config), settings, gen).to(device)
             x = x.contiguous(memory_format=torch.channels_last)
             y = targets[idx].to(device)
+            if settings.adv_eps > 0:
+                x = _adversarial(net, x, y, settings, precision)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(epoch * steps_per_epoch + i, total, settings)
             with autocast(device, precision):
@@ -325,6 +365,21 @@ def _train(images_u8, labels, config, settings, device, precision, state_path, l
             log(f"epoch {epoch + 1}/{settings.epochs}: loss {loss_sum / seen:.4f}, "
                 f"train accuracy {correct / seen:.4f}, {time.time() - tic:.0f}s")
     return net.eval().to(memory_format=torch.contiguous_format)
+
+
+def _adversarial(net: DomainNet, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings,
+                 precision: str) -> torch.Tensor:
+    """The batch moved by L2 PGD on the cross-entropy (no random start, so the run stays a function of
+    the seed), with BatchNorm in eval mode so the attack does not update its running statistics."""
+    from cmboost.attacks import PGD
+
+    attack = PGD("l2", settings.adv_eps, 2.5 * settings.adv_eps / settings.adv_steps, settings.adv_steps,
+                 precision=precision)
+    net.eval()
+    try:
+        return attack(net, lambda v: F.cross_entropy(net(v)[1].float(), y, reduction="none"), x)
+    finally:
+        net.train()
 
 
 @torch.no_grad()

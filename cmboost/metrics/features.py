@@ -303,12 +303,22 @@ class DomainFeatures(FeatureExtractor):
         return {"pool": features.float(), "logits": logits.float(), "spatial": None}
 
 
+def effnet_resolution(spec: str) -> int | None:
+    """"effnet-lite0" (its default resolution) or "effnet-lite0@R" (R px, 32 to 512)."""
+    if spec == "effnet-lite0":
+        return None
+    size = spec.removeprefix("effnet-lite0@")
+    if spec.startswith("effnet-lite0@") and size.isdigit() and 32 <= int(size) <= 512:
+        return int(size)
+    raise UserInputError(f"--features {spec}: write effnet-lite0 or effnet-lite0@R with R from 32 to 512 px")
+
+
 def load_feature_extractor(spec: str = "fmnist", device: torch.device | str | None = None,
                            precision: str | None = None, inception_weights: str | os.PathLike | None = None,
                            allow_download: bool = True,
                            dinov2_weights: str | os.PathLike | None = None) -> FeatureExtractor:
-    """`spec`: "inception", "dinov2" (DINOv2 ViT-L/14, metrics/dinov2.py), "effnet-lite0" (ImageNet
-    EfficientNet-Lite0, metrics/effnet.py; weights from $CMBOOST_EFFNET_WEIGHTS or the
+    """`spec`: "inception", "dinov2" (DINOv2 ViT-L/14, metrics/dinov2.py), "effnet-lite0" or
+    "effnet-lite0@R" (ImageNet EfficientNet-Lite0 at R px, metrics/effnet.py; weights from $CMBOOST_EFFNET_WEIGHTS or the
     `cmboost[judges]` package), a shipped domain net ("fmnist"), or a domain-net checkpoint path.
     Precision defaults to fp32 (comparable numbers); pass "bf16" for speed on GPU."""
     if isinstance(spec, FeatureExtractor):
@@ -319,10 +329,10 @@ def load_feature_extractor(spec: str = "fmnist", device: torch.device | str | No
         return InceptionFeatures.from_weights(inception_weights, device, precision, allow_download)
     if spec == "dinov2":
         return DinoV2Features.from_weights(dinov2_weights, device, precision, allow_download)
-    if spec == "effnet-lite0":
+    if str(spec).startswith("effnet-lite0"):
         from cmboost.metrics.effnet import EffNetLite0Features
 
-        return EffNetLite0Features.from_weights(None, device, precision)
+        return EffNetLite0Features.from_weights(None, device, precision, effnet_resolution(str(spec)))
     from cmboost.metrics.domain_net import load_domain_net
 
     net, _ = load_domain_net(spec, device)
