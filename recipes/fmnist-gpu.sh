@@ -45,7 +45,7 @@ else                        # one GPU
   # 3.2M parameters (12 MiB exported in fp32, under the 16 MiB a returned file may have); one residual
   # block per level keeps the kernel count, and so the launch overhead of a small model, low.
   UNET=(--model-channels 48 --channel-mult 1,2,2 --num-res-blocks 1 --attention-resolutions 16,8 --num-head-channels 32)
-  EDM_ITERS=${EDM_ITERS:-5000}; CT_ITERS=${CT_ITERS:-2500}; CD_ITERS=${CD_ITERS:-2000}; JCD_ITERS=${JCD_ITERS:-1200}
+  EDM_ITERS=${EDM_ITERS:-5000}; CT_ITERS=${CT_ITERS:-1500}; CD_ITERS=${CD_ITERS:-2000}; JCD_ITERS=${JCD_ITERS:-1200}
   BATCH=${BATCH:-512}; CD_BATCH=${CD_BATCH:-256}; JCD_BATCH=${JCD_BATCH:-256}; JCD_WIDTH=${JCD_WIDTH:-32}
   SAVE_EVERY=250; TRAIN_NUM=${TRAIN_NUM:-10000}; VAL_NUM=${VAL_NUM:-5000}; SAMPLE_BATCH=2500
 fi
