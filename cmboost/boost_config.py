@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 from cmboost.errors import UserInputError
+from cmboost.records import SEED_LIMIT
 
 REALNESS_KINDS = ("sigmoid", "softmax")  # D(x,y) = sigmoid(f_y(x)), or p(y|x) = softmax(f(x))_y
 OBJECTIVES = ("realness", "log_prob", "both")
@@ -57,6 +58,28 @@ class BIGRoCBoost(_Validated):
 METHODS = {"pgd": PGDBoost, "sgld": SGLDBoost, "bigroc": BIGRoCBoost}
 
 
+class HyperError(UserInputError):
+    """A bad hyperparameter value. Its message names the `cmboost boost` flag that sets it; `at`
+    names the key of a file instead (a --grid or --settings file has no flags)."""
+
+    def __init__(self, name: str, value, problem: str):
+        self.name, self.value, self.problem = name, value, problem
+        super().__init__(f"{FLAGS.get(name, '--' + name.replace('_', '-'))} {value}: {problem}")
+
+    def at(self, where: str) -> UserInputError:
+        return UserInputError(f"{where}: {self.name} {json_text(self.value)}: {self.problem}")
+
+
+def json_text(value) -> str:
+    """A value as a JSON file spells it (a string quoted, None as null), for messages about files."""
+    import json
+
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def make_hyper(method: str, **hyper) -> PGDBoost | SGLDBoost | BIGRoCBoost:
     """The method's hyperparameter record; an unknown name is an error, never silently dropped."""
     if method not in METHODS:
@@ -70,6 +93,22 @@ def make_hyper(method: str, **hyper) -> PGDBoost | SGLDBoost | BIGRoCBoost:
     return cls(**hyper)
 
 
+def hyper_in_file(method, hyper, where: str) -> PGDBoost | SGLDBoost | BIGRoCBoost:
+    """The record of a candidate read from a file (`where` names the file and the key): every
+    problem is reported against the file's key, never against a flag the verb may not have."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise UserInputError(f"{where}: method {json_text(method)}: choose one of {', '.join(METHODS)}")
+    if not isinstance(hyper, dict):
+        raise UserInputError(f"{where}: hyperparameters must be a JSON object {{name: value}}, "
+                             f"got {type(hyper).__name__}")
+    try:
+        return make_hyper(method, **hyper)
+    except HyperError as err:
+        raise err.at(where) from None
+    except UserInputError as err:
+        raise UserInputError(f"{where}: {err}") from None
+
+
 def as_record(method: str, hyper) -> PGDBoost | SGLDBoost | BIGRoCBoost:
     """`hyper` as the method's record: a record of that method is taken as it is (already checked)."""
     if method in METHODS and isinstance(hyper, METHODS[method]):
@@ -79,23 +118,52 @@ def as_record(method: str, hyper) -> PGDBoost | SGLDBoost | BIGRoCBoost:
     return make_hyper(method, **hyper)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(record) -> None:
+    """Each field holds what its annotation says (a file can hold a string where a number belongs);
+    a whole-number float in an int field (5.0 from JSON) becomes that int."""
+    for field in dataclasses.fields(record):
+        value, kind = getattr(record, field.name), str(field.type)
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("float"):
+            if not _is_number(value):
+                raise HyperError(field.name, value, "must be a number")
+        elif kind.startswith("int"):
+            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+                object.__setattr__(record, field.name, int(value))
+            elif not isinstance(value, int) or isinstance(value, bool):
+                raise HyperError(field.name, value, "must be a whole number")
+        elif kind.startswith("str") and not isinstance(value, str):
+            raise HyperError(field.name, value, "must be a string")
+
+
 def _check_hyper(record) -> None:
+    _check_types(record)
     for field in dataclasses.fields(record):
         value = getattr(record, field.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserInputError(f"{FLAGS[field.name]} {value}: must be a finite number")
-    if int(record.steps) != record.steps or record.steps < 0:
-        raise UserInputError(f"--steps {record.steps}: must be a whole number >= 0")
+            raise HyperError(field.name, value, "must be a finite number")
+    if record.steps < 0:
+        raise HyperError("steps", record.steps, "must be a whole number >= 0")
     if isinstance(record, (PGDBoost, BIGRoCBoost)):
         if record.eps <= 0:
-            raise UserInputError(f"--eps {record.eps}: must be > 0")
+            raise HyperError("eps", record.eps, "must be > 0")
         if record.step_size is not None and record.step_size <= 0:
-            raise UserInputError(f"--step-size {record.step_size}: must be > 0")
-    if isinstance(record, SGLDBoost) and (record.step < 0 or record.noise < 0):
-        bad = "--sgld-step" if record.step < 0 else "--sgld-noise"
-        raise UserInputError(f"{bad} {min(record.step, record.noise)}: must be >= 0")
+            raise HyperError("step_size", record.step_size, "must be > 0")
+    if isinstance(record, SGLDBoost):
+        if record.step < 0 or record.noise < 0:
+            name = "step" if record.step < 0 else "noise"
+            raise HyperError(name, getattr(record, name), "must be >= 0")
+        if not 0 <= record.seed < SEED_LIMIT:
+            raise HyperError("seed", record.seed, "must be in [0, 2^63)")
     if isinstance(record, PGDBoost):
         if record.objective not in OBJECTIVES:
-            raise UserInputError(f"--objective {record.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+            raise HyperError("objective", record.objective, f"choose one of {', '.join(OBJECTIVES)}")
         if record.realness_kind not in REALNESS_KINDS:
-            raise UserInputError(f"--realness {record.realness_kind!r}: choose sigmoid or softmax")
+            raise HyperError("realness_kind", record.realness_kind, "choose sigmoid or softmax")
+        if record.threshold is not None and not 0 < record.threshold < 1:
+            raise HyperError("threshold", record.threshold, "must be in (0, 1), where the realness D(x, y) lies")

@@ -43,7 +43,12 @@ def resolve_threshold(model, threshold: float | None, threshold_from: str | None
         raise UserInputError(f"--threshold-from {threshold_from}: needs labels (arr_1)")
     check_fits_model(real, real_labels, model, threshold_from)
     x = to_float(real).to(device)
-    return mean_realness(model, x, torch.as_tensor(real_labels, device=device), kind, precision=precision)
+    value = mean_realness(model, x, torch.as_tensor(real_labels, device=device), kind, precision=precision)
+    if not 0 < value < 1:  # D(x, y) lies in (0, 1): a threshold at either end is no early stop
+        raise UserInputError(f"--threshold-from {threshold_from}: the mean realness D(x, y) of its images is "
+                             f"{value}, outside (0, 1), so it cannot serve as an early-stop threshold; pass "
+                             f"--threshold in (0, 1) instead")
+    return value
 
 
 def trained_realness_kind(model_path: str | os.PathLike) -> str | None:

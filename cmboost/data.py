@@ -67,9 +67,25 @@ def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
-def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
-    """The folder holding the four idx .gz files: `data_dir`, $CMBOOST_FMNIST_DIR, or Debian's."""
-    candidates = [Path(data_dir)] if data_dir else []
+def find_fashion_mnist(data_dir: str | os.PathLike | None = None, flag: str = "--data-dir") -> Path:
+    """The folder holding the four idx .gz files: `data_dir` when given (only it: a folder that is
+    missing or lacks the files is an error naming `flag`, never a silent fall-back to another copy),
+    else $CMBOOST_FMNIST_DIR, else Debian's."""
+    if data_dir is not None:
+        if str(data_dir) == "":
+            raise UserInputError(f"{flag} is empty; give the folder of the Fashion-MNIST files, or leave the "
+                                 f"flag out for the system copy")
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise UserInputError(f"{flag} {data_dir}: {'is a file, not' if folder.exists() else 'no such'} folder "
+                                 f"(it should hold the Fashion-MNIST idx .gz files; 'cmboost download-fmnist "
+                                 f"{data_dir}' fetches them)")
+        names = [name for files in FMNIST_FILES.values() for name in files[:2]]
+        if not any((folder / name).is_file() for name in names):
+            raise UserInputError(f"{flag} {data_dir}: holds none of the Fashion-MNIST files ({', '.join(names)}); "
+                                 f"'cmboost download-fmnist {data_dir}' fetches them")
+        return folder
+    candidates = []
     if os.environ.get("CMBOOST_FMNIST_DIR"):
         candidates.append(Path(os.environ["CMBOOST_FMNIST_DIR"]))
     candidates.append(FMNIST_SYSTEM_DIR)
@@ -82,11 +98,12 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
         f"or 'cmboost download-fmnist DIR' and pass --data-dir DIR")
 
 
-def fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None,
+                  flag: str = "--data-dir") -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST `split` ("train" or "test"): images uint8 [N, 28, 28], labels int64 [N] in 0..9."""
     if split not in FMNIST_FILES:
         raise UserInputError(f"split {split!r}: choose 'train' or 'test'")
-    folder = find_fashion_mnist(data_dir)
+    folder = find_fashion_mnist(data_dir, flag)
     image_file, label_file, count = FMNIST_FILES[split]
     images = read_idx(folder / image_file, IDX_MAGIC_IMAGES)
     labels = read_idx(folder / label_file, IDX_MAGIC_LABELS).astype(np.int64)
@@ -225,7 +242,10 @@ def load_dataset(spec: str, split: str = "train", data_dir: str | os.PathLike | 
     zero-padded to `image_size` when given (32 for the consistency models)."""
     kind, _, location = spec.partition(":")
     if kind in ("fmnist", "fashion-mnist"):
-        images, labels = fashion_mnist(split, data_dir or (location or None))
+        if data_dir is not None:
+            images, labels = fashion_mnist(split, data_dir)
+        else:
+            images, labels = fashion_mnist(split, location or None, f"--data {spec}")
         images = images[:, None]
         if image_size is not None and image_size != 28:
             images = pad_to(images, image_size)

@@ -21,6 +21,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -144,7 +147,7 @@ def _locked(parts: Path) -> Iterator[None]:
 
 
 def _part_name(indices: Sequence[int]) -> str:
-    return f"part-{indices[0]:09d}-{len(indices):06d}.npz"
+    return f"part-{int(indices[0]):09d}-{len(indices):06d}.npz"
 
 
 def _write_part(parts: Path, indices: Sequence[int], images: np.ndarray, labels: np.ndarray | None) -> None:
@@ -155,20 +158,69 @@ def _write_part(parts: Path, indices: Sequence[int], images: np.ndarray, labels:
         write_npz(fh, arrays)
 
 
+class _DamagedPart(Exception):
+    """A part file that cannot be read whole (truncated, bad CRC, wrong contents)."""
+
+
+def _load_part(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(indices, images, labels or None) of one part file, every member read whole (which checks
+    its CRC) and checked against the part's name; _DamagedPart when that fails."""
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            indices = archive["indices"]
+            images = archive["images"]
+            labels = archive["labels"] if "labels" in archive.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise _DamagedPart(str(err) or type(err).__name__) from None
+    n = len(indices) if indices.ndim == 1 else -1
+    if n < 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise _DamagedPart(f"indices are {indices.dtype} {indices.shape}")
+    if file.name != _part_name(indices):
+        raise _DamagedPart(f"holds {n} images from index {int(indices[0])}, its name says otherwise")
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n:
+        raise _DamagedPart(f"images are {images.dtype} {images.shape} for {n} indices")
+    if labels is not None and labels.shape != (n,):
+        raise _DamagedPart(f"labels have shape {labels.shape} for {n} indices")
+    return indices, images, labels
+
+
+def _drop_damaged_parts(parts: Path) -> None:
+    """Removes every part file that cannot be read whole, naming it: its blocks count as not done,
+    so this run recomputes them (atomic writes mean only an outside hand can damage a part)."""
+    for file in sorted(parts.glob("part-*.npz")):
+        try:
+            _load_part(file)
+        except _DamagedPart as err:
+            print(f"cmboost: {file}: damaged part file ({err}); removed, its images are computed again",
+                  file=sys.stderr, flush=True)
+            file.unlink(missing_ok=True)
+
+
 def _read_parts(parts: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     found = []
     for file in sorted(parts.glob("part-*.npz")):
         try:
-            with np.load(file, allow_pickle=False) as archive:
-                found.append((archive["indices"], archive["images"],
-                              archive["labels"] if "labels" in archive.files else None))
-        except (OSError, ValueError, KeyError, EOFError) as err:
-            raise UserInputError(f"{file}: damaged part file ({err}); delete it and rerun to redo that batch") from None
+            found.append(_load_part(file))
+        except _DamagedPart as err:
+            # damaged after this run checked it: it is removed, and the next run recomputes it
+            file.unlink(missing_ok=True)
+            raise UserInputError(f"{file}: damaged part file ({err}); removed it: rerun the same command to "
+                                 f"compute that batch again") from None
     return found
 
 
 def _done_indices(parts: Path) -> set[int]:
-    return {int(i) for part in _read_parts(parts) for i in part[0]}
+    """The indices the part files hold (their `indices` members only: `_drop_damaged_parts` has
+    already read each part whole)."""
+    done: set[int] = set()
+    for file in sorted(parts.glob("part-*.npz")):
+        try:
+            with np.load(file, allow_pickle=False) as archive:
+                done.update(int(i) for i in archive["indices"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise UserInputError(f"{file}: damaged part file ({err}); delete it and rerun the same command "
+                                 f"to compute that batch again") from None
+    return done
 
 
 def _prepare_parts(parts: Path, config: dict, may_change: Sequence[str]) -> None:
@@ -181,6 +233,7 @@ def _prepare_parts(parts: Path, config: dict, may_change: Sequence[str]) -> None
         raise UserInputError(f"{parts}: part files without a recorded configuration (an older or foreign "
                              f"job); {fresh}")
     write_record(parts / CONFIG_FILE, config)  # a changeable field (batch size) takes its new value
+    _drop_damaged_parts(parts)
 
 
 def run_parts(out: str | os.PathLike, num_items: int, batch_size: int, process: BatchFn, config: dict,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cmboost.errors import UserInputError
+from cmboost.records import SEED_LIMIT
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -128,6 +129,21 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def on_every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when `flag` holds on every rank (one all-reduce under torchrun), so that every rank
+    takes the same branch: a rank that stopped alone would leave the others waiting forever."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item() > 0)
+
+
+def all_finite(tensors) -> bool:
+    """Every value of every floating-point tensor is finite."""
+    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t.is_floating_point())
+
+
 def print0(*args, file=None, **kwargs) -> None:
     """print() on rank 0 only."""
     if dist_info().is_main:
@@ -156,9 +172,23 @@ def gather(local_items: list, info: DistInfo | None = None) -> list:
 
 # ----------------------------------------------------------------------------- seeding
 
+def seed_sequence(seed: int, *words: int) -> np.random.SeedSequence:
+    """The numpy SeedSequence of run `seed` and stream `words` (a sample index, an epoch, ...).
+
+    A seed below 2^32 gives the entropy [seed, *words] it always had, so existing streams, and the
+    numbers made from them, stay. A larger one puts its bits above 32 in the spawn key, which no
+    seed below 2^32 has (and which numpy keeps apart from the entropy), so distinct seeds give
+    distinct streams; seeds outside [0, 2^63) are refused, as every --seed is."""
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserInputError(f"--seed {seed}: must be in [0, 2^63)")
+    high = seed >> 32
+    return np.random.SeedSequence([seed & 0xFFFFFFFF, *(int(w) for w in words)], spawn_key=(high,) if high else ())
+
+
 def sample_seed(seed: int, index: int) -> int:
     """A 63-bit seed for sample `index` of a run seeded `seed`, well mixed so neighbours are unrelated."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint32)
+    state = seed_sequence(seed, index).generate_state(2, np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
 
 

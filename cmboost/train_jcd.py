@@ -35,7 +35,7 @@ from cmboost.jcd import (build_joint_model, load_joint_model, log_realness_from_
 from cmboost.losses import get_objective
 from cmboost.train_jcd_config import TrainConfig, load_training_data
 from cmboost.runtime import (autocast, barrier, init_distributed, print0, resolve_device, resolve_precision,
-                             sample_generators)
+                             all_finite, on_every_rank, sample_generators, seed_sequence)
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.safetensors"
@@ -57,7 +57,7 @@ class IndexStream:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed & 0xFFFFFFFF, self.tag, epoch]).permutation(self.n)
+            self._perm = np.random.default_rng(seed_sequence(self.seed, self.tag, epoch)).permutation(self.n)
             self._epoch = epoch
         return self._perm
 
@@ -258,6 +258,16 @@ def train_jcd(config: TrainConfig) -> Path:
             _atomic_torch_save(payload, state_path)
         barrier()
 
+    last_saved = start if state is not None else None
+
+    def stopped(what: str) -> None:
+        """A non-finite loss or weight: nothing more is written (no checkpoint, log line or model), so
+        state.pt keeps the last good checkpoint, and the run stops with one line."""
+        kept = (f"{state_path} keeps the last good checkpoint (iteration {last_saved})" if last_saved is not None
+                else "no checkpoint had been written yet")
+        raise UserInputError(f"--run-dir {run_dir}: {what}; training stopped and {kept}. Lower --lr (now "
+                             f"{c.lr:g}) or --grad-clip and start again in a new --run-dir")
+
     def to_device(u8: torch.Tensor) -> torch.Tensor:
         x = to_float(u8).to(device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -287,6 +297,9 @@ def train_jcd(config: TrainConfig) -> Path:
         loss, terms, logits_real, logits_gen = result.loss, result.terms, result.logits_real, result.logits_gen
         scheduler.step()
         done = step + 1
+        if not on_every_rank(all_finite([loss, *model.parameters()]), device):
+            stopped(f"the loss is {float(loss)} at iteration {done}" if not all_finite([loss]) else
+                    f"the weights hold NaN or inf after iteration {done}")
         window_images += c.batch_size + (gen_batch if uses_gen else 0)
 
         if done % c.log_every == 0 or done == c.iters:
@@ -300,6 +313,9 @@ def train_jcd(config: TrainConfig) -> Path:
                     values.update(_batch_metrics("gen", model(x_gen), y_gen, kind))
             record = {"step": done, **_reduce_mean(values, info.world_size),
                       "lr": optimizer.param_groups[0]["lr"], "gen_steps": n_gen_steps if uses_gen else 0}
+            bad = [k for k, v in record.items() if isinstance(v, float) and not np.isfinite(v)]
+            if bad:  # the same on every rank: the values were averaged over them
+                stopped(f"{bad[0]} is {record[bad[0]]} at iteration {done}")
             elapsed = time.perf_counter() - window_start
             record["images_per_s"] = window_images / max(elapsed, 1e-9)
             window_start, window_images = time.perf_counter(), 0
@@ -308,6 +324,7 @@ def train_jcd(config: TrainConfig) -> Path:
                 print0(_format_record(record, c.iters), flush=True)
         if done % c.ckpt_every == 0 or done == c.iters:
             save_state(done)
+            last_saved = done
 
     if start >= c.iters and state is None:
         save_state(c.iters)  # zero iterations: still a resumable, finished run

@@ -5,6 +5,7 @@ belongs, the wrong culprit named, bad values accepted, debris left behind. Each 
 input (none of it can be downloaded here) and asserts the same three things.
 """
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def files(tmp_path_factory):
     sigma[3, 3] = np.nan
     np.savez(d / "nan_ref.npz", mu=np.zeros(256), sigma=sigma)
     (d / "a_file").write_text("not a folder")
+    (d / "empty-folder").mkdir()
     return d
 
 
@@ -107,6 +109,30 @@ ROWS = [
     ("boost-model-missing", lambda d, out: ["boost", d / "good.npz", "--out", out], "--model"),
     ("sample-kind-unknown", lambda d, out: ["sample", "--model", CM, "--num", "4", "--out", out,
                                             "--kind", "zz"], "--kind"),
+    # seeds outside [0, 2^63) are refused by every verb, as train-jcd always did
+    ("sample-seed-negative", lambda d, out: ["sample", "--model", CM, "--num", "4", "--out", out,
+                                             "--seed", "-1"], "--seed"),
+    ("sample-seed-2^63", lambda d, out: ["sample", "--model", CM, "--num", "4", "--out", out,
+                                         "--seed", str(2 ** 63)], "--seed"),
+    ("boost-sgld-seed-negative", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
+                                                 "--method", "sgld", "--seed", "-5"], "--seed"),
+    ("evaluate-ref-seed-negative", lambda d, out: ["evaluate-ref", "--data", "fmnist", "--split", "test",
+                                                   "--seed", "-1", "--out", out], "--seed"),
+    # D(x, y) lies in (0, 1): a threshold outside it is no early stop
+    ("boost-threshold-negative", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
+                                                 "--threshold", "-1"], "--threshold"),
+    ("boost-threshold-above-1", lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--out", out,
+                                                "--threshold", "1.5"], "--threshold"),
+    # a --data-dir that names nothing is an error, never a silent fall-back to the system copy
+    ("export-data-data-dir-missing", lambda d, out: ["export-data", "--data", "fmnist", "--stop", "4",
+                                                     "--data-dir", d / "no-such-folder", "--out", out], "--data-dir"),
+    ("export-data-data-dir-empty-folder", lambda d, out: ["export-data", "--data", "fmnist", "--stop", "4",
+                                                          "--data-dir", d / "empty-folder", "--out", out],
+     "--data-dir"),
+    ("train-jcd-data-dir-missing", lambda d, out: ["train-jcd", "--data", "fmnist", "--data-dir", d / "no-such-folder",
+                                                   "--objective", "ce",
+                                                   "--arch", "resnet_small", "--iters", "1", "--run-dir", out],
+     "--data-dir"),
 ]
 
 # Outputs whose parent is a file: every verb that writes.
@@ -182,3 +208,64 @@ def test_ctrl_c_while_the_cli_starts_is_one_line_and_exit_130(monkeypatch, capsy
     assert cli.main(["boost", "--help"]) == 130
     captured = capsys.readouterr()
     assert captured.err == "cmboost: interrupted\n" and captured.out == ""
+
+
+def test_distinct_seeds_give_distinct_streams_and_seeds_below_2_32_keep_theirs():
+    """The seed was masked to 32 bits, so --seed 0 and --seed 2^32 drew the same samples. Seeds below
+    2^32 keep today's streams (the committed numbers stay valid); larger ones differ from all of them."""
+    from cmboost.runtime import sample_seed
+
+    for seed in (0, 7, 2 ** 32 - 1):  # today's derivation, written out
+        state = np.random.SeedSequence([seed, 3]).generate_state(2, np.uint32)
+        assert sample_seed(seed, 3) == ((int(state[0]) << 31) ^ int(state[1])) & (2 ** 63 - 1)
+    seeds = [0, 1, 2 ** 32, 2 ** 32 + 1, 2 ** 33, 2 ** 62, 2 ** 63 - 1]
+    streams = {tuple(sample_seed(seed, i) for i in range(4)) for seed in seeds}
+    assert len(streams) == len(seeds)
+
+
+def test_sample_seed_0_and_2_32_give_different_samples(tmp_path, capsys):
+    for seed in (0, 2 ** 32):
+        argv = ["sample", "--model", CM, "--num", "2", "--seed", seed, "--no-progress", "--out", tmp_path / f"{seed}.npz"]
+        assert _run(capsys, argv)[0] == 0
+    assert not np.array_equal(load_samples(tmp_path / "0.npz")[0], load_samples(tmp_path / f"{2 ** 32}.npz")[0])
+
+
+def _tiny_jcd(run_dir, *extra):
+    return ["train-jcd", "--data", "fmnist", "--arch", "resnet_small", "--width", "4", "--objective", "ce",
+            "--iters", "6", "--batch-size", "8", "--real-limit", "64", "--real-steps", "1", "--log-every", "2",
+            "--ckpt-every", "1", "--device", "cpu", "--run-dir", run_dir, *extra]
+
+
+def _strict_json_lines(path):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_train_jcd_stops_at_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    from cmboost.checkpoints import torch_load
+
+    run_dir = tmp_path / "run"
+    code, err = _run(capsys, _tiny_jcd(run_dir, "--lr", "1e30"))
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "--run-dir" in err and "last good checkpoint" in err and "--lr" in err
+    assert not (run_dir / "model.safetensors").exists()
+    state = torch_load(run_dir / "state.pt", fix="")
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    _strict_json_lines(run_dir / "log.jsonl")  # valid JSON: no NaN
+
+
+def test_train_cm_stops_at_a_non_finite_loss_and_keeps_the_last_good_state(tmp_path, capsys):
+    from cmboost.checkpoints import read_safetensors
+
+    run_dir = tmp_path / "run"
+    code, err = _run(capsys, ["train-cm", "--mode", "edm", "--iters", "4", "--run-dir", run_dir, "--device", "cpu",
+                              "--lr", "1e30", "--batch-size", "4", "--model-channels", "8", "--channel-mult", "1",
+                              "--attention-resolutions", "4", "--num-head-channels", "8", "--save-every", "1",
+                              "--log-every", "1", "--no-progress"])
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "last good state" in err
+    tensors, _ = read_safetensors(run_dir / "state.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert all(np.isfinite(r["loss"]) for r in _strict_json_lines(run_dir / "log.jsonl"))

@@ -93,7 +93,10 @@ def test_fashion_mnist_label_out_of_range(tmp_path):
 
 def test_cli_info_with_broken_data_dir_reports_not_found(tmp_path, capsys):
     assert cli_main(["info", "--data-dir", str(tmp_path)]) == 0
-    assert "60000" in capsys.readouterr().out  # falls back to the system copy
+    out = capsys.readouterr().out
+    assert "not found" in out and "holds none of the Fashion-MNIST files" in out  # never another copy
+    assert cli_main(["info", "--data-dir", str(tmp_path / "missing")]) == 2
+    assert "--data-dir" in capsys.readouterr().err
 
 
 def test_download_from_a_served_folder(tmp_path):

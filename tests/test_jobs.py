@@ -174,3 +174,46 @@ def test_train_jcd_killed_with_sigkill_resumes_to_the_same_bytes(tmp_path):
     assert not (run_dir / "model.safetensors").exists(), "the run finished before it could be killed"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     assert (run_dir / "model.safetensors").read_bytes() == straight
+
+
+def _pattern_batch(indices):
+    images = (np.arange(len(indices) * 256, dtype=np.int64).reshape(len(indices), 1, 16, 16) * 7
+              + 13 * indices[0]).astype(np.uint8)
+    return images, np.asarray(indices, dtype=np.int64) % 10
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _flip_a_pixel(file):  # the zip stays readable; the member's CRC no longer matches
+    data = bytearray(file.read_bytes())
+    with np.load(file) as archive:
+        at = bytes(data).find(archive["images"].tobytes())
+    assert at > 0
+    data[at + 5] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def _relabel(file):  # a whole, readable zip whose contents are not the part its name says
+    with np.load(file) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    arrays["indices"] = arrays["indices"] + 1
+    with open(file, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_pixel, _relabel], ids=["truncated", "bad-crc", "relabelled"])
+def test_a_damaged_part_is_named_recomputed_and_the_output_is_byte_identical(tmp_path, damage, capsys):
+    straight = jobs.run_parts(tmp_path / "straight.npz", 12, 4, _pattern_batch, {"what": "test"}, progress=False)
+    out = tmp_path / "out.npz"
+    with pytest.raises(Killed):
+        jobs.run_parts(out, 12, 4, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 8 else _pattern_batch(idx),
+                       {"what": "test"}, progress=False)
+    part = sorted(jobs.parts_dir(out).glob("part-*.npz"))[0]
+    damage(part)
+    capsys.readouterr()
+    jobs.run_parts(out, 12, 4, _pattern_batch, {"what": "test"}, progress=False)  # the same job again
+    err = capsys.readouterr().err
+    assert f"{part}: damaged part file" in err and "Traceback" not in err
+    assert out.read_bytes() == straight.read_bytes() and not jobs.parts_dir(out).exists()

@@ -20,10 +20,23 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision; auto: bf16 on GPU, fp32 on CPU (default: %(default)s)")
 
 
+def seed_value(text: str) -> int:
+    """A --seed: an integer in [0, 2^63), the seeds every stream accepts (argparse names the flag)."""
+    from cmboost.records import SEED_LIMIT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value}: must be in [0, 2^63)")
+    return value
+
+
 def add_runtime_flags(parser: argparse.ArgumentParser, batch_help: str = "images per forward pass") -> None:
     """--device, --precision, --seed and --batch-size."""
     add_device_flags(parser)
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=seed_value, default=0,
                         help="base seed; sample i uses stream (seed, i) (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help=f"{batch_help} (default: %(default)s)")
 

@@ -56,6 +56,10 @@ def collect_info(data_dir: str | None = None) -> dict:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from cmboost.errors import UserInputError
+
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():  # a typo is an error, not another copy
+        raise UserInputError(f"--data-dir {args.data_dir}: no such folder")
     for key, value in collect_info(args.data_dir).items():
         print(f"{key:20s} {value}")
     return 0

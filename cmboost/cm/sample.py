@@ -20,7 +20,7 @@ from cmboost.cm.checkpoint import LoadedModel, load_model
 from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, refuse_finished, run_parts
-from cmboost.records import check_at_least, field_default
+from cmboost.records import check_at_least, check_seed, field_default
 from cmboost.runtime import BLOCK_SIZE, deterministic_kernels, randn_per_sample, sample_generators
 from cmboost.samples import to_uint8
 
@@ -35,12 +35,13 @@ class SampleSettings:
 
     num: int
     steps: int | None = None  # None: CM_DEFAULT_STEPS, or EDM_DEFAULT_STEPS for an EDM teacher
-    seed: int = 0             # any integer: sample i's stream is (seed, i)
+    seed: int = 0             # in [0, 2^63): sample i's stream is (seed, i)
     batch_size: int = 256     # images per part file; the images do not depend on it
     block_size: int = BLOCK_SIZE   # images the network sees together, sample i in block i // size
 
     def __post_init__(self):
         check_at_least(self, 1, ("num", "steps", "batch_size", "block_size"))
+        check_seed(self)
 
 
 @dataclasses.dataclass(frozen=True)

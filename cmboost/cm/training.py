@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from cmboost.errors import UserInputError
 from cmboost.jobs import RunDir
 from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
                              field_default, flag_of)
-from cmboost.runtime import DistInfo, autocast, barrier, dist_info, print0, sample_seed
+from cmboost.runtime import DistInfo, all_finite, autocast, barrier, dist_info, on_every_rank, print0, sample_seed
 
 MODES = ("edm", "cd", "ct")
 STATE_FILE, MODEL_FILE, SETTINGS_FILE, LOG_FILE = "state.safetensors", "model.safetensors", "settings.json", "log.jsonl"
@@ -62,6 +63,15 @@ class UNetShape:
 
     def config(self, image_size: int, in_channels: int, num_classes: int | None) -> dict:
         """The UNet config dict (as saved in settings.json and checkpoints) for this data."""
+        rates = attention_rates(self.attention_resolutions, image_size)
+        last = len(self.channel_mult) - 1
+        for level, mult in enumerate(self.channel_mult):  # the middle block, at the last level, always attends
+            width = mult * self.model_channels
+            attends = 2 ** level in rates or level == last
+            if attends and self.num_head_channels != -1 and width % self.num_head_channels:
+                raise UserInputError(f"--num-head-channels {self.num_head_channels}: the UNet attends at width "
+                                     f"{width} (--model-channels {self.model_channels} x --channel-mult {mult}), "
+                                     f"which does not split into heads of {self.num_head_channels}")
         return dict(image_size=image_size, in_channels=in_channels, model_channels=self.model_channels,
                     out_channels=in_channels, num_res_blocks=self.num_res_blocks,
                     attention_resolutions=list(attention_rates(self.attention_resolutions, image_size)),
@@ -328,11 +338,11 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
     run_dir = Path(run_dir)
     info = dist_info()
     run = RunDir(run_dir, SETTINGS_FILE, LOG_FILE)
+    resuming = run.check(dataclasses.asdict(settings), resumable_changes(settings))
+    trainer = Trainer(settings, images, labels, device, precision, info)  # a bad --teacher fails before the folder exists
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    resuming = run.check(dataclasses.asdict(settings), resumable_changes(settings))
-    trainer = Trainer(settings, images, labels, device, precision, info)
     state_path, model_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
     if state_path.is_file():
         trainer.load_state(state_path)
@@ -351,9 +361,17 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
         bar = tqdm(total=settings.iters, initial=trainer.iteration, desc=f"train-cm {settings.mode}",
                    mininterval=5.0, dynamic_ncols=True)
     window, start = [], time.time()
+    last_saved = trainer.iteration if state_path.is_file() else None
     while trainer.iteration < settings.iters:
         window.append(trainer.step())
         k = trainer.iteration
+        if not on_every_rank(math.isfinite(window[-1]) and all_finite(trainer.net.parameters()), device):
+            # nothing more is written: state.safetensors keeps the last good state, log.jsonl stays JSON
+            what = (f"the loss is {window[-1]}" if not math.isfinite(window[-1]) else "the weights hold NaN or inf")
+            kept = (f"{state_path} keeps the last good state (iteration {last_saved})" if last_saved is not None
+                    else "no state had been saved yet")
+            raise UserInputError(f"--run-dir {run_dir}: {what} at iteration {k}; training stopped and {kept}. "
+                                 f"Lower --lr (now {settings.lr:g}) and start again in a new --run-dir")
         if bar is not None:
             bar.update(1)
         if k % log_every == 0 or k == settings.iters:
@@ -369,6 +387,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
                 trainer.save_state(state_path)
                 trainer.export(model_path)
             barrier()
+            last_saved = k
     if bar is not None:
         bar.close()
     print0(f"{run_dir}: trained {settings.mode} for {trainer.iteration} iterations; model in {model_path}")
