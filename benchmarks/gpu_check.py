@@ -126,6 +126,7 @@ class Check:
         self.device = args.device or ("cpu" if args.smoke else "cuda")
         self.out = Path(args.out).resolve()
         self.work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="gpu_check-"))
+        self.remove_work = not args.work_dir and not args.keep_work
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self.parts = [p for p in PARTS if p in set(args.parts.split(","))] if args.parts else list(PARTS)
@@ -335,6 +336,8 @@ class Check:
             self.result["out_files"] = check_out(self.out)
             self.write()
             self.log.close()
+            if self.remove_work:
+                shutil.rmtree(self.work, ignore_errors=True)
         print(summary(self.result), flush=True)
         bad = [p for p, e in self.result["parts"].items() if e["status"] in ("failed", "error")]
         return 1 if bad else 0
@@ -506,6 +509,52 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def table_rows(result: dict) -> list[str]:
+    """Markdown rows for benchmarks/README.md's table of figures, from a gpu_check.json."""
+    env = result["parts"].get("env", {}).get("figures", {})
+    gpu = env.get("gpu", result.get("device", "?"))
+    torch_version = (env.get("versions") or {}).get("torch", "?")
+    date = result.get("date", "?")[:10]
+    rows = []
+
+    def row(part, batch, figure, ratio):
+        ratio_text = "" if ratio is None else f"{ratio:.2f}x"
+        rows.append(f"| {gpu} | {torch_version} | {part} | {batch} | {figure} | {ratio_text} | {date} |")
+
+    res = lambda part: result["parts"].get(part, {}).get("figures", {}).get("results", {}) or {}  # noqa: E731
+    settings = lambda part: result["parts"].get(part, {}).get("figures", {}).get("settings", {}) or {}  # noqa: E731
+    for arch, r in res("boost").items():
+        s = settings("boost")
+        for name in ("eager", "compiled"):
+            if f"ours_{name}_img_s" in r:
+                row(f"boost {arch} {s.get('steps')} steps ({name})", f"{s.get('batch')} (released 100)",
+                    f"{r[f'ours_{name}_img_s']:.0f} img/s vs {r['released_img_s']:.0f}", r[f"ratio_{name}"])
+    for arch, r in res("train_jcd").items():
+        s = settings("train_jcd")
+        if "ours_img_s" in r:
+            row(f"train-jcd {arch}", f"{s.get('batch_real')}+{s.get('batch_generated')}",
+                f"{r['ours_it_s']:.2f} it/s vs {r['released_it_s']:.2f}", r["ratio"])
+    for path, r in res("sample").items():
+        if path != "best" and "img_s" in r:
+            row(f"1-step sampling {settings('sample').get('config')}, {path}", settings("sample").get("batch"),
+                f"{r['img_s']:.0f} img/s", r["ratio"])
+    feats = res("features")
+    if "inception" in feats:
+        r = feats["inception"]
+        row("Inception features", settings("features").get("batch"),
+            f"{r['ours_img_s']:.0f} img/s vs {r['torch_fidelity_img_s']:.0f}", r["ratio"])
+    if "fid" in feats:
+        r = feats["fid"]
+        row("Inception FID, ours - torch-fidelity", r.get("images_per_set"), f"max diff {r['max_abs_fid_diff']:.4f}", None)
+    fm = result["parts"].get("fmnist", {}).get("figures", {})
+    for gen in ("ct1", "cd1"):
+        new, old = fm.get("fid", {}).get(gen), fm.get("fid", {}).get(f"shipped-{gen}")
+        if new and old and new.get("fid") and old.get("fid"):
+            row(f"Fashion-MNIST {gen.upper()} FID (fmnist judge), GPU recipe vs shipped", new.get("num_samples"),
+                f"{new['fid']:.2f} vs {old['fid']:.2f}", None)
+    return rows
+
+
 def commit() -> str:
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -532,10 +581,17 @@ def main(argv=None) -> int:
                         help="folder with the Fashion-MNIST .gz files (default: .gpu-carry/fashion-mnist if there, "
                              "else $CMBOOST_FMNIST_DIR or the system copy)")
     parser.add_argument("--device", default=None, help="default: cuda, or cpu for --smoke")
-    parser.add_argument("--work-dir", default=None, help="scratch folder (default: a new one under /tmp)")
+    parser.add_argument("--work-dir", default=None, help="scratch folder, kept (default: a new one under /tmp, "
+                                                         "removed at the end unless --keep-work)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the default scratch folder")
+    parser.add_argument("--table", default=None, metavar="GPU_CHECK_JSON",
+                        help="print the README table rows of a finished run's gpu_check.json, and exit")
     parser.add_argument("--smoke-compile", action="store_true", help="--smoke: also torch.compile in the boost part "
                                                                      "(needs a C++ compiler; a minute more)")
     args = parser.parse_args(argv)
+    if args.table:
+        print("\n".join(table_rows(json.loads(Path(args.table).read_text()))))
+        return 0
     if args.budget_s is None:
         args.budget_s = 300.0 if args.smoke else 540.0
     if args.budget_s < 60:

@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 
 wheels=()
+site=""
 declare -A seen=()
 for dir in .gpu-carry/whl .whl; do
   for wheel in "$dir"/*.whl; do
@@ -35,4 +36,7 @@ if [ ${#wheels[@]} -gt 0 ]; then
     echo "gpu_check.sh: installing ${wheels[*]} failed; going on without them" >&2
   fi
 fi
-exec "$PY" benchmarks/gpu_check.py "$@"
+"$PY" benchmarks/gpu_check.py "$@"
+rc=$?
+[ -n "$site" ] && rm -rf "$site"
+exit $rc

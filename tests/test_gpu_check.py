@@ -54,3 +54,13 @@ def test_smoke_output_fits_what_the_device_tool_returns(smoke):
     assert sorted(p.name for p in (out / "fmnist").iterdir()) == [
         "cd.safetensors", "ct.safetensors", "edm.safetensors", "jcd-joint.safetensors", "training.json"]
     assert "===== fmnist" in (out / "gpu_check.log").read_text()
+
+
+def test_table_rows_for_the_readme(smoke):
+    _, out = smoke
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--table",
+                           str(out / "gpu_check.json")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.splitlines()
+    assert rows and all(r.startswith("| cpu | ") and r.count("|") == 8 for r in rows)
+    assert any("boost resnet_small" in r for r in rows) and any("Inception FID" in r for r in rows)
