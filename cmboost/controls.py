@@ -30,6 +30,10 @@ class UnsharpControl:
     sigma: float = 1.0
 
     def __post_init__(self):
+        for name in ("amount", "sigma"):  # a file can hold a string where a number belongs
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise UserInputError(f"unsharp {name} {value!r}: must be a number")
         if not (math.isfinite(self.amount) and self.amount >= 0):
             raise UserInputError(f"unsharp amount {self.amount}: must be finite and >= 0")
         if not (math.isfinite(self.sigma) and self.sigma > 0):

@@ -27,7 +27,7 @@ import torch
 
 from cmboost.atomic import atomic_write_text
 from cmboost.boost import boost_with
-from cmboost.boost_config import make_hyper
+from cmboost.boost_config import hyper_in_file, json_text, make_hyper
 from cmboost.controls import UnsharpControl, l2_change, unsharp_mask
 from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.atomic import refuse_existing
@@ -35,7 +35,9 @@ from cmboost.errors import UserInputError
 from cmboost.jobs import check_same_config, read_record, write_record
 from cmboost.records import check_at_least, check_choice, check_finite, field_default
 
-FORMAT = "cmboost.tune/1"
+FORMAT = "cmboost.tune/1"                 # the settings file (`--out`, read by `boost --settings`)
+GRID_FORMAT = "cmboost.grid/1"            # a --grid file; its "format" key may be left out
+PARTIAL_FORMAT = "cmboost.tune-partial/1"  # <out>.partial.json, the finished candidates of a resumable run
 BOOST_METHODS = ("pgd", "sgld", "bigroc")     # what `cmboost boost` runs
 CONTROL_METHODS = ("unsharp",)                # tuned alike, never chosen as "the" method
 CRITERIA = ("fid", "kid")
@@ -77,13 +79,95 @@ def default_grid(threshold: float | None, with_classifier: bool) -> list[tuple[s
     return grid
 
 
-def resolve_candidate(method: str, hyper: dict, realness_kind: str | None) -> dict:
-    """The full, validated hyperparameters of one candidate, as stored in the settings file."""
+def resolve_candidate(method: str, hyper: dict, realness_kind: str | None, where: str = "grid") -> dict:
+    """The full, validated hyperparameters of one candidate, as stored in the settings file; a bad
+    one is reported against `where` (the file and key it came from)."""
     if method == "unsharp":
-        return dataclasses.asdict(UnsharpControl(**hyper))
-    if method == "pgd" and realness_kind is not None:
+        if not isinstance(hyper, dict):
+            raise UserInputError(f"{where}: hyperparameters must be a JSON object {{name: value}}, "
+                                 f"got {_json_kind(hyper)}")
+        names = {f.name for f in dataclasses.fields(UnsharpControl)}
+        unknown = sorted(set(hyper) - names)
+        if unknown:
+            raise UserInputError(f"{where}: unsharp has no hyperparameter {', '.join(unknown)} "
+                                 f"(it takes {', '.join(sorted(names))})")
+        try:
+            return dataclasses.asdict(UnsharpControl(**hyper))
+        except UserInputError as err:
+            raise UserInputError(f"{where}: {err}") from None
+    if method == "pgd" and realness_kind is not None and isinstance(hyper, dict):
         hyper = {"realness_kind": realness_kind, **hyper}
-    return dataclasses.asdict(make_hyper(method, **hyper))
+    return dataclasses.asdict(hyper_in_file(method, hyper, where))
+
+
+def _json_kind(value) -> str:
+    """What JSON calls the type of `value` (for messages about files)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, name in ((dict, "an object"), (list, "a list"), (str, "a string"), ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def read_grid(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """The candidates of a --grid file: a JSON object {method: [{hyper}, ...]} with an optional
+    "format": GRID_FORMAT. Its shape is checked here, each candidate's values by `check_grid`;
+    every error names the file and the key."""
+    where = f"--grid {path}"
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserInputError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{where}: unreadable ({getattr(err, 'strerror', None) or err})") from None
+    try:
+        raw = json.loads(text)
+    except ValueError as err:
+        raise UserInputError(f"{where}: not JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{where}: expected a JSON object {{method: [{{hyper}}, ...]}}, got {_json_kind(raw)}")
+    fmt = raw.pop("format", GRID_FORMAT)
+    if fmt != GRID_FORMAT:
+        raise UserInputError(f"{where}: format {json_text(fmt)}: this cmboost reads {GRID_FORMAT}")
+    grid = []
+    for method, entries in raw.items():
+        if method not in BOOST_METHODS + CONTROL_METHODS:
+            raise UserInputError(f"{where}: method {json_text(method)}: choose one of "
+                                 f"{', '.join(BOOST_METHODS + CONTROL_METHODS)}")
+        if not isinstance(entries, list):
+            raise UserInputError(f"{where}: {method}: expected a list of {{hyper}} objects, got {_json_kind(entries)}")
+        if not entries:
+            raise UserInputError(f"{where}: {method}: an empty list; give it at least one candidate, or leave it out")
+        grid.extend((method, hyper) for hyper in entries)
+    return grid
+
+
+def check_grid(grid: list[tuple[str, dict]], with_classifier: bool, realness_kind: str | None = None,
+               source: str = "grid") -> list[tuple[str, dict]]:
+    """The candidates resolved (see resolve_candidate), or one line naming `source` and the key: an
+    empty grid, one of controls only (they are never chosen), BIGRoC without a classifier, or a
+    bad value. Runs before anything is scored."""
+    if not grid:
+        raise UserInputError(f"{source}: holds no candidates")
+    methods = [method for method, _ in grid]
+    if not any(m in BOOST_METHODS for m in methods):
+        raise UserInputError(f"{source}: holds only controls ({', '.join(sorted(set(methods)))}), which are never "
+                             f"chosen; add at least one {', '.join(BOOST_METHODS)} candidate")
+    if "bigroc" in methods and not with_classifier:
+        raise UserInputError(f"{source}: bigroc candidates need a robust classifier: pass --classifier, or leave "
+                             f"bigroc out of the grid")
+    counts: dict[str, int] = {}
+    resolved = []
+    for method, hyper in grid:
+        if not isinstance(method, str) or method not in BOOST_METHODS + CONTROL_METHODS:
+            raise UserInputError(f"{source}: method {json_text(method)}: choose one of "
+                                 f"{', '.join(BOOST_METHODS + CONTROL_METHODS)}")
+        i = counts[method] = counts.get(method, -1) + 1
+        resolved.append((method, resolve_candidate(method, hyper, realness_kind, f"{source}: {method}[{i}]")))
+    return resolved
 
 
 def apply_method(method: str, hyper: dict, model, classifier, images: torch.Tensor, labels: torch.Tensor,
@@ -131,7 +215,7 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
          max_recall_drop: float = field_default(TuneSettings, "max_recall_drop"), realness_kind: str | None = None,
          device: torch.device | str = "cpu", precision: str = "fp32",
          batch_size: int = field_default(TuneSettings, "batch_size"), provenance: dict | None = None,
-         overwrite: bool = False, progress: bool = True) -> dict:
+         overwrite: bool = False, progress: bool = True, grid_source: str = "grid") -> dict:
     """Scores every candidate on `samples` with `judge` (a tuning judge) against `reference`
     (training-data statistics made by that judge), writes the settings file `out`, returns it."""
     from tqdm import tqdm
@@ -156,23 +240,20 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     if classifier is not None:
         check_fits_model(images, labels, classifier, str(samples))
     grid = default_grid(threshold, classifier is not None) if grid is None else grid
-    candidates = [(m, resolve_candidate(m, h, realness_kind)) for m, h in grid]
+    candidates = check_grid(grid, classifier is not None, realness_kind, grid_source)
     fingerprint = {"samples": _digest(images), "labels": _digest(labels), "model": weights_digest(model),
                    "classifier": weights_digest(classifier) if classifier is not None else None,
                    "judge": judge.identity, "reference": _digest(reference.mu), "precision": precision,
                    "batch_size": batch_size}  # the compute block: a resume must boost with the same one
     partial = out.with_name(out.name + ".partial.json")
-    done: dict[str, dict] = {}
+    keys = ["none"] + [json.dumps([m, h], sort_keys=True) for m, h in candidates]
     saved = None if overwrite else read_record(partial)
-    if saved is not None:
-        check_same_config(saved.get("fingerprint", {}), fingerprint, partial)
-        done = saved.get("rows", {})
+    done = {} if saved is None else _read_partial(saved, partial, fingerprint, keys)
 
     def score(images_u8: np.ndarray) -> dict:
         result = evaluate_images(images_u8, reference, judge)
-        return {k: result[k] for k in ("fid", "kid", "kid_std", "is", "precision", "recall")}
+        return {k: result[k] for k in METRIC_KEYS}
 
-    keys = ["none"] + [json.dumps([m, h], sort_keys=True) for m, h in candidates]
     bar = tqdm(total=len(keys), desc="tune", unit="candidate", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, initial=sum(k in done for k in keys))
     with bar:
@@ -188,8 +269,10 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                                              batch_size, precision)
                 row = {"method": method, "hyper": hyper, "metrics": score(boosted),
                        "mean_l2_change": float(change.mean())}
-            done[key] = dict(row, seconds=round(time.perf_counter() - t0, 2))
-            write_record(partial, {"fingerprint": fingerprint, "rows": done})
+            # As a resume reads it back (keys sorted), and no timings: the same bytes on every run and resume.
+            done[key] = json.loads(json.dumps(row, sort_keys=True))
+            write_record(partial, {"format": PARTIAL_FORMAT, "fingerprint": fingerprint, "rows": done})
+            bar.set_postfix_str(f"last {time.perf_counter() - t0:.1f} s", refresh=False)
             bar.update(1)
 
     rows = [done[k] for k in keys]
@@ -207,6 +290,44 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     atomic_write_text(out, json.dumps(settings, indent=1))
     partial.unlink(missing_ok=True)
     return settings
+
+
+METRIC_KEYS = ("fid", "kid", "kid_std", "is", "precision", "recall")
+
+
+def _read_partial(saved: dict, partial: Path, fingerprint: dict, keys: list[str]) -> dict[str, dict]:
+    """The finished rows of a resumable run's progress file, schema-checked: a file of another format
+    or shape is named with its fix, never half-read."""
+    fresh = "delete it to start over"
+    if saved.get("format") != PARTIAL_FORMAT:
+        raise UserInputError(f"{partial}: format {json_text(saved.get('format'))}: not a tune progress file of "
+                             f"format {PARTIAL_FORMAT} (an older cmboost's, or another file); {fresh}")
+    if not isinstance(saved.get("fingerprint"), dict):
+        raise UserInputError(f"{partial}: fingerprint: expected an object, got {_json_kind(saved.get('fingerprint'))}; "
+                             f"{fresh}")
+    rows = saved.get("rows")
+    if not isinstance(rows, dict):
+        raise UserInputError(f"{partial}: rows: expected an object {{candidate: row}}, got {_json_kind(rows)}; {fresh}")
+    for key, row in rows.items():
+        if key in keys:
+            _check_row(row, f"{partial}: rows[{json_text(key)}]", fresh)
+    check_same_config(saved["fingerprint"], fingerprint, partial)
+    return {key: row for key, row in rows.items() if key in keys}
+
+
+def _check_row(row, where: str, fresh: str) -> None:
+    def number(value, nullable=False) -> bool:
+        return (value is None and nullable) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    if not isinstance(row, dict):
+        raise UserInputError(f"{where}: expected an object, got {_json_kind(row)}; {fresh}")
+    if not isinstance(row.get("method"), str) or not isinstance(row.get("hyper"), dict):
+        raise UserInputError(f"{where}: needs a method (string) and hyper (object); {fresh}")
+    metrics = row.get("metrics")
+    if not isinstance(metrics, dict) or not all(number(metrics.get(k), k not in ("fid", "recall")) for k in METRIC_KEYS):
+        raise UserInputError(f"{where}: metrics: expected numbers for {', '.join(METRIC_KEYS)}; {fresh}")
+    if not number(row.get("mean_l2_change")):
+        raise UserInputError(f"{where}: mean_l2_change: expected a number; {fresh}")
 
 
 def format_table(settings: dict) -> str:
@@ -227,16 +348,36 @@ def format_table(settings: dict) -> str:
 
 
 def load_settings_file(path: str | os.PathLike) -> dict:
-    """A settings file written by `cmboost tune`, checked enough to use."""
+    """A settings file written by `cmboost tune`, schema-checked: its format, `best`, and each tuned
+    method's hyperparameters, every error naming the file and the key."""
     path = Path(path)
+    where = f"--settings {path}"
     if not path.is_file():
-        raise UserInputError(f"--settings {path}: no such file (write one with 'cmboost tune')")
+        raise UserInputError(f"{where}: no such file (write one with 'cmboost tune')")
     try:
         settings = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserInputError(f"--settings {path}: not JSON ({err})") from None
-    if not isinstance(settings, dict) or settings.get("format") != FORMAT or "methods" not in settings:
-        raise UserInputError(f"--settings {path}: not a cmboost tune file (format {FORMAT})")
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{where}: not JSON ({err})") from None
+    if not isinstance(settings, dict) or settings.get("format") != FORMAT:
+        raise UserInputError(f"{where}: not a cmboost tune file (format {FORMAT})")
+    methods = settings.get("methods")
+    if not isinstance(methods, dict):
+        raise UserInputError(f"{where}: methods: expected an object {{method: {{hyper: ...}}}}, got "
+                             f"{'nothing' if 'methods' not in settings else _json_kind(methods)}")
+    for method, entry in methods.items():
+        if method not in BOOST_METHODS:
+            continue  # the controls are recorded, never used by boost
+        if not isinstance(entry, dict) or not isinstance(entry.get("hyper"), dict):
+            got = _json_kind(entry.get("hyper")) if isinstance(entry, dict) and "hyper" in entry else "nothing"
+            raise UserInputError(f"{where}: methods.{method}.hyper: expected an object {{name: value}}, got {got}")
+        hyper_in_file(method, entry["hyper"], f"{where}: methods.{method}.hyper")
+    tuned = [m for m in methods if m in BOOST_METHODS]
+    if not tuned:
+        raise UserInputError(f"{where}: methods: holds no tuned boosting method ({', '.join(BOOST_METHODS)})")
+    best = settings.get("best")
+    if best not in tuned:
+        raise UserInputError(f"{where}: best {json_text(best) if 'best' in settings else '(missing)'}: must name "
+                             f"one of its tuned methods ({', '.join(tuned)})")
     return settings
 
 

@@ -60,7 +60,47 @@ def files(tmp_path_factory):
     np.savez(d / "nan_ref.npz", mu=np.zeros(256), sigma=sigma)
     (d / "a_file").write_text("not a folder")
     (d / "empty-folder").mkdir()
+    _grid_and_settings_files(d)
+    _broken_references(d)
     return d
+
+
+GRIDS = {"grid-empty": {}, "grid-empty-list": {"pgd": []}, "grid-controls-only": {"unsharp": [{"amount": 1.0}]},
+         "grid-string-eps": {"pgd": [{"eps": 1.0}, {"eps": "big"}]}, "grid-negative-eps": {"pgd": [{"eps": -1.0}]},
+         "grid-nan-eps": {"sgld": [{"step": 0.1}], "pgd": [{"eps": float("nan")}]},
+         "grid-unknown-method": {"zap": [{}]}, "grid-bigroc": {"pgd": [{"eps": 1.0}], "bigroc": [{"eps": 1.0}]},
+         "grid-a-list": [["pgd", {"eps": 1.0}]], "grid-other-format": {"format": "cmboost.grid/9", "pgd": [{}]}}
+
+
+def _grid_and_settings_files(d):
+    for name, grid in GRIDS.items():
+        (d / f"{name}.json").write_text(json.dumps(grid))
+    tuned = json.loads((ASSETS / "tuned-cd1.json").read_text())
+    broken = {"no-best": lambda t: t.pop("best"), "no-hyper": lambda t: t["methods"]["pgd"].pop("hyper"),
+              "methods-list": lambda t: t.update(methods=list(t["methods"].values())),
+              "string-eps": lambda t: t["methods"]["pgd"]["hyper"].update(eps="3.0"),
+              "negative-eps": lambda t: t["methods"]["pgd"]["hyper"].update(eps=-1.0)}
+    for name, edit in broken.items():
+        copy = json.loads(json.dumps(tuned))
+        edit(copy)
+        (d / f"settings-{name}.json").write_text(json.dumps(copy))
+
+
+def _broken_references(d):
+    import pickle
+
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(40, 256)).astype(np.float32)
+    mu, sigma = features.mean(0).astype(np.float64), np.cov(features, rowvar=False)
+    with open(d / "strings.pkl", "wb") as fh:
+        pickle.dump({"mu": np.array(["a"] * 256), "sigma": sigma, "feature_net": "x"}, fh)
+    np.savez(d / "count-text.npz", mu=mu, sigma=sigma, count=np.array("many"))
+    negative = sigma.copy()
+    negative[0, 0] = -5.0
+    np.savez(d / "negative-eigenvalue.npz", mu=mu, sigma=negative)
+    nan_features = features.copy()
+    nan_features[7, 3] = np.nan
+    np.savez(d / "nan-features.npz", mu=mu, sigma=sigma, features=nan_features)
 
 
 def _run(capsys, argv):
@@ -129,6 +169,39 @@ ROWS = [
     ("export-data-data-dir-empty-folder", lambda d, out: ["export-data", "--data", "fmnist", "--stop", "4",
                                                           "--data-dir", d / "empty-folder", "--out", out],
      "--data-dir"),
+    # tune --grid: one line naming the file and the key, before anything is loaded or scored
+    *[(f"tune-{name}", (lambda name: lambda d, out: ["tune", d / "good.npz", "--model", JCD, "--ref", d / "ref.npz",
+                                                     "--grid", d / f"{name}.json", "--out", out])(name), must)
+      for name, must in (("grid-empty", "grid-empty.json: holds no candidates"),
+                         ("grid-empty-list", "grid-empty-list.json: pgd: an empty list"),
+                         ("grid-controls-only", "grid-controls-only.json: holds only controls"),
+                         ("grid-string-eps", 'grid-string-eps.json: pgd[1]: eps "big"'),
+                         ("grid-negative-eps", "grid-negative-eps.json: pgd[0]: eps -1.0: must be > 0"),
+                         ("grid-nan-eps", "grid-nan-eps.json: pgd[0]: eps NaN: must be a finite number"),
+                         ("grid-unknown-method", 'grid-unknown-method.json: method "zap"'),
+                         ("grid-bigroc", "grid-bigroc.json: bigroc candidates need a robust classifier: pass "
+                                         "--classifier"),
+                         ("grid-a-list", "grid-a-list.json: expected a JSON object"),
+                         ("grid-other-format", 'grid-other-format.json: format "cmboost.grid/9"'))],
+    # boost --settings: the file and the key, not a flag
+    *[(f"boost-settings-{name}", (lambda name: lambda d, out: ["boost", d / "good.npz", "--model", JCD, "--settings",
+                                                               d / f"settings-{name}.json", "--out", out])(name), must)
+      for name, must in (("no-best", "settings-no-best.json: best (missing)"),
+                         ("no-hyper", "settings-no-hyper.json: methods.pgd.hyper: expected an object"),
+                         ("methods-list", "settings-methods-list.json: methods: expected an object"),
+                         ("string-eps", 'settings-string-eps.json: methods.pgd.hyper: eps "3.0": must be a number'),
+                         ("negative-eps", "settings-negative-eps.json: methods.pgd.hyper: eps -1.0: must be > 0"))],
+    # references: the file and what is wrong with it, before any feature is computed
+    ("evaluate-pkl-mu-strings", lambda d, out: ["evaluate", d / "good.npz", "--ref", d / "strings.pkl",
+                                                "--json", out], "strings.pkl: mu holds <U1 values, not numbers"),
+    ("evaluate-count-text", lambda d, out: ["evaluate", d / "good.npz", "--ref", d / "count-text.npz",
+                                            "--json", out], "count-text.npz: count must be one whole number"),
+    ("evaluate-negative-eigenvalue", lambda d, out: ["evaluate", d / "good.npz", "--ref", d / "negative-eigenvalue.npz",
+                                                     "--json", out], "negative-eigenvalue.npz (mu, sigma): sigma"),
+    ("evaluate-nan-features", lambda d, out: ["evaluate", d / "good.npz", "--ref", d / "nan-features.npz",
+                                              "--json", out], "nan-features.npz: features hold NaN"),
+    ("evaluate-nan-features-no-json", lambda d, out: ["evaluate", d / "good.npz", "--ref", d / "nan-features.npz"],
+     "nan-features.npz: features hold NaN"),
     ("train-jcd-data-dir-missing", lambda d, out: ["train-jcd", "--data", "fmnist", "--data-dir", d / "no-such-folder",
                                                    "--objective", "ce",
                                                    "--arch", "resnet_small", "--iters", "1", "--run-dir", out],
@@ -269,3 +342,59 @@ def test_train_cm_stops_at_a_non_finite_loss_and_keeps_the_last_good_state(tmp_p
     tensors, _ = read_safetensors(run_dir / "state.safetensors")
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     assert all(np.isfinite(r["loss"]) for r in _strict_json_lines(run_dir / "log.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def tuning(tmp_path_factory):
+    """Validation samples and a training-data reference of the tuning judge, as small as tune takes."""
+    from cmboost.data import load_dataset
+    from cmboost.metrics.features import load_feature_extractor
+    from cmboost.metrics.judges import TUNING_JUDGE
+    from cmboost.metrics.reference import reference_stats, save_reference
+
+    d = tmp_path_factory.mktemp("tuning")
+    train, labels, _ = load_dataset("fmnist", "train", image_size=32)
+    save_samples(d / "val.npz", train[2000:2012], labels[2000:2012])
+    judge = load_feature_extractor(TUNING_JUDGE, "cpu")
+    save_reference(d / "ref.npz", reference_stats(train[:64], judge, source="fmnist train"))
+    (d / "grid.json").write_text(json.dumps({"format": "cmboost.grid/1", "pgd": [{"eps": 1.0, "steps": 1}],
+                                             "unsharp": [{"amount": 0.5, "sigma": 1.0}]}))
+    return d
+
+
+def _tune_argv(d, out):
+    return ["tune", d / "val.npz", "--model", JCD, "--ref", d / "ref.npz", "--grid", d / "grid.json",
+            "--device", "cpu", "--no-progress", "--out", out]
+
+
+@pytest.mark.parametrize("partial", [{"format": "cmboost.tune-partial/1", "fingerprint": {}, "rows": []},
+                                     {"fingerprint": {}, "rows": {}}], ids=["rows-a-list", "no-format"])
+def test_a_malformed_tune_progress_file_is_one_line_naming_it(tuning, tmp_path, capsys, partial):
+    out = tmp_path / "tuned.json"
+    progress = tmp_path / "tuned.json.partial.json"
+    progress.write_text(json.dumps(partial))
+    code, err = _run(capsys, _tune_argv(tuning, out))
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(progress) in err and "delete it to start over" in err
+    assert not out.exists()
+
+
+def test_tune_writes_the_same_bytes_on_every_run_and_after_a_kill(tuning, tmp_path, capsys, monkeypatch):
+    """The settings file holds no timings: two runs, and a run killed after its first candidate then
+    rerun, write byte-identical files."""
+    import cmboost.tune as tune_module
+
+    for name in ("a.json", "b.json"):
+        assert _run(capsys, _tune_argv(tuning, tmp_path / name))[0] == 0
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    real = tune_module.run_method
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after the unboosted row was scored and saved
+
+    monkeypatch.setattr(tune_module, "run_method", killed)
+    assert _run(capsys, _tune_argv(tuning, tmp_path / "c.json"))[0] == 130
+    assert (tmp_path / "c.json.partial.json").exists()
+    monkeypatch.setattr(tune_module, "run_method", real)
+    assert _run(capsys, _tune_argv(tuning, tmp_path / "c.json"))[0] == 0
+    assert (tmp_path / "c.json").read_bytes() == (tmp_path / "a.json").read_bytes()

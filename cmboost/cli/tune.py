@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from cmboost.cli.common import add_device_flags, add_field_flag, record_from_args
 
 
 def run(args: argparse.Namespace) -> int:
     from cmboost.boost_job import resolve_threshold, trained_realness_kind
-    from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
     from cmboost.metrics.features import load_feature_extractor
     from cmboost.metrics.judges import refuse_reporting_name
     from cmboost.metrics.reference import load_reference
     from cmboost.runtime import print0, resolve_device, resolve_precision
-    from cmboost.tune import TuneSettings, format_table, tune
+    from cmboost.atomic import refuse_existing
+    from cmboost.tune import TuneSettings, check_grid, format_table, read_grid, tune
 
     choice = record_from_args(TuneSettings, args, {})  # bad values fail before anything is loaded
+    grid = None
+    if args.grid:  # the file's shape and every candidate are checked before anything is loaded
+        grid = read_grid(args.grid)
+        check_grid(grid, args.classifier is not None, source=f"--grid {args.grid}")
+    refuse_existing(args.out, args.overwrite)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     refuse_reporting_name(args.judge)  # the commonest mistake fails before anything is loaded; tune() checks weights
@@ -29,19 +33,13 @@ def run(args: argparse.Namespace) -> int:
     kind = trained_realness_kind(args.model) or "softmax"
     threshold = resolve_threshold(model, None, args.threshold_from, kind, device, precision) \
         if args.threshold_from else None
-    grid = None
-    if args.grid:
-        try:
-            raw = json.loads(open(args.grid).read())
-            grid = [(method, dict(hyper)) for method, entries in raw.items() for hyper in entries]
-        except (OSError, ValueError, TypeError, AttributeError) as err:
-            raise UserInputError(f"--grid {args.grid}: expected JSON {{method: [{{hyper}}, ...]}} ({err})") from None
     provenance = {"samples": args.samples, "model": args.model, "classifier": args.classifier,
                   "threshold_from": args.threshold_from, "threshold": threshold, "reference": args.ref}
     settings = tune(args.samples, model, reference, judge, args.out, classifier=classifier, threshold=threshold,
                     grid=grid, criterion=choice.criterion, max_recall_drop=choice.max_recall_drop,
                     realness_kind=kind, device=device, precision=precision, batch_size=choice.batch_size,
-                    provenance=provenance, overwrite=args.overwrite, progress=not args.no_progress)
+                    provenance=provenance, overwrite=args.overwrite, progress=not args.no_progress,
+                    grid_source=f"--grid {args.grid}" if args.grid else "grid")
     print0(format_table(settings))
     print0(f"wrote {args.out}; use it with: cmboost boost SAMPLES --model {args.model} --settings {args.out} --out OUT")
     return 0
@@ -65,7 +63,8 @@ def add_parser(verbs) -> None:
                    help="tuning judge; reporting judges are refused (default: %(default)s)")
     p.add_argument("--threshold-from", default=None,
                    help="held-out real images (.npz): adds PGD candidates with early stop at their mean realness")
-    p.add_argument("--grid", default=None, help="JSON {method: [{hyper}, ...]} replacing the default candidates")
+    p.add_argument("--grid", default=None, help="JSON {method: [{hyper}, ...]} replacing the default candidates "
+                                                "(an optional \"format\": \"cmboost.grid/1\" key)")
     add_field_flag(p, TuneSettings, "criterion", "what the tuning judge minimises", choices=CRITERIA)
     add_field_flag(p, TuneSettings, "max_recall_drop",
                    "candidates that lose more recall than this (vs unboosted) are not chosen", type=float)

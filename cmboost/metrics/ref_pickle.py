@@ -84,7 +84,10 @@ def pickled_statistics(entry: dict, path: Path, key: str) -> tuple[np.ndarray, n
     where = f"--ref {path}" + (f" [{key}]" if key else "")
     if not isinstance(mu, np.ndarray) or not isinstance(sigma, np.ndarray):
         raise UserInputError(f"{where}: needs numpy arrays 'mu' and 'sigma' (has {', '.join(map(str, entry))})")
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    for name, array in (("mu", mu), ("sigma", sigma)):
+        if array.dtype.kind not in "biuf":
+            raise UserInputError(f"{where}: {name} holds {array.dtype} values, not numbers")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise UserInputError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not match")
     return mu, sigma

@@ -64,11 +64,28 @@ class Reference:
 
 
 def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
-    """Finite statistics of matching shapes, or one line naming the reference."""
+    """Finite statistics of matching shapes whose sigma is a covariance (positive semi-definite up to
+    rounding), or one line naming the reference."""
+    from cmboost.metrics.stats import check_covariance
+
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise UserInputError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not match")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise UserInputError(f"{where}: the statistics hold NaN or inf; rebuild the reference")
+    try:
+        check_covariance(sigma)
+    except ValueError as err:
+        raise UserInputError(f"{where}: {str(err).removeprefix('Frechet distance: ')}; rebuild the "
+                             f"reference") from None
+
+
+def numeric_array(value, where: str, key: str) -> np.ndarray:
+    """`value` as float64, or one line naming the reference and the key when it holds anything but
+    numbers (strings, objects)."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise UserInputError(f"{where}: {key} holds {array.dtype} values, not numbers")
+    return array.astype(np.float64)
 
 
 def load_references(spec) -> list[Reference]:
@@ -121,7 +138,7 @@ def load_reference(path: str | os.PathLike) -> Reference:
             if mu is None or sigma is None:
                 raise UserInputError(f"--ref {path}: has '{key if mu is not None else sig_key}' without "
                                      f"'{sig_key if mu is not None else key}'")
-            mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+            mu, sigma = numeric_array(mu, f"--ref {path}", key), numeric_array(sigma, f"--ref {path}", sig_key)
             check_statistics(mu, sigma, f"--ref {path} ({key}, {sig_key})")
             if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
                 raise UserInputError(f"--ref {path}: {key} {mu.shape} and {sig_key} {sigma.shape} do not match")
@@ -133,16 +150,24 @@ def load_reference(path: str | os.PathLike) -> Reference:
             raise UserInputError(f"--ref {path}: arr_0 must be uint8 NHWC images, got {images.dtype} {images.shape}")
         ref.images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     if "features" in names:
-        features = np.asarray(arrays["features"], np.float32)
+        features = numeric_array(arrays["features"], f"--ref {path}", "features").astype(np.float32)
         if features.ndim != 2:
             raise UserInputError(f"--ref {path}: features must be [N, D], got {features.shape}")
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if len(bad):  # one NaN row makes KID and the k-NN metrics NaN
+            raise UserInputError(f"--ref {path}: features hold NaN or inf ({len(bad)} of {len(features)} rows, "
+                                 f"the first row {bad[0]}); rebuild the reference")
         if ref.mu is not None and features.shape[1] != ref.mu.shape[0]:
             raise UserInputError(f"--ref {path}: features have {features.shape[1]} dimensions, mu {ref.mu.shape[0]}")
         ref.features = features
     if "feature_net" in names:
         ref.feature_net = str(arrays["feature_net"])
     if "count" in names:
-        ref.count = int(arrays["count"])
+        count = arrays["count"]
+        if count.shape != () or count.dtype.kind not in "iu" or int(count) < 0:
+            raise UserInputError(f"--ref {path}: count must be one whole number >= 0 (the images behind mu and "
+                                 f"sigma), got {count.dtype} {count.shape if count.shape else count.item()!r}")
+        ref.count = int(count)
     if "data" in names:
         ref.data = str(arrays["data"])
     return ref
@@ -221,7 +246,10 @@ def load_pickled_references(path: str | os.PathLike) -> list:
     if not isinstance(nets, dict) or not all(isinstance(v, str) for v in nets.values()):
         raise UserInputError(f"--ref {path}: 'feature_nets' must map entry names to network identities")
     count = data.get("num_images")
-    count = int(count) if isinstance(count, (int, np.integer)) else None
+    if count is not None and (not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count < 0):
+        raise UserInputError(f"--ref {path}: num_images must be a whole number >= 0 (the images behind the "
+                             f"statistics), got {count!r}")
+    count = None if count is None else int(count)
     entries = [(key, value) for key, value in data.items()
                if isinstance(value, dict) and ("mu" in value or "sigma" in value)]
     if "mu" in data or "sigma" in data:

@@ -103,6 +103,15 @@ def _psd_eigenvalues(matrix: torch.Tensor, name: str, eps: float, vectors: bool 
     return values.clamp_min(0.0), basis
 
 
+def check_covariance(sigma, name: str = "sigma", eps: float = 1e-6) -> None:
+    """Raises ValueError, as frechet_distance would, unless `sigma` is positive semi-definite up to
+    rounding: a Cholesky factor settles the usual (definite) case cheaply, eigenvalues the rest."""
+    matrix = _as_float64_tensor(sigma, torch.device("cpu"))
+    if int(torch.linalg.cholesky_ex(matrix)[1]) == 0:
+        return
+    _psd_eigenvalues(matrix, name, eps)
+
+
 def psd_sqrt(sigma, eps: float = 1e-6, device: torch.device | str | None = None):
     """The symmetric square root of a covariance (float64), from its eigendecomposition; a numpy
     array for numpy input, else a tensor on `device`."""
