@@ -24,7 +24,7 @@ from figures import Figures, profile_table, repo_on_path
 repo_on_path()
 from cmboost.boost import boost  # noqa: E402
 from cmboost.jcd import build_joint_model  # noqa: E402
-from cmboost.runtime import resolve_device, resolve_precision  # noqa: E402
+from cmboost.runtime import randn_per_sample, resolve_device, resolve_precision, sample_generators  # noqa: E402
 
 
 def sync(device):
@@ -128,6 +128,13 @@ def main(argv=None):
         base_rate = n / base_s
         figures.add(arch, released_img_s=base_rate)
         print(f"  released loop  {base_rate:10.1f} img/s")
+        # SGLD draws each image's noise from its own CPU generator (so that the bytes do not depend on the
+        # batch): that alone caps the rate, whatever the network; shown so a miss can be read.
+        generators = sample_generators(0, range(batch))
+        noise_s = timed(lambda: [randn_per_sample(generators, images.shape[1:], device) for _ in range(steps)],
+                        lambda: randn_per_sample(generators, images.shape[1:], device), device)
+        figures.add(arch, noise_only_img_s=batch / noise_s)
+        print(f"  per-image noise alone {batch / noise_s:10.1f} img/s (drawn on the CPU, one generator per image)")
         fast_model = model.to(memory_format=torch.channels_last) if gpu else model
         variants = [("eager", fast_model)]
         if args.compile:  # as `cmboost boost --compile`: the backbone (boost calls model.logits, not forward)

@@ -84,7 +84,8 @@ def main() -> int:
                     capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
                     cudnn=torch.backends.cudnn.version(), device_count=torch.cuda.device_count())
         try:
-            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            version = torch.cuda.nccl.version()
+            info["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
         except Exception as err:  # NCCL missing from this build
             info["nccl"] = f"unavailable: {err}"
         info.update(ceilings(torch, device))
