@@ -552,6 +552,10 @@ def table_rows(result: dict) -> list[str]:
         if new and old and new.get("fid") and old.get("fid"):
             row(f"Fashion-MNIST {gen.upper()} FID (fmnist judge), GPU recipe vs shipped", new.get("num_samples"),
                 f"{new['fid']:.2f} vs {old['fid']:.2f}", None)
+    boosted, plain = fm.get("fid", {}).get("boosted-ct1"), fm.get("fid", {}).get("ct1")
+    if boosted and plain and boosted.get("fid") and plain.get("fid"):
+        row("Fashion-MNIST CT1 FID (fmnist judge), boosted by the GPU joint network (PGD) vs not",
+            boosted.get("num_samples"), f"{boosted['fid']:.2f} vs {plain['fid']:.2f}", None)
     return rows
 
 
