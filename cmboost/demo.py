@@ -29,23 +29,30 @@ from cmboost.cm.sample import generate_samples
 from cmboost.controls import gaussian_blur, l2_change, random_perturbation
 from cmboost.data import load_dataset
 from cmboost.samples import load_samples, to_float, to_uint8
-from cmboost.demo_report import plot_frontier, render_markdown, summarise, verdicts
+from cmboost.demo_report import (panel_verdicts, plot_frontier, render_markdown, summarise, summarise_check,
+                                  verdicts)
 from cmboost.errors import UserInputError
 from cmboost.jobs import first_difference, read_record, write_record
 from cmboost.jcd import load_joint_model, read_metadata
-from cmboost.metrics.judges import JUDGES, REPORTING_JUDGES, describe
+from cmboost.metrics.judge_check import attacker_edit
+from cmboost.metrics.judges import ATTACKER, JUDGES, REPORTING_JUDGES, describe
 from cmboost.report import require_matplotlib, save_labelled_grid
 from cmboost.runtime import resolve_device
 from cmboost.tune import load_settings_file, run_method, tuned_hyper
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "fmnist"
 SETTINGS_FILE = ASSETS / "demo.json"
+JUDGE_CHECK_FILE = ASSETS / "judges.json"  # `cmboost check-judges` on the candidates (recipes/fmnist.sh)
 HEADLINE = ("ct1", "cd1")
 NAMES = {"ct": "CT", "cd": "CD"}
 METRICS = ("fid", "kid", "kid_std", "is", "precision", "recall")
 # The tuning judge may prefer almost no sharpening; the classic strength is kept as a second control,
 # chosen by no judge, since reporting judges can reward sharpening that the tuning judge does not.
 STANDARD_UNSHARP = {"amount": 1.0, "sigma": 1.0}
+# Controls that edit each image by the L2 norm of its joint-PGD edit: in a random direction, or along
+# the attacker's class evidence (a plain classifier's adversarial edit, PGD with this many steps).
+CONTROL_EDITS = ("random", "plain")
+PLAIN_CONTROL_STEPS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +74,25 @@ def load_settings(path: Path = SETTINGS_FILE) -> dict:
         if not (ASSETS / name).is_file():
             raise UserInputError(f"{ASSETS / name}: missing shipped file (see recipes/fmnist.sh)")
     return settings
+
+
+def load_judge_check(path: Path = JUDGE_CHECK_FILE) -> dict:
+    """The shipped judge check: which candidate judges passed the ladder and the transfer test."""
+    if not path.is_file():
+        raise UserInputError(f"{path}: missing; the judge check is made by recipes/fmnist.sh (stage judges-check)")
+    try:
+        check = json.loads(path.read_text())
+        if check.get("format") != "cmboost.judge_check" or not isinstance(check.get("judges"), dict):
+            raise ValueError("not a cmboost check-judges report")
+    except ValueError as err:
+        raise UserInputError(f"{path}: unreadable judge check ({err})") from None
+    return check
+
+
+def choose_panel(check: dict, excluded: list[str]) -> list[str]:
+    """The reporting candidates that passed, less the tuning judge(s) and the attacker."""
+    return [name for name, result in check["judges"].items()
+            if result.get("passed") and name in REPORTING_JUDGES and name not in excluded]
 
 
 class Rows:
@@ -91,6 +117,7 @@ class Rows:
 def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     """Runs the whole demo and returns the report (also written to out_dir)."""
     from cmboost.metrics.evaluate import evaluate_images
+    from cmboost.metrics.domain_net import load_domain_net
     from cmboost.metrics.features import load_feature_extractor
     from cmboost.metrics.reference import reference_stats
 
@@ -117,13 +144,23 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     # The judges: the tuning judge is the one named in the tune files; the report uses only the others.
     tuned = {gen: load_settings_file(ASSETS / name) for gen, name in settings["tuned"].items()}
     tuning_ids = {t["judge"]["identity"] for t in tuned.values()}
-    judges = {name: load_feature_extractor(name, device) for name in REPORTING_JUDGES}
+    tuning_names = sorted({t["judge"]["name"] for t in tuned.values()})
+    check = load_judge_check()
+    panel = choose_panel(check, tuning_names + [check["attacker"]["name"]])
+    if not panel:
+        raise UserInputError(f"{JUDGE_CHECK_FILE}: no candidate judge passed the judge check, so no judge can report")
+    judges = {name: load_feature_extractor(name, device) for name in panel}
+    for name, judge in judges.items():
+        if judge.identity != check["judges"][name]["identity"]:
+            raise UserInputError(f"{JUDGE_CHECK_FILE}: checked {name} with weights {check['judges'][name]['identity']}, "
+                                 f"but this installation's {name} is {judge.identity}; rerun the judge check")
+    lead = panel[0]  # the judge of the progress lines and the frontier plot
+    attacker, _ = load_domain_net(check["attacker"]["name"], device)
     overlap = tuning_ids & {j.identity for j in judges.values()}
     if overlap:
         raise UserInputError(f"the tuning judge {overlap} is also a reporting judge; retune with another judge")
-    tuning_names = sorted({t["judge"]["name"] for t in tuned.values()})
     run_config = {"settings": settings, "mode": mode, "torch": torch.__version__,
-                   "judges": {n: j.identity for n, j in judges.items()},
+                   "judges": {n: j.identity for n, j in judges.items()}, "attacker": check["attacker"],
                    "tuned": {g: t["methods"] for g, t in tuned.items()}}
     rows = Rows(out / "rows.json", run_config)
 
@@ -180,10 +217,15 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             t0 = time.perf_counter()
             images, labels = generated(gen, seed)
             change = np.zeros(len(images))
-            if method == "random":  # the same per-image L2 norm as the joint-network PGD edit
+            if method in CONTROL_EDITS:  # the same per-image L2 norm as the joint-network PGD edit
                 _, change = boosted(gen, seed, boost_net, "pgd", hyper)
                 x = to_float(images).to(device)
-                edited = to_uint8(random_perturbation(x, torch.as_tensor(change, dtype=torch.float32), seed))
+                norms = torch.as_tensor(change, dtype=torch.float32)
+                if method == "random":
+                    edited = to_uint8(random_perturbation(x, norms, seed))
+                else:  # raises log p(y|x) under the attacker, a plain classifier that is not the booster
+                    y = torch.as_tensor(labels, dtype=torch.long, device=device)
+                    edited = to_uint8(attacker_edit(attacker, x, y, norms.to(device), steps=PLAIN_CONTROL_STEPS))
                 change = l2_change(x, to_float(edited).to(device)).cpu().numpy()
             elif method is not None:
                 edited, change = boosted(gen, seed, net, method, hyper)
@@ -205,7 +247,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             images = real if sigma is None else to_uint8(gaussian_blur(to_float(real), sigma))
             rows.put(key, {"judges": judge_all(images), "mean_l2_change": 0.0})
         bars[name] = rows.get(key)
-    say("  bars: " + ", ".join(f"{n}: FID {r['judges'][REPORTING_JUDGES[0]]['fid']:.2f}" for n, r in bars.items()))
+    say(f"  bars ({lead}): " + ", ".join(f"{n}: FID {r['judges'][lead]['fid']:.2f}" for n, r in bars.items()))
 
     def methods_of(gen: str) -> dict:
         """Table 1's boosting column -> (network, method, hyperparameters), from the generator's tune file."""
@@ -215,6 +257,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                   "unsharp mask, tuned (control)": (None, "unsharp", t["methods"]["unsharp"]["hyper"]),
                   "unsharp mask, amount 1 (control)": (None, "unsharp", STANDARD_UNSHARP),
                   "random, PGD's L2 (control)": (boost_net, "random", pgd),
+                  "plain classifier, PGD's L2 (control)": (boost_net, "plain", pgd),
                   "classifier-only (BIGRoC)": ("jcd-ce", "bigroc", tuned_hyper(t, "bigroc", gen)[1]),
                   "joint (PGD)": (boost_net, "pgd", pgd),
                   "joint (SGLD)": (boost_net, "sgld", tuned_hyper(t, "sgld", gen)[1])}
@@ -229,8 +272,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                 row = measure(gen, seed, net, method, hyper, grid)
                 headline.append(dict(generator=f"{NAMES[gen[:2]]} {gen[2:]}-step", gen=gen, seed=seed,
                                      boost=booster, **row))
-            say(f"  {gen} seed {seed}: " + "  ".join(
-                f"{r['boost'].split(' (')[0]} {r['judges'][REPORTING_JUDGES[0]]['fid']:.2f}"
+            say(f"  {gen} seed {seed} ({lead}): " + "  ".join(
+                f"{r['boost'].split(' (')[0]} {r['judges'][lead]['fid']:.2f}"
                 for r in headline[-len(methods):]))
 
     two_step = []
@@ -273,7 +316,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             points.append({"route": "1 step + joint PGD", "nfe": 1 + k, **measure(gen, seed, boost_net, "pgd", hyper)})
         frontier[NAMES[short]] = points
     # The demo owns its figures: a resumed run redraws them (report.json is what --overwrite guards).
-    plot = plot_frontier(frontier, REPORTING_JUDGES[0], out / "fid-vs-nfe.png", overwrite=True)
+    plot = plot_frontier(frontier, lead, out / "fid-vs-nfe.png", overwrite=True)
 
     report = {"mode": mode_name, "num_samples": mode["num_samples"], "seeds": mode["seeds"],
               "reference": f"Fashion-MNIST test split, first {mode['reference_images']} images, padded to 32x32",
@@ -281,6 +324,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                                "family": "; ".join(describe(n) for n in tuning_names),
                                "how": "cmboost tune on validation samples against training-split statistics"},
               "reporting_judges": {n: {"identity": j.identity, "family": JUDGES[n].family} for n, j in judges.items()},
+              "judge_check": summarise_check(check, panel),
               "bars": bars, "headline": headline, "summary": summarise(headline), "two_step": two_step,
               "objectives": objectives, "frontier": frontier, "plot": str(plot),
               "grids": {gen: str(out / f"grid-{gen}.png") for gen in HEADLINE},
@@ -288,6 +332,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
               "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     report["verdicts"] = verdicts(report)
+    report["panel_verdicts"] = panel_verdicts(report)
     atomic_write_text(out / "report.md", render_markdown(report))
     atomic_write_text(report_path, json.dumps(report, indent=1))
     say(render_markdown(report))

@@ -11,8 +11,9 @@ import numpy as np
 from cmboost.report import line_plot, markdown_table
 
 JOINT_METHODS = ("joint (PGD)", "joint (SGLD)")
+PLAIN_CONTROL = "plain classifier, PGD's L2 (control)"
 RIVALS = ("classifier-only (BIGRoC)", "unsharp mask, tuned (control)", "unsharp mask, amount 1 (control)",
-          "random, PGD's L2 (control)")
+          "random, PGD's L2 (control)", PLAIN_CONTROL)
 TARGET_CUT = 0.25          # FID and KID lowered by at least 25%
 RECALL_SLACK = 0.03        # recall may drop by at most this much
 FRONTIER_ROUTES = ("generator steps", "1 step + joint PGD")
@@ -65,6 +66,78 @@ def verdicts(report: dict) -> list[dict]:
     return found
 
 
+def summarise_check(check: dict, panel: list[str]) -> dict:
+    """The judge check in the report: per candidate, its clean FID, ladder, worst transfer edit and verdict."""
+    rows = {}
+    for name, r in check["judges"].items():
+        if "unavailable" in r:
+            rows[name] = {"passed": False, "in_panel": False, "unavailable": r["unavailable"]}
+            continue
+        worst = min(r["transfer"]["edits"], key=lambda e: e["relative_fid_change"])
+        rows[name] = {"passed": r["passed"], "in_panel": name in panel, "identity": r["identity"],
+                      "clean_fid": r["clean"]["fid"], "unedited_fid": r["transfer"]["none"]["fid"],
+                      "ladders": {f: [s["fid"] for s in v["steps"]] for f, v in r["ladder"].items()},
+                      "ladder_monotonic": r["ladder_monotonic"],
+                      "edits": [{k: e[k] for k in ("eps", "mean_l2_change", "fid_change", "relative_fid_change",
+                                                   "bootstrap_std", "random_fid_change", "rewarded")}
+                                | {"adversarial_fid": e["adversarial"]["fid"], "random_fid": e["random"]["fid"]}
+                                for e in r["transfer"]["edits"]],
+                      "worst_relative_fid_change": worst["relative_fid_change"], "reasons": r["reasons"]}
+    return {"attacker": check["attacker"], "data": check["data"], "panel": panel, "judges": rows}
+
+
+def _worse(a: dict, b: dict, key: str) -> bool:
+    """a is higher than b beyond both error bars."""
+    return a[f"{key}_mean"] - a[f"{key}_std"] > b[f"{key}_mean"] + b[f"{key}_std"]
+
+
+def panel_verdicts(report: dict) -> list[dict]:
+    """For each joint method on each headline generator, how many panel judges are for it, against it,
+    or neither. A judge is *for* when FID and KID fall beyond the error bars and the method also beats the
+    plain-classifier control in FID and KID (else the gain is one an adversarial edit also gets); *against*
+    when FID and KID rise beyond the error bars."""
+    by = {(s["generator"], s["boost"]): s for s in report["summary"]}
+    found = []
+    for (generator, boost), entry in by.items():
+        if boost not in JOINT_METHODS:
+            continue
+        base, plain = by[(generator, "none")], by.get((generator, PLAIN_CONTROL))
+        votes = {}
+        for judge, m in entry["judges"].items():
+            b = base["judges"][judge]
+            gain = _beats(m, b, "fid") and _beats(m, b, "kid")
+            beyond_control = plain is None or (_beats(m, plain["judges"][judge], "fid")
+                                               and _beats(m, plain["judges"][judge], "kid"))
+            if gain and beyond_control:
+                votes[judge] = "for"
+            elif _worse(m, b, "fid") and _worse(m, b, "kid"):
+                votes[judge] = "against"
+            else:
+                votes[judge] = "gain no better than the plain-classifier control" if gain else "neither"
+        count = {k: sum(v == k for v in votes.values()) for k in ("for", "against")}
+        found.append({"generator": generator, "method": boost, "votes": votes, "for": count["for"],
+                      "against": count["against"], "judges": len(votes)})
+    return found
+
+
+def panel_sentence(v: dict) -> str:
+    others = v["judges"] - v["for"] - v["against"]
+    if v["for"] == v["judges"]:
+        word = "helps"
+    elif v["against"] == v["judges"]:
+        word = "hurts"
+    elif v["for"] > 0 and v["against"] == 0:
+        word = "helps under some judges and is undecided under the rest"
+    elif v["against"] > 0 and v["for"] == 0:
+        word = "hurts under some judges and is undecided under the rest"
+    elif v["for"] and v["against"]:
+        word = "is judged in both directions: no verdict"
+    else:
+        word = "makes no difference beyond the error bars"
+    return (f"{v['method']} on {v['generator']} {word}: {v['for']} of {v['judges']} panel judges for, "
+            f"{v['against']} against, {others} neither.")
+
+
 def generator_bar(report: dict) -> list[dict]:
     """Each headline generator, unboosted, against real held-out images blurred with sigma 1."""
     blur = next(r for name, r in report["bars"].items() if "blur" in name)["judges"]
@@ -98,6 +171,7 @@ def render_markdown(report: dict) -> str:
              f"- **Boosting network**: `{report['booster']}`, chosen among the joint-network variants by the "
              "tuning judge on validation samples.",
              "",
+             *_judge_check_section(report),
              "## Bars: real images\n",
              markdown_table([{"images": name, **{f"{j} FID": r["judges"][j]["fid"] for j in judges},
                               **{f"{j} KID×1e3": _pm(r["judges"][j]["kid"], r["judges"][j]["kid_std"], 1e3)
@@ -118,16 +192,21 @@ def render_markdown(report: dict) -> str:
     columns = ["generator", "boost"] + [f"{j} {k}" for j in judges for k in ("FID", "KID×1e3", "P / R")] + ["L2 change"]
     parts += [markdown_table(rows, columns), "",
               "L2 change: mean per-image L2 norm of the edit, images in [0, 1]. The random control moves each "
-              "image along a random direction by the L2 norm of its joint-PGD edit. In the one-seed tables below, "
+              "image along a random direction by the L2 norm of its joint-PGD edit; the plain-classifier control "
+              "moves it by the same norm along the class evidence of the attacker (L2 PGD on its log p(y|x)). In the one-seed tables below, "
               "KID's ± is its standard deviation over 100 random subsets.\n",
               "## Against the targets\n",
-              "Target: under every reporting judge, FID and KID lowered by ≥ 25%, beating BIGRoC and both controls "
+              "Target: under every panel judge, FID and KID lowered by ≥ 25%, beating BIGRoC and every control "
               "beyond the error bars (mean + std below the rival's mean − std, for FID and KID), recall within 0.03.\n"]
     vrows = [{"generator": v["generator"], "method": v["method"], "judge": v["judge"],
               "FID change": f"{-100 * v['fid_cut']:+.1f}%", "KID change": f"{-100 * v['kid_cut']:+.1f}%",
               **{k: "yes" if ok else "**no**" for k, ok in v["checks"].items()}} for v in report["verdicts"]]
     if vrows:
         parts.append(markdown_table(vrows, list(vrows[0])))
+    parts += ["", "## The panel's verdict\n",
+              "A panel judge is *for* a method when FID and KID fall beyond the error bars (mean ± std over seeds) "
+              "and the method also beats the plain-classifier control; *against* when both rise beyond them.\n",
+              *[f"- {panel_sentence(v)}" for v in report["panel_verdicts"]], ""]
     met = [v for v in report["verdicts"] if v["met"]]
     parts += ["", f"**{len(met)} of {len(report['verdicts'])} (generator, method, judge) combinations meet every "
               "target.** " + " ".join(_misses(report["verdicts"])), ""]
@@ -151,6 +230,37 @@ def render_markdown(report: dict) -> str:
               f"Tuned settings: `{json.dumps(report['tuned'])}`\n",
               f"Ran in {report['seconds']} s.\n"]
     return "\n".join(parts)
+
+
+def _judge_check_section(report: dict) -> list[str]:
+    check = report["judge_check"]
+    rows = []
+    for name, r in check["judges"].items():
+        if "unavailable" in r:
+            rows.append({"judge": name, "clean FID": "-", "ladders": "-", "worst edit": "-", "adv/random": "-",
+                         "verdict": "unavailable here"})
+            continue
+        worst = min(r["edits"], key=lambda e: e["relative_fid_change"])
+        ratio = (f"{worst['fid_change'] / worst['random_fid_change']:.2f}" if worst["random_fid_change"] else "-")
+        rows.append({"judge": name, "clean FID": f"{r['clean_fid']:.2f}",
+                     "ladders": "monotonic" if r["ladder_monotonic"] else "**broken**",
+                     "worst edit": f"{100 * worst['relative_fid_change']:+.1f}% (eps {worst['eps']:g}"
+                                   + ("" if worst["bootstrap_std"] is None else f", ± {worst['bootstrap_std']:.2f}")
+                                   + ")", "adv/random": ratio,
+                     "verdict": ("passes, in the panel" if r["in_panel"] else "passes" if r["passed"]
+                                 else "**fails**: " + "; ".join(r["reasons"]))})
+    data = check["data"]
+    return ["## Which judges may report\n",
+            f"Every candidate ran `cmboost check-judges` (against {data.get('real', 'the test split')}: "
+            f"{data['reference']} images for the reference, {data['probe']} for each rung): a degradation ladder "
+            "(blur, noise, JPEG, mixed-in generated images) that it must rank monotonically, and edits of "
+            f"generated images that raise the class evidence of `{check['attacker']['name']}`, a plain classifier "
+            "unrelated to every judge and to the booster, that it must not reward beyond its error bar "
+            "(2 paired-bootstrap stds). adv/random: the FID change of the worst adversarial edit over that of "
+            "a random edit of the same norm. The panel is the reporting candidates that passed; the tuning "
+            "judge and the attacker never report.\n",
+            markdown_table(rows, ["judge", "clean FID", "ladders", "worst edit", "adv/random", "verdict"]),
+            f"\n**Panel:** {', '.join(f'`{n}`' for n in check['panel'])}.\n"]
 
 
 def _judge_table(rows: list[dict], keys: list[str], judges: list[str]) -> str:

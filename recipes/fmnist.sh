@@ -3,12 +3,13 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants tune tune-variants judges judges-more ship-judges ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants tune tune-variants judges judges-more judges-check ship-judges ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
-# tune boosting 201-204; the demo's evaluation samples 301-306, 311-323 (drawn by `cmboost demo`). The test
-# split is used only by the demo's final evaluation, never here.
+# tune boosting 201-204; the judge check's samples 401; the demo's evaluation samples 301-306, 311-323
+# (drawn by `cmboost demo`). The test split is used by the judge check (no boosted image, nothing tuned)
+# and by the demo's final evaluation, never to choose a boosting setting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
@@ -136,11 +137,21 @@ if want judges-more; then
       --out "$RUNS/fmnist_features_robust.safetensors"
 fi
 
+# 4d. The judge check: every candidate judge against the test split (5000 images for the reference, the
+#     next 1000 for each rung), with 1000 CD 1-step samples (seed 401) for the mixes and the transfer edits.
+#     The demo's panel is the reporting candidates that pass (cmboost/assets/fmnist/judges.json).
+if want judges-check; then
+  [ -f "$RUNS/judges-cd1.npz" ] || $CMB sample --model cmboost/assets/fmnist/cd.safetensors --steps 1 --num 1000 \
+      --seed 401 --device cpu --no-progress --out "$RUNS/judges-cd1.npz"
+  [ -f "$RUNS/judges.json" ] || $CMB check-judges --samples "$RUNS/judges-cd1.npz" --device cpu --out "$RUNS/judges.json"
+fi
+
 # 5a. Ship the candidate judges and the attacker (each only once it is trained).
 if want ship-judges; then
   for name in attacker resnet robust; do
     [ -f "$RUNS/fmnist_features_$name.safetensors" ] && cp "$RUNS/fmnist_features_$name.safetensors" cmboost/assets/
   done
+  [ -f "$RUNS/judges.json" ] && cp "$RUNS/judges.json" cmboost/assets/fmnist/judges.json
   true
 fi
 

@@ -7,11 +7,18 @@ so `cmboost tune` refuses a reporting judge, by name and by weights (a copy of a
 file under another name is refused too).
 
 Judges for Fashion-MNIST:
-- fmnist          tuning     VGG-style CNN, BatchNorm, max pooling (seed 60221), train split
-- fmnist-allconv  reporting  all-convolutional net, strided convolutions (seed 4242), train split
-- effnet-lite0    reporting  EfficientNet-Lite0 with ImageNet weights (never saw Fashion-MNIST),
-                             images upsampled and replicated to RGB, as FID-Inception is used on
-                             small data sets
+- fmnist            tuning     VGG-style CNN, BatchNorm, max pooling (seed 60221), train split
+- fmnist-allconv    reporting  all-convolutional net, strided convolutions (seed 4242), train split
+- fmnist-resnet     reporting  BatchNorm residual net, SiLU (seed 1717), train split
+- fmnist-robust     reporting  all-convolutional net, adversarially trained (L2 eps 1; seed 2929)
+- effnet-lite0[@R]  reporting  EfficientNet-Lite0 with ImageNet weights (never saw Fashion-MNIST),
+                               images upsampled to R px (64, 128, 224) and replicated to RGB, as
+                               FID-Inception is used on small data sets
+- fmnist-attacker   attacker   a plain VGG (seed 777) that judges nothing: its adversarial edits probe
+                               the judges (cmboost check-judges) and make the demo's plain-classifier control
+
+A reporting judge is a *candidate*: it reports only once `cmboost check-judges` has passed it
+(metrics/judge_check.py), and the demo's panel is the candidates that passed.
 """
 
 from __future__ import annotations
@@ -32,11 +39,22 @@ JUDGES = {
     "fmnist": Judge("fmnist", "tuning", "VGG-style CNN trained on the Fashion-MNIST train split"),
     "fmnist-allconv": Judge("fmnist-allconv", "reporting",
                             "all-convolutional CNN (other architecture and seed) trained on the train split"),
+    "fmnist-resnet": Judge("fmnist-resnet", "reporting",
+                           "BatchNorm residual CNN (a third architecture, own seed) trained on the train split"),
+    "fmnist-robust": Judge("fmnist-robust", "reporting",
+                           "all-convolutional CNN adversarially trained (L2 PGD, eps 1) on the train split"),
     "effnet-lite0": Judge("effnet-lite0", "reporting",
-                          "EfficientNet-Lite0 with ImageNet weights, no Fashion-MNIST training"),
+                          "EfficientNet-Lite0 with ImageNet weights at 64 px, no Fashion-MNIST training"),
+    "effnet-lite0@128": Judge("effnet-lite0@128", "reporting",
+                              "EfficientNet-Lite0 with ImageNet weights at 128 px, no Fashion-MNIST training"),
+    "effnet-lite0@224": Judge("effnet-lite0@224", "reporting",
+                              "EfficientNet-Lite0 with ImageNet weights at 224 px, no Fashion-MNIST training"),
+    "fmnist-attacker": Judge("fmnist-attacker", "attacker",
+                             "plain VGG-style CNN (seed 777) whose adversarial edits probe the judges"),
 }
 TUNING_JUDGE = "fmnist"
 REPORTING_JUDGES = tuple(name for name, judge in JUDGES.items() if judge.role == "reporting")
+ATTACKER = "fmnist-attacker"
 
 
 def describe(name: str) -> str:
