@@ -109,9 +109,12 @@ def refuse_unsafe_output(path: str | os.PathLike, flag: str = "--out") -> None:
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> None:
     """Raises OutputExistsError unless `path` is free or `overwrite` was asked for, and a one-line
-    UserInputError when it could not be written at all or names the current folder or one above it
+    UserInputError when it is a folder, could not be written at all, or names the current folder or one above it
     (`flag` is the option that gave it; checked before any work, changing nothing)."""
     refuse_unsafe_output(path, flag)
+    if Path(path).is_dir():  # a file never replaces a folder, with or without --overwrite
+        raise UserInputError(f"{flag} {path}: is a folder, and this output is a file, so the folder is kept; "
+                             f"give a file name")
     if Path(path).exists() and not overwrite:
         raise OutputExistsError(f"{path}: already exists; pass --overwrite to replace it")
     check_writable(path)

@@ -144,9 +144,13 @@ def download_fashion_mnist(dest: str | os.PathLike, base_url: str = FMNIST_URL,
 
 def pad_to(images: np.ndarray, size: int) -> np.ndarray:
     """Zero-pads [N, H, W] or [N, C, H, W] images symmetrically to size x size (28 -> 32 for the CMs)."""
+    from cmboost.runtime import check_allocatable
+
     h, w = images.shape[-2:]
     if h > size or w > size:
-        raise UserInputError(f"cannot pad {h}x{w} images to {size}x{size}")
+        raise UserInputError(f"--image-size {size}: cannot pad {h}x{w} images to {size}x{size}")
+    per_image = int(np.prod(images.shape[1:-2], dtype=np.int64)) * size * size
+    check_allocatable(len(images) * per_image, f"--image-size {size}: {len(images)} images of {size}x{size}")
     top, left = (size - h) // 2, (size - w) // 2
     pad = [(0, 0)] * (images.ndim - 2) + [(top, size - h - top), (left, size - w - left)]
     return np.pad(images, pad)
@@ -210,21 +214,27 @@ def image_folder(root: str | os.PathLike, image_size: int | None = None,
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise UserInputError(f"channels {channels}: must be 1 or 3")
+    files = [(label, file) for label, name in enumerate(classes) for file in sorted((root / name).iterdir())
+             if file.suffix.lower() in IMAGE_SUFFIXES]
+    if image_size is not None:
+        from cmboost.runtime import check_allocatable
+
+        if image_size < 1:
+            raise UserInputError(f"--image-size {image_size}: must be >= 1")
+        check_allocatable(len(files) * channels * image_size ** 2,
+                          f"--image-size {image_size}: {len(files)} images of {image_size}x{image_size}")
     images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as im:
-                    im = im.convert(mode)
-                    if image_size is not None and im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), Image.BICUBIC)
-                    array = np.asarray(im, dtype=np.uint8)
-            except OSError as err:
-                raise UserInputError(f"{file}: not a readable image ({err})") from None
-            images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-            labels.append(label)
+    for label, file in files:
+        try:
+            with Image.open(file) as im:
+                im = im.convert(mode)
+                if image_size is not None and im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.BICUBIC)
+                array = np.asarray(im, dtype=np.uint8)
+        except OSError as err:
+            raise UserInputError(f"{file}: not a readable image ({err})") from None
+        images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        labels.append(label)
     if not images:
         raise UserInputError(f"{root}: no images in its class subfolders")
     shapes = {im.shape for im in images}

@@ -123,7 +123,11 @@ def refuse_finished(out: str | os.PathLike, overwrite: bool) -> None:
     whatever `check_sample_output` refuses (a bad path or suffix, an output of another kind or a
     folder cmboost did not write), with or without --overwrite."""
     refuse_unsafe_output(out)  # before parts_dir, which cannot name the parts of "" or "."
-    check_sample_output(out, overwrite, resuming=(parts_dir(out) / CONFIG_FILE).is_file())
+    parts = parts_dir(out)
+    if parts.exists() and not parts.is_dir():
+        raise UserInputError(f"{parts}: is a file, where this job keeps its part files; move it away, or choose "
+                             f"another --out")
+    check_sample_output(out, overwrite, resuming=(parts / CONFIG_FILE).is_file())
 
 
 @contextlib.contextmanager

@@ -57,6 +57,45 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------- memory
+
+def memory_limit() -> int | None:
+    """The most memory this process could ever hold, in bytes: physical memory plus swap, or the
+    cgroup's limit when lower; None when it cannot be read (not Linux)."""
+    limit = None
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if line.split()[1:]}
+        limit = fields.get("MemTotal", 0) + fields.get("SwapTotal", 0) or None
+    except (OSError, ValueError, IndexError):
+        pass
+    for name in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(name) as fh:
+                cap = int(fh.read().strip())
+        except (OSError, ValueError):  # absent, or "max"
+            continue
+        limit = cap if limit is None else min(limit, cap)
+    return limit
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} PiB"
+
+
+def check_allocatable(nbytes: int, what: str) -> None:
+    """Refuses, before anything is allocated, a job whose arrays (`nbytes` in all) could never fit in
+    this machine's memory; `what` names the flag and the values that ask for them."""
+    limit = memory_limit()
+    if limit is not None and nbytes > limit:
+        raise UserInputError(f"{what}: needs {_size(nbytes)} of memory, more than this machine can ever hold "
+                             f"({_size(limit)} with swap)")
+
+
 # ----------------------------------------------------------------------------- compute blocks
 
 # Kernels pick their algorithm, and so their rounding, by batch shape (oneDNN on CPU, cuDNN on

@@ -319,24 +319,46 @@ def open_samples(path: str | os.PathLike) -> ImageSource:
     return ArraySource(load_samples(path)[0], str(path)) if fortran else NpzSource(path)
 
 
+_GRAY_MODES = ("1", "L", "LA")
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+_PALETTE_MODES = ("P", "PA")
+
+
 def _load_png_folder(path: Path, num_classes: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The folder's PNGs as one channel mode: that of its grey (L) or colour (RGB) files, which must
+    agree; palette files take it too (their colours, never their palette indices), and a folder of
+    palette files only is grey when every colour they show is grey. Alpha is dropped."""
     from PIL import Image
 
     files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
     if not files:
         raise UserInputError(f"{path}: no .png files")
+    modes = {}
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                modes[file] = im.mode
+        except OSError as err:
+            raise UserInputError(f"{file}: not a readable PNG ({err})") from None
+        if modes[file] not in _GRAY_MODES + _COLOUR_MODES + _PALETTE_MODES:
+            raise UserInputError(f"{file}: expected 8-bit pixels, got PIL mode {modes[file]}")
+    claims = {"L" if mode in _GRAY_MODES else "RGB" for mode in modes.values() if mode not in _PALETTE_MODES}
+    if len(claims) > 1:
+        grey = next(f for f, m in modes.items() if m in _GRAY_MODES)
+        colour = next(f for f, m in modes.items() if m in _COLOUR_MODES)
+        raise UserInputError(f"{path}: PNGs differ in channels ({grey.name} is grey, {colour.name} colour)")
+    target = claims.pop() if claims else None  # None: palette files only, decided by their colours
     images = []
     for file in files:
         try:
             with Image.open(file) as im:
-                array = np.asarray(im)
+                array = np.asarray(im.convert(target or "RGB"))
         except OSError as err:
             raise UserInputError(f"{file}: not a readable PNG ({err})") from None
-        if array.dtype != np.uint8:
-            raise UserInputError(f"{file}: expected 8-bit pixels, got {array.dtype}")
-        if array.ndim == 3 and array.shape[2] == 4:
-            array = array[..., :3]
         images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    if target is None and all(im.shape[0] == 3 and (im[0] == im[1]).all() and (im[1] == im[2]).all()
+                              for im in images):
+        images = [im[:1] for im in images]
     if len({im.shape for im in images}) > 1:
         raise UserInputError(f"{path}: PNGs differ in size or channels")
     labels = None

@@ -209,13 +209,26 @@ def _pick(rows: list[dict], method: str, criterion: str, recall_floor: float) ->
     return dict(best, recall_ok=bool(allowed))
 
 
+def check_classifier(classifier, model, source: str = "classifier") -> None:
+    """BIGRoC's classifier must read the joint network's images and classes: a mismatch is the
+    classifier's fault (`source` names it), not the samples'."""
+    if classifier.num_classes != model.num_classes:
+        raise UserInputError(f"{source}: the classifier has {classifier.num_classes} classes, the joint network "
+                             f"(--model) {model.num_classes}; BIGRoC needs a classifier over the same classes")
+    if (classifier.in_channels, classifier.image_size) != (model.in_channels, model.image_size):
+        raise UserInputError(f"{source}: the classifier takes {classifier.in_channels}x{classifier.image_size}x"
+                             f"{classifier.image_size} images, the joint network (--model) {model.in_channels}x"
+                             f"{model.image_size}x{model.image_size}")
+
+
 def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.PathLike, classifier=None,
          threshold: float | None = None, grid: list[tuple[str, dict]] | None = None,
          criterion: str = field_default(TuneSettings, "criterion"),
          max_recall_drop: float = field_default(TuneSettings, "max_recall_drop"), realness_kind: str | None = None,
          device: torch.device | str = "cpu", precision: str = "fp32",
          batch_size: int = field_default(TuneSettings, "batch_size"), provenance: dict | None = None,
-         overwrite: bool = False, progress: bool = True, grid_source: str = "grid") -> dict:
+         overwrite: bool = False, progress: bool = True, grid_source: str = "grid",
+         classifier_source: str = "classifier") -> dict:
     """Scores every candidate on `samples` with `judge` (a tuning judge) against `reference`
     (training-data statistics made by that judge), writes the settings file `out`, returns it."""
     from tqdm import tqdm
@@ -236,6 +249,8 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     images, labels = load_samples(samples, num_classes=model.num_classes)
     if labels is None:
         raise UserInputError(f"{samples}: has no labels (arr_1); tuning boosts each image towards its label")
+    if classifier is not None:
+        check_classifier(classifier, model, classifier_source)
     check_fits_model(images, labels, model, str(samples))
     if classifier is not None:
         check_fits_model(images, labels, classifier, str(samples))

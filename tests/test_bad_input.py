@@ -202,6 +202,14 @@ ROWS = [
                                               "--json", out], "nan-features.npz: features hold NaN"),
     ("evaluate-nan-features-no-json", lambda d, out: ["evaluate", d / "good.npz", "--ref", d / "nan-features.npz"],
      "nan-features.npz: features hold NaN"),
+    # sizes that could never be allocated are refused before anything is allocated
+    ("export-data-image-size-huge", lambda d, out: ["export-data", "--data", "fmnist", "--image-size", "100000",
+                                                    "--out", out], "--image-size 100000"),
+    ("sample-num-huge", lambda d, out: ["sample", "--model", CM, "--num", "10000000000", "--out", out],
+     "--num 10000000000"),
+    # a wrong --teacher is refused before the run folder exists
+    ("train-cm-teacher-not-edm", lambda d, out: ["train-cm", "--mode", "cd", "--teacher", CM, "--iters", "1",
+                                                 "--run-dir", out, "--device", "cpu"], "--teacher"),
     ("train-jcd-data-dir-missing", lambda d, out: ["train-jcd", "--data", "fmnist", "--data-dir", d / "no-such-folder",
                                                    "--objective", "ce",
                                                    "--arch", "resnet_small", "--iters", "1", "--run-dir", out],
@@ -398,3 +406,102 @@ def test_tune_writes_the_same_bytes_on_every_run_and_after_a_kill(tuning, tmp_pa
     monkeypatch.setattr(tune_module, "run_method", real)
     assert _run(capsys, _tune_argv(tuning, tmp_path / "c.json"))[0] == 0
     assert (tmp_path / "c.json").read_bytes() == (tmp_path / "a.json").read_bytes()
+
+
+def test_ctrl_c_while_the_console_script_imports_numpy_and_torch_is_one_line_and_exit_130(tmp_path):
+    """The console script runs `from cmboost.cli import main; sys.exit(main())`. Ctrl-C lands while
+    numpy (then torch) is imported, deterministically: an import hook raises KeyboardInterrupt there,
+    as the signal would. That import must happen under main's handler, not at `cmboost.cli`'s import."""
+    import subprocess
+    import sys
+
+    for heavy in ("numpy", "torch"):
+        script = ("import builtins, sys\n"
+                  "real = builtins.__import__\n"
+                  "def hook(name, *args, **kwargs):\n"
+                  f"    if name == {heavy!r}:\n"
+                  "        builtins.__import__ = real\n"
+                  "        raise KeyboardInterrupt\n"
+                  "    return real(name, *args, **kwargs)\n"
+                  "builtins.__import__ = hook\n"
+                  "sys.argv = ['cmboost', 'info']\n"
+                  "from cmboost.cli import main\n"
+                  "sys.exit(main())\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120)
+        assert done.returncode == 130 and done.stderr == "cmboost: interrupted\n", (heavy, done.stderr[-2000:])
+
+
+# An existing folder (or file) where a verb writes a file (or its parts folder): refused before any work.
+FOLDER_IN_THE_WAY = [
+    ("boost-out", lambda d, w: ["boost", d / "good.npz", "--model", JCD, "--out", w / "x.npz"], "x.npz"),
+    ("boost-grid", lambda d, w: ["boost", d / "good.npz", "--model", JCD, "--out", w / "y.npz"], "y.grid.png"),
+    ("sample-out", lambda d, w: ["sample", "--model", CM, "--num", "2", "--out", w / "x.npz"], "x.npz"),
+    ("sample-parts-a-file", lambda d, w: ["sample", "--model", CM, "--num", "2", "--out", w / "z.npz"],
+     "z.npz.parts"),
+    ("train-features-out", lambda d, w: ["train-features", "--data", "fmnist", "--epochs", "1", "--limit", "16",
+                                         "--out", w / "net.safetensors"], "net.safetensors"),
+    ("tune-out", lambda d, w: ["tune", d / "good.npz", "--model", JCD, "--ref", d / "good.npz", "--out",
+                               w / "tuned.json"], "tuned.json"),
+    ("evaluate-json", lambda d, w: ["evaluate", d / "good.npz", "--ref", d / "good.npz", "--json", w / "r.json"],
+     "r.json"),
+]
+
+
+@pytest.mark.parametrize("row", FOLDER_IN_THE_WAY, ids=[r[0] for r in FOLDER_IN_THE_WAY])
+def test_a_folder_where_a_file_goes_is_refused_before_any_work(row, files, tmp_path, capsys):
+    _, argv, must_name = row
+    way = tmp_path / "w"
+    for folder in ("x.npz", "y.grid.png", "net.safetensors", "tuned.json", "r.json"):
+        (way / folder).mkdir(parents=True)
+        (way / folder / "keep.txt").write_text("mine")
+    (way / "z.npz.parts").write_text("mine")
+    before = sorted(p.relative_to(way) for p in way.rglob("*"))
+    for overwrite in ([], ["--overwrite"]):  # a file never replaces a folder, even when asked to overwrite
+        code, err = _run(capsys, argv(files, way) + overwrite)
+        assert code == 2 and len(err.splitlines()) == 1 and must_name in err and "Traceback" not in err, err
+        assert sorted(p.relative_to(way) for p in way.rglob("*")) == before
+
+
+def test_a_classifier_with_other_classes_is_named_not_the_samples(tuning, tmp_path, capsys):
+    from cmboost.jcd import build_joint_model
+
+    five = tmp_path / "five.safetensors"
+    save_joint_model(build_joint_model("resnet_small", 5, 1, 32, width=4), five)
+    argv = _tune_argv(tuning, tmp_path / "t.json")[:-2] + ["--classifier", five, "--out", tmp_path / "t.json"]
+    code, err = _run(capsys, argv)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"--classifier {five}: the classifier has 5 classes" in err and "val.npz" not in err
+    assert not any(tmp_path.glob("t.json*"))
+
+
+def test_a_palette_png_folder_reads_as_the_colours_it_shows(tmp_path, capsys):
+    """Palette PNGs (as image optimisers write them) are converted to the folder's channel mode: the
+    grey or RGB values they show, never their palette indices."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    palette_of = {"grey": lambda v: (255 - v, 255 - v, 255 - v), "colour": lambda v: (v, 255 - v, v // 2)}
+    for name, colour in palette_of.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, image in enumerate(grey):  # index v shows colour(v): the indices are not the pixels
+            im = Image.fromarray(image, mode="P")
+            im.putpalette([c for v in range(256) for c in colour(v)])
+            im.save(folder / f"{i:06d}.png")
+    images, _ = load_samples(tmp_path / "grey")
+    np.testing.assert_array_equal(images, 255 - grey[:, None])
+    images, _ = load_samples(tmp_path / "colour")
+    expected = np.stack([grey, 255 - grey, grey // 2], axis=1)
+    np.testing.assert_array_equal(images, expected)
+    # a palette PNG among grey ones takes the folder's grey mode
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(grey[0]).save(mixed / "000000.png")
+    im = Image.fromarray(grey[1], mode="P")
+    im.putpalette([c for v in range(256) for c in palette_of["grey"](v)])
+    im.save(mixed / "000001.png")
+    images, _ = load_samples(mixed)
+    np.testing.assert_array_equal(images, np.stack([grey[0], 255 - grey[1]])[:, None])
+    assert _run(capsys, ["convert", mixed, "--out", tmp_path / "mixed.npz"])[0] == 0

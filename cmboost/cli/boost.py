@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_output_flags, add_runtime_flags
+from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_output_flags, add_runtime_flags, check_seed_flag
 
 DEFAULT_METHOD = "pgd"  # the paper's; --settings from 'cmboost tune' may choose another
 
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from cmboost.jobs import refuse_finished
     from cmboost.runtime import print0, resolve_device, resolve_precision
 
+    check_seed_flag(args)  # used by sgld only, refused alike for every method
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.block_size < 1:

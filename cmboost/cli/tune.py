@@ -15,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from cmboost.metrics.reference import load_reference
     from cmboost.runtime import print0, resolve_device, resolve_precision
     from cmboost.atomic import refuse_existing
-    from cmboost.tune import TuneSettings, check_grid, format_table, read_grid, tune
+    from cmboost.tune import TuneSettings, check_classifier, check_grid, format_table, read_grid, tune
 
     choice = record_from_args(TuneSettings, args, {})  # bad values fail before anything is loaded
     grid = None
@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     reference = load_reference(args.ref)
     model = load_joint_model(args.model).to(device)
     classifier = load_joint_model(args.classifier).to(device) if args.classifier else None
+    if classifier is not None:
+        check_classifier(classifier, model, f"--classifier {args.classifier}")
     kind = trained_realness_kind(args.model) or "softmax"
     threshold = resolve_threshold(model, None, args.threshold_from, kind, device, precision) \
         if args.threshold_from else None
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
                     grid=grid, criterion=choice.criterion, max_recall_drop=choice.max_recall_drop,
                     realness_kind=kind, device=device, precision=precision, batch_size=choice.batch_size,
                     provenance=provenance, overwrite=args.overwrite, progress=not args.no_progress,
-                    grid_source=f"--grid {args.grid}" if args.grid else "grid")
+                    grid_source=f"--grid {args.grid}" if args.grid else "grid",
+                    classifier_source=f"--classifier {args.classifier}")
     print0(format_table(settings))
     print0(f"wrote {args.out}; use it with: cmboost boost SAMPLES --model {args.model} --settings {args.out} --out OUT")
     return 0

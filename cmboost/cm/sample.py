@@ -21,7 +21,7 @@ from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, refuse_finished, run_parts
 from cmboost.records import check_at_least, check_seed, field_default
-from cmboost.runtime import BLOCK_SIZE, deterministic_kernels, randn_per_sample, sample_generators
+from cmboost.runtime import BLOCK_SIZE, check_allocatable, deterministic_kernels, randn_per_sample, sample_generators
 from cmboost.samples import to_uint8
 
 EDM_DEFAULT_STEPS = 18  # Heun steps of an EDM teacher
@@ -143,6 +143,11 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
     SampleSettings(num, steps, seed, batch_size, block_size)  # bad numbers fail before anything is read or written
     refuse_finished(out, overwrite)
     loaded = load_model(model, kind)
+    # The finished job's images are merged in memory (the parts, then in index order): refused now,
+    # before any list or array of `num` entries exists, if they could never fit.
+    image_bytes = loaded.in_channels * loaded.image_size ** 2
+    check_allocatable(num * (2 * image_bytes + 64),
+                      f"--num {num}: {num} samples of {loaded.in_channels}x{loaded.image_size}x{loaded.image_size}")
     choice = choose_sampler(loaded, steps, ts, num_levels)
     if class_labels is not None:
         if loaded.num_classes is None:
