@@ -61,7 +61,8 @@ say() { echo "fmnist-gpu: $*"; }
 budgeted() {
   local name=$1 secs=$2 rc=0 start=$SECONDS
   shift 2
-  timeout -s TERM -k 10 "$secs" "$@" || rc=$?
+  # --foreground: stay in our process group, so that whoever stops this script (gpu_check) stops the stage too
+  timeout --foreground -s TERM -k 10 "$secs" "$@" || rc=$?
   if [ $rc = 124 ] || [ $rc = 137 ]; then
     say "$name stopped by its time budget (${secs}s)"; return 0
   elif [ $rc != 0 ]; then
