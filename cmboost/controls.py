@@ -67,6 +67,14 @@ def random_perturbation(images: torch.Tensor, norms: torch.Tensor, seed: int,
         raise ValueError(f"random_perturbation: {len(norms)} norms for {len(images)} images")
     indices = range(len(images)) if indices is None else indices
     direction = randn_per_sample(sample_generators(seed, indices), images.shape[1:], device=images.device)
+    return move_to_norm(images, direction, norms, iterations)
+
+
+def move_to_norm(images: torch.Tensor, direction: torch.Tensor, norms: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """Each image moved along its own `direction` so that, after clamping to [0, 1], its change has
+    L2 norm `norms[i]`. Clamping shortens a change, so the length along the direction is found by
+    bisection per image; where even the longest move cannot reach the norm (a saturated image),
+    the longest one is kept."""
     direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     target = norms.to(images.device, images.dtype)
 

@@ -43,6 +43,7 @@ from cmboost.tune import load_settings_file, run_method, tuned_hyper
 ASSETS = Path(__file__).resolve().parent / "assets" / "fmnist"
 SETTINGS_FILE = ASSETS / "demo.json"
 JUDGE_CHECK_FILE = ASSETS / "judges.json"  # `cmboost check-judges` on the candidates (recipes/fmnist.sh)
+DIAGNOSE_FILE = "diagnose-{booster}.json"  # `cmboost diagnose` of the booster (recipes/fmnist.sh), in ASSETS
 HEADLINE = ("ct1", "cd1")
 NAMES = {"ct": "CT", "cd": "CD"}
 METRICS = ("fid", "kid", "kid_std", "is", "precision", "recall")
@@ -87,6 +88,17 @@ def load_judge_check(path: Path = JUDGE_CHECK_FILE) -> dict:
     except ValueError as err:
         raise UserInputError(f"{path}: unreadable judge check ({err})") from None
     return check
+
+
+def load_diagnostic(booster: str) -> dict | None:
+    """The shipped judge-free diagnostic of the boosting network, or None where the recipe made none."""
+    path = ASSETS / DIAGNOSE_FILE.format(booster=booster)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise UserInputError(f"{path}: unreadable diagnostic ({err})") from None
 
 
 def choose_panel(check: dict, excluded: list[str]) -> list[str]:
@@ -225,7 +237,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                     edited = to_uint8(random_perturbation(x, norms, seed))
                 else:  # raises log p(y|x) under the attacker, a plain classifier that is not the booster
                     y = torch.as_tensor(labels, dtype=torch.long, device=device)
-                    edited = to_uint8(attacker_edit(attacker, x, y, norms.to(device), steps=PLAIN_CONTROL_STEPS))
+                    edited = to_uint8(attacker_edit(attacker, x, y, norms.to(device), steps=PLAIN_CONTROL_STEPS,
+                                                    exact_norm=True))
                 change = l2_change(x, to_float(edited).to(device)).cpu().numpy()
             elif method is not None:
                 edited, change = boosted(gen, seed, net, method, hyper)
@@ -328,7 +341,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
               "bars": bars, "headline": headline, "summary": summarise(headline), "two_step": two_step,
               "objectives": objectives, "frontier": frontier, "plot": str(plot),
               "grids": {gen: str(out / f"grid-{gen}.png") for gen in HEADLINE},
-              "booster": boost_net,
+              "booster": boost_net, "diagnostic": load_diagnostic(boost_net),
               "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     report["verdicts"] = verdicts(report)

@@ -210,6 +210,7 @@ def render_markdown(report: dict) -> str:
     met = [v for v in report["verdicts"] if v["met"]]
     parts += ["", f"**{len(met)} of {len(report['verdicts'])} (generator, method, judge) combinations meet every "
               "target.** " + " ".join(_misses(report["verdicts"])), ""]
+    parts += _diagnostic_section(report)
     parts += ["## Generators against the blur bar\n",
               "Target: unboosted 1-step samples at least as good as real held-out images blurred with sigma 1.\n",
               markdown_table(generator_bar(report), ["generator", "judge", "FID", "blur FID", "KID×1e3",
@@ -261,6 +262,40 @@ def _judge_check_section(report: dict) -> list[str]:
             "judge and the attacker never report.\n",
             markdown_table(rows, ["judge", "clean FID", "ladders", "worst edit", "adv/random", "verdict"]),
             f"\n**Panel:** {', '.join(f'`{n}`' for n in check['panel'])}.\n"]
+
+
+def _diagnostic_section(report: dict) -> list[str]:
+    """The booster's judge-free diagnostic (`cmboost diagnose`, shipped beside the booster)."""
+    d = report.get("diagnostic")
+    head = f"## The booster's diagnostic (`{report['booster']}`, no judge involved)\n"
+    if not d:
+        return [head, "No diagnostic was shipped for this network (recipes/fmnist.sh, stage diagnose).\n"]
+    acc = d["accuracy"]
+    robust = ", ".join(f"{r['accuracy']:.1%} at eps {r['eps']:g}" for r in acc["robust"])
+    lines = [head, f"On {d['num_real']} held-out real images: clean accuracy {acc['clean']:.1%}; L2-PGD robust "
+                   f"accuracy ({acc['attack']['steps']} steps) {robust}.\n"]
+    rows = []
+    for name, g in d["realness"]["generators"].items():
+        rows.append({"samples": name, "method": g["method"], "L2 change": f"{g['mean_l2_change']:.2f}",
+                     "realness AUC before": f"{g['before']['auc']:.3f}", "after": f"{g['after']['auc']:.3f}",
+                     "mean p(y|x) before": f"{g['before']['mean_p_y']:.2f}", "after ": f"{g['after']['mean_p_y']:.2f}"})
+    if rows:
+        lines += [f"Realness AUC, real images against the samples (1: the network tells them apart; 0.5: it "
+                  f"cannot), before and after boosting; mean p(y|x) of real images "
+                  f"{d['realness']['real']['mean_p_y']:.2f}.\n", markdown_table(rows, list(rows[0])), ""]
+    if d.get("alignment"):
+        a = d["alignment"]
+        cells = [f"{r['mean']:.3f} at sigma {r['sigma']:g}" for r in a["real"] if r["mean"] is not None]
+        lines.append("Alignment of grad_x log p(y|x) with the EDM teacher's class-conditional score (cosine, "
+                     f"real images): {', '.join(cells)}.\n")
+    else:
+        lines.append("Gradient-score alignment: not measured (no EDM teacher was given).\n")
+    pag = d["pag"]
+    lines.append(f"Targeted L2 PGD (eps {pag['eps']:g}, {pag['steps']} steps) toward every class reaches a mean "
+                 f"target probability of {pag['mean_target_prob_grey']:.2f} from grey"
+                 + (f" and {pag['mean_target_prob_real']:.2f} from real images" if pag["mean_target_prob_real"]
+                    is not None else "") + f" (the picture: `cmboost/assets/fmnist/diagnose-{report['booster']}.png`).\n")
+    return lines
 
 
 def _judge_table(rows: list[dict], keys: list[str], judges: list[str]) -> str:

@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants tune tune-variants judges judges-more judges-check ship-judges ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants tune tune-variants judges judges-more judges-check diagnose ship-judges ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -146,12 +146,35 @@ if want judges-check; then
   [ -f "$RUNS/judges.json" ] || $CMB check-judges --samples "$RUNS/judges-cd1.npz" --device cpu --out "$RUNS/judges.json"
 fi
 
+# 4e. The judge-free diagnostic of the joint networks (cmboost diagnose): robust accuracy, realness AUC
+#     before and after the tuned boosting, gradient-score alignment with the EDM teacher, the PAG picture.
+#     500 samples per generator (seeds 402 CT, 403 CD); the booster's goes into the demo's report.
+if want diagnose; then
+  D="$RUNS/diagnose"
+  mkdir -p "$D"
+  for pair in ct:402 cd:403; do
+    gen=${pair%%:*}
+    [ -f "$D/${gen}1.npz" ] || $CMB sample --model "cmboost/assets/fmnist/$gen.safetensors" --steps 1 --num 500 \
+        --seed "${pair##*:}" --device cpu --no-progress --out "$D/${gen}1.npz"
+  done
+  for net in joint-w24 joint; do
+    [ -f "$D/jcd-$net/diagnose.json" ] || $CMB diagnose --model "cmboost/assets/fmnist/jcd-$net.safetensors" \
+        --samples "ct1=$D/ct1.npz" --samples "cd1=$D/cd1.npz" --teacher "$RUNS/fmnist-edm/model.safetensors" \
+        --settings cmboost/assets/fmnist/tuned-ct1.json --settings cmboost/assets/fmnist/tuned-cd1.json \
+        --device cpu --out "$D/jcd-$net"
+  done
+fi
+
 # 5a. Ship the candidate judges and the attacker (each only once it is trained).
 if want ship-judges; then
   for name in attacker resnet robust; do
     [ -f "$RUNS/fmnist_features_$name.safetensors" ] && cp "$RUNS/fmnist_features_$name.safetensors" cmboost/assets/
   done
   [ -f "$RUNS/judges.json" ] && cp "$RUNS/judges.json" cmboost/assets/fmnist/judges.json
+  if [ -f "$RUNS/diagnose/jcd-$BOOSTER/diagnose.json" ]; then
+    cp "$RUNS/diagnose/jcd-$BOOSTER/diagnose.json" "cmboost/assets/fmnist/diagnose-jcd-$BOOSTER.json"
+    cp "$RUNS/diagnose/jcd-$BOOSTER/pag.png" "cmboost/assets/fmnist/diagnose-jcd-$BOOSTER.png"
+  fi
   true
 fi
 

@@ -6,13 +6,17 @@
 import json
 import sys
 
-from cmboost.demo_report import generator_bar
+from cmboost.demo_report import _judge_check_section, generator_bar, panel_sentence
 from cmboost.report import markdown_table
 
 
 def main(path: str) -> None:
     report = json.loads(open(path).read())
     judges = list(report["reporting_judges"])
+    print("\n".join(_judge_check_section(report)[2:]))
+    for v in report["panel_verdicts"]:
+        print(f"- {panel_sentence(v)}")
+    print()
     rows = []
     for s in report["summary"]:
         row = {"generator": s["generator"], "boost": s["boost"], "L2 change": f"{s['mean_l2_change']:.2f}"}

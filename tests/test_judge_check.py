@@ -96,6 +96,8 @@ def test_attacker_edit_keeps_each_radius_and_raises_the_class_evidence(data):
         before = torch.log_softmax(net(x)[1], 1).gather(1, y[:, None])
         after = torch.log_softmax(net(moved)[1], 1).gather(1, y[:, None])
     assert (after > before).all()
+    exact = attacker_edit(net, x, y, radius, steps=5, exact_norm=True)  # the demo's control: the full norm
+    assert torch.allclose((exact - x).flatten(1).norm(dim=1), radius, rtol=1e-3)
 
 
 def test_damage_steps():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmboost.controls import gaussian_blur, random_perturbation
+from cmboost.controls import gaussian_blur, move_to_norm, random_perturbation
 from cmboost.errors import UserInputError
 from cmboost.metrics.stats import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
 from cmboost.runtime import sample_generators, randn_per_sample
@@ -112,10 +112,12 @@ def ladders(real_u8: np.ndarray, generated_u8: np.ndarray, settings: CheckSettin
 
 
 def attacker_edit(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, radius: torch.Tensor | float,
-                  steps: int = 10) -> torch.Tensor:
+                  steps: int = 10, exact_norm: bool = False) -> torch.Tensor:
     """L2 PGD that raises log p(y|x) under a plain classifier `net` (logits = net(x)[1] for a domain
     net, or net(x)), per-image radius `radius`, step 2.5 * radius / steps; float [0, 1] NCHW in and out.
-    No random start: the edit is a function of the images and the net."""
+    No random start: the edit is a function of the images and the net. PGD may end inside the ball;
+    `exact_norm` then lengthens each edit along its own direction to exactly its radius (a control
+    must move each image as far as the edit it is compared with)."""
     radius = torch.as_tensor(radius, dtype=torch.float32).expand(len(images)).view(-1, 1, 1, 1)
     step = 2.5 * radius / steps
     x0 = images.detach().float()
@@ -138,6 +140,8 @@ def attacker_edit(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     finally:
         for p, requires in flags:
             p.requires_grad_(requires)
+    if exact_norm:
+        x = move_to_norm(x0, x - x0, radius.flatten().to(x0.device))
     return x
 
 
