@@ -80,6 +80,18 @@ def json_text(value) -> str:
         return repr(value)
 
 
+def json_kind(value) -> str:
+    """What JSON calls the type of `value` (for messages about files)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, name in ((dict, "an object"), (list, "a list"), (str, "a string"), ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
 def make_hyper(method: str, **hyper) -> PGDBoost | SGLDBoost | BIGRoCBoost:
     """The method's hyperparameter record; an unknown name is an error, never silently dropped."""
     if method not in METHODS:
@@ -99,8 +111,7 @@ def hyper_in_file(method, hyper, where: str) -> PGDBoost | SGLDBoost | BIGRoCBoo
     if not isinstance(method, str) or method not in METHODS:
         raise UserInputError(f"{where}: method {json_text(method)}: choose one of {', '.join(METHODS)}")
     if not isinstance(hyper, dict):
-        raise UserInputError(f"{where}: hyperparameters must be a JSON object {{name: value}}, "
-                             f"got {type(hyper).__name__}")
+        raise UserInputError(f"{where}: hyperparameters must be a JSON object {{name: value}}, got {json_kind(hyper)}")
     try:
         return make_hyper(method, **hyper)
     except HyperError as err:

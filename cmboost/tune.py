@@ -27,7 +27,7 @@ import torch
 
 from cmboost.atomic import atomic_write_text
 from cmboost.boost import boost_with
-from cmboost.boost_config import hyper_in_file, json_text, make_hyper
+from cmboost.boost_config import hyper_in_file, json_kind, json_text, make_hyper
 from cmboost.controls import UnsharpControl, l2_change, unsharp_mask
 from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.atomic import refuse_existing
@@ -85,7 +85,7 @@ def resolve_candidate(method: str, hyper: dict, realness_kind: str | None, where
     if method == "unsharp":
         if not isinstance(hyper, dict):
             raise UserInputError(f"{where}: hyperparameters must be a JSON object {{name: value}}, "
-                                 f"got {_json_kind(hyper)}")
+                                 f"got {json_kind(hyper)}")
         names = {f.name for f in dataclasses.fields(UnsharpControl)}
         unknown = sorted(set(hyper) - names)
         if unknown:
@@ -98,18 +98,6 @@ def resolve_candidate(method: str, hyper: dict, realness_kind: str | None, where
     if method == "pgd" and realness_kind is not None and isinstance(hyper, dict):
         hyper = {"realness_kind": realness_kind, **hyper}
     return dataclasses.asdict(hyper_in_file(method, hyper, where))
-
-
-def _json_kind(value) -> str:
-    """What JSON calls the type of `value` (for messages about files)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    for kind, name in ((dict, "an object"), (list, "a list"), (str, "a string"), ((int, float), "a number")):
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
 
 
 def read_grid(path: str | os.PathLike) -> list[tuple[str, dict]]:
@@ -128,7 +116,7 @@ def read_grid(path: str | os.PathLike) -> list[tuple[str, dict]]:
     except ValueError as err:
         raise UserInputError(f"{where}: not JSON ({err})") from None
     if not isinstance(raw, dict):
-        raise UserInputError(f"{where}: expected a JSON object {{method: [{{hyper}}, ...]}}, got {_json_kind(raw)}")
+        raise UserInputError(f"{where}: expected a JSON object {{method: [{{hyper}}, ...]}}, got {json_kind(raw)}")
     fmt = raw.pop("format", GRID_FORMAT)
     if fmt != GRID_FORMAT:
         raise UserInputError(f"{where}: format {json_text(fmt)}: this cmboost reads {GRID_FORMAT}")
@@ -138,7 +126,7 @@ def read_grid(path: str | os.PathLike) -> list[tuple[str, dict]]:
             raise UserInputError(f"{where}: method {json_text(method)}: choose one of "
                                  f"{', '.join(BOOST_METHODS + CONTROL_METHODS)}")
         if not isinstance(entries, list):
-            raise UserInputError(f"{where}: {method}: expected a list of {{hyper}} objects, got {_json_kind(entries)}")
+            raise UserInputError(f"{where}: {method}: expected a list of {{hyper}} objects, got {json_kind(entries)}")
         if not entries:
             raise UserInputError(f"{where}: {method}: an empty list; give it at least one candidate, or leave it out")
         grid.extend((method, hyper) for hyper in entries)
@@ -318,11 +306,11 @@ def _read_partial(saved: dict, partial: Path, fingerprint: dict, keys: list[str]
         raise UserInputError(f"{partial}: format {json_text(saved.get('format'))}: not a tune progress file of "
                              f"format {PARTIAL_FORMAT} (an older cmboost's, or another file); {fresh}")
     if not isinstance(saved.get("fingerprint"), dict):
-        raise UserInputError(f"{partial}: fingerprint: expected an object, got {_json_kind(saved.get('fingerprint'))}; "
+        raise UserInputError(f"{partial}: fingerprint: expected an object, got {json_kind(saved.get('fingerprint'))}; "
                              f"{fresh}")
     rows = saved.get("rows")
     if not isinstance(rows, dict):
-        raise UserInputError(f"{partial}: rows: expected an object {{candidate: row}}, got {_json_kind(rows)}; {fresh}")
+        raise UserInputError(f"{partial}: rows: expected an object {{candidate: row}}, got {json_kind(rows)}; {fresh}")
     for key, row in rows.items():
         if key in keys:
             _check_row(row, f"{partial}: rows[{json_text(key)}]", fresh)
@@ -335,7 +323,7 @@ def _check_row(row, where: str, fresh: str) -> None:
         return (value is None and nullable) or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
     if not isinstance(row, dict):
-        raise UserInputError(f"{where}: expected an object, got {_json_kind(row)}; {fresh}")
+        raise UserInputError(f"{where}: expected an object, got {json_kind(row)}; {fresh}")
     if not isinstance(row.get("method"), str) or not isinstance(row.get("hyper"), dict):
         raise UserInputError(f"{where}: needs a method (string) and hyper (object); {fresh}")
     metrics = row.get("metrics")
@@ -378,12 +366,14 @@ def load_settings_file(path: str | os.PathLike) -> dict:
     methods = settings.get("methods")
     if not isinstance(methods, dict):
         raise UserInputError(f"{where}: methods: expected an object {{method: {{hyper: ...}}}}, got "
-                             f"{'nothing' if 'methods' not in settings else _json_kind(methods)}")
+                             f"{'nothing' if 'methods' not in settings else json_kind(methods)}")
     for method, entry in methods.items():
         if method not in BOOST_METHODS:
             continue  # the controls are recorded, never used by boost
-        if not isinstance(entry, dict) or not isinstance(entry.get("hyper"), dict):
-            got = _json_kind(entry.get("hyper")) if isinstance(entry, dict) and "hyper" in entry else "nothing"
+        if not isinstance(entry, dict):
+            raise UserInputError(f"{where}: methods.{method}: expected an object {{hyper: ...}}, got {json_kind(entry)}")
+        if not isinstance(entry.get("hyper"), dict):
+            got = json_kind(entry["hyper"]) if "hyper" in entry else "nothing"
             raise UserInputError(f"{where}: methods.{method}.hyper: expected an object {{name: value}}, got {got}")
         hyper_in_file(method, entry["hyper"], f"{where}: methods.{method}.hyper")
     tuned = [m for m in methods if m in BOOST_METHODS]
