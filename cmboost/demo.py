@@ -90,6 +90,18 @@ def load_judge_check(path: Path = JUDGE_CHECK_FILE) -> dict:
     return check
 
 
+def read_finished_report(path: Path) -> dict:
+    """A finished demo's report.json; a torn or foreign one is one line that says how to recover."""
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserInputError(f"{path}: not a readable demo report ({err}); pass --overwrite to run the demo "
+                             "again, or delete it") from None
+    return saved
+
+
 def load_diagnostic(booster: str) -> dict | None:
     """The shipped judge-free diagnostic of the boosting network, or None where the recipe made none."""
     path = ASSETS / DIAGNOSE_FILE.format(booster=booster)
@@ -139,10 +151,19 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     mode = settings[mode_name]
     out = Path(options.out_dir)
     report_path = out / "report.json"
+    if options.threads is not None and options.threads < 0:
+        raise UserInputError(f"--threads {options.threads}: must be >= 0 (0: torch's choice)")
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out-dir {out}: is a file, not a folder")
     if report_path.exists() and not options.overwrite:
-        saved = json.loads(report_path.read_text())
+        saved = read_finished_report(report_path)
         if saved.get("mode") == mode_name:
-            print((out / "report.md").read_text())
+            markdown = out / "report.md"
+            try:
+                print(markdown.read_text())
+            except (OSError, UnicodeDecodeError) as err:
+                raise UserInputError(f"{markdown}: cannot read the finished demo's report ({err}); pass "
+                                     "--overwrite to run the demo again") from None
             print(f"(already done: {report_path}; pass --overwrite to run again)")
             return saved
         raise UserInputError(f"{report_path}: holds a {saved.get('mode')} report; pass --overwrite to replace it")

@@ -180,3 +180,22 @@ def test_rerun_prints_the_finished_report_without_redoing_it(quick_report, capsy
     assert "already done" in capsys.readouterr().out
     assert (quick_report / "report.json").stat().st_mtime_ns == before
     assert cli_main(["demo", "--out-dir", str(quick_report), "--device", "cpu"]) == 2  # full over quick
+
+
+def test_torn_report_bad_threads_and_unreadable_markdown_are_one_line(tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "report.json").write_text('{"mode": "qu')  # torn by a crash mid-write (by another tool)
+    assert cli_main(["demo", "--quick", "--out-dir", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable demo report" in err and "--overwrite" in err and err.count("\n") == 1
+    (out / "report.json").write_text('{"mode": "quick"}')
+    (out / "report.md").mkdir()  # cannot be read as a file
+    assert cli_main(["demo", "--quick", "--out-dir", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the finished demo's report" in err and "cannot write" not in err
+    for threads in ("-1", "-8"):
+        assert cli_main(["demo", "--quick", "--out-dir", str(tmp_path / "t"), "--threads", threads]) == 2
+        err = capsys.readouterr().err
+        assert f"--threads {threads}: must be >= 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "t").exists()

@@ -23,7 +23,7 @@ def add_parser(verbs) -> None:
     p.add_argument("--out-dir", default="demo-out")
     p.add_argument("--quick", action="store_true", help="few samples: an end-to-end check in well under a minute")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; 0 or unset: torch's choice (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="run again over an existing report")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run)
