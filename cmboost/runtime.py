@@ -179,8 +179,12 @@ def on_every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 
 def all_finite(tensors) -> bool:
-    """Every value of every floating-point tensor is finite."""
-    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t.is_floating_point())
+    """Every value of every floating-point tensor is finite (one host sync per device, not per tensor)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    return all(bool(torch.stack(group).all()) for group in flags.values())
 
 
 def print0(*args, file=None, **kwargs) -> None:
