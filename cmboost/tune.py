@@ -34,6 +34,7 @@ from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.jobs import check_same_config, read_record, write_record
 from cmboost.records import check_at_least, check_choice, check_finite, field_default
+from cmboost.runtime import BLOCK_SIZE
 
 FORMAT = "cmboost.tune/1"                 # the settings file (`--out`, read by `boost --settings`)
 GRID_FORMAT = "cmboost.grid/1"            # a --grid file; its "format" key may be left out
@@ -41,6 +42,9 @@ PARTIAL_FORMAT = "cmboost.tune-partial/1"  # <out>.partial.json, the finished ca
 BOOST_METHODS = ("pgd", "sgld", "bigroc")     # what `cmboost boost` runs
 CONTROL_METHODS = ("unsharp",)                # tuned alike, never chosen as "the" method
 CRITERIA = ("fid", "kid")
+# The compute block of the settings files written before tune recorded it (fingerprint.batch_size):
+# tune boosted 250 images together then, and `boost --settings` must boost those files' images alike.
+LEGACY_BLOCK = 250
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,7 @@ class TuneSettings:
 
     criterion: str = "fid"          # what the tuning judge minimises
     max_recall_drop: float = 0.03   # candidates that lose more recall than this (vs unboosted) are not chosen
-    batch_size: int = 250           # images boosted together (a compute block, as boost's --block-size)
+    batch_size: int = BLOCK_SIZE    # images boosted together (the compute block, boost's --block-size)
 
     def __post_init__(self):
         check_finite(self)
@@ -379,11 +383,25 @@ def load_settings_file(path: str | os.PathLike) -> dict:
     tuned = [m for m in methods if m in BOOST_METHODS]
     if not tuned:
         raise UserInputError(f"{where}: methods: holds no tuned boosting method ({', '.join(BOOST_METHODS)})")
+    fingerprint = settings.get("fingerprint", {})
+    if not isinstance(fingerprint, dict):
+        raise UserInputError(f"{where}: fingerprint: expected an object, got {json_kind(fingerprint)}")
+    block = fingerprint.get("batch_size", LEGACY_BLOCK)
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise UserInputError(f"{where}: fingerprint.batch_size {json_text(block)}: the compute block tune boosted "
+                             f"with must be a whole number >= 1")
     best = settings.get("best")
     if best not in tuned:
         raise UserInputError(f"{where}: best {json_text(best) if 'best' in settings else '(missing)'}: must name "
                              f"one of its tuned methods ({', '.join(tuned)})")
     return settings
+
+
+def settings_block(settings: dict) -> int:
+    """The compute block tune boosted the file's candidates with (fingerprint.batch_size; LEGACY_BLOCK
+    for the files written before tune recorded it): `boost --settings` boosts with it, so that it
+    writes the very images tune scored."""
+    return settings.get("fingerprint", {}).get("batch_size", LEGACY_BLOCK)
 
 
 def tuned_hyper(settings: dict, method: str | None, source: str) -> tuple[str, dict]:

@@ -108,6 +108,17 @@ def test_sample_and_tune_flags_read_their_records(verb, record_type):
             assert_shows_default(flags[name], default)
 
 
+def test_compute_block_defaults_are_the_runtimes():
+    """One compute block by default: tune's and sample's come from runtime.BLOCK_SIZE; boost's flag
+    stays unset, so that --settings can use the block tune scored with, and says both in --help."""
+    from cmboost.runtime import BLOCK_SIZE
+
+    assert field_default(TuneSettings, "batch_size") == field_default(SampleSettings, "block_size") == BLOCK_SIZE
+    block = actions("boost")["block_size"]
+    assert block.default is None
+    assert "--settings" in help_text(block) and f"else {BLOCK_SIZE})" in help_text(block)
+
+
 def test_evaluate_verbs_share_the_reference_defaults():
     for verb in ("evaluate", "evaluate-ref"):
         flags = actions(verb)
@@ -186,6 +197,7 @@ BAD = [
         ("--batch-size", "0"), ("--threads", "-1"), ("--eps", "nan"))],
     (BOOST, ["--steps", "-1"], "--steps"),
     (BOOST, ["--eps", "nan"], "--eps"),
+    (BOOST, ["--block-size", "0"], "--block-size"),
     (BOOST, ["--method", "sgld", "--sgld-noise", "inf"], "--sgld-noise"),
 ]
 

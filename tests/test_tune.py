@@ -130,3 +130,86 @@ def test_boost_settings_uses_the_tuned_method_and_flags_override(setup, capsys):
     assert cli_main(["boost", str(root / "val.npz"), "--model", model, "--settings", str(root / "bad.json"),
                      "--out", str(root / "b.npz"), "--device", "cpu"]) == 2
     assert "not a cmboost tune file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- boost --settings = tune's images
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory, setup):
+    """More images than one compute block holds: 257, so that blocks of 250 and of 256 end differently
+    (7 images and 1: on a CPU a batch of one takes other conv kernels). The last image is one whose
+    PGD edit, here, turns that last-bit difference into other pixels."""
+    _, judge, ref = setup
+    root = tmp_path_factory.mktemp("tune-many")
+    train, labels, _ = load_dataset("fmnist", "train", image_size=32)
+    samples = to_uint8(gaussian_blur(to_float(train[1996:2253]), 1.0))
+    save_samples(root / "val.npz", samples, labels[1996:2253])
+    return root, judge, ref
+
+
+@pytest.mark.parametrize("block", [None, 250], ids=["default-block", "block-250"])
+def test_boost_settings_writes_the_images_tune_scored(many, monkeypatch, block):
+    """tune's best candidate and `boost --settings` on the same file give the same bytes, with tune's
+    default block and with the 250 of the shipped files (PGD turns a last-bit difference between two
+    blocks into other pixels)."""
+    root, judge, ref = many
+    import cmboost.tune as tune_module
+    from cmboost.runtime import BLOCK_SIZE
+    from cmboost.samples import load_samples
+    from cmboost.tune import TuneSettings, settings_block
+
+    assert TuneSettings().batch_size == BLOCK_SIZE  # one default for the compute block
+    scored = {}
+    real_run = tune_module.run_method
+
+    def spy(method, hyper, *args, **kwargs):
+        result = real_run(method, hyper, *args, **kwargs)
+        scored[json.dumps([method, hyper], sort_keys=True)] = result[0]
+        return result
+
+    monkeypatch.setattr(tune_module, "run_method", spy)
+    grid = [("pgd", {"eps": 8.0, "steps": 15}), ("unsharp", {"amount": 1.0, "sigma": 1.0})]
+    out = root / f"tuned-{block}.json"
+    extra = {} if block is None else {"batch_size": block}
+    settings = tune(root / "val.npz", load_joint_model(ASSETS / "jcd-joint.safetensors"), ref, judge, out,
+                    grid=grid, progress=False, **extra)
+    assert settings["best"] == "pgd"
+    assert settings_block(tune_module.load_settings_file(out)) == (block or BLOCK_SIZE)
+    best = settings["methods"]["pgd"]
+    tune_images = scored[json.dumps(["pgd", best["hyper"]], sort_keys=True)]
+    boosted = root / f"boosted-{block}.npz"
+    assert cli_main(["boost", str(root / "val.npz"), "--model", str(ASSETS / "jcd-joint.safetensors"), "--settings",
+                     str(out), "--out", str(boosted), "--device", "cpu", "--no-grid"]) == 0
+    images, _ = load_samples(boosted)
+    assert images.shape == tune_images.shape and images.tobytes() == tune_images.tobytes()
+
+
+def test_settings_files_without_a_recorded_block_boost_with_tunes_old_block(capsys):
+    """The shipped settings files were tuned with blocks of 250 before tune recorded its block."""
+    from cmboost.tune import LEGACY_BLOCK, load_settings_file, settings_block
+
+    assert LEGACY_BLOCK == 250
+    shipped = load_settings_file(ASSETS / "tuned-ct1.json")
+    assert "batch_size" not in shipped["fingerprint"] and settings_block(shipped) == LEGACY_BLOCK
+    args = [str(ASSETS / "tuned-ct1.json"), "--out", "never.npz", "--dry-run", "--device", "cpu"]
+    base = ["boost", "x.npz", "--model", str(ASSETS / "jcd-joint.safetensors"), "--settings"]
+    assert cli_main(base + args) == 0
+    assert json.loads(capsys.readouterr().out)["block_size"] == LEGACY_BLOCK
+    assert cli_main(base + args + ["--block-size", "64"]) == 0  # given explicitly, the flag wins
+    assert json.loads(capsys.readouterr().out)["block_size"] == 64
+    from cmboost.runtime import BLOCK_SIZE
+
+    assert cli_main(base[:-1] + args[1:]) == 0  # no settings file: the runtime's block
+    assert json.loads(capsys.readouterr().out)["block_size"] == BLOCK_SIZE
+
+
+def test_a_bad_recorded_block_is_one_line_naming_the_file(tmp_path, capsys):
+    tuned = json.loads((ASSETS / "tuned-ct1.json").read_text())
+    for bad in (0, 2.5, "250", True):
+        tuned["fingerprint"]["batch_size"] = bad
+        (tmp_path / "t.json").write_text(json.dumps(tuned))
+        assert cli_main(["boost", "x.npz", "--model", str(ASSETS / "jcd-joint.safetensors"), "--settings",
+                         str(tmp_path / "t.json"), "--out", str(tmp_path / "o.npz"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "fingerprint.batch_size" in err and str(tmp_path / "t.json") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]

@@ -42,18 +42,25 @@ def run(args: argparse.Namespace) -> int:
     check_seed_flag(args)  # used by sgld only, refused alike for every method
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.block_size < 1:
+    if args.block_size is not None and args.block_size < 1:
         raise UserInputError(f"--block-size {args.block_size}: must be at least 1")
     if args.settings:
-        from cmboost.tune import load_settings_file, tuned_hyper
+        from cmboost.tune import load_settings_file, settings_block, tuned_hyper
 
-        args.method, tuned = tuned_hyper(load_settings_file(args.settings), args.method, args.settings)
+        settings = load_settings_file(args.settings)
+        args.method, tuned = tuned_hyper(settings, args.method, args.settings)
+        if args.block_size is None:  # the block tune scored the settings with, so the images are the same
+            args.block_size = settings_block(settings)
         if args.threshold_from or args.threshold is not None:
             tuned.pop("threshold", None)
         hyper = {**tuned, **hyper_from_args(args)}  # a flag given explicitly overrides the tuned value
     else:
         args.method = args.method or DEFAULT_METHOD
         hyper = hyper_from_args(args)
+    if args.block_size is None:
+        from cmboost.runtime import BLOCK_SIZE
+
+        args.block_size = BLOCK_SIZE
     if args.threshold_from and args.method != "pgd":
         raise UserInputError(f"--threshold-from does not apply to --method {args.method}")
     record = make_hyper(args.method, **hyper)  # the one validated record: bad values fail before any loading
@@ -123,6 +130,8 @@ def add_parser(verbs) -> None:
     p.add_argument("--no-grid", action="store_true", help="skip the before/after PNG grid")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     add_runtime_flags(p, PART_HELP)
-    p.add_argument("--block-size", type=int, default=BLOCK_SIZE, help=f"{BLOCK_HELP} (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"{BLOCK_HELP} (default: the block 'cmboost tune' scored the --settings file with, so "
+                        f"that boost writes the images tune scored; else {BLOCK_SIZE})")
     add_output_flags(p)
     p.set_defaults(run=run)

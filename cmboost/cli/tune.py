@@ -76,5 +76,6 @@ def add_parser(verbs) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_flags(p)
     add_field_flag(p, TuneSettings, "batch_size", "images boosted together, image i in block i // size "
-                   "(as boost's --block-size; the scores depend on it slightly)", type=int)
+                   "(boost's --block-size; the images depend on it): recorded in the settings file, and "
+                   "'cmboost boost --settings' boosts with it", type=int)
     p.set_defaults(run=run)
