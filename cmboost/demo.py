@@ -182,10 +182,11 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     panel = choose_panel(check, tuning_names + [check["attacker"]["name"]])
     if not panel:
         raise UserInputError(f"{JUDGE_CHECK_FILE}: no candidate judge passed the judge check, so no judge can report")
-    # The full demo measures every reporting candidate that loads here, so its rows (cached in
-    # rows.json) do not depend on the judge check, which can then be redone without redoing the rows;
-    # the report shows the panel only. The quick demo measures the panel alone.
-    candidates = panel if options.quick else list(REPORTING_JUDGES)
+    # The full demo measures every reporting candidate the judge check could run, passed or not, so
+    # its rows (cached in rows.json) do not depend on which passed; the report shows the panel only.
+    # The quick demo measures the panel alone.
+    checked = [n for n in REPORTING_JUDGES if n in check["judges"] and "unavailable" not in check["judges"][n]]
+    candidates = panel if options.quick else checked
     judges = {}
     for name in candidates:
         try:

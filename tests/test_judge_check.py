@@ -138,3 +138,21 @@ def test_effnet_resolution_is_part_of_the_judge_name():
     for bad in ("effnet-lite0@", "effnet-lite0@16", "effnet-lite0@x", "effnet-lite0-224"):
         with pytest.raises(UserInputError, match="effnet-lite0@R"):
             effnet_resolution(bad)
+
+
+def test_a_stopped_check_resumes_from_its_finished_judges(data, tmp_path):
+    from cmboost.metrics.judge_check import run_judge_check
+
+    partial = tmp_path / "j.partial.json"
+    args = (data["real"][:REF + N], data["generated"], data["labels"])
+    kwargs = dict(attacker="fmnist", reference_count=REF, probe_count=N, settings=SETTINGS, log=lambda *_: None,
+                  partial_path=partial)
+    first = run_judge_check(["fmnist-allconv"], *args, **kwargs)
+    assert json.loads(partial.read_text())["judges"]["fmnist-allconv"] == json.loads(json.dumps(first["judges"]["fmnist-allconv"]))
+    said = []
+    again = run_judge_check(["fmnist-allconv"], *args, **dict(kwargs, log=said.append))
+    assert any("taken from" in line for line in said) and again["judges"] == json.loads(json.dumps(first["judges"]))
+    other = run_judge_check(["fmnist-allconv"], *args, **dict(kwargs, settings=CheckSettings(bootstrap=6, transfer_eps=(1.0,)),
+                                                               log=said.append))
+    assert sum("taken from" in line for line in said) == 1  # other settings: checked again
+    assert other["judges"]["fmnist-allconv"]["identity"] == first["judges"]["fmnist-allconv"]["identity"]

@@ -19,16 +19,22 @@ pure functions: images -> features -> numbers -> verdict.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
+import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmboost.atomic import atomic_write_text
 from cmboost.controls import gaussian_blur, move_to_norm, random_perturbation
 from cmboost.errors import UserInputError
-from cmboost.metrics.stats import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
+from cmboost.metrics.stats import (feature_statistics, frechet_distance, kernel_inception_distance,
+                                   polynomial_kernel, psd_sqrt)
 from cmboost.runtime import sample_generators, randn_per_sample
 
 FORMAT_VERSION = 1
@@ -163,11 +169,13 @@ class ReferenceFeatures:
     mu: np.ndarray
     sigma: np.ndarray
     sqrt_sigma: np.ndarray
+    gram: torch.Tensor  # KID's kernel of the reference with itself, the costly part of every KID
 
     @classmethod
     def of(cls, features: np.ndarray) -> "ReferenceFeatures":
         mu, sigma = feature_statistics(features)
-        return cls(features, mu, sigma, psd_sqrt(sigma))
+        as_tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        return cls(features, mu, sigma, psd_sqrt(sigma), polynomial_kernel(as_tensor, as_tensor))
 
     def fid(self, mu: np.ndarray, sigma: np.ndarray) -> float:
         return frechet_distance(self.mu, self.sigma, mu, sigma, sqrt_sigma1=self.sqrt_sigma)
@@ -176,7 +184,7 @@ class ReferenceFeatures:
 def fid_kid(ref: ReferenceFeatures, features: np.ndarray) -> dict:
     mu, sigma = feature_statistics(features)
     fid = ref.fid(mu, sigma)
-    kid, kid_std = kernel_inception_distance(ref.features, features)
+    kid, kid_std = kernel_inception_distance(ref.features, features, real_gram=ref.gram)
     if not all(np.isfinite([fid, kid, kid_std])):
         raise UserInputError("judge check: a non-finite FID or KID (broken features?)")
     return {"fid": fid, "kid": kid, "kid_std": kid_std}
@@ -284,11 +292,13 @@ DEFAULT_ATTACKER = "fmnist-attacker"
 def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np.ndarray, labels: np.ndarray,
                     attacker: str = DEFAULT_ATTACKER, reference_count: int = 5000, probe_count: int = 1000,
                     settings: CheckSettings = CheckSettings(), device: torch.device | str = "cpu",
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, partial_path: str | os.PathLike | None = None) -> dict:
     """Checks every judge in `judges` against real images `real_u8` (the first `reference_count`
     make the reference, the next `probe_count` the clean rung) with the generated images
     `generated_u8` (class `labels`) for the mixes and the edits. A judge that cannot be loaded here
-    (no weights, no package) is listed as unavailable with the reason, and does not pass."""
+    (no weights, no package) is listed as unavailable with the reason, and does not pass. With
+    `partial_path`, each finished judge is saved there, and a rerun on the same data, settings and
+    attacker takes it from there instead of checking it again (a judge whose weights changed is redone)."""
     from cmboost.metrics.domain_net import load_domain_net
     from cmboost.metrics.features import load_feature_extractor
 
@@ -315,13 +325,25 @@ def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np
         if extractors[name].identity == attacker_identity:
             raise UserInputError(f"--judges {name}: has the weights of the attacker {attacker}; a judge must be "
                                  "unrelated to the network whose edits probe it")
-    log(f"edits by the attacker {attacker} at eps {', '.join(f'{e:g}' for e in settings.transfer_eps)}")
-    edits = make_transfer_edits(attacker_net, generated_u8, labels, settings)
-    families = ladders(probe_u8, generated_u8, settings)
+    config = {"settings": dataclasses.asdict(settings), "attacker": attacker_identity,
+              "data": [_digest(a) for a in (reference_u8, probe_u8, generated_u8, labels)]}
+    done = _read_partial(partial_path, config)
+    todo = [n for n in judges if n in extractors and done.get(n, {}).get("identity") != extractors[n].identity]
+    if todo:
+        log(f"edits by the attacker {attacker} at eps {', '.join(f'{e:g}' for e in settings.transfer_eps)}")
+        edits = make_transfer_edits(attacker_net, generated_u8, labels, settings)
+        families = ladders(probe_u8, generated_u8, settings)
     for name in judges:
         if name not in extractors:
             continue
+        if name not in todo:
+            results[name] = done[name]
+            log(f"{name}: taken from {partial_path}")
+            continue
         results[name] = check_judge(extractors[name], reference_u8, probe_u8, generated_u8, families, edits, settings)
+        done[name] = results[name]
+        if partial_path is not None:
+            atomic_write_text(partial_path, json.dumps({"config": config, "judges": done}) + "\n")
         verdict = "passes" if results[name]["passed"] else "fails: " + "; ".join(results[name]["reasons"])
         log(f"{name}: {verdict}")
     results = {name: results[name] for name in judges}
@@ -329,6 +351,23 @@ def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np
             "attacker": {"name": attacker, "identity": attacker_identity},
             "data": {"reference": reference_count, "probe": probe_count, "generated": len(generated_u8)},
             "judges": results}
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def _read_partial(path, config: dict) -> dict:
+    """The judges a stopped run finished, if it checked the same data the same way; else nothing."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        saved = json.loads(Path(path).read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("judges"), dict):
+            raise ValueError("not a judge-check progress file")
+    except ValueError as err:
+        raise UserInputError(f"{path}: unreadable progress file ({err}); delete it to check every judge again") from None
+    return saved["judges"] if saved.get("config") == json.loads(json.dumps(config)) else {}
 
 
 def format_table(report: dict) -> str:
