@@ -6,6 +6,16 @@ candidates that keep recall within `max_recall_drop` of the unboosted samples, p
 overall. The reporting judges and the test split take no part: that is what lets a report made
 with them be trusted (see cmboost/metrics/judges.py).
 
+A committee of tuning judges (`--judge a,b,c`, one training-data reference each) guards against a
+setting that fits one judge: the candidate chosen is the one whose worst relative FID and KID change
+(vs the unboosted samples, per judge) across the committee is lowest, among those that keep recall
+under every judge. Every judge's metrics of every candidate are recorded, with how well the judges
+agree on the ranking of the candidates (Spearman's rho of their FIDs on the validation samples).
+With one judge the rule and the file are as they always were.
+
+Candidates that edit beyond the booster's robust radius (`--robust-radius`: PGD and BIGRoC with a
+larger eps) are marked, and not chosen unless `--allow-beyond-radius`.
+
 The unsharp-mask control is tuned on the same footing, so the report compares the method with
 the best sharpening, not with an arbitrary one. Each finished candidate is written to
 `<out>.partial.json`, so rerunning an interrupted tune resumes.
@@ -33,7 +43,7 @@ from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.jobs import check_same_config, read_record, write_record
-from cmboost.records import check_at_least, check_choice, check_finite, field_default
+from cmboost.records import check_above, check_at_least, check_choice, check_finite, field_default
 from cmboost.runtime import BLOCK_SIZE
 
 FORMAT = "cmboost.tune/1"                 # the settings file (`--out`, read by `boost --settings`)
@@ -41,7 +51,8 @@ GRID_FORMAT = "cmboost.grid/1"            # a --grid file; its "format" key may 
 PARTIAL_FORMAT = "cmboost.tune-partial/1"  # <out>.partial.json, the finished candidates of a resumable run
 BOOST_METHODS = ("pgd", "sgld", "bigroc")     # what `cmboost boost` runs
 CONTROL_METHODS = ("unsharp",)                # tuned alike, never chosen as "the" method
-CRITERIA = ("fid", "kid")
+CRITERIA = ("fid", "kid", "fid+kid")  # fid+kid: the worse of the two relative changes
+RADIUS_METHODS = ("pgd", "bigroc")      # the candidates with an L2 radius (eps), marked beyond --robust-radius
 # The compute block of the settings files written before tune recorded it (fingerprint.batch_size):
 # tune boosted 250 images together then, and `boost --settings` must boost those files' images alike.
 LEGACY_BLOCK = 250
@@ -52,16 +63,25 @@ class TuneSettings:
     """How the winner is chosen, and the boosting batch (`cmboost tune` reads its flags' defaults
     here); checked when built, so the command line fails before it loads anything."""
 
-    criterion: str = "fid"          # what the tuning judge minimises
-    max_recall_drop: float = 0.03   # candidates that lose more recall than this (vs unboosted) are not chosen
+    criterion: str | None = None    # what the judges minimise; None: fid with one judge, fid+kid with a committee
+    max_recall_drop: float = 0.03   # candidates that lose more recall than this (vs unboosted, under any judge) are not chosen
     batch_size: int = BLOCK_SIZE    # images boosted together (the compute block, boost's --block-size)
+    robust_radius: float | None = None  # the booster's robust L2 radius: PGD/BIGRoC candidates with eps beyond it are marked
+    allow_beyond_radius: bool = False   # and may be chosen all the same
 
     def __post_init__(self):
         check_finite(self)
-        check_choice(self, "criterion", CRITERIA)
+        check_choice(self, "criterion", CRITERIA, allow_none=True)
         if not 0 <= self.max_recall_drop <= 1:
             raise UserInputError(f"--max-recall-drop {self.max_recall_drop}: must be within [0, 1]")
         check_at_least(self, 1, ("batch_size",))
+        check_above(self, 0, ("robust_radius",))
+        if self.allow_beyond_radius and self.robust_radius is None:
+            raise UserInputError("--allow-beyond-radius: needs --robust-radius (the radius it allows going beyond)")
+
+    def rule(self, num_judges: int) -> str:
+        """The criterion in force: the one given, else fid for one judge and fid+kid for a committee."""
+        return self.criterion or ("fid" if num_judges == 1 else "fid+kid")
 
 
 def default_grid(threshold: float | None, with_classifier: bool) -> list[tuple[str, dict]]:
@@ -192,13 +212,52 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
-def _pick(rows: list[dict], method: str, criterion: str, recall_floor: float) -> dict | None:
-    mine = [r for r in rows if r["method"] == method]
-    if not mine:
+def relative_change(value: float, base: float) -> float:
+    """(value - base) / |base|: the change against the unboosted samples, in the base's own units,
+    so judges of different scales weigh alike (rising with `value` whatever the base's sign; the
+    plain difference when the base is 0)."""
+    return (value - base) / abs(base) if base else value - base
+
+
+def beyond_radius(method: str, hyper: dict, robust_radius: float | None) -> bool:
+    """Whether a candidate edits with an L2 radius larger than the booster's robust radius."""
+    return robust_radius is not None and method in RADIUS_METHODS and hyper["eps"] > robust_radius
+
+
+def check_radius(candidates: list[tuple[str, dict]], choice: TuneSettings) -> None:
+    """With --robust-radius (and not --allow-beyond-radius), at least one boosting candidate must be
+    choosable: checked before anything is scored."""
+    if choice.robust_radius is None or choice.allow_beyond_radius:
+        return
+    if all(beyond_radius(m, h, choice.robust_radius) for m, h in candidates if m in BOOST_METHODS):
+        raise UserInputError(f"--robust-radius {choice.robust_radius}: every boosting candidate of the grid has a "
+                             f"larger eps, so none could be chosen; add candidates within it (or SGLD), or pass "
+                             f"--allow-beyond-radius")
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (ties take their mean rank); None where it is undefined: fewer
+    than two values, or one side all alike."""
+    from scipy.stats import rankdata
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    allowed = [r for r in mine if r["metrics"]["recall"] >= recall_floor]
-    best = min(allowed or mine, key=lambda r: r["metrics"][criterion])
-    return dict(best, recall_ok=bool(allowed))
+    return float(np.corrcoef(rankdata(a), rankdata(b))[0, 1])
+
+
+def ranking_agreement(rows: list[dict], names: list[str]) -> dict:
+    """How alike the committee ranks the candidates (every tuned one, not the unboosted samples) by
+    FID on the validation samples: Spearman's rho per pair of judges, and each judge's mean over its pairs."""
+    fids = {n: [r["judges"][n]["fid"] for r in rows] for n in names}
+    pairs = [{"judges": [a, b], "rho": spearman(fids[a], fids[b])}
+             for i, a in enumerate(names) for b in names[i + 1:]]
+    mean = {}
+    for n in names:
+        mine = [p["rho"] for p in pairs if n in p["judges"] and p["rho"] is not None]
+        mean[n] = float(np.mean(mine)) if mine else None
+    return {"statistic": "Spearman rank correlation of the candidates' FID, on the validation samples",
+            "candidates": len(rows), "pairs": pairs, "mean": mean}
 
 
 def check_classifier(classifier, model, source: str = "classifier") -> None:
@@ -213,29 +272,56 @@ def check_classifier(classifier, model, source: str = "classifier") -> None:
                              f"{model.image_size}x{model.image_size}")
 
 
+def as_committee(judge, reference) -> tuple[list, list]:
+    """(judges, references): one of each, or lists of equal length (a committee, references in the
+    judges' order)."""
+    judges = list(judge) if isinstance(judge, (list, tuple)) else [judge]
+    references = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    if not judges:
+        raise UserInputError("--judge: names no judge")
+    if len(references) != len(judges):
+        raise UserInputError(f"--ref: {len(judges)} judge{'s' if len(judges) > 1 else ''} need one reference each, "
+                             f"given in --judge's order, and got {len(references)}")
+    return judges, references
+
+
 def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.PathLike, classifier=None,
          threshold: float | None = None, grid: list[tuple[str, dict]] | None = None,
-         criterion: str = field_default(TuneSettings, "criterion"),
+         criterion: str | None = field_default(TuneSettings, "criterion"),
          max_recall_drop: float = field_default(TuneSettings, "max_recall_drop"), realness_kind: str | None = None,
          device: torch.device | str = "cpu", precision: str = "fp32",
          batch_size: int = field_default(TuneSettings, "batch_size"), provenance: dict | None = None,
          overwrite: bool = False, progress: bool = True, grid_source: str = "grid",
-         classifier_source: str = "classifier") -> dict:
+         classifier_source: str = "classifier",
+         robust_radius: float | None = field_default(TuneSettings, "robust_radius"),
+         allow_beyond_radius: bool = field_default(TuneSettings, "allow_beyond_radius")) -> dict:
     """Scores every candidate on `samples` with `judge` (a tuning judge) against `reference`
-    (training-data statistics made by that judge), writes the settings file `out`, returns it."""
+    (training-data statistics made by that judge), writes the settings file `out`, returns it.
+
+    `judge` may be a list, a committee of tuning judges, with `reference` the list of their
+    references in the same order: then the chosen candidate is the one whose worst relative change
+    (vs the unboosted samples, per judge) of FID and KID across the committee is lowest, among those
+    that keep recall under every judge; each judge's metrics of every candidate are recorded, with
+    the judges' agreement on the ranking (`ranking_agreement`)."""
     from tqdm import tqdm
 
     from cmboost.boost_job import check_fits_model
     from cmboost.checkpoints import weights_digest
     from cmboost.metrics.evaluate import evaluate_images
-    from cmboost.metrics.judges import check_tuning_judge
+    from cmboost.metrics.judges import check_tuning_committee
 
-    TuneSettings(criterion, max_recall_drop, batch_size)  # bad values fail before any work
-    check_tuning_judge(judge)
-    reference.check_against(judge)
-    if "test" in str(reference.data).lower().split():
-        raise UserInputError(f"{reference.source}: made from a test split ({reference.data}); tune against "
-                             "training data (cmboost evaluate-ref --split train) and keep the test split for the report")
+    choice = TuneSettings(criterion, max_recall_drop, batch_size, robust_radius, allow_beyond_radius)
+    judges, references = as_committee(judge, reference)  # bad values fail before any work
+    check_tuning_committee(judges)
+    for ref, one in zip(references, judges):
+        ref.check_against(one)
+        if "test" in str(ref.data).lower().split():
+            raise UserInputError(f"{ref.source}: made from a test split ({ref.data}); tune against training data "
+                                 "(cmboost evaluate-ref --split train) and keep the test split for the report")
+    names = [j.name for j in judges]
+    committee = len(judges) > 1
+    rule = choice.rule(len(judges))
+    plain = not committee and rule in ("fid", "kid")  # one judge, one metric: today's rule and file layout
     out = Path(out)
     refuse_existing(out, overwrite)
     images, labels = load_samples(samples, num_classes=model.num_classes)
@@ -248,18 +334,25 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
         check_fits_model(images, labels, classifier, str(samples))
     grid = default_grid(threshold, classifier is not None) if grid is None else grid
     candidates = check_grid(grid, classifier is not None, realness_kind, grid_source)
+    check_radius(candidates, choice)
     fingerprint = {"samples": _digest(images), "labels": _digest(labels), "model": weights_digest(model),
                    "classifier": weights_digest(classifier) if classifier is not None else None,
-                   "judge": judge.identity, "reference": _digest(reference.mu), "precision": precision,
+                   "judge": [j.identity for j in judges] if committee else judges[0].identity,
+                   "reference": [_digest(r.mu) for r in references] if committee else _digest(references[0].mu),
+                   "precision": precision,
                    "batch_size": batch_size}  # the compute block: a resume must boost with the same one
     partial = out.with_name(out.name + ".partial.json")
     keys = ["none"] + [json.dumps([m, h], sort_keys=True) for m, h in candidates]
     saved = None if overwrite else read_record(partial)
-    done = {} if saved is None else _read_partial(saved, partial, fingerprint, keys)
+    done = {} if saved is None else _read_partial(saved, partial, fingerprint, keys, names if committee else None)
 
     def score(images_u8: np.ndarray) -> dict:
-        result = evaluate_images(images_u8, reference, judge)
-        return {k: result[k] for k in METRIC_KEYS}
+        per = {}
+        for one, ref in zip(judges, references):
+            result = evaluate_images(images_u8, ref, one)
+            per[one.name] = {k: result[k] for k in METRIC_KEYS}
+        # With a committee, "metrics" stays the first judge's, as with one judge.
+        return {"metrics": per[names[0]], "judges": per} if committee else {"metrics": per[names[0]]}
 
     bar = tqdm(total=len(keys), desc="tune", unit="candidate", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, initial=sum(k in done for k in keys))
@@ -269,31 +362,64 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                 continue
             t0 = time.perf_counter()
             if key == "none":
-                row = {"method": "none", "hyper": {}, "metrics": score(images), "mean_l2_change": 0.0}
+                row = {"method": "none", "hyper": {}, **score(images), "mean_l2_change": 0.0}
             else:
                 method, hyper = json.loads(key)
                 boosted, change = run_method(method, hyper, model, classifier, images, labels, device,
                                              batch_size, precision)
-                row = {"method": method, "hyper": hyper, "metrics": score(boosted),
-                       "mean_l2_change": float(change.mean())}
+                row = {"method": method, "hyper": hyper, **score(boosted), "mean_l2_change": float(change.mean())}
             # As a resume reads it back (keys sorted), and no timings: the same bytes on every run and resume.
             done[key] = json.loads(json.dumps(row, sort_keys=True))
             write_record(partial, {"format": PARTIAL_FORMAT, "fingerprint": fingerprint, "rows": done})
             bar.set_postfix_str(f"last {time.perf_counter() - t0:.1f} s", refresh=False)
             bar.update(1)
 
-    rows = [done[k] for k in keys]
-    base = rows[0]["metrics"]
-    floor = base["recall"] - max_recall_drop
-    methods = {m: _pick(rows, m, criterion, floor) for m in BOOST_METHODS + CONTROL_METHODS}
-    methods = {m: best for m, best in methods.items() if best is not None}
-    chosen = min((m for m in BOOST_METHODS if m in methods),
-                 key=lambda m: (not methods[m]["recall_ok"], methods[m]["metrics"][criterion]))
-    settings = {"format": FORMAT, "best": chosen, "criterion": criterion, "max_recall_drop": max_recall_drop,
-                "judge": {"name": judge.name, "identity": judge.identity, "role": "tuning"},
-                "reference": {"source": str(reference.source), "data": str(reference.data)},
-                "fingerprint": fingerprint, "provenance": provenance or {}, "unboosted": base,
-                "methods": methods, "candidates": rows}
+    rows = [dict(done[k]) for k in keys]
+    per_judge = (lambda row: row["judges"]) if committee else (lambda row: {names[0]: row["metrics"]})
+    base = per_judge(rows[0])
+    measured = ("fid", "kid") if rule == "fid+kid" else (rule,)
+    for row in rows:
+        per = per_judge(row)
+        recall_ok = all(per[n]["recall"] >= base[n]["recall"] - max_recall_drop for n in names)
+        if plain:
+            row["_score"], row["_recall_ok"] = per[names[0]][rule], recall_ok
+        else:
+            row["change"] = {n: {c: relative_change(per[n][c], base[n][c]) for c in ("fid", "kid")} for n in names}
+            row["worst"] = max(row["change"][n][c] for n in names for c in measured)
+            row["recall_ok"] = row["_recall_ok"] = recall_ok
+            row["_score"] = row["worst"]
+        if robust_radius is not None:
+            row["beyond_radius"] = beyond_radius(row["method"], row["hyper"], robust_radius)
+
+    def key(row: dict) -> tuple:  # within the radius (unless allowed), then recall kept, then the score
+        return (bool(row.get("beyond_radius")) and not allow_beyond_radius, not row["_recall_ok"], row["_score"])
+
+    methods = {}
+    for method in BOOST_METHODS + CONTROL_METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        if mine:
+            best = min(mine, key=key)
+            methods[method] = dict(best, recall_ok=best["_recall_ok"])
+    chosen = min((m for m in BOOST_METHODS if m in methods), key=lambda m: key(methods[m]))
+    strip = lambda row: {k: v for k, v in row.items() if not k.startswith("_")}  # noqa: E731
+    rows, methods = [strip(r) for r in rows], {m: strip(r) for m, r in methods.items()}
+
+    settings = {"format": FORMAT, "best": chosen, "criterion": rule, "max_recall_drop": max_recall_drop}
+    if robust_radius is not None:
+        settings.update(robust_radius=robust_radius, allow_beyond_radius=allow_beyond_radius)
+    settings["judge"] = {"name": names[0], "identity": judges[0].identity, "role": "tuning"}
+    if committee:
+        settings["committee"] = [{"name": j.name, "identity": j.identity, "role": "tuning",
+                                  "reference": {"source": str(r.source), "data": str(r.data)}}
+                                 for j, r in zip(judges, references)]
+        settings["rule"] = (f"lowest worst relative change (vs unboosted, per judge) of "
+                            f"{' and '.join(c.upper() for c in measured)} across the committee, among the "
+                            f"candidates that keep recall within max_recall_drop under every judge")
+    settings.update({"reference": {"source": str(references[0].source), "data": str(references[0].data)},
+                     "fingerprint": fingerprint, "provenance": provenance or {}, "unboosted": rows[0]["metrics"],
+                     "methods": methods, "candidates": rows})
+    if committee:
+        settings["agreement"] = ranking_agreement(rows[1:], names)
     atomic_write_text(out, json.dumps(settings, indent=1))
     partial.unlink(missing_ok=True)
     return settings
@@ -302,9 +428,11 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
 METRIC_KEYS = ("fid", "kid", "kid_std", "is", "precision", "recall")
 
 
-def _read_partial(saved: dict, partial: Path, fingerprint: dict, keys: list[str]) -> dict[str, dict]:
+def _read_partial(saved: dict, partial: Path, fingerprint: dict, keys: list[str],
+                  names: list[str] | None = None) -> dict[str, dict]:
     """The finished rows of a resumable run's progress file, schema-checked: a file of another format
-    or shape is named with its fix, never half-read."""
+    or shape is named with its fix, never half-read. `names`: a committee's judges, whose metrics
+    each row must hold."""
     fresh = "delete it to start over"
     if saved.get("format") != PARTIAL_FORMAT:
         raise UserInputError(f"{partial}: format {json_text(saved.get('format'))}: not a tune progress file of "
@@ -319,39 +447,111 @@ def _read_partial(saved: dict, partial: Path, fingerprint: dict, keys: list[str]
         if key in keys:
             _check_row(row, f"{partial}: rows[{json_text(key)}]", fresh)
     check_same_config(saved["fingerprint"], fingerprint, partial)
+    for key, row in rows.items():
+        if key in keys and names is not None:
+            _check_row(row, f"{partial}: rows[{json_text(key)}]", fresh, names)
     return {key: row for key, row in rows.items() if key in keys}
 
 
-def _check_row(row, where: str, fresh: str) -> None:
+def _check_metrics(metrics, where: str, fresh: str) -> None:
     def number(value, nullable=False) -> bool:
         return (value is None and nullable) or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
+    if not isinstance(metrics, dict) or not all(number(metrics.get(k), k not in ("fid", "recall")) for k in METRIC_KEYS):
+        raise UserInputError(f"{where}: expected numbers for {', '.join(METRIC_KEYS)}; {fresh}")
+
+
+def _check_row(row, where: str, fresh: str, names: list[str] | None = None) -> None:
     if not isinstance(row, dict):
         raise UserInputError(f"{where}: expected an object, got {json_kind(row)}; {fresh}")
     if not isinstance(row.get("method"), str) or not isinstance(row.get("hyper"), dict):
         raise UserInputError(f"{where}: needs a method (string) and hyper (object); {fresh}")
-    metrics = row.get("metrics")
-    if not isinstance(metrics, dict) or not all(number(metrics.get(k), k not in ("fid", "recall")) for k in METRIC_KEYS):
-        raise UserInputError(f"{where}: metrics: expected numbers for {', '.join(METRIC_KEYS)}; {fresh}")
-    if not number(row.get("mean_l2_change")):
+    _check_metrics(row.get("metrics"), f"{where}: metrics", fresh)
+    if names is not None:
+        per = row.get("judges")
+        if not isinstance(per, dict) or set(per) != set(names):
+            raise UserInputError(f"{where}: judges: expected the metrics of each of {', '.join(names)}; {fresh}")
+        for name in names:
+            _check_metrics(per[name], f"{where}: judges[{json_text(name)}]", fresh)
+    if not isinstance(row.get("mean_l2_change"), (int, float)) or isinstance(row.get("mean_l2_change"), bool):
         raise UserInputError(f"{where}: mean_l2_change: expected a number; {fresh}")
 
 
+def _mark(settings: dict, method: str, best: dict) -> str:
+    marks = []
+    if method == settings["best"]:
+        marks.append("chosen")
+    elif not best["recall_ok"]:
+        marks.append("recall drops")
+    if best.get("beyond_radius"):
+        marks.append(f"eps beyond the robust radius {settings['robust_radius']}")
+    return f" ({'; '.join(marks)})" if marks else ""
+
+
+def _radius_lines(settings: dict) -> list[str]:
+    """The candidates beyond the robust radius, if one was given."""
+    if settings.get("robust_radius") is None:
+        return []
+    beyond = [c for c in settings["candidates"] if c.get("beyond_radius")]
+    tuned = len(settings["candidates"]) - 1
+    what = "marked, and may be chosen" if settings.get("allow_beyond_radius") else "marked, never chosen"
+    listed = "; ".join(f"{c['method']} eps {c['hyper']['eps']:g} steps {c['hyper'].get('steps')}" for c in beyond)
+    return [f"robust radius {settings['robust_radius']:g}: {len(beyond)} of {tuned} candidates edit beyond it "
+            f"({what}){': ' + listed if listed else ''}"]
+
+
 def format_table(settings: dict) -> str:
-    """One line per method's best setting, then the unboosted row, under the tuning judge."""
+    """One line per method's best setting, then the unboosted row, under the tuning judge; with a
+    committee, each judge's relative changes and the judges' ranking agreement."""
+    if "committee" in settings:
+        return _committee_table(settings)
     crit = settings["criterion"]
+    what = f"lowest {crit.upper()}" if crit in ("fid", "kid") else "lowest worst relative change of FID and KID"
     lines = [f"tuning judge: {settings['judge']['name']} ({settings['judge']['identity']}); reference: "
-             f"{settings['reference']['data']}; criterion: lowest {crit.upper()} with recall within "
+             f"{settings['reference']['data']}; criterion: {what} with recall within "
              f"{settings['max_recall_drop']} of unboosted",
              f"{'method':<9} {'FID':>8} {'KID x1e3':>9} {'recall':>7} {'L2 change':>9}  settings"]
     base = settings["unboosted"]
     lines.append(f"{'none':<9} {base['fid']:8.3f} {1e3 * base['kid']:9.3f} {base['recall']:7.3f} {0.0:9.3f}")
     for method, best in settings["methods"].items():
         m = best["metrics"]
-        mark = " (chosen)" if method == settings["best"] else "" if best["recall_ok"] else " (recall drops)"
         lines.append(f"{method:<9} {m['fid']:8.3f} {1e3 * m['kid']:9.3f} {m['recall']:7.3f} "
-                     f"{best['mean_l2_change']:9.3f}  {json.dumps(best['hyper'], sort_keys=True)}{mark}")
-    return "\n".join(lines)
+                     f"{best['mean_l2_change']:9.3f}  {json.dumps(best['hyper'], sort_keys=True)}"
+                     f"{_mark(settings, method, best)}")
+    return "\n".join(lines + _radius_lines(settings))
+
+
+def _committee_table(settings: dict) -> str:
+    members = settings["committee"]
+    names = [m["name"] for m in members]
+    base = settings["candidates"][0]["judges"]
+    lines = [f"tuning committee of {len(names)} judges; choice: {settings['rule']} "
+             f"({settings['max_recall_drop']})"]
+    for i, member in enumerate(members, 1):
+        b = base[member["name"]]
+        lines.append(f"  [{i}] {member['name']} ({member['identity']}), reference {member['reference']['data']}: "
+                     f"unboosted FID {b['fid']:.3f}, KID x1e3 {1e3 * b['kid']:.3f}, recall {b['recall']:.3f}")
+    head = f"{'method':<9} {'worst':>7}"
+    for i in range(1, len(names) + 1):
+        head += f" {f'FID{i}':>7} {f'KID{i}':>7} {f'rec{i}':>6}"
+    lines.append(head + f" {'L2 change':>9}  settings   (FID, KID: change vs unboosted in %)")
+    for method, best in settings["methods"].items():
+        line = f"{method:<9} {100 * best['worst']:6.1f}%"
+        for name in names:
+            change, recall = best["change"][name], best["judges"][name]["recall"]
+            line += f" {100 * change['fid']:7.1f} {100 * change['kid']:7.1f} {recall:6.3f}"
+        lines.append(line + f" {best['mean_l2_change']:9.3f}  {json.dumps(best['hyper'], sort_keys=True)}"
+                            f"{_mark(settings, method, best)}")
+    agreement = settings["agreement"]
+    shown = lambda rho: "n/a" if rho is None else f"{rho:.3f}"  # noqa: E731
+    lines.append(f"ranking agreement on the validation samples (Spearman rho of the {agreement['candidates']} "
+                 f"candidates' FID):")
+    for pair in agreement["pairs"]:
+        a, b = (names.index(n) + 1 for n in pair["judges"])
+        lines.append(f"  [{a}] vs [{b}]: {shown(pair['rho'])}")
+    lines.append("  each judge against the others (mean): " +
+                 ", ".join(f"[{i}] {shown(agreement['mean'][n])}" for i, n in enumerate(names, 1)))
+    return "\n".join(lines + _radius_lines(settings))
 
 
 def load_settings_file(path: str | os.PathLike) -> dict:
@@ -395,6 +595,11 @@ def load_settings_file(path: str | os.PathLike) -> dict:
         raise UserInputError(f"{where}: best {json_text(best) if 'best' in settings else '(missing)'}: must name "
                              f"one of its tuned methods ({', '.join(tuned)})")
     return settings
+
+
+def tuning_judges(settings: dict) -> list[dict]:
+    """Every judge that tuned a settings file ({name, identity, role}): its committee, or its one judge."""
+    return [{k: m[k] for k in ("name", "identity", "role")} for m in settings.get("committee", [settings["judge"]])]
 
 
 def settings_block(settings: dict) -> int:

@@ -104,7 +104,9 @@ def test_sample_and_tune_flags_read_their_records(verb, record_type):
     flags = actions(verb)
     for name, default in field_defaults(record_type).items():
         assert flags[name].default == default, name
-        if default is not None:
+        if isinstance(default, bool):  # a switch: on when given, its default said in words
+            assert isinstance(flags[name], argparse._StoreTrueAction) and default is False, name
+        elif default is not None:
             assert_shows_default(flags[name], default)
 
 

@@ -213,3 +213,255 @@ def test_a_bad_recorded_block_is_one_line_naming_the_file(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "fingerprint.batch_size" in err and str(tmp_path / "t.json") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+
+# ----------------------------------------------------------------------------- a committee of tuning judges
+
+@pytest.fixture(scope="module")
+def committee(setup, tmp_path_factory):
+    """Three tuning judges with their training-data references: the shipped tuning judge, the shipped
+    attacker net (no reporting judge) and a small untrained domain net of its own weights."""
+    root, judge, ref = setup
+    from cmboost.metrics.domain_net import DomainNet, DomainNetConfig, save_domain_net
+
+    folder = tmp_path_factory.mktemp("committee")
+    torch.manual_seed(5)
+    tiny = DomainNet(DomainNetConfig(arch="allconv", widths=(4, 8, 8, 8), feature_dim=16, dropout=0.2))
+    tiny_path = save_domain_net(folder / "tiny.safetensors", tiny)
+    train, _, _ = load_dataset("fmnist", "train", image_size=32)
+    judges, refs, ref_paths = [judge], [ref], [root / "train-ref.npz"]
+    for spec in ("fmnist-attacker", str(tiny_path)):
+        extractor = load_feature_extractor(spec, "cpu")
+        judges.append(extractor)
+        refs.append(reference_stats(train[:400], extractor, source="fmnist train"))
+        ref_paths.append(save_reference(folder / f"ref-{len(refs)}.npz", refs[-1]))
+    return root, folder, judges, refs, ref_paths
+
+
+def _expected_choice(saved: dict, names: list[str], drop: float, radius=None, allow=False):
+    """The committee's rule, recomputed from the recorded per-judge metrics."""
+    base = saved["candidates"][0]["judges"]
+
+    def assess(row):
+        per = row["judges"]
+        worst = max((per[n][c] - base[n][c]) / abs(base[n][c]) for n in names for c in ("fid", "kid"))
+        kept = all(per[n]["recall"] >= base[n]["recall"] - drop for n in names)
+        beyond = radius is not None and row["method"] in ("pgd", "bigroc") and row["hyper"]["eps"] > radius
+        return (beyond and not allow, not kept, worst)
+
+    best = {}
+    for row in saved["candidates"][1:]:
+        if row["method"] not in best or assess(row) < assess(best[row["method"]]):
+            best[row["method"]] = row
+    chosen = min((m for m in BOOST_METHODS if m in best), key=lambda m: assess(best[m]))
+    return chosen, best, assess
+
+
+def test_a_committee_chooses_the_best_worst_case_and_records_every_judge(committee):
+    from scipy.stats import spearmanr
+
+    from cmboost.tune import format_table, tuning_judges
+
+    root, folder, judges, refs, _ = committee
+    model, classifier = models()
+    names = [j.name for j in judges]
+    settings = tune(root / "val.npz", model, refs, judges, folder / "committee.json", classifier=classifier,
+                    grid=GRID, progress=False)
+    saved = json.loads((folder / "committee.json").read_text())
+    assert saved == json.loads(json.dumps(settings))
+    assert saved["criterion"] == "fid+kid" and "worst relative change" in saved["rule"]
+    assert [m["name"] for m in saved["committee"]] == names
+    assert [m["identity"] for m in saved["committee"]] == [j.identity for j in judges]
+    assert all(m["role"] == "tuning" and m["reference"]["data"] == "fmnist train" for m in saved["committee"])
+    assert saved["judge"] == {"name": names[0], "identity": judges[0].identity, "role": "tuning"}
+    assert tuning_judges(saved) == [{"name": j.name, "identity": j.identity, "role": "tuning"} for j in judges]
+    for row in saved["candidates"]:
+        assert set(row["judges"]) == set(names) and row["metrics"] == row["judges"][names[0]]
+    chosen, best, assess = _expected_choice(saved, names, saved["max_recall_drop"])
+    assert saved["best"] == chosen
+    for method, row in best.items():
+        assert saved["methods"][method]["hyper"] == row["hyper"]
+        assert saved["methods"][method]["worst"] == pytest.approx(assess(row)[2])
+        assert saved["methods"][method]["recall_ok"] is (not assess(row)[1])
+    # the lead judge's scores are the ones it gives alone
+    alone = tune(root / "val.npz", model, refs[0], judges[0], folder / "alone.json", classifier=classifier,
+                 grid=GRID, progress=False)
+    assert [r["metrics"] for r in alone["candidates"]] == [r["metrics"] for r in saved["candidates"]]
+    # ranking agreement: Spearman's rho of the candidates' FID per pair of judges
+    agreement = saved["agreement"]
+    assert agreement["candidates"] == len(GRID) and len(agreement["pairs"]) == 3
+    for pair in agreement["pairs"]:
+        a, b = ([r["judges"][n]["fid"] for r in saved["candidates"][1:]] for n in pair["judges"])
+        assert pair["rho"] == pytest.approx(spearmanr(a, b)[0])
+    for name in names:
+        mine = [p["rho"] for p in agreement["pairs"] if name in p["judges"]]
+        assert agreement["mean"][name] == pytest.approx(np.mean(mine))
+    table = format_table(saved)
+    assert "ranking agreement" in table and all(name in table for name in names)
+    assert "(chosen)" in table.splitlines()[5 + list(saved["methods"]).index(chosen)]
+
+
+def test_one_judge_keeps_the_settings_file_layout(setup):
+    root, _, _ = setup
+    shipped = json.loads((ASSETS / "tuned-ct1.json").read_text())
+    mine = json.loads((root / "tuned.json").read_text())
+    assert list(mine) == list(shipped)
+    from cmboost.tune import tuning_judges
+
+    assert tuning_judges(shipped) == [shipped["judge"]]
+    assert list(mine["fingerprint"]) == list(shipped["fingerprint"]) + ["batch_size"]
+    timed = {"seconds"}  # the shipped rows' timings, dropped since so that every run writes the same bytes
+    assert [sorted(r) for r in mine["candidates"]] == [sorted(set(shipped["candidates"][0]) - timed)] * \
+        len(mine["candidates"])
+    assert {k: sorted(v) for k, v in mine["methods"].items()} == \
+        {k: sorted(set(v) - timed) for k, v in shipped["methods"].items() if k in mine["methods"]}
+
+
+def test_candidates_beyond_the_robust_radius_are_marked_and_not_chosen(committee):
+    from cmboost.tune import format_table
+
+    root, folder, judges, refs, _ = committee
+    model, classifier = models()
+    names = [j.name for j in judges[:2]]
+    grid = [("pgd", {"eps": 1.0, "steps": 3}), ("pgd", {"eps": 3.0, "steps": 3}), ("bigroc", {"eps": 3.0, "steps": 3}),
+            ("sgld", {"steps": 3, "step": 0.2})]
+    runs = {}
+    for allow in (False, True):
+        runs[allow] = tune(root / "val.npz", model, refs[:2], judges[:2], folder / f"radius-{allow}.json",
+                           classifier=classifier, grid=grid, progress=False, robust_radius=2.0,
+                           allow_beyond_radius=allow)
+        saved = json.loads((folder / f"radius-{allow}.json").read_text())
+        assert saved["robust_radius"] == 2.0 and saved["allow_beyond_radius"] is allow
+        assert [c["beyond_radius"] for c in saved["candidates"]] == [False, False, True, True, False]
+        chosen, best, _ = _expected_choice(saved, names, saved["max_recall_drop"], 2.0, allow)
+        assert saved["best"] == chosen
+        assert saved["methods"]["bigroc"]["beyond_radius"] is True  # still recorded, for boost --method bigroc
+        if not allow:
+            assert not saved["methods"][saved["best"]]["beyond_radius"]
+            assert saved["methods"]["pgd"]["hyper"]["eps"] == 1.0
+        table = format_table(saved)
+        assert "robust radius 2: 2 of 4 candidates edit beyond it" in table
+        assert "eps beyond the robust radius 2.0" in table
+    # the scores do not depend on the radius: only the marks and the choice do
+    assert [r["judges"] for r in runs[False]["candidates"]] == [r["judges"] for r in runs[True]["candidates"]]
+    # one judge: marked in the file and the table alike
+    one = tune(root / "val.npz", model, refs[0], judges[0], folder / "radius-one.json", classifier=classifier,
+               grid=grid, progress=False, robust_radius=2.0)
+    assert one["best"] != "bigroc" and one["methods"]["pgd"]["hyper"]["eps"] == 1.0
+    assert "edit beyond it" in format_table(one)
+    with pytest.raises(UserInputError, match="--robust-radius 0.5: every boosting candidate"):
+        tune(root / "val.npz", model, refs[0], judges[0], folder / "never.json", grid=grid[:2], progress=False,
+             robust_radius=0.5)
+    assert not (folder / "never.json").exists() and not (folder / "never.json.partial.json").exists()
+
+
+def test_a_committee_resumes_to_the_same_bytes_and_refuses_another_committees_progress(committee, monkeypatch):
+    root, folder, judges, refs, _ = committee
+    model, _ = models()
+    import cmboost.tune as tune_module
+
+    grid = GRID[:3]
+    tune(root / "val.npz", model, refs[:2], judges[:2], folder / "straight.json", grid=grid, progress=False)
+    real_run = tune_module.run_method
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "run_method", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        tune(root / "val.npz", model, refs[:2], judges[:2], folder / "resumed.json", grid=grid, progress=False)
+    monkeypatch.setattr(tune_module, "run_method", real_run)
+    partial = folder / "resumed.json.partial.json"
+    assert len(json.loads(partial.read_text())["rows"]) == 2
+    with pytest.raises(UserInputError, match="another configuration"):  # other judges cannot resume it
+        tune(root / "val.npz", model, [refs[0], refs[2]], [judges[0], judges[2]], folder / "resumed.json",
+             grid=grid, progress=False)
+    with pytest.raises(UserInputError, match="another configuration"):  # nor one judge
+        tune(root / "val.npz", model, refs[0], judges[0], folder / "resumed.json", grid=grid, progress=False)
+    tune(root / "val.npz", model, refs[:2], judges[:2], folder / "resumed.json", grid=grid, progress=False)
+    assert (folder / "resumed.json").read_bytes() == (folder / "straight.json").read_bytes()
+
+
+def test_a_committee_of_the_same_judge_twice_or_with_a_reporting_judge_is_refused(committee):
+    root, folder, judges, refs, _ = committee
+    model, _ = models()
+    with pytest.raises(UserInputError, match="named twice"):
+        tune(root / "val.npz", model, [refs[0]] * 2, [judges[0]] * 2, folder / "x.json", grid=GRID[:1], progress=False)
+    twin = type("J", (), {"name": "copy-of-fmnist", "identity": judges[0].identity, "device": torch.device("cpu")})()
+    with pytest.raises(UserInputError, match="same weights as fmnist"):
+        tune(root / "val.npz", model, [refs[0]] * 2, [judges[0], twin], folder / "x.json", grid=GRID[:1],
+             progress=False)
+    with pytest.raises(UserInputError, match="reporting judge"):
+        tune(root / "val.npz", model, refs[:2], [judges[0], load_feature_extractor("fmnist-allconv", "cpu")],
+             folder / "x.json", grid=GRID[:1], progress=False)
+    with pytest.raises(UserInputError, match="need one reference each"):
+        tune(root / "val.npz", model, refs[:1], judges[:2], folder / "x.json", grid=GRID[:1], progress=False)
+    with pytest.raises(UserInputError, match="reference made with feature net"):  # references in another order
+        tune(root / "val.npz", model, refs[1::-1], judges[:2], folder / "x.json", grid=GRID[:1], progress=False)
+    assert not (folder / "x.json").exists() and not (folder / "x.json.partial.json").exists()
+
+
+def test_cli_tune_with_a_committee(committee, tmp_path, capsys):
+    root, folder, judges, _, ref_paths = committee
+    (tmp_path / "grid.json").write_text(json.dumps({"pgd": [{"eps": 1.0, "steps": 2}, {"eps": 3.0, "steps": 2}],
+                                                    "sgld": [{"steps": 2, "step": 0.2}]}))
+    (tmp_path / "pgd.json").write_text(json.dumps({"pgd": [{"eps": 1.0, "steps": 2}]}))
+    spec = ",".join(j.name for j in judges)
+    common = [str(root / "val.npz"), "--model", str(ASSETS / "jcd-joint.safetensors"), "--device", "cpu",
+              "--grid", str(tmp_path / "grid.json"), "--no-progress", "--judge", spec]
+    refs = [a for path in ref_paths for a in ("--ref", str(path))]
+    out = tmp_path / "c.json"
+    assert cli_main(["tune", *common, *refs, "--robust-radius", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tuning committee of 3 judges" in printed and "ranking agreement" in printed
+    assert "robust radius 2: 1 of 3 candidates edit beyond it" in printed
+    saved = json.loads(out.read_text())
+    assert [m["name"] for m in saved["committee"]] == spec.split(",")
+    assert saved["provenance"]["reference"] == [str(p) for p in ref_paths]
+    assert cli_main(["boost", str(root / "val.npz"), "--model", str(ASSETS / "jcd-joint.safetensors"), "--settings",
+                     str(out), "--out", str(tmp_path / "b.npz"), "--dry-run", "--device", "cpu"]) == 0
+    resolved = json.loads(capsys.readouterr().out)  # a committee's file boosts as any other
+    assert resolved["method"] == saved["best"] and resolved["block_size"] == saved["fingerprint"]["batch_size"]
+    # the references may also be given comma-separated, in the same order: the same file
+    assert cli_main(["tune", *common, "--ref", ",".join(map(str, ref_paths)), "--robust-radius", "2",
+                     "--out", str(tmp_path / "d.json")]) == 0
+    capsys.readouterr()
+    other = json.loads((tmp_path / "d.json").read_text())
+    assert other["candidates"] == saved["candidates"] and other["best"] == saved["best"]
+    bad = [(["--ref", str(ref_paths[0])], "--ref"),
+           ([*refs, "--judge", "fmnist,fmnist-resnet,fmnist-attacker"], "--judge fmnist-resnet"),
+           ([*refs, "--judge", "fmnist,,fmnist-attacker"], "--judge"),
+           ([*refs, "--allow-beyond-radius"], "--allow-beyond-radius"),
+           ([*refs, "--robust-radius", "0"], "--robust-radius"),
+           ([*refs, "--robust-radius", "0.5", "--grid", str(tmp_path / "pgd.json")], "--robust-radius"),
+           ([*refs, "--criterion", "worst"], "--criterion")]
+    for extra, flag in bad:
+        argv = ["tune", *common, *extra, "--out", str(tmp_path / "never.json")]
+        with pytest.raises(SystemExit) if flag == "--criterion" else _no_raise():
+            code = cli_main(argv)
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1 and f"error: {flag}" in err, (extra, err)
+        assert not (tmp_path / "never.json").exists() and not (tmp_path / "never.json.partial.json").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_spearman_handles_ties_and_says_when_it_is_undefined():
+    from scipy.stats import spearmanr
+
+    from cmboost.tune import spearman
+
+    a, b = [1.0, 2.0, 2.0, 5.0, 3.0], [2.0, 1.0, 4.0, 4.0, 9.0]
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b)[0])
+    assert spearman([1.0, 2.0, 3.0], [30.0, 20.0, 10.0]) == pytest.approx(-1.0)
+    assert spearman([1.0], [2.0]) is None and spearman([1.0, 1.0], [1.0, 2.0]) is None
