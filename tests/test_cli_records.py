@@ -20,7 +20,7 @@ from cmboost.cli.train_cm import UNFLAGGED as CM_UNFLAGGED
 from cmboost.cli.train_features import UNFLAGGED as FEATURES_UNFLAGGED
 from cmboost.cli.train_jcd import CHANNELS_LAST
 from cmboost.cm.sample import SampleSettings
-from cmboost.cm.training import MODES, TrainSettings as CMSettings, UNetShape, mode_default
+from cmboost.cm.training import MODES, LoopSettings, TrainSettings as CMSettings, UNetShape, mode_default
 from cmboost.diagnose import DiagnoseSettings
 from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings as FeatureSettings
 from cmboost.metrics.reference import reference_stats
@@ -86,6 +86,10 @@ def test_train_cm_flags_read_train_settings_and_unet_shape():
         assert given == default, name
         assert f"(default: {flags[name].default})" in help_text(flags[name])
     assert mode_default("cd", "lr") != mode_default("edm", "lr") == field_default(CMSettings, "lr")
+    for name, default in field_defaults(LoopSettings).items():  # how one invocation runs: not in the run's record
+        assert flags[name].default == default, name
+        if default is not None:
+            assert_shows_default(flags[name], default)
 
 
 def test_train_features_flags_read_its_settings():
@@ -181,7 +185,7 @@ BAD = [
         ("--grad-clip", "inf"), ("--warmup", "-1"), ("--iters", "0"), ("--batch-size", "0"), ("--seed", "-1"),
         ("--model-channels", "0"), ("--channel-mult", "1,0"), ("--attention-resolutions", "0"),
         ("--num-res-blocks", "0"), ("--num-head-channels", "0"), ("--dropout", "nan"), ("--dropout", "1"),
-        ("--save-every", "0"), ("--log-every", "0"))],
+        ("--save-every", "0"), ("--log-every", "0"), ("--max-minutes", "0"), ("--max-minutes", "nan"))],
     (CM[:2] + ["ct"] + CM[3:], ["--start-scales", "1"], "--start-scales"),
     (CM[:2] + ["cd", "--teacher", "t.safetensors"] + CM[3:], ["--num-scales", "1"], "--num-scales"),
     *[(FEATURES, [flag, value], flag) for flag, value in (

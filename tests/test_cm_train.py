@@ -203,3 +203,81 @@ def test_torchrun_ddp_training(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     from cmboost.cm.checkpoint import read_config
     assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == 2
+
+
+def _fake_clock(minutes_per_read=1.0):
+    """A clock that moves `minutes_per_read` minutes each time it is read (train reads it once at the
+    start and once after each iteration): iteration k ends at minute k, whatever the machine's speed."""
+    reads = iter(range(10 ** 6))
+    return lambda: 60.0 * minutes_per_read * next(reads)
+
+
+def test_max_minutes_stops_at_an_iteration_boundary_and_resumes_exactly(data, unet, tmp_path, capsys):
+    from cmboost.checkpoints import read_safetensors
+    from cmboost.cm.checkpoint import read_config
+
+    def settings():
+        return TrainSettings(mode="edm", iters=6, unet=dict(unet), batch_size=4, lr=1e-3, warmup=2)
+
+    train(settings(), tmp_path / "straight", *data, CPU, save_every=100, progress=False)
+    capsys.readouterr()
+    run = tmp_path / "budget"
+    train(settings(), run, *data, CPU, save_every=100, progress=False, max_minutes=2.5, clock=_fake_clock())
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "stopped at iteration 3/6" in out[0] and "--max-minutes 2.5" in out[0], out
+    _, meta = read_safetensors(run / "state.safetensors")
+    assert meta["iteration"] == "3" and read_config(run / "model.safetensors")["iterations"] == 3
+    assert [json.loads(line)["iter"] for line in (run / "log.jsonl").read_text().splitlines()] == [3]
+    # rerun with the budget: two more iterations; then without it: to the end
+    train(settings(), run, *data, CPU, save_every=100, progress=False, max_minutes=2, clock=_fake_clock())
+    assert "stopped at iteration 5/6" in capsys.readouterr().out
+    train(settings(), run, *data, CPU, save_every=100, progress=False)
+    assert "trained edm for 6 iterations" in capsys.readouterr().out
+    a, meta_a = read_safetensors(tmp_path / "straight" / "state.safetensors")
+    b, meta_b = read_safetensors(run / "state.safetensors")
+    assert meta_a["iteration"] == meta_b["iteration"] == "6" and a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert [json.loads(line)["iter"] for line in (run / "log.jsonl").read_text().splitlines()] == [3, 5, 6]
+
+
+def test_max_minutes_never_stops_a_run_before_its_first_iteration_nor_after_its_last(data, unet, tmp_path, capsys):
+    from cmboost.checkpoints import read_safetensors
+
+    settings = TrainSettings(mode="edm", iters=2, unet=dict(unet), batch_size=4, lr=1e-3, warmup=2)
+    train(settings, tmp_path / "a", *data, CPU, progress=False, max_minutes=1e-9, clock=_fake_clock())
+    assert "stopped at iteration 1/2" in capsys.readouterr().out  # always one iteration: every rerun progresses
+    train(settings, tmp_path / "a", *data, CPU, progress=False, max_minutes=1, clock=_fake_clock())
+    out = capsys.readouterr().out
+    assert "stopped" not in out and "trained edm for 2 iterations" in out  # the last iteration ends the run
+    assert read_safetensors(tmp_path / "a" / "state.safetensors")[1]["iteration"] == "2"
+
+
+def test_cli_max_minutes(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from cmboost.cli import main
+    from cmboost.cm import training
+    from cmboost.cm.checkpoint import read_config
+
+    images, labels = synthetic(12)
+    for i, (im, c) in enumerate(zip(images, labels)):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im[0]).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    argv = ["train-cm", "--mode", "edm", "--run-dir", str(tmp_path / "run"), "--data", f"folder:{tmp_path / 'data'}",
+            "--iters", "4", "--batch-size", "2", "--model-channels", "16", "--channel-mult", "1,2",
+            "--num-head-channels", "16", "--no-progress", "--device", "cpu"]
+    monkeypatch.setattr(training, "wall_clock", _fake_clock())
+    assert main(argv + ["--max-minutes", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "stopped at iteration 2/4" in out[0] and "rerun the same command" in out[0]
+    assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == 2
+    assert main(argv) == 0  # the same command without the budget resumes and finishes
+    out = capsys.readouterr().out
+    assert "resuming" in out and "at iteration 2/4" in out and "trained edm for 4 iterations" in out
+    assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == 4
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(argv[:4] + [str(tmp_path / "never")] + argv[5:] + ["--max-minutes", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: --max-minutes {bad}" in err, err
+    assert not (tmp_path / "never").exists()

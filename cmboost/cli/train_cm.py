@@ -1,6 +1,6 @@
 """`cmboost train-cm`: train an EDM teacher, or a consistency model by distillation (cd) or training (ct).
 
-The flags' defaults are those of cm/training.py's TrainSettings and UNetShape (and MODE_DEFAULTS
+The flags' defaults are those of cm/training.py's TrainSettings, UNetShape and LoopSettings (and MODE_DEFAULTS
 where a mode differs); run builds both records before reading any data, so bad values fail first.
 """
 
@@ -40,12 +40,14 @@ def settings_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from cmboost.cm.training import train
+    from cmboost.cli.common import record_from_args
+    from cmboost.cm.training import LoopSettings, train
     from cmboost.data import load_dataset
     from cmboost.errors import UserInputError
     from cmboost.runtime import init_distributed, resolve_device, resolve_precision
 
     shape, settings = shape_from_args(args), settings_from_args(args)
+    loop = record_from_args(LoopSettings, args, {})  # bad numbers fail before the data is read
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     images, labels, num_classes = load_dataset(args.data, "train", data_dir=args.data_dir,
@@ -55,15 +57,15 @@ def run(args: argparse.Namespace) -> int:
                              f"divisible by 2^(levels-1)")
     settings = dataclasses.replace(settings, unet=shape.config(images.shape[2], images.shape[1], num_classes))
     init_distributed(device)
-    train(settings, args.run_dir, images, labels, device, precision, save_every=args.save_every,
-          log_every=args.log_every, progress=not args.no_progress)
+    train(settings, args.run_dir, images, labels, device, precision, save_every=loop.save_every,
+          log_every=loop.log_every, progress=not args.no_progress, max_minutes=loop.max_minutes)
     return 0
 
 
 def add_parser(verbs) -> None:
     from cmboost.cli.common import add_field_flag, add_runtime_flags, set_record_defaults
     from cmboost.cm.losses import DISTANCES
-    from cmboost.cm.training import LOG_EVERY, MODES, SAVE_EVERY, TrainSettings, UNetShape, mode_default
+    from cmboost.cm.training import MODES, LoopSettings, TrainSettings, UNetShape, mode_default
     from cmboost.records import field_default
 
     p = verbs.add_parser(
@@ -71,7 +73,7 @@ def add_parser(verbs) -> None:
         description="Class-conditional training on small data (Fashion-MNIST padded to 32x32 by default). "
                     "Keeps an EMA, saves run-dir/state.safetensors every --save-every iterations and exports "
                     "run-dir/model.safetensors (what 'cmboost sample --model' takes). Rerun the same command to "
-                    "resume. Works under torchrun (DDP).")
+                    "resume; --max-minutes stops it cleanly when its time is up. Works under torchrun (DDP).")
     setting = functools.partial(add_field_flag, p, TrainSettings)
     unet = functools.partial(add_field_flag, p, UNetShape)
 
@@ -102,10 +104,12 @@ def add_parser(verbs) -> None:
     unet("num_res_blocks", "residual blocks per level", type=int)
     unet("num_head_channels", "channels per attention head (-1: one head)", type=int)
     unet("dropout", "dropout rate", type=float)
-    p.add_argument("--save-every", type=int, default=SAVE_EVERY,
-                   help="iterations between saved states / exports (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=LOG_EVERY,
-                   help="iterations between log.jsonl records (default: %(default)s)")
+    loop = functools.partial(add_field_flag, p, LoopSettings)
+    loop("save_every", "iterations between saved states / exports", type=int)
+    loop("log_every", "iterations between log.jsonl records", type=int)
+    loop("max_minutes", "wall-time budget in minutes: past it, stop at the next iteration boundary with a saved "
+         "state and an exported model; rerunning the same command (with or without it) resumes (default: no "
+         "budget)", type=float)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_flags(p)
     set_record_defaults(p, TrainSettings, ("batch_size", "seed"))

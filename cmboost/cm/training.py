@@ -5,8 +5,9 @@ cm/losses.py (docs/method.md §5); this module draws their random inputs and run
 CD starts from the teacher's weights, as in the paper, and keeps an EMA target network; CT's
 target is the online network itself. Every run keeps an EMA of the weights (what is exported and
 sampled), saves its whole state every `save_every` iterations to run_dir/state.safetensors, and
-resumes from it when the same command is rerun. Under torchrun, each rank draws its own batches
-and DDP averages gradients.
+resumes from it when the same command is rerun. With a time budget (`max_minutes`) a run stops at an
+iteration boundary once the budget is spent, saving its state and exporting its model there. Under
+torchrun, each rank draws its own batches and DDP averages gradients.
 """
 
 from __future__ import annotations
@@ -324,17 +325,42 @@ def resumable_changes(settings: TrainSettings) -> set[str]:
     return allowed
 
 
-SAVE_EVERY = 250  # iterations between saved states (train-cm's --save-every reads it)
-LOG_EVERY = 25    # iterations between log.jsonl records
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """How one invocation of the loop runs, not what it trains: a rerun may change any of these and
+    still resume (train-cm's --save-every, --log-every and --max-minutes read their defaults here)."""
+
+    save_every: int = 250             # iterations between saved states and exports
+    log_every: int = 25               # iterations between log.jsonl records
+    max_minutes: float | None = None  # wall-time budget of this invocation: past it, stop at the next
+                                      # iteration boundary with a saved state and an exported model
+
+    def __post_init__(self):
+        check_finite(self)
+        check_at_least(self, 1, ("save_every", "log_every"))
+        check_above(self, 0, ("max_minutes",))
+
+
+def wall_clock() -> float:
+    """Seconds on a clock that only moves forward: what --max-minutes is measured with."""
+    return time.monotonic()
 
 
 def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None,
-          device: torch.device, precision: str = "fp32", save_every: int = SAVE_EVERY, log_every: int = LOG_EVERY,
-          progress: bool = True) -> Path:
-    """Trains until settings.iters, resuming from run_dir/state.safetensors; returns run_dir/model.safetensors."""
-    for flag, value in (("--save-every", save_every), ("--log-every", log_every)):
-        if value < 1:
-            raise UserInputError(f"{flag} {value}: must be >= 1")
+          device: torch.device, precision: str = "fp32",
+          save_every: int = field_default(LoopSettings, "save_every"),
+          log_every: int = field_default(LoopSettings, "log_every"), progress: bool = True,
+          max_minutes: float | None = field_default(LoopSettings, "max_minutes"),
+          clock: Callable[[], float] | None = None) -> Path:
+    """Trains until settings.iters, resuming from run_dir/state.safetensors; returns run_dir/model.safetensors.
+
+    With `max_minutes`, this invocation stops at the first iteration boundary once that much wall
+    time has passed since it began (`clock`, in seconds, read once at the start and once after each
+    iteration; wall_clock by default): the state is saved and the model exported there, and the
+    same command, with or without the budget, resumes."""
+    LoopSettings(save_every, log_every, max_minutes)  # bad values fail before anything is read or written
+    clock = clock or wall_clock
+    began = clock()
     run_dir = Path(run_dir)
     info = dist_info()
     run = RunDir(run_dir, SETTINGS_FILE, LOG_FILE)
@@ -388,6 +414,26 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
                 trainer.export(model_path)
             barrier()
             last_saved = k
+        if max_minutes is not None and k < settings.iters:
+            elapsed = clock() - began
+            # every rank stops at the same iteration: one that stopped alone would leave the others waiting
+            if not on_every_rank(elapsed < 60 * max_minutes, device):
+                if last_saved != k:
+                    if info.is_main:
+                        if window:  # the iterations since the last record, so the log misses none
+                            run.append_log({"iter": k, "loss": float(np.mean(window)),
+                                            "num_scales": trainer.num_scales_at(k - 1),
+                                            "lr": trainer.opt.param_groups[0]["lr"],
+                                            "sec_per_iter": (time.time() - start) / len(window)})
+                        trainer.save_state(state_path)
+                        trainer.export(model_path)
+                    barrier()
+                if bar is not None:
+                    bar.close()
+                print0(f"{run_dir}: stopped at iteration {k}/{settings.iters}, the --max-minutes {max_minutes:g} "
+                       f"budget spent ({elapsed / 60:.1f} min); state saved and model exported to {model_path}; "
+                       f"rerun the same command to resume")
+                return model_path
     if bar is not None:
         bar.close()
     print0(f"{run_dir}: trained {settings.mode} for {trainer.iteration} iterations; model in {model_path}")
