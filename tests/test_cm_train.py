@@ -176,8 +176,10 @@ def test_cli_train_then_sample(tmp_path, capsys):
     assert "--teacher" in capsys.readouterr().err
 
 
-def test_torchrun_ddp_training(tmp_path):
-    """Two gloo ranks train a tiny CT model through DDP and rank 0 exports it."""
+@pytest.mark.parametrize("budget", [None, "1e-6"], ids=["to-the-end", "max-minutes"])
+def test_torchrun_ddp_training(tmp_path, budget):
+    """Two gloo ranks train a tiny CT model through DDP and rank 0 exports it; with a budget spent
+    at once, both ranks stop after the first iteration together (neither waits for the other)."""
     import os
     import socket
     import subprocess
@@ -193,6 +195,8 @@ def test_torchrun_ddp_training(tmp_path):
     args = ["train-cm", "--mode", "ct", "--run-dir", str(tmp_path / "run"), "--data", f"folder:{tmp_path / 'data'}",
             "--iters", "2", "--batch-size", "2", "--model-channels", "16", "--channel-mult", "1,2",
             "--num-head-channels", "16", "--no-progress", "--device", "cpu"]
+    if budget:
+        args += ["--max-minutes", budget]
     (tmp_path / "args.json").write_text(json.dumps(args))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,7 +206,9 @@ def test_torchrun_ddp_training(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-2000:]
     from cmboost.cm.checkpoint import read_config
-    assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == 2
+    assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == (1 if budget else 2)
+    if budget:
+        assert done.stdout.count("stopped at iteration 1/2") == 1, done.stdout  # printed by rank 0 only
 
 
 def _fake_clock(minutes_per_read=1.0):
@@ -271,7 +277,9 @@ def test_cli_max_minutes(tmp_path, capsys, monkeypatch):
     assert main(argv + ["--max-minutes", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "stopped at iteration 2/4" in out[0] and "rerun the same command" in out[0]
-    assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == 2
+    assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == (1 if budget else 2)
+    if budget:
+        assert done.stdout.count("stopped at iteration 1/2") == 1, done.stdout  # printed by rank 0 only
     assert main(argv) == 0  # the same command without the budget resumes and finishes
     out = capsys.readouterr().out
     assert "resuming" in out and "at iteration 2/4" in out and "trained edm for 4 iterations" in out

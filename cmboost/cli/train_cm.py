@@ -1,7 +1,7 @@
 """`cmboost train-cm`: train an EDM teacher, or a consistency model by distillation (cd) or training (ct).
 
 The flags' defaults are those of cm/training.py's TrainSettings, UNetShape and LoopSettings (and MODE_DEFAULTS
-where a mode differs); run builds both records before reading any data, so bad values fail first.
+where a mode differs); run builds the records before reading any data, so bad values fail first.
 """
 
 from __future__ import annotations
