@@ -38,7 +38,7 @@ from cmboost.metrics.judge_check import attacker_edit
 from cmboost.metrics.judges import ATTACKER, JUDGES, REPORTING_JUDGES, describe
 from cmboost.report import require_matplotlib, save_labelled_grid
 from cmboost.runtime import resolve_device
-from cmboost.tune import load_settings_file, run_method, tuned_hyper
+from cmboost.tune import load_settings_file, run_method, settings_block, tuned_hyper
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "fmnist"
 SETTINGS_FILE = ASSETS / "demo.json"
@@ -250,7 +250,9 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             images, labels = generated(gen, seed)
             model = nets[net] if method not in ("bigroc", "unsharp") else None
             classifier = nets[net] if method == "bigroc" else None
-            edits[key] = run_method(method, hyper, model, classifier, images, labels, device)
+            # the compute block that tune scored this generator's settings with (boost --settings does the same)
+            edits[key] = run_method(method, hyper, model, classifier, images, labels, device,
+                                    batch_size=settings_block(tuned[gen]))
         return edits[key]
 
     def measure(gen: str, seed: int, net: str | None = None, method: str | None = None,
