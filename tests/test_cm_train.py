@@ -277,9 +277,7 @@ def test_cli_max_minutes(tmp_path, capsys, monkeypatch):
     assert main(argv + ["--max-minutes", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "stopped at iteration 2/4" in out[0] and "rerun the same command" in out[0]
-    assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == (1 if budget else 2)
-    if budget:
-        assert done.stdout.count("stopped at iteration 1/2") == 1, done.stdout  # printed by rank 0 only
+    assert read_config(tmp_path / "run" / "model.safetensors")["iterations"] == 2
     assert main(argv) == 0  # the same command without the budget resumes and finishes
     out = capsys.readouterr().out
     assert "resuming" in out and "at iteration 2/4" in out and "trained edm for 4 iterations" in out
