@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants tune tune-variants judges judges-more judges-check diagnose ship-judges ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose ship-judges ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -20,9 +20,12 @@ stage=${1:-all}
 want() { [ "$stage" = all ] || [ "$stage" = "$1" ]; }
 
 # 1. Consistency models, class-conditional, Fashion-MNIST padded to 32x32 (small ADM UNet, 1.4M parameters).
+# MINUTES=N gives each training stage a wall-time budget: it stops cleanly, and rerunning resumes.
+BUDGET=()
+[ -n "${MINUTES:-}" ] && BUDGET=(--max-minutes "$MINUTES")
 if want cm-edm; then
-  $CMB train-cm --mode edm --data fmnist --run-dir "$RUNS/fmnist-edm" --iters 400 --batch-size 64 --lr 1e-3 \
-      --warmup 50 --save-every 50 --log-every 10 --device cpu --seed 0 --no-progress
+  $CMB train-cm --mode edm --data fmnist --run-dir "$RUNS/fmnist-edm" --iters 6000 --batch-size 64 --lr 1e-3 \
+      --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 --no-progress "${BUDGET[@]}"
 fi
 if want cm-ct; then
   $CMB train-cm --mode ct --data fmnist --run-dir "$RUNS/fmnist-ct" --iters 350 --end-scales 80 --batch-size 64 \
@@ -81,6 +84,22 @@ if want jcd-variants; then
       --arch resnet_small --width 24 --objective joint --iters 3000 --batch-size 32 --lr 3e-3 --milestones 2400 \
       "${ATTACK[@]}" --device cpu --seed 7 --run-dir "$RUNS/fmnist-jcd-joint-w24"
 fi
+# 3c. Boosters robust at the radius they boost (issue 21): the shipped joint-w24 fine-tuned with a real-image
+#     attack that reaches the boosting radius (L2 eps 1.5, 2 or 3 on 32x32 grey, 7 steps of 2.5 eps/7) and a
+#     generated-image attack of the same reach (7 steps of 0.3). Chosen among with `cmboost diagnose`
+#     (stage diagnose-robust), never with an FID judge. ROBUST_EPS="2" runs one of them.
+if want jcd-robust; then
+  GEN=("$S"/train-ct1.npz "$S"/train-ct2.npz "$S"/train-cd1.npz "$S"/train-cd2.npz)
+  for eps in ${ROBUST_EPS:-1.5 2 3}; do
+    step=$(python3 -c "print(round(2.5 * $eps / 7, 4))")
+    $CMB train-jcd --data fmnist --image-size 32 --real-limit 55000 --generated "${GEN[@]}" \
+        --init cmboost/assets/fmnist/jcd-joint-w24.safetensors --objective joint --iters ${ROBUST_ITERS:-6000} \
+        --batch-size 32 --lr 1e-3 --milestones $(( ${ROBUST_ITERS:-6000} * 4 / 5 )) \
+        --real-eps "$eps" --real-steps 7 --real-step-size "$step" --gen-step-size 0.3 --gen-steps 7 \
+        --gen-steps-every 0 --device cpu --seed 9 --run-dir "$RUNS/fmnist-jcd-robust-$eps"
+  done
+fi
+
 if want tune-variants; then
   T="$RUNS/fmnist-tune"
   mkdir -p "$T"

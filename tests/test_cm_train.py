@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost.cm.losses import ct_level_probs, ct_num_scales, edm_loss, karras_levels
+from cmboost.cm.denoiser import CM_PRECOND, SIGMA_MIN, denoise
+from cmboost.cm.losses import (ct_level_probs, ct_num_scales, ect_gap_levels, ect_loss, ect_stage, edm_loss,
+                               karras_levels)
 from cmboost.cm.losses import teacher_heun_step as heun_step
 from cmboost.cm.training import TrainSettings, Trainer, small_unet_config, train
 from cmboost.errors import UserInputError
@@ -104,6 +106,58 @@ def test_ct_curriculum_and_level_distribution():
     assert levels[0].item() == pytest.approx(0.002) and levels[-1].item() == pytest.approx(80.0)
     mode = int(probs.argmax())
     assert levels[mode] < math.exp(-1.1) * 3 and levels[mode + 1] > math.exp(-1.1) / 3  # mass near e^P_mean
+
+
+def test_ect_curriculum_shrinks_the_gap_by_q():
+    # d = 100: stage 0 at the first iteration only, then ceil(k / d)
+    assert [ect_stage(k, 100) for k in (0, 1, 100, 101, 200, 799, 800)] == [0, 1, 1, 2, 2, 8, 8]
+    t = torch.tensor([0.01, 0.3, 1.0, 5.0, 80.0], dtype=torch.float64)
+    assert torch.equal(ect_gap_levels(t, 0, 2.0), torch.zeros_like(t))  # stage 0: the teacher's denoising task
+    gaps = [t - ect_gap_levels(t, stage, 2.0) for stage in range(3, 9)]
+    for a, b in zip(gaps, gaps[1:]):
+        torch.testing.assert_close(b, a / 2)  # once r > 0, each stage halves the gap
+    # n(t) = 1 + 8 sigmoid(-t): the gap is relatively widest at small t
+    ratio = gaps[-1] / t
+    assert bool((ratio[1:] < ratio[:-1]).all()) and ratio[0].item() == pytest.approx((1 + 8 / (1 + math.exp(0.01))) / 256)
+    r = ect_gap_levels(t, 12, 2.0)
+    assert bool((r < t).all()) and bool((r > 0.99 * t).all())
+
+
+def test_ect_loss_is_denoising_early_and_consistency_late():
+    net = Toy()
+    x, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0.2, 1.0, 1.5])
+    # stage 1 with q 2: r = t (1 - n(t)/2) < 0 for these t, so the target is the clean image
+    assert bool((ect_gap_levels(t, 1, 2.0) < SIGMA_MIN).all())
+    online = denoise(net, x + t.view(-1, 1, 1, 1) * noise, t, None, CM_PRECOND)
+    expected = (online - x).flatten(1).pow(2).mean(1) / t
+    torch.testing.assert_close(ect_loss(net, x, None, t, noise, 1, 2.0, "l2"), expected)
+    # a late stage: the target is the same network at r, with the same noise
+    r = ect_gap_levels(t, 8, 2.0)
+    target = denoise(net, x + r.view(-1, 1, 1, 1) * noise, r, None, CM_PRECOND)
+    expected = (online - target).flatten(1).pow(2).mean(1) / (t - r)
+    torch.testing.assert_close(ect_loss(net, x, None, t, noise, 8, 2.0, "l2"), expected)
+
+
+def test_ect_starts_from_the_teacher_and_samples_as_ct(data, teacher, tmp_path):
+    settings = TrainSettings(mode="ect", iters=30, unet={}, batch_size=16, lr=1e-3, warmup=5, teacher=str(teacher[0]),
+                             ect_stages=3, distance="pseudo-huber")
+    trainer = Trainer(settings, *data, CPU)
+    from cmboost.cm.checkpoint import load_model, read_config
+    start = load_model(teacher[0]).net.state_dict()
+    for name, value in trainer.net.state_dict().items():
+        assert torch.equal(value, start[name]), name
+    assert trainer.teacher is None and settings.unet["model_channels"] == 16  # weights only, architecture kept
+    assert [trainer.num_scales_at(k) for k in (0, 1, 10, 11, 29)] == [0, 1, 1, 2, 3]
+    before, after = _train_and_compare(trainer, data, settings.iters, num_scales=3)  # the last stage's loss
+    assert after < 0.9 * before
+    config = read_config(trainer.export(tmp_path / "ect.safetensors"))
+    assert config["kind"] == "ct" and config["sampler"] == {"ts": [0, 24, 39], "N": 40}
+    assert config["train"]["mode"] == "ect"
+    with pytest.raises(UserInputError, match="--mode ect needs --teacher"):
+        TrainSettings(mode="ect", iters=1, unet={})
+    with pytest.raises(UserInputError, match="--ect-q"):
+        TrainSettings(mode="ect", iters=1, unet={}, teacher="t", ect_q=1.0)
 
 
 class Toy(torch.nn.Module):

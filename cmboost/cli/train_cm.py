@@ -1,4 +1,5 @@
-"""`cmboost train-cm`: train an EDM teacher, or a consistency model by distillation (cd) or training (ct).
+"""`cmboost train-cm`: train an EDM teacher, or a consistency model by distillation (cd), training (ct),
+or easy consistency tuning from the teacher (ect).
 
 The flags' defaults are those of cm/training.py's TrainSettings, UNetShape and LoopSettings (and MODE_DEFAULTS
 where a mode differs); run builds the records before reading any data, so bad values fail first.
@@ -26,7 +27,7 @@ def shape_from_args(args: argparse.Namespace):
 
 def settings_from_args(args: argparse.Namespace):
     """TrainSettings of the flags, its `unet` still empty: the data, read later, gives the image size,
-    channels and classes (and a CD run takes its UNet from the teacher)."""
+    channels and classes (and a CD or ECT run takes its UNet from the teacher)."""
     from cmboost.cli.common import record_from_args
     from cmboost.cm.training import TrainSettings, mode_default
 
@@ -69,7 +70,8 @@ def add_parser(verbs) -> None:
     from cmboost.records import field_default
 
     p = verbs.add_parser(
-        "train-cm", help="train an EDM teacher (edm), or a consistency model by distillation (cd) or training (ct)",
+        "train-cm", help="train an EDM teacher (edm), or a consistency model by distillation (cd), training (ct) "
+             "or easy consistency tuning from the teacher (ect)",
         description="Class-conditional training on small data (Fashion-MNIST padded to 32x32 by default). "
                     "Keeps an EMA, saves run-dir/state.safetensors every --save-every iterations and exports "
                     "run-dir/model.safetensors (what 'cmboost sample --model' takes). Rerun the same command to "
@@ -85,7 +87,7 @@ def add_parser(verbs) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files")
     p.add_argument("--run-dir", required=True, help="folder for state, exported model and log.jsonl")
     p.add_argument("--iters", type=int, required=True, help="total training iterations")
-    setting("teacher", "cd: the EDM teacher's model.safetensors")
+    setting("teacher", "cd, ect: the EDM teacher's model.safetensors (ect: its initial weights)")
     p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {per_mode('lr')})")
     setting("warmup", "linear learning-rate warm-up iterations", type=int)
     setting("grad_clip", "gradient-norm clip (0: off)", type=float)
@@ -94,8 +96,10 @@ def add_parser(verbs) -> None:
     setting("target_ema", "cd: EMA rate of the target network", type=float)
     setting("start_scales", "ct: initial N-1 (doubles in stages)", type=int)
     setting("end_scales", "ct: final N-1", type=int)
+    setting("ect_q", "ect: the gap between the two noise levels shrinks by this factor at each stage", type=float)
+    setting("ect_stages", "ect: curriculum stages over --iters", type=int)
     p.add_argument("--distance", choices=DISTANCES, default=None,
-                   help=f"cd/ct distance (default: {per_mode('distance', ('cd', 'ct'))})")
+                   help=f"cd/ct/ect distance (default: {per_mode('distance', ('cd', 'ct', 'ect'))})")
     unet("model_channels", "UNet base channels", type=int)
     for name, help in (("channel_mult", "channel multiplier per level, comma-separated"),
                        ("attention_resolutions", "resolutions (pixels) with attention, comma-separated")):

@@ -11,6 +11,11 @@ The trainer (cm/training.py) draws the noise levels and the noise; these functio
   K' = floor(K / (log2(floor(s1/s0)) + 1)); level index i drawn from a discretised log-normal
   (P_mean -1.1, P_std 2.0); the same z at both levels; target = stop-grad of the online network
   (no EMA target); weight 1 / (t_{i+1} - t_i); pseudo-Huber distance c = 0.00054 sqrt(dim).
+- ECT, easy consistency tuning (Geng et al. 2024), started from the EDM teacher's weights: t drawn
+  log-normally (P_mean -1.1, P_std 2.0), r = t (1 - n(t) / q^a) with n(t) = 1 + 8 sigmoid(-t) and
+  stage a = ceil(k / d), so the gap t - r shrinks by q every d iterations (a target below sigma_min
+  is the clean image: the first stages are the teacher's own denoising task); the same z at both
+  levels; target = stop-grad of the online network (no EMA target); weight 1 / (t - r).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from cmboost.cm.denoiser import (CM_PRECOND, EDM_PRECOND, RHO, SIGMA_DATA, SIGMA
                                  heun_step, karras_sigma)
 
 DISTANCES = ("l2", "pseudo-huber")
+# ECT's gap mapping n(t) = 1 + ECT_MAP_K sigmoid(-ECT_MAP_B t): the paper's constants
+ECT_MAP_K, ECT_MAP_B = 8.0, 1.0
 
 
 # ----------------------------------------------------------------------------- schedules and distances
@@ -50,6 +57,17 @@ def ct_level_probs(num_levels: int, p_mean: float, p_std: float) -> torch.Tensor
     cdf = torch.erf((log_t - p_mean) / (math.sqrt(2) * p_std))
     p = (cdf[1:] - cdf[:-1]).clamp_min(0)
     return p / p.sum()
+
+
+def ect_stage(iteration: int, stage_iters: int) -> int:
+    """ECT's curriculum stage a = ceil(k / d) at iteration k (0 at the first iteration only)."""
+    return -(-iteration // stage_iters)
+
+
+def ect_gap_levels(t: torch.Tensor, stage: int, q: float) -> torch.Tensor:
+    """The lower level r of ECT's pair (r, t): r = t (1 - n(t) / q^stage), at least 0."""
+    ratio = (1.0 + ECT_MAP_K * torch.sigmoid(-ECT_MAP_B * t)) / q ** stage
+    return (t * (1.0 - ratio)).clamp_min(0.0)
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
@@ -107,3 +125,20 @@ def ct_loss(net: Callable, x: torch.Tensor, labels: torch.Tensor | None, i: torc
         target_out = denoise(net, x + t_cur.view(-1, 1, 1, 1) * noise, t_cur, labels, CM_PRECOND)
     online = denoise(net, x + t_next.view(-1, 1, 1, 1) * noise, t_next, labels, CM_PRECOND)
     return distance(online, target_out.float(), dist) / (t_next - t_cur)
+
+
+def ect_loss(net: Callable, x: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor,
+             stage: int, q: float, dist: str) -> torch.Tensor:
+    """Easy consistency tuning at per-sample levels t (their partners r from the stage's gap); the
+    target is the online network without gradient, or the clean image where r is below sigma_min."""
+    r = ect_gap_levels(t, stage, q)
+    # d(f(x + t z, t), sg f(x + r z, r)) / (t - r); f(x, sigma_min) = x is the boundary condition
+    clean = r < SIGMA_MIN
+    with torch.no_grad():
+        if bool(clean.all()):  # the early stages: no target network call at all
+            target_out = x
+        else:
+            target_out = denoise(net, x + r.view(-1, 1, 1, 1) * noise, r.clamp_min(SIGMA_MIN), labels, CM_PRECOND)
+            target_out = torch.where(clean.view(-1, 1, 1, 1), x, target_out.float())
+    online = denoise(net, x + t.view(-1, 1, 1, 1) * noise, t, labels, CM_PRECOND)
+    return distance(online, target_out, dist) / (t - r)

@@ -1,9 +1,10 @@
 """Training small class-conditional models: an EDM teacher, consistency distillation (CD) from it,
-and consistency training (CT) from scratch. The losses and their level schedules are in
+consistency training (CT) from scratch, and easy consistency tuning (ECT), consistency training
+started from the teacher's weights. The losses and their level schedules are in
 cm/losses.py (docs/method.md §5); this module draws their random inputs and runs the loop.
 
-CD starts from the teacher's weights, as in the paper, and keeps an EMA target network; CT's
-target is the online network itself. Every run keeps an EMA of the weights (what is exported and
+CD starts from the teacher's weights, as in the paper, and keeps an EMA target network; CT's and
+ECT's target is the online network itself (ECT uses the teacher only for its initial weights). Every run keeps an EMA of the weights (what is exported and
 sampled), saves its whole state every `save_every` iterations to run_dir/state.safetensors, and
 resumes from it when the same command is rerun. With a time budget (`max_minutes`) a run stops at an
 iteration boundary once the budget is spent, saving its state and exporting its model there. Under
@@ -27,7 +28,9 @@ import torch
 from cmboost.checkpoints import read_safetensors, save_safetensors
 from cmboost.cm.checkpoint import load_model, save_model, unet_from_config
 from cmboost.cm.denoiser import CM_PRECOND, EDM_PRECOND
-from cmboost.cm.losses import DISTANCES, cd_loss, ct_level_probs, ct_loss, ct_num_scales, edm_loss
+from cmboost.cm.denoiser import SIGMA_MAX, SIGMA_MIN
+from cmboost.cm.losses import (DISTANCES, cd_loss, ct_level_probs, ct_loss, ct_num_scales, ect_loss, ect_stage,
+                              edm_loss)
 from cmboost.cm.unet import attention_rates
 from cmboost.errors import UserInputError
 from cmboost.jobs import RunDir
@@ -35,7 +38,10 @@ from cmboost.records import (check_above, check_at_least, check_choice, check_fi
                              field_default, flag_of)
 from cmboost.runtime import DistInfo, all_finite, autocast, barrier, dist_info, on_every_rank, print0, sample_seed
 
-MODES = ("edm", "cd", "ct")
+MODES = ("edm", "cd", "ct", "ect")
+# ECT exports a consistency model (kind "ct") on a 40-level grid whose 2-step middle level, 24, is
+# sigma 0.823: the 0.821 that ECT samples 2 steps with
+ECT_SAMPLER = ((0, 24, 39), 40)
 STATE_FILE, MODEL_FILE, SETTINGS_FILE, LOG_FILE = "state.safetensors", "model.safetensors", "settings.json", "log.jsonl"
 
 
@@ -123,6 +129,9 @@ class TrainSettings:
     ct_p_mean: float = -1.1
     ct_p_std: float = 2.0
     distance: str = "l2"
+    # ECT (its noise levels are CT's log-normal, ct_p_mean and ct_p_std)
+    ect_q: float = 2.0                # the gap t - r shrinks by this factor at each stage
+    ect_stages: int = 8               # curriculum stages over the run: stage length d = ceil(iters / ect_stages)
     data: str = "fmnist"
 
     def __post_init__(self):
@@ -134,8 +143,12 @@ class TrainSettings:
         check_fraction(self, ("ema_rate", "target_ema"))
         check_seed(self)
         check_choice(self, "distance", DISTANCES)
-        if self.mode == "cd" and not self.teacher:
-            raise UserInputError("--mode cd needs --teacher (an EDM model.safetensors from 'cmboost train-cm --mode edm')")
+        if self.mode in ("cd", "ect") and not self.teacher:
+            raise UserInputError(f"--mode {self.mode} needs --teacher (an EDM model.safetensors from "
+                                 f"'cmboost train-cm --mode edm')")
+        if self.ect_q <= 1:
+            raise UserInputError(f"--ect-q {self.ect_q:g}: must be > 1 (the gap shrinks by it at each stage)")
+        check_at_least(self, 1, ("ect_stages",))
         if self.mode == "cd" and self.num_scales < 2:
             raise UserInputError(f"--num-scales {self.num_scales}: needs at least 2")
         if self.mode == "ct" and not 2 <= self.start_scales <= self.end_scales:
@@ -147,7 +160,8 @@ class TrainSettings:
 SETTINGS_FLAGS = {name: f"TrainSettings.{name}" for name in ("p_mean", "p_std", "ct_p_mean", "ct_p_std")}
 # A mode's own default where the record's does not suit it (train-cm applies these when the flag is
 # not given): CD starts from the teacher's weights and fine-tunes gently; CT compares with pseudo-Huber.
-MODE_DEFAULTS = {"cd": {"lr": 4e-5}, "ct": {"distance": "pseudo-huber"}}
+MODE_DEFAULTS = {"cd": {"lr": 4e-5}, "ct": {"distance": "pseudo-huber"},
+                 "ect": {"lr": 1e-4, "distance": "pseudo-huber"}}
 
 
 def mode_default(mode: str, name: str):
@@ -175,17 +189,21 @@ class Trainer:
         self.images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 NCHW, converted per batch
         self.labels = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.teacher = None
-        if settings.mode == "cd":
+        teacher_weights = None
+        if settings.mode in ("cd", "ect"):
             teacher = load_model(settings.teacher)
             if teacher.kind != "edm":
-                raise UserInputError(f"--teacher {settings.teacher}: is a {teacher.kind} model, CD needs an EDM teacher")
-            self.teacher = teacher.net.to(device).eval().requires_grad_(False)
+                raise UserInputError(f"--teacher {settings.teacher}: is a {teacher.kind} model, "
+                                     f"{settings.mode.upper()} needs an EDM teacher")
             settings.unet = dict(teacher.config["unet"])
+            teacher_weights = teacher.net.state_dict()
+            if settings.mode == "cd":  # ECT needs the teacher's weights only, not the network
+                self.teacher = teacher.net.to(device).eval().requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global RNG alone
             torch.manual_seed(settings.seed)
             self.net = unet_from_config(settings.unet).to(device)
-        if self.teacher is not None and settings.init_from_teacher:
-            self.net.load_state_dict(self.teacher.state_dict())  # CD starts from the teacher
+        if teacher_weights is not None and (settings.init_from_teacher or settings.mode == "ect"):
+            self.net.load_state_dict(teacher_weights)  # CD starts from the teacher; ECT always does
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.target = copy.deepcopy(self.net).eval().requires_grad_(False) if settings.mode == "cd" else None
         self.model = self.net
@@ -207,9 +225,12 @@ class Trainer:
         return x, y
 
     def num_scales_at(self, iteration: int) -> int:
+        """The curriculum's position at an iteration: CT's number of levels, ECT's stage a."""
         s = self.settings
         if s.mode == "ct":
             return ct_num_scales(iteration, s.iters, s.start_scales, s.end_scales)
+        if s.mode == "ect":
+            return ect_stage(iteration, -(-s.iters // s.ect_stages))
         return s.num_scales
 
     def loss(self, net: Callable, x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
@@ -223,6 +244,9 @@ class Trainer:
         elif s.mode == "cd":
             n = torch.randint(num_scales - 1, (b,), generator=gen).to(self.device)
             per_sample = cd_loss(net, self.target, self.teacher, x, y, n, noise, num_scales, s.distance)
+        elif s.mode == "ect":
+            t = torch.exp(s.ct_p_mean + s.ct_p_std * torch.randn(b, generator=gen)).clamp(SIGMA_MIN, SIGMA_MAX)
+            per_sample = ect_loss(net, x, y, t.to(self.device), noise, num_scales, s.ect_q, s.distance)
         else:
             probs = ct_level_probs(num_scales, s.ct_p_mean, s.ct_p_std)
             i = torch.multinomial(probs, b, replacement=True, generator=gen).to(self.device)
@@ -308,19 +332,22 @@ class Trainer:
         s = self.settings
         if s.mode == "edm":
             ts, n, precond = None, None, EDM_PRECOND
+        elif s.mode == "ect":
+            (ts, n), precond = ECT_SAMPLER, CM_PRECOND
         else:
             n = s.num_scales if s.mode == "cd" else s.end_scales + 1
             ts, precond = (0, round(0.55 * (n - 1)), n - 1), CM_PRECOND  # like OpenAI's 0,22,39 of 40
         extra = {"iterations": self.iteration, "train": {k: v for k, v in dataclasses.asdict(s).items() if k != "unet"}}
-        return save_model(path, self.ema, s.mode, s.unet, precond, ts, n, extra)
+        kind = "ct" if s.mode == "ect" else s.mode  # ECT is consistency training: it samples as CT
+        return save_model(path, self.ema, kind, s.unet, precond, ts, n, extra)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def resumable_changes(settings: TrainSettings) -> set[str]:
     """Settings a rerun may change without starting a new run."""
-    allowed = {"iters"} if settings.mode != "ct" else set()  # CT's curriculum depends on iters
-    if settings.mode == "cd":
+    allowed = {"iters"} if settings.mode not in ("ct", "ect") else set()  # their curricula depend on iters
+    if settings.mode in ("cd", "ect"):
         allowed.add("unet")  # taken from the teacher
     return allowed
 
@@ -387,6 +414,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
         bar = tqdm(total=settings.iters, initial=trainer.iteration, desc=f"train-cm {settings.mode}",
                    mininterval=5.0, dynamic_ncols=True)
     window, start = [], time.time()
+    curriculum = "stage" if settings.mode == "ect" else "num_scales"  # what log.jsonl calls num_scales_at's value
     last_saved = trainer.iteration if state_path.is_file() else None
     while trainer.iteration < settings.iters:
         window.append(trainer.step())
@@ -401,12 +429,12 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
         if bar is not None:
             bar.update(1)
         if k % log_every == 0 or k == settings.iters:
-            record = {"iter": k, "loss": float(np.mean(window)), "num_scales": trainer.num_scales_at(k - 1),
+            record = {"iter": k, "loss": float(np.mean(window)), curriculum: trainer.num_scales_at(k - 1),
                       "lr": trainer.opt.param_groups[0]["lr"], "sec_per_iter": (time.time() - start) / len(window)}
             if info.is_main:
                 run.append_log(record)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", N=record["num_scales"])
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", N=record[curriculum])
             window, start = [], time.time()
         if k % save_every == 0 or k == settings.iters:
             if info.is_main:
@@ -422,7 +450,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
                     if info.is_main:
                         if window:  # the iterations since the last record, so the log misses none
                             run.append_log({"iter": k, "loss": float(np.mean(window)),
-                                            "num_scales": trainer.num_scales_at(k - 1),
+                                            curriculum: trainer.num_scales_at(k - 1),
                                             "lr": trainer.opt.param_groups[0]["lr"],
                                             "sec_per_iter": (time.time() - start) / len(window)})
                         trainer.save_state(state_path)
