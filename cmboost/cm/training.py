@@ -349,6 +349,8 @@ def resumable_changes(settings: TrainSettings) -> set[str]:
     allowed = {"iters"} if settings.mode not in ("ct", "ect") else set()  # their curricula depend on iters
     if settings.mode in ("cd", "ect"):
         allowed.add("unet")  # taken from the teacher
+    if settings.mode != "ect":
+        allowed |= {"ect_q", "ect_stages"}  # unread outside ECT (and absent from runs made before it)
     return allowed
 
 
