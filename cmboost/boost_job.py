@@ -60,6 +60,30 @@ def trained_realness_kind(model_path: str | os.PathLike) -> str | None:
     return read_metadata(model_path).get("extra", {}).get("realness_kind")
 
 
+def trained_radius(model_path: str | os.PathLike) -> float | None:
+    """The L2 radius of the real-image attack a train-jcd network was adversarially trained at (in its
+    metadata), if recorded: the radius it was made robust at, and so the radius it boosts at by default
+    (`cmboost diagnose` measures how robust it is there)."""
+    if not str(model_path).endswith(".safetensors"):
+        return None
+    from cmboost.jcd import read_metadata
+
+    trained = read_metadata(model_path).get("extra", {}).get("train_jcd", {})
+    if trained.get("attack_norm") != "l2" or not trained.get("real_eps"):
+        return None
+    return float(trained["real_eps"])
+
+
+def with_trained_radius(method: str, hyper: dict, model_path: str | os.PathLike) -> dict:
+    """`hyper` with PGD's eps, when not given, set to the radius the network was adversarially trained at:
+    beyond it, part of every edit is an adversarial example of the network. Other methods, and networks
+    that record no radius, keep PGDBoost's default."""
+    if method != "pgd" or "eps" in hyper or not Path(model_path).is_file():
+        return hyper
+    radius = trained_radius(model_path)
+    return hyper if radius is None else {**hyper, "eps": radius}
+
+
 def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method: str, hyper,
                batch_size: int = 256, device: str | None = None, precision: str | None = None,
                label_source: str = "file", channels_last: bool | None = None, overwrite: bool = False,

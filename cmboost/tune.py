@@ -77,7 +77,8 @@ class TuneSettings:
         check_at_least(self, 1, ("batch_size",))
         check_above(self, 0, ("robust_radius",))
         if self.allow_beyond_radius and self.robust_radius is None:
-            raise UserInputError("--allow-beyond-radius: needs --robust-radius (the radius it allows going beyond)")
+            raise UserInputError("--allow-beyond-radius: needs a robust radius to go beyond: --robust-radius, or "
+                                 "a network that records the radius it was trained at")
 
     def rule(self, num_judges: int) -> str:
         """The criterion in force: the one given, else fid for one judge and fid+kid for a committee."""

@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose ship-judges ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose diagnose-robust robust-study ship-judges ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -186,6 +186,44 @@ if want diagnose; then
         --settings cmboost/assets/fmnist/tuned-ct1.json --settings cmboost/assets/fmnist/tuned-cd1.json \
         --device cpu --out "$D/jcd-$net"
   done
+fi
+
+# 4f. The boosters of 3c beside the shipped one, judged without any FID judge (cmboost diagnose): robust
+#     accuracy at L2 eps 1/2/3, realness AUC after a PGD boost at eps 2 (10 steps, no early stop), and the
+#     gradient-score alignment with the EDM teacher as it stands (copied once to teacher-snapshot, so all
+#     four are measured against the same one). The booster is chosen from these numbers (recipes/README.md).
+if want diagnose-robust; then
+  D="$RUNS/diagnose"
+  mkdir -p "$D"
+  for pair in ct:402 cd:403; do
+    gen=${pair%%:*}
+    [ -f "$D/${gen}1.npz" ] || $CMB sample --model "cmboost/assets/fmnist/$gen.safetensors" --steps 1 --num 500 \
+        --seed "${pair##*:}" --device cpu --no-progress --out "$D/${gen}1.npz"
+  done
+  [ -f "$D/teacher-snapshot.safetensors" ] || cp "$RUNS/fmnist-edm/model.safetensors" "$D/teacher-snapshot.safetensors"
+  for net in ${ROBUST_NETS:-joint-w24 robust-1.5 robust-2 robust-3}; do
+    model="$RUNS/fmnist-jcd-$net/model.safetensors"
+    [ -f "$model" ] || model="cmboost/assets/fmnist/jcd-$net.safetensors"
+    [ -f "$D/radius-$net/diagnose.json" ] || $CMB diagnose --model "$model" \
+        --samples "ct1=$D/ct1.npz" --samples "cd1=$D/cd1.npz" --teacher "$D/teacher-snapshot.safetensors" \
+        --method pgd --eps 2 --steps 10 --num-real 500 --attack-eps 1 2 3 --pag-rows 2 \
+        --device cpu --out "$D/radius-$net"
+  done
+fi
+
+# 4g. Boosting gain against robustness (recipes/robust_study.py): the networks of 4f boost the same 500 CT and
+#     CD 1-step samples with 10-step PGD at L2 eps 1, 2 and 3 (no early stop), beside a random edit of the same
+#     norm, each scored by the validated panel against test[:5000] with paired-bootstrap error bars.
+if want robust-study; then
+  D="$RUNS/diagnose"
+  NETS=()
+  for net in ${ROBUST_NETS:-joint-w24 robust-1.5 robust-2 robust-3}; do
+    model="$RUNS/fmnist-jcd-$net/model.safetensors"
+    [ -f "$model" ] || model="cmboost/assets/fmnist/jcd-$net.safetensors"
+    NETS+=(--net "$net=$model")
+  done
+  .venv/bin/python recipes/robust_study.py "${NETS[@]}" --samples "ct1=$D/ct1.npz" --samples "cd1=$D/cd1.npz" \
+      --diagnose-dir "$D" --out "$RUNS/robust-study"
 fi
 
 # 5a. Ship the candidate judges and the attacker (each only once it is trained).

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import socket
@@ -279,3 +280,22 @@ def test_cli_pgd_reads_the_realness_kind_the_network_was_trained_with(tmp_path, 
     assert '"realness_kind": "sigmoid"' in capsys.readouterr().out
     assert cli_main(boost_args(sample_file, path, tmp_path / "o.npz", "--dry-run", "--realness", "softmax")) == 0
     assert '"realness_kind": "softmax"' in capsys.readouterr().out
+
+
+def test_cli_pgd_boosts_at_the_radius_the_network_was_trained_robust_at(tmp_path, sample_file, capsys):
+    from cmboost.jcd import build_joint_model, save_joint_model
+
+    def eps_of(model, *extra):
+        args = ["boost", str(sample_file), "--model", str(model), "--out", str(tmp_path / "o.npz"), "--method", "pgd",
+                "--device", "cpu", "--dry-run", *extra]
+        assert cli_main(args) == 0
+        return json.loads(capsys.readouterr().out)["hyper"]["eps"]
+
+    net = build_joint_model("resnet_small", 10, 1, 32)
+    robust, linf, plain = (tmp_path / f"{n}.safetensors" for n in ("robust", "linf", "plain"))
+    save_joint_model(net, robust, extra={"train_jcd": {"attack_norm": "l2", "real_eps": 1.5}})
+    save_joint_model(net, linf, extra={"train_jcd": {"attack_norm": "linf", "real_eps": 0.03}})
+    save_joint_model(net, plain)
+    assert eps_of(robust) == 1.5
+    assert eps_of(robust, "--eps", "2") == 2.0        # a flag given overrides the recorded radius
+    assert eps_of(linf) == eps_of(plain) == 3.0       # no L2 radius recorded: PGDBoost's default

@@ -12,7 +12,7 @@ from cmboost.data import load_dataset
 from cmboost.samples import save_samples, to_float, to_uint8
 from cmboost.demo import ASSETS
 from cmboost.errors import UserInputError
-from cmboost.jcd import load_joint_model
+from cmboost.jcd import build_joint_model, load_joint_model, save_joint_model
 from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.judges import REPORTING_JUDGES, TUNING_JUDGE, check_tuning_judge
 from cmboost.metrics.reference import reference_stats, save_reference
@@ -432,10 +432,18 @@ def test_cli_tune_with_a_committee(committee, tmp_path, capsys):
     capsys.readouterr()
     other = json.loads((tmp_path / "d.json").read_text())
     assert other["candidates"] == saved["candidates"] and other["best"] == saved["best"]
+    # without --robust-radius, the radius the network was trained at (train-jcd --real-eps 0.5) is used
+    assert cli_main(["tune", *common, *refs, "--out", str(tmp_path / "trained.json")]) == 0
+    assert "robust radius 0.5: 2 of 3 candidates edit beyond it" in capsys.readouterr().out
+    trained = json.loads((tmp_path / "trained.json").read_text())
+    assert trained["robust_radius"] == 0.5 and trained["best"] == "sgld"
+    assert "train-jcd --real-eps" in trained["provenance"]["robust_radius_from"]
+    plain = tmp_path / "plain.safetensors"  # a network that records no radius
+    save_joint_model(build_joint_model("resnet_small", 10, 1, 32), plain)
     bad = [(["--ref", str(ref_paths[0])], "--ref"),
            ([*refs, "--judge", "fmnist,fmnist-resnet,fmnist-attacker"], "--judge fmnist-resnet"),
            ([*refs, "--judge", "fmnist,,fmnist-attacker"], "--judge"),
-           ([*refs, "--allow-beyond-radius"], "--allow-beyond-radius"),
+           ([*refs, "--allow-beyond-radius", "--model", str(plain)], "--allow-beyond-radius"),
            ([*refs, "--robust-radius", "0"], "--robust-radius"),
            ([*refs, "--robust-radius", "0.5", "--grid", str(tmp_path / "pgd.json")], "--robust-radius"),
            ([*refs, "--criterion", "worst"], "--criterion")]

@@ -33,7 +33,7 @@ def hyper_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from cmboost.boost_config import make_hyper
-    from cmboost.boost_job import boost_file, resolve_threshold, trained_realness_kind
+    from cmboost.boost_job import boost_file, resolve_threshold, trained_realness_kind, with_trained_radius
     from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
     from cmboost.jobs import refuse_finished
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         from cmboost.runtime import BLOCK_SIZE
 
         args.block_size = BLOCK_SIZE
+    hyper = with_trained_radius(args.method, hyper, args.model)
     if args.threshold_from and args.method != "pgd":
         raise UserInputError(f"--threshold-from does not apply to --method {args.method}")
     record = make_hyper(args.method, **hyper)  # the one validated record: bad values fail before any loading
@@ -112,7 +113,8 @@ def add_parser(verbs) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help=f"number of refinement steps (default: pgd {pgd.steps}, sgld {sgld.steps}, bigroc {bigroc.steps})")
     p.add_argument("--eps", type=float, default=None,
-                   help=f"L2 radius around the input (default: pgd {pgd.eps}, bigroc {bigroc.eps})")
+                   help=f"L2 radius around the input (default: pgd, the radius a train-jcd network was "
+                        f"adversarially trained at, recorded in it, else {pgd.eps}; bigroc {bigroc.eps})")
     p.add_argument("--step-size", type=float, default=None,
                    help="L2 step length (default: pgd 2.5*eps/steps, bigroc 1.5*eps/steps)")
     p.add_argument("--objective", default=None, choices=OBJECTIVES, help=f"pgd score (default: {pgd.objective})")

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cmboost.boost_config import make_hyper
-    from cmboost.boost_job import check_fits_model, trained_realness_kind
+    from cmboost.boost_job import check_fits_model, trained_realness_kind, with_trained_radius
     from cmboost.checkpoints import weights_digest
     from cmboost.data import load_dataset
     from cmboost.diagnose import (HELDOUT_START, DiagnoseSettings, GeneratorSamples, check_outputs, diagnose,
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                        *(("--samples", path) for _, path in generators)]:
         if path is not None and not Path(path).exists():
             raise UserInputError(f"{flag} {path}: file not found")
-    choices = boost_choices(args, len(generators))
+    choices = [(method, with_trained_radius(method, hyper, args.model))
+               for method, hyper in boost_choices(args, len(generators))]
     records = [(method, make_hyper(method, **hyper)) for method, hyper in choices]  # checked before loading
     check_outputs(args.out, args.overwrite)
     device = resolve_device(args.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cmboost.cli.common import add_device_flags, add_field_flag, record_from_args
 
@@ -18,7 +19,7 @@ def split_list(value: str, flag: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.boost_job import resolve_threshold, trained_realness_kind
+    from cmboost.boost_job import resolve_threshold, trained_radius, trained_realness_kind
     from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
     from cmboost.metrics.features import load_feature_extractor
@@ -28,6 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from cmboost.atomic import refuse_existing
     from cmboost.tune import TuneSettings, check_classifier, check_grid, check_radius, format_table, read_grid, tune
 
+    radius_from = "--robust-radius" if args.robust_radius is not None else None
+    if radius_from is None and Path(args.model).is_file():
+        # Unless told otherwise, a train-jcd network's robust radius is the one it was adversarially trained at.
+        args.robust_radius = trained_radius(args.model)
+        if args.robust_radius is not None:
+            radius_from = "the network's training attack (train-jcd --real-eps)"
     choice = record_from_args(TuneSettings, args, {})  # bad values fail before anything is loaded
     names = split_list(args.judge, "--judge")
     refs = [ref for value in args.ref for ref in split_list(value, "--ref")]
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threshold_from else None
     provenance = {"samples": args.samples, "model": args.model, "classifier": args.classifier,
                   "threshold_from": args.threshold_from, "threshold": threshold,
-                  "reference": refs[0] if len(refs) == 1 else refs}
+                  "reference": refs[0] if len(refs) == 1 else refs, "robust_radius_from": radius_from}
     one = len(judges) == 1  # one judge: the arguments, and so the file, as before committees
     settings = tune(args.samples, model, references[0] if one else references, judges[0] if one else judges,
                     args.out, classifier=classifier, threshold=threshold, grid=grid, criterion=choice.criterion,
@@ -100,7 +107,8 @@ def add_parser(verbs) -> None:
                    "candidates that lose more recall than this (vs unboosted, under any judge) are not chosen",
                    type=float)
     add_field_flag(p, TuneSettings, "robust_radius", "the booster's robust L2 radius: PGD and BIGRoC candidates "
-                   "with a larger eps are marked in the file and the table, and not chosen (default: none)",
+                   "with a larger eps are marked in the file and the table, and not chosen (default: the radius of the "
+                   "real-image attack a train-jcd network was trained with, recorded in it; none for other networks)",
                    type=float)
     p.add_argument("--allow-beyond-radius", action="store_true", default=field_default(TuneSettings,
                    "allow_beyond_radius"), help="candidates beyond --robust-radius may be chosen (still marked)")
