@@ -276,3 +276,22 @@ def test_kid_follows_the_fixed_keys_and_ranks_like_fid(fmnist, reference):
     bad = evaluate_images(blurred, reference, "fmnist", batch_size=128)
     assert abs(good["kid"]) < 3 * good["kid_std"] + 1e-3  # same distribution: unbiased, near 0
     assert bad["kid"] > good["kid"] + 3 * bad["kid_std"] and bad["kid_std"] > 0
+
+
+def test_a_rank_deficient_reference_is_decomposed_once_and_gives_the_same_fid():
+    from cmboost.metrics.evaluate import _reference_root
+    from cmboost.metrics.reference import Reference
+    from cmboost.metrics.stats import feature_statistics, frechet_distance
+
+    rng = np.random.default_rng(0)
+    few = rng.normal(size=(20, 40))                     # 20 images, 40-d features: rank 19
+    mu, sigma = feature_statistics(few)
+    ref = Reference(mu=mu, sigma=sigma, source="few")
+    root = _reference_root(ref)
+    assert root is not None and _reference_root(ref) is root  # computed once, then reused
+    assert np.allclose(root @ root, sigma, atol=1e-9)
+    other_mu, other_sigma = feature_statistics(rng.normal(size=(30, 40)) + 0.3)
+    with_root = frechet_distance(mu, sigma, other_mu, other_sigma, sqrt_sigma1=root)
+    assert with_root == pytest.approx(frechet_distance(mu, sigma, other_mu, other_sigma), rel=1e-9)
+    full_mu, full_sigma = feature_statistics(rng.normal(size=(200, 40)))
+    assert _reference_root(Reference(mu=full_mu, sigma=full_sigma, source="many")) is None

@@ -22,7 +22,8 @@ from cmboost.metrics.feature_nets import extractors_for, fd_results, reference_f
 from cmboost.metrics.features import FeatureExtractor
 from cmboost.metrics.reference import Reference, load_references
 from cmboost.metrics.stats import (density_coverage, frechet_distance, inception_score,
-                                   kernel_inception_distance, knn_radii, polynomial_kernel, precision_recall)
+                                   kernel_inception_distance, knn_radii, polynomial_kernel, precision_recall,
+                                   psd_sqrt)
 from cmboost.runtime import dist_info
 from cmboost.samples import ArraySource, ImageSource, open_samples
 
@@ -74,8 +75,8 @@ def evaluate_source(source: ImageSource, reference, features="fmnist", batch_siz
 
     result: dict = {}
     if dist_info().is_main:
-        # no cached sqrt(sigma): a fresh Cholesky factor is cheaper than products with a cached root
-        result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma)
+        result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma,
+                                         sqrt_sigma1=_reference_root(ref))
         if samples.count < len(samples.mu):
             notes["fid"] = (f"{source.name}: {samples.count} images for {len(samples.mu)}-d features: the sample "
                             f"covariance is rank-deficient and FID is biased high; use at least {len(samples.mu)} "
@@ -122,6 +123,18 @@ def evaluate_source(source: ImageSource, reference, features="fmnist", batch_siz
         torch.distributed.broadcast_object_list(box, src=0)
         result = box[0]
     return result
+
+
+def _reference_root(ref: Reference):
+    """sqrt(sigma) of a rank-deficient reference (fewer images than feature dimensions), computed once
+    per reference; None for a full-rank one. A full-rank sigma has a Cholesky factor, which is cheaper
+    afresh than products with a cached root; a rank-deficient one has none, and every FID against it
+    would otherwise decompose it again (seconds for 1280-d features)."""
+    if "sqrt_sigma" not in ref.cache:
+        sigma = torch.as_tensor(np.asarray(ref.sigma, dtype=np.float64))
+        full_rank = int(torch.linalg.cholesky_ex(sigma)[1]) == 0
+        ref.cache["sqrt_sigma"] = None if full_rank else psd_sqrt(np.asarray(ref.sigma, dtype=np.float64))
+    return ref.cache["sqrt_sigma"]
 
 
 def _kid(ref: Reference, ref_features: np.ndarray | None, fake_features: np.ndarray) -> tuple:
