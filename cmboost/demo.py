@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from cmboost.atomic import atomic_write_text
+from cmboost.cm.checkpoint import load_model as load_cm_model
 from cmboost.cm.sample import generate_samples
 from cmboost.controls import gaussian_blur, l2_change, random_perturbation
 from cmboost.data import load_dataset
@@ -32,6 +34,7 @@ from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.demo_report import (panel_verdicts, plot_frontier, render_markdown, summarise, summarise_check,
                                   verdicts)
 from cmboost.errors import UserInputError
+from cmboost.flops import booster_step_flops, generator_step_flops
 from cmboost.jobs import first_difference, read_record, write_record
 from cmboost.jcd import load_joint_model, read_metadata
 from cmboost.metrics.judge_check import attacker_edit
@@ -43,6 +46,7 @@ from cmboost.tune import load_settings_file, run_method, settings_block, tuned_h
 ASSETS = Path(__file__).resolve().parent / "assets" / "fmnist"
 SETTINGS_FILE = ASSETS / "demo.json"
 JUDGE_CHECK_FILE = ASSETS / "judges.json"  # `cmboost check-judges` on the candidates (recipes/fmnist.sh)
+REFERENCE_FILE = "ref-test-{judge}.npz"  # the test split's statistics per judge (recipes/fmnist.sh demo-refs)
 DIAGNOSE_FILE = "diagnose-{booster}.json"  # `cmboost diagnose` of the booster (recipes/fmnist.sh), in ASSETS
 HEADLINE = ("ct1", "cd1")
 NAMES = {"ct": "CT", "cd": "CD"}
@@ -59,7 +63,8 @@ PLAIN_CONTROL_STEPS = 10
 @dataclasses.dataclass(frozen=True)
 class DemoOptions:
     out_dir: str = "demo-out"
-    quick: bool = False
+    quick: bool = False     # a few dozen images per row: an end-to-end check (the tests)
+    full: bool = False      # 1000 images per row; the default is the "standard" size
     device: str | None = "cpu"
     threads: int | None = None
     overwrite: bool = False
@@ -113,6 +118,38 @@ def load_diagnostic(booster: str) -> dict | None:
         raise UserInputError(f"{path}: unreadable diagnostic ({err})") from None
 
 
+def load_shipped_reference(name: str, judge):
+    """The recipe's statistics of the whole test split under judge `name` (stage demo-refs), checked
+    against the judge's weights."""
+    from cmboost.metrics.reference import load_reference
+
+    path = ASSETS / REFERENCE_FILE.format(judge=name)
+    if not path.is_file():
+        raise UserInputError(f"{path}: missing; it is made by recipes/fmnist.sh stage demo-refs (or run the demo "
+                             "with --quick or --full, which compute their own)")
+    ref = load_reference(path)
+    ref.check_against(judge)
+    return ref
+
+
+def write_shipped_references(judge_names, out_dir: str | os.PathLike = ASSETS, num_features: int = 1000,
+                             overwrite: bool = False) -> list[Path]:
+    """The statistics the standard demo reads (recipes/fmnist.sh stage demo-refs): for each judge, mu and
+    sigma of all 10000 test images padded to 32x32, and the features of `num_features` of them for
+    KID and precision/recall, stored compactly."""
+    from cmboost.metrics.features import load_feature_extractor
+    from cmboost.metrics.reference import reference_stats, save_reference
+
+    test_images, _, _ = load_dataset("fmnist", "test", image_size=32)
+    written = []
+    for name in judge_names:
+        ref = reference_stats(test_images, load_feature_extractor(name, "cpu"), num_features=num_features,
+                              source="fmnist test (32x32)")
+        written.append(save_reference(Path(out_dir) / REFERENCE_FILE.format(judge=name), ref, overwrite=overwrite,
+                                      compact=True))
+    return written
+
+
 def choose_panel(check: dict, excluded: list[str]) -> list[str]:
     """The reporting candidates that passed, less the tuning judge(s) and the attacker."""
     return [name for name, result in check["judges"].items()
@@ -147,7 +184,9 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
 
     started = time.perf_counter()
     settings = load_settings()
-    mode_name = "quick" if options.quick else "full"
+    if options.quick and options.full:
+        raise UserInputError("--quick and --full: choose one")
+    mode_name = "quick" if options.quick else "full" if options.full else "standard"
     mode = settings[mode_name]
     out = Path(options.out_dir)
     report_path = out / "report.json"
@@ -172,7 +211,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
-    say = print if options.progress else (lambda *a, **k: None)
+    # flushed: a log that is not a terminal still shows each finished row as it comes
+    say = (lambda *a, **k: print(*a, **k, flush=True)) if options.progress else (lambda *a, **k: None)
 
     # The judges: the tuning judge is the one named in the tune files; the report uses only the others.
     tuned = {gen: load_settings_file(ASSETS / name) for gen, name in settings["tuned"].items()}
@@ -208,13 +248,16 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                    "tuned": {g: t["methods"] for g, t in tuned.items()}}
     rows = Rows(out / "rows.json", run_config)
 
-    test_images, _, _ = load_dataset("fmnist", "test", image_size=32)
-    test_images = test_images[: mode["reference_images"]]
     references = {}
 
-    def reference(name):  # computed on first use: a resumed demo whose rows are all cached needs none
+    def reference(name):  # on first use: a resumed demo whose rows are all cached needs none
         if name not in references:
-            references[name] = reference_stats(test_images, judges[name], source="fmnist test (32x32)")
+            if mode["reference_images"] == "shipped":
+                references[name] = load_shipped_reference(name, judges[name])
+            else:
+                test_images, _, _ = load_dataset("fmnist", "test", image_size=32)
+                references[name] = reference_stats(test_images[: mode["reference_images"]], judges[name],
+                                                   source="fmnist test (32x32)")
         return references[name]
 
     nets = {name: load_joint_model(ASSETS / settings["checkpoints"][name]).to(device)
@@ -280,8 +323,11 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                 edited = images
             if grid:
                 save_labelled_grid(images, edited, labels, out / grid, overwrite=True)
-            rows.put(key, {"judges": judge_all(edited), "mean_l2_change": float(change.mean()),
-                           "seconds": round(time.perf_counter() - t0, 2)})
+            row = rows.put(key, {"judges": judge_all(edited), "mean_l2_change": float(change.mean()),
+                                 "seconds": round(time.perf_counter() - t0, 2)})
+            what = "unboosted" if method is None else f"{method} ({net})" if net else method
+            say(f"  row {len(rows.rows)}: {gen} seed {seed} {what}: {lead} FID {row['judges'][lead]['fid']:.2f}, "
+                f"L2 change {row['mean_l2_change']:.2f} ({row['seconds']:.1f} s)")
         return rows.get(key)
 
     # Bars: held-out real images (never used to train or tune anything) and the same blurred.
@@ -346,7 +392,10 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             row = measure(gen, settings["eval_seeds"][gen][0], f"jcd-{objective}", "pgd", hyper)
             objectives.append(dict(objective=objective, generator=f"{NAMES[gen[:2]]} 1-step", **row))
 
-    # The compute frontier: network evaluations per image, generator steps against boosting steps.
+    # The compute frontier: network evaluations and operations per image, generator steps against
+    # boosting steps (a booster step is a forward and backward pass of a far smaller network).
+    flops = {"generator_step": generator_step_flops(load_cm_model(ASSETS / settings["checkpoints"]["ct"])),
+             "booster_step": booster_step_flops(nets[boost_net], (1, 32, 32))}
     frontier = {}
     for short in ("ct", "cd"):
         gen = f"{short}1"
@@ -358,9 +407,14 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             row = measure(g, settings["eval_seeds"][g][0])
             points.append({"route": "generator steps", "nfe": steps, **row})
         step_size = pgd["step_size"] or 2.5 * pgd["eps"] / pgd["steps"]
-        for k in mode["frontier_boost_steps"]:
-            hyper = dict(pgd, steps=k, step_size=step_size)  # the tuned run, stopped after k steps
+        for k in mode["frontier_boost_steps"] or [pgd["steps"]]:
+            # the tuned run, stopped after k steps; all k steps is the headline's boosted set itself
+            hyper = pgd if k == pgd["steps"] else dict(pgd, steps=k, step_size=step_size)
             points.append({"route": "1 step + joint PGD", "nfe": 1 + k, **measure(gen, seed, boost_net, "pgd", hyper)})
+        for point in points:
+            boost_steps = point["nfe"] - 1 if point["route"] != "generator steps" else 0
+            generator_steps = point["nfe"] - boost_steps
+            point["gflops"] = (generator_steps * flops["generator_step"] + boost_steps * flops["booster_step"]) / 1e9
         frontier[NAMES[short]] = points
     # The demo owns its figures: a resumed run redraws them (report.json is what --overwrite guards).
     plot = plot_frontier(frontier, lead, out / "fid-vs-nfe.png", overwrite=True)
@@ -372,7 +426,11 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     bars = {name: shown([r])[0] for name, r in bars.items()}
     frontier = {name: shown(points) for name, points in frontier.items()}
     report = {"mode": mode_name, "num_samples": mode["num_samples"], "seeds": mode["seeds"],
-              "reference": f"Fashion-MNIST test split, first {mode['reference_images']} images, padded to 32x32",
+              "reference": "Fashion-MNIST test split, all 10000 images, padded to 32x32 (statistics shipped in "
+                           "cmboost/assets/fmnist/, made by recipes/fmnist.sh stage demo-refs)"
+                           if mode["reference_images"] == "shipped" else
+                           f"Fashion-MNIST test split, first {mode['reference_images']} images, padded to 32x32",
+              "flops_per_image": flops,
               "tuning_judge": {"names": tuning_names, "identities": sorted(tuning_ids),
                                "family": "; ".join(describe(n) for n in tuning_names),
                                "how": "cmboost tune on validation samples against training-split statistics"},

@@ -219,12 +219,14 @@ def render_markdown(report: dict) -> str:
               "## Table 2: training objective of the joint network (PGD, one seed)\n",
               _judge_table(report["objectives"], ["generator", "objective"], judges), "",
               "## Compute frontier\n",
-              "FID against network evaluations per image: more generator steps, or one step plus k steps of the "
-              "tuned joint-network PGD run (its step size, stopped after k steps; each step is a forward and "
-              "backward pass of the much smaller joint network).\n",
+              "FID against operations per image: more generator steps, or one step plus k steps of the "
+              "tuned joint-network PGD run (its step size, stopped after k steps). A generator step is one "
+              "forward pass of the UNet; a boosting step is a forward and backward pass of the much smaller "
+              "joint network" + _flops_sentence(report) + ".\n",
               _judge_table([dict(p, generator=g) for g, pts in report["frontier"].items() for p in pts],
-                           ["generator", "route", "nfe"], judges),
-              f"\n![FID vs network evaluations](fid-vs-nfe.png)\n",
+                           ["generator", "route", "nfe"] + (["gflops"] if "flops_per_image" in report else []),
+                           judges),
+              f"\n![FID vs operations per image](fid-vs-nfe.png)\n",
               "## Grids\n",
               *[f"![{g} before/after](grid-{g}.png)" for g in report["grids"]],
               "\nLeft: samples, 8 per class; right: the same after joint-network PGD.\n",
@@ -316,25 +318,37 @@ def _misses(found: list[dict]) -> list[str]:
     return [f"Missed '{check}': {'; '.join(where)}." for check, where in missed.items()]
 
 
+def _flops_sentence(report: dict) -> str:
+    flops = report.get("flops_per_image")
+    if not flops:
+        return ""
+    return (f" ({flops['generator_step'] / 1e6:.0f} and {flops['booster_step'] / 1e6:.0f} MFLOPs per image, "
+            "counted by torch's FlopCounterMode: convolutions and matrix products)")
+
+
 def frontier_series(frontier: dict[str, list[dict]], judge: str) -> dict[str, list[tuple[float, float]]]:
-    """One (nfe, FID) line per generator and route. The boosting route starts from the 1-step sample
-    it boosts (nfe 1), so both routes leave from the same point."""
+    """One (cost, FID) line per generator and route, the cost being GFLOPs per image where the report
+    has them (else network evaluations). The boosting route starts from the 1-step sample it boosts,
+    so both routes leave from the same point."""
+    cost = "gflops" if all("gflops" in p for points in frontier.values() for p in points) else "nfe"
     series = {}
     for name, points in frontier.items():
         start = next(p for p in points if p["route"] == FRONTIER_ROUTES[0] and p["nfe"] == 1)
         for route in FRONTIER_ROUTES:
-            pts = [(p["nfe"], p["judges"][judge]["fid"]) for p in points if p["route"] == route]
+            pts = [(p[cost], p["judges"][judge]["fid"]) for p in points if p["route"] == route]
             if route == FRONTIER_ROUTES[1]:
-                pts = [(1, start["judges"][judge]["fid"])] + pts
+                pts = [(start[cost], start["judges"][judge]["fid"])] + pts
             series[f"{name}: {route}"] = pts
     return series
 
 
 def plot_frontier(frontier: dict[str, list[dict]], judge: str, path: str | os.PathLike,
                   overwrite: bool = False) -> Path:
-    """The compute-frontier figure: FID under `judge` against network evaluations per image."""
-    return line_plot(frontier_series(frontier, judge), path, f"FID ({judge}) vs network evaluations per image",
-                     "network evaluations per image (log scale)", f"FID ({judge})", logx=True, overwrite=overwrite)
+    """The compute-frontier figure: FID under `judge` against operations (else network evaluations) per image."""
+    flops = all("gflops" in p for points in frontier.values() for p in points)
+    what = "GFLOPs per image" if flops else "network evaluations per image"
+    return line_plot(frontier_series(frontier, judge), path, f"FID ({judge}) vs {what}",
+                     f"{what} (log scale)", f"FID ({judge})", logx=True, overwrite=overwrite)
 
 
 def redraw_frontier(report_path: str | os.PathLike, out: str | os.PathLike | None = None,

@@ -14,7 +14,7 @@ agree on the ranking of the candidates (Spearman's rho of their FIDs on the vali
 With one judge the rule and the file are as they always were.
 
 Candidates that edit beyond the booster's robust radius (`--robust-radius`: PGD and BIGRoC with a
-larger eps) are marked, and not chosen unless `--allow-beyond-radius`.
+larger eps, SGLD with a larger measured mean L2 change) are marked, and not chosen unless `--allow-beyond-radius`.
 
 The unsharp-mask control is tuned on the same footing, so the report compares the method with
 the best sharpening, not with an arbitrary one. Each finished candidate is written to
@@ -220,9 +220,14 @@ def relative_change(value: float, base: float) -> float:
     return (value - base) / abs(base) if base else value - base
 
 
-def beyond_radius(method: str, hyper: dict, robust_radius: float | None) -> bool:
-    """Whether a candidate edits with an L2 radius larger than the booster's robust radius."""
-    return robust_radius is not None and method in RADIUS_METHODS and hyper["eps"] > robust_radius
+def beyond_radius(method: str, hyper: dict, robust_radius: float | None, mean_l2_change: float | None = None) -> bool:
+    """Whether a candidate edits beyond the booster's robust radius: by its L2 radius (PGD, BIGRoC), or,
+    for a boosting method without one (SGLD), by its measured mean L2 change once it has been scored."""
+    if robust_radius is None:
+        return False
+    if method in RADIUS_METHODS:
+        return hyper["eps"] > robust_radius
+    return method in BOOST_METHODS and mean_l2_change is not None and mean_l2_change > robust_radius
 
 
 def check_radius(candidates: list[tuple[str, dict]], choice: TuneSettings) -> None:
@@ -390,7 +395,7 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
             row["recall_ok"] = row["_recall_ok"] = recall_ok
             row["_score"] = row["worst"]
         if robust_radius is not None:
-            row["beyond_radius"] = beyond_radius(row["method"], row["hyper"], robust_radius)
+            row["beyond_radius"] = beyond_radius(row["method"], row["hyper"], robust_radius, row["mean_l2_change"])
 
     def key(row: dict) -> tuple:  # within the radius (unless allowed), then recall kept, then the score
         return (bool(row.get("beyond_radius")) and not allow_beyond_radius, not row["_recall_ok"], row["_score"])
@@ -402,6 +407,11 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
             best = min(mine, key=key)
             methods[method] = dict(best, recall_ok=best["_recall_ok"])
     chosen = min((m for m in BOOST_METHODS if m in methods), key=lambda m: key(methods[m]))
+    if methods[chosen].get("beyond_radius") and not allow_beyond_radius:
+        # only SGLD's measured edits can bring this about (check_radius ruled out the rest before scoring)
+        raise UserInputError(f"--robust-radius {robust_radius}: every boosting candidate edits beyond it (SGLD by "
+                             f"its measured mean L2 change), so none can be chosen; add smaller candidates, or "
+                             f"pass --allow-beyond-radius (the scores are kept in {partial}: a rerun resumes)")
     strip = lambda row: {k: v for k, v in row.items() if not k.startswith("_")}  # noqa: E731
     rows, methods = [strip(r) for r in rows], {m: strip(r) for m, r in methods.items()}
 
@@ -485,7 +495,7 @@ def _mark(settings: dict, method: str, best: dict) -> str:
     elif not best["recall_ok"]:
         marks.append("recall drops")
     if best.get("beyond_radius"):
-        marks.append(f"eps beyond the robust radius {settings['robust_radius']}")
+        marks.append(f"{'eps' if 'eps' in best['hyper'] else 'edit'} beyond the robust radius {settings['robust_radius']}")
     return f" ({'; '.join(marks)})" if marks else ""
 
 
@@ -496,7 +506,9 @@ def _radius_lines(settings: dict) -> list[str]:
     beyond = [c for c in settings["candidates"] if c.get("beyond_radius")]
     tuned = len(settings["candidates"]) - 1
     what = "marked, and may be chosen" if settings.get("allow_beyond_radius") else "marked, never chosen"
-    listed = "; ".join(f"{c['method']} eps {c['hyper']['eps']:g} steps {c['hyper'].get('steps')}" for c in beyond)
+    listed = "; ".join(f"{c['method']} eps {c['hyper']['eps']:g} steps {c['hyper'].get('steps')}" if "eps" in c["hyper"]
+                       else f"{c['method']} step {c['hyper'].get('step')} (mean L2 change {c['mean_l2_change']:.2f})"
+                       for c in beyond)
     return [f"robust radius {settings['robust_radius']:g}: {len(beyond)} of {tuned} candidates edit beyond it "
             f"({what}){': ' + listed if listed else ''}"]
 

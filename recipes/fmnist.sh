@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose diagnose-robust robust-study ship-judges ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose diagnose-robust robust-study ship-judges demo-refs ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -241,6 +241,15 @@ if want ship-judges; then
     cp "$RUNS/diagnose/jcd-$BOOSTER/pag.png" "cmboost/assets/fmnist/diagnose-jcd-$BOOSTER.png"
   fi
   true
+fi
+
+# 5b. The test split's statistics under each panel judge, shipped so that the standard demo computes none.
+if want demo-refs; then
+  .venv/bin/python -c "
+import json; from cmboost.demo import ASSETS, choose_panel, write_shipped_references
+check = json.loads((ASSETS / 'judges.json').read_text())
+for path in write_shipped_references(choose_panel(check, ['fmnist', check['attacker']['name']]), overwrite=True):
+    print(path, path.stat().st_size)"
 fi
 
 # 5. Ship: copy the checkpoints into the package (the demo's settings live in cmboost/assets/fmnist/demo.json).

@@ -433,11 +433,22 @@ def test_cli_tune_with_a_committee(committee, tmp_path, capsys):
     other = json.loads((tmp_path / "d.json").read_text())
     assert other["candidates"] == saved["candidates"] and other["best"] == saved["best"]
     # without --robust-radius, the radius the network was trained at (train-jcd --real-eps 0.5) is used
-    assert cli_main(["tune", *common, *refs, "--out", str(tmp_path / "trained.json")]) == 0
-    assert "robust radius 0.5: 2 of 3 candidates edit beyond it" in capsys.readouterr().out
+    (tmp_path / "small.json").write_text(json.dumps({"pgd": [{"eps": 1.0, "steps": 2}, {"eps": 3.0, "steps": 2}],
+                                                     "sgld": [{"steps": 2, "step": 0.002}]}))
+    small = ["--grid", str(tmp_path / "small.json")]  # SGLD's measured edit stays within the radius
+    assert cli_main(["tune", *common, *refs, *small, "--out", str(tmp_path / "trained.json")]) == 0
+    printed = capsys.readouterr().out
     trained = json.loads((tmp_path / "trained.json").read_text())
+    assert "robust radius 0.5: 2 of 3 candidates edit beyond it" in printed, printed
     assert trained["robust_radius"] == 0.5 and trained["best"] == "sgld"
     assert "train-jcd --real-eps" in trained["provenance"]["robust_radius_from"]
+    # the grid's SGLD moves images further than 0.5: nothing within the radius is left to choose
+    assert cli_main(["tune", *common, *refs, "--out", str(tmp_path / "none.json")]) == 2
+    assert "every boosting candidate edits beyond it" in capsys.readouterr().err
+    assert not (tmp_path / "none.json").exists() and (tmp_path / "none.json.partial.json").exists()
+    assert cli_main(["tune", *common, *refs, "--allow-beyond-radius", "--out", str(tmp_path / "none.json")]) == 0
+    assert json.loads((tmp_path / "none.json").read_text())["methods"]["sgld"]["beyond_radius"] is True
+    capsys.readouterr()
     plain = tmp_path / "plain.safetensors"  # a network that records no radius
     save_joint_model(build_joint_model("resnet_small", 10, 1, 32), plain)
     bad = [(["--ref", str(ref_paths[0])], "--ref"),
@@ -473,3 +484,14 @@ def test_spearman_handles_ties_and_says_when_it_is_undefined():
     assert spearman(a, b) == pytest.approx(spearmanr(a, b)[0])
     assert spearman([1.0, 2.0, 3.0], [30.0, 20.0, 10.0]) == pytest.approx(-1.0)
     assert spearman([1.0], [2.0]) is None and spearman([1.0, 1.0], [1.0, 2.0]) is None
+
+
+def test_sgld_is_beyond_the_radius_by_its_measured_edit():
+    from cmboost.tune import beyond_radius
+
+    assert beyond_radius("sgld", {"steps": 15, "step": 1.0}, 1.5, mean_l2_change=3.8)
+    assert not beyond_radius("sgld", {"steps": 15, "step": 0.01}, 1.5, mean_l2_change=0.2)
+    assert not beyond_radius("sgld", {"steps": 15, "step": 1.0}, 1.5)  # not yet scored: choosable
+    assert beyond_radius("pgd", {"eps": 2.0}, 1.5) and not beyond_radius("pgd", {"eps": 1.5}, 1.5)
+    assert not beyond_radius("unsharp", {"amount": 1.0, "sigma": 1.0}, 1.5, mean_l2_change=9.0)  # a control
+    assert not beyond_radius("pgd", {"eps": 8.0}, None)

@@ -173,8 +173,10 @@ def load_reference(path: str | os.PathLike) -> Reference:
     return ref
 
 
-def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = False) -> Path:
-    """Atomic .npz write in the layout described above (images stored NHWC, like OpenAI's)."""
+def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = False, compact: bool = False) -> Path:
+    """Atomic .npz write in the layout described above (images stored NHWC, like OpenAI's). `compact`
+    stores the covariances in float32 and the features in float16, half the size or less (for files
+    that ship in the package); they are read back as float64 and float32 all the same."""
     from cmboost.atomic import refuse_existing
 
     path = Path(path)
@@ -184,9 +186,10 @@ def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = Fa
         arrays["arr_0"] = np.ascontiguousarray(ref.images.transpose(0, 2, 3, 1))
     for key in ("mu", "sigma", "mu_s", "sigma_s"):
         if getattr(ref, key) is not None:
-            arrays[key] = np.asarray(getattr(ref, key), np.float64)
+            arrays[key] = np.asarray(getattr(ref, key), np.float32 if compact and key.startswith("sigma")
+                                     else np.float64)
     if ref.features is not None:
-        arrays["features"] = np.asarray(ref.features, np.float32)
+        arrays["features"] = np.asarray(ref.features, np.float16 if compact else np.float32)
     arrays["feature_net"] = np.array(ref.net)
     if ref.count is not None:
         arrays["count"] = np.array(int(ref.count), dtype=np.int64)
