@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cmboost.atomic import atomic_write_text
+from cmboost.boost_job import trained_radius
 from cmboost.cm.checkpoint import load_model as load_cm_model
 from cmboost.cm.sample import generate_samples
 from cmboost.controls import gaussian_blur, l2_change, random_perturbation
@@ -299,7 +300,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         return edits[key]
 
     def measure(gen: str, seed: int, net: str | None = None, method: str | None = None,
-                hyper: dict | None = None, grid: str | None = None) -> dict:
+                hyper: dict | None = None, grid: str | None = None, label: str | None = None) -> dict:
         """Metrics of one generator's samples, boosted or not, under every reporting judge; cached."""
         key = json.dumps([gen, seed, net, method, hyper], sort_keys=True)
         if rows.get(key) is None:
@@ -325,7 +326,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                 save_labelled_grid(images, edited, labels, out / grid, overwrite=True)
             row = rows.put(key, {"judges": judge_all(edited), "mean_l2_change": float(change.mean()),
                                  "seconds": round(time.perf_counter() - t0, 2)})
-            what = "unboosted" if method is None else f"{method} ({net})" if net else method
+            what = label or ("none" if method is None else f"{method} ({net})" if net else method)
             say(f"  row {len(rows.rows)}: {gen} seed {seed} {what}: {lead} FID {row['judges'][lead]['fid']:.2f}, "
                 f"L2 change {row['mean_l2_change']:.2f} ({row['seconds']:.1f} s)")
         return rows.get(key)
@@ -362,7 +363,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         for i, seed in enumerate(settings["eval_seeds"][gen][: mode["seeds"]]):
             for booster, (net, method, hyper) in methods.items():
                 grid = f"grid-{gen}.png" if (booster == "joint (PGD)" and i == 0) else None
-                row = measure(gen, seed, net, method, hyper, grid)
+                row = measure(gen, seed, net, method, hyper, grid, label=booster)
                 headline.append(dict(generator=f"{NAMES[gen[:2]]} {gen[2:]}-step", gen=gen, seed=seed,
                                      boost=booster, **row))
             say(f"  {gen} seed {seed} ({lead}): " + "  ".join(
@@ -375,7 +376,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         for booster, (net, method, hyper) in methods_of(gen).items():
             if "control" in booster:
                 continue
-            row = measure(gen, seed, net, method, hyper)
+            row = measure(gen, seed, net, method, hyper, label=booster)
             two_step.append(dict(generator=f"{NAMES[gen[:2]]} 2-step", gen=gen, seed=seed, boost=booster, **row))
 
     # Table 2: the four training objectives (width-16 networks, same data and schedule), each boosting
@@ -389,7 +390,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
             hyper = dict(tuned_hyper(tuned[gen], "pgd", gen)[1], realness_kind=kind)
             if objective == "ce":
                 hyper.update(objective="log_prob", threshold=None)
-            row = measure(gen, settings["eval_seeds"][gen][0], f"jcd-{objective}", "pgd", hyper)
+            row = measure(gen, settings["eval_seeds"][gen][0], f"jcd-{objective}", "pgd", hyper,
+                          label=f"PGD with the {objective} network")
             objectives.append(dict(objective=objective, generator=f"{NAMES[gen[:2]]} 1-step", **row))
 
     # The compute frontier: network evaluations and operations per image, generator steps against
@@ -410,7 +412,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         for k in mode["frontier_boost_steps"] or [pgd["steps"]]:
             # the tuned run, stopped after k steps; all k steps is the headline's boosted set itself
             hyper = pgd if k == pgd["steps"] else dict(pgd, steps=k, step_size=step_size)
-            points.append({"route": "1 step + joint PGD", "nfe": 1 + k, **measure(gen, seed, boost_net, "pgd", hyper)})
+            points.append({"route": "1 step + joint PGD", "nfe": 1 + k,
+                           **measure(gen, seed, boost_net, "pgd", hyper, label=f"joint PGD stopped after {k} steps")})
         for point in points:
             boost_steps = point["nfe"] - 1 if point["route"] != "generator steps" else 0
             generator_steps = point["nfe"] - boost_steps
@@ -440,6 +443,8 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
               "objectives": objectives, "frontier": frontier, "plot": str(plot),
               "grids": {gen: str(out / f"grid-{gen}.png") for gen in HEADLINE},
               "booster": boost_net, "diagnostic": load_diagnostic(boost_net),
+              "booster_radius": trained_radius(ASSETS / settings["checkpoints"][boost_net]),
+              "booster_choice": settings["booster_choice"],
               "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     report["verdicts"] = verdicts(report)

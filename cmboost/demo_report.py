@@ -153,6 +153,37 @@ def generator_bar(report: dict) -> list[dict]:
     return rows
 
 
+def miss_causes(report: dict) -> list[str]:
+    """The measured causes a miss can have, each with its number: the booster's robustness at the radius
+    it boosts at, its gradient-score alignment, and the generators against the blur bar."""
+    causes = []
+    d, radius = report.get("diagnostic"), report.get("booster_radius")
+    pgd_eps = sorted({t["pgd"]["eps"] for t in report["tuned"].values() if "pgd" in t})
+    if d:
+        acc = d["accuracy"]
+        at = {r["eps"]: r["accuracy"] for r in acc["robust"]}
+        cells = [f"{at[e]:.0%} at eps {e:g}" for e in pgd_eps if e in at]
+        causes.append(f"Robust radius: the booster was trained against L2 eps {radius:g} attacks; the tuned PGD "
+                      f"boosts at eps {', '.join(f'{e:g}' for e in pgd_eps)}; its robust accuracy there is "
+                      f"{', '.join(cells) or 'not measured'} (clean {acc['clean']:.0%}). Below about 50%, part of "
+                      "each edit is an adversarial example of the booster rather than a better image."
+                      if radius is not None else
+                      f"Robust radius: the booster records none; the tuned PGD boosts at eps "
+                      f"{', '.join(f'{e:g}' for e in pgd_eps)}.")
+        if d.get("alignment"):
+            real = [r["mean"] for r in d["alignment"]["real"] if r["mean"] is not None]
+            if real:
+                causes.append(f"Alignment: the cosine between the booster's grad log p(y|x) and the EDM teacher's "
+                              f"score on real images is {min(real):.3f}-{max(real):.3f} (1: the booster pushes "
+                              "toward the data; 0: in unrelated directions).")
+    short = [r for r in generator_bar(report) if r["reaches the bar"] != "yes"]
+    if short:
+        causes.append("Generators: " + "; ".join(f"{r['generator']} FID {r['FID']} against the blur bar "
+                                                  f"{r['blur FID']} ({r['judge']})" for r in short)
+                      + ". Boosting edits images within a small radius; it cannot make up a gap of this size.")
+    return causes
+
+
 def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
@@ -168,8 +199,8 @@ def render_markdown(report: dict) -> str:
              f"{report['tuning_judge']['how']}.",
              *[f"- **Reporting judge** `{n}`: {j['family']} (`{j['identity']}`)."
                for n, j in report["reporting_judges"].items()],
-             f"- **Boosting network**: `{report['booster']}`, chosen among the joint-network variants by the "
-             "tuning judge on validation samples.",
+             f"- **Boosting network**: `{report['booster']}`, "
+             + report["booster_choice"] + ".",
              "",
              *_judge_check_section(report),
              "## Bars: real images\n",
@@ -210,6 +241,9 @@ def render_markdown(report: dict) -> str:
     met = [v for v in report["verdicts"] if v["met"]]
     parts += ["", f"**{len(met)} of {len(report['verdicts'])} (generator, method, judge) combinations meet every "
               "target.** " + " ".join(_misses(report["verdicts"])), ""]
+    if len(met) < len(report["verdicts"]):
+        parts += ["What the misses come from, as measured:\n", *[f"{i}. {c}" for i, c in
+                                                              enumerate(miss_causes(report), 1)], ""]
     parts += _diagnostic_section(report)
     parts += ["## Generators against the blur bar\n",
               "Target: unboosted 1-step samples at least as good as real held-out images blurred with sigma 1.\n",
@@ -275,7 +309,9 @@ def _diagnostic_section(report: dict) -> list[str]:
     acc = d["accuracy"]
     robust = ", ".join(f"{r['accuracy']:.1%} at eps {r['eps']:g}" for r in acc["robust"])
     lines = [head, f"On {d['num_real']} held-out real images: clean accuracy {acc['clean']:.1%}; L2-PGD robust "
-                   f"accuracy ({acc['attack']['steps']} steps) {robust}.\n"]
+                   f"accuracy ({acc['attack']['steps']} steps) {robust}."
+                   + (f" Its default boosting radius is eps {report['booster_radius']:g}, the radius it was "
+                      "adversarially trained at." if report.get("booster_radius") is not None else "") + "\n"]
     rows = []
     for name, g in d["realness"]["generators"].items():
         rows.append({"samples": name, "method": g["method"], "L2 change": f"{g['mean_l2_change']:.2f}",

@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose diagnose-robust robust-study ship-judges demo-refs ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose diagnose-robust robust-study ship-judges demo-refs ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -26,6 +26,13 @@ BUDGET=()
 if want cm-edm; then
   $CMB train-cm --mode edm --data fmnist --run-dir "$RUNS/fmnist-edm" --iters 6000 --batch-size 64 --lr 1e-3 \
       --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 --no-progress "${BUDGET[@]}"
+fi
+# ECT-style consistency training (issue 21) started from the EDM teacher's weights: lognormal noise levels,
+# a gap that halves over 8 stages, pseudo-Huber loss, no EMA target. Not yet shipped: see recipes/README.md.
+if want cm-ect; then
+  $CMB train-cm --mode ect --teacher "$RUNS/fmnist-edm/model.safetensors" --data fmnist --run-dir "$RUNS/fmnist-ect" \
+      --iters ${ECT_ITERS:-1500} --batch-size 64 --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 \
+      --no-progress "${BUDGET[@]}"
 fi
 if want cm-ct; then
   $CMB train-cm --mode ct --data fmnist --run-dir "$RUNS/fmnist-ct" --iters 350 --end-scales 80 --batch-size 64 \
