@@ -261,17 +261,20 @@ fi
 
 # 5. Ship: copy the checkpoints into the package (the demo's settings live in cmboost/assets/fmnist/demo.json).
 if want ship; then
+  # Copies what this machine's runs hold; a run that is absent here (made on another machine and shipped
+  # before) is named and left as shipped.
   A=cmboost/assets/fmnist
   mkdir -p "$A"
-  cp "$RUNS/fmnist-ct/model.safetensors" "$A/ct.safetensors"
-  cp "$RUNS/fmnist-cd/model.safetensors" "$A/cd.safetensors"
+  ship() { if [ -f "$1" ]; then cp "$1" "$2" && echo "shipped $1 -> $2"; else echo "kept $2 ($1 is not here)"; fi; }
+  ship "$RUNS/fmnist-ct/model.safetensors" "$A/ct.safetensors"
+  ship "$RUNS/fmnist-cd/model.safetensors" "$A/cd.safetensors"
   for objective in joint ce bce ce+bce; do
-    cp "$RUNS/fmnist-jcd-$objective/model.safetensors" "$A/jcd-$objective.safetensors"
+    ship "$RUNS/fmnist-jcd-$objective/model.safetensors" "$A/jcd-$objective.safetensors"
   done
-  cp "$RUNS/fmnist-jcd-$BOOSTER/model.safetensors" "$A/jcd-$BOOSTER.safetensors"
+  ship "$RUNS/fmnist-jcd-$BOOSTER/model.safetensors" "$A/jcd-$BOOSTER.safetensors"
   for gen in ct1 cd1 ct2 cd2; do
-    cp "$RUNS/fmnist-tune/tuned-$gen.json" "$A/tuned-$gen.json"
+    ship "$RUNS/fmnist-tune/tuned-$gen.json" "$A/tuned-$gen.json"
   done
-  cp "$RUNS/fmnist_features_allconv.safetensors" cmboost/assets/fmnist_features_allconv.safetensors
+  ship "$RUNS/fmnist_features_allconv.safetensors" cmboost/assets/fmnist_features_allconv.safetensors
   du -ch "$A"/*.safetensors cmboost/assets/fmnist_features.safetensors | tail -1
 fi
