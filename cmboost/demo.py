@@ -225,9 +225,9 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         raise UserInputError(f"{JUDGE_CHECK_FILE}: no candidate judge passed the judge check, so no judge can report")
     # The full demo measures every reporting candidate the judge check could run, passed or not, so
     # its rows (cached in rows.json) do not depend on which passed; the report shows the panel only.
-    # The quick demo measures the panel alone.
+    # The quick and standard demos measure the panel alone.
     checked = [n for n in REPORTING_JUDGES if n in check["judges"] and "unavailable" not in check["judges"][n]]
-    candidates = panel if options.quick else checked
+    candidates = checked if options.full else panel
     judges = {}
     for name in candidates:
         try:
