@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose diagnose-robust robust-study ship-judges demo-refs ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect ect-bar cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose diagnose-robust robust-study ship-judges demo-refs ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -33,6 +33,17 @@ if want cm-ect; then
   $CMB train-cm --mode ect --teacher "$RUNS/fmnist-edm/model.safetensors" --data fmnist --run-dir "$RUNS/fmnist-ect" \
       --iters ${ECT_ITERS:-1500} --batch-size 64 --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 \
       --no-progress "${BUDGET[@]}"
+fi
+# The ECT generator against the shipped ones: 250 1-step samples at the demo's CT seed (301), scored by
+# each panel judge against the shipped test statistics, as the standard demo scores its rows.
+if want ect-bar; then
+  mkdir -p "$RUNS/ect-bar"
+  [ -f "$RUNS/ect-bar/ect1.npz" ] || $CMB sample --model "$RUNS/fmnist-ect/model.safetensors" --steps 1 --num 250 \
+      --seed 301 --device cpu --no-progress --out "$RUNS/ect-bar/ect1.npz"
+  for judge in fmnist-allconv fmnist-resnet effnet-lite0; do
+    [ -f "$RUNS/ect-bar/ect1-$judge.json" ] || $CMB evaluate "$RUNS/ect-bar/ect1.npz" --features "$judge" \
+        --ref "cmboost/assets/fmnist/ref-test-$judge.npz" --json "$RUNS/ect-bar/ect1-$judge.json" --device cpu --quiet
+  done
 fi
 if want cm-ct; then
   $CMB train-cm --mode ct --data fmnist --run-dir "$RUNS/fmnist-ct" --iters 350 --end-scales 80 --batch-size 64 \

@@ -183,7 +183,12 @@ def test_rerun_prints_the_finished_report_without_redoing_it(quick_report, capsy
     assert cli_main(["demo", "--quick", "--out-dir", str(quick_report), "--device", "cpu"]) == 0
     assert "already done" in capsys.readouterr().out
     assert (quick_report / "report.json").stat().st_mtime_ns == before
-    assert cli_main(["demo", "--out-dir", str(quick_report), "--device", "cpu"]) == 2  # full over quick
+    for size in ([], ["--full"]):  # the standard or the full demo over a quick report: refused, named
+        assert cli_main(["demo", *size, "--out-dir", str(quick_report), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "holds a quick report" in err and err.count("\n") == 1
+    assert cli_main(["demo", "--quick", "--full", "--out-dir", str(quick_report), "--device", "cpu"]) == 2
+    assert "--quick and --full" in capsys.readouterr().err
 
 
 def test_torn_report_bad_threads_and_unreadable_markdown_are_one_line(tmp_path, capsys):
