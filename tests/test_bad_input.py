@@ -365,7 +365,7 @@ def tuning(tmp_path_factory):
     save_samples(d / "val.npz", train[2000:2012], labels[2000:2012])
     judge = load_feature_extractor(TUNING_JUDGE, "cpu")
     save_reference(d / "ref.npz", reference_stats(train[:64], judge, source="fmnist train"))
-    (d / "grid.json").write_text(json.dumps({"format": "cmboost.grid/1", "pgd": [{"eps": 1.0, "steps": 1}],
+    (d / "grid.json").write_text(json.dumps({"format": "cmboost.grid/1", "pgd": [{"eps": 0.5, "steps": 1}],
                                              "unsharp": [{"amount": 0.5, "sigma": 1.0}]}))
     return d
 

@@ -1,6 +1,7 @@
 """`cmboost tune`: judges kept apart, the choice rule, resume, and `boost --settings`."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.judges import REPORTING_JUDGES, TUNING_JUDGE, check_tuning_judge
 from cmboost.metrics.reference import reference_stats, save_reference
 from cmboost.tune import BOOST_METHODS, tune
+
+LEGACY_SETTINGS = Path(__file__).resolve().parent / "data" / "legacy-tuned-ct1.json"
 
 GRID = [("pgd", {"eps": 1.0, "steps": 3}), ("pgd", {"eps": 3.0, "steps": 3}), ("sgld", {"steps": 3, "step": 0.2}),
         ("bigroc", {"eps": 1.0, "steps": 3}), ("unsharp", {"amount": 1.0, "sigma": 1.0})]
@@ -185,13 +188,16 @@ def test_boost_settings_writes_the_images_tune_scored(many, monkeypatch, block):
 
 
 def test_settings_files_without_a_recorded_block_boost_with_tunes_old_block(capsys):
-    """The shipped settings files were tuned with blocks of 250 before tune recorded its block."""
+    """Settings files written before tune recorded its block (tests/data/legacy-tuned-ct1.json, the
+    shipped file of that time) were tuned with blocks of 250; the shipped files now record theirs."""
     from cmboost.tune import LEGACY_BLOCK, load_settings_file, settings_block
 
     assert LEGACY_BLOCK == 250
+    legacy = load_settings_file(LEGACY_SETTINGS)
+    assert "batch_size" not in legacy["fingerprint"] and settings_block(legacy) == LEGACY_BLOCK
     shipped = load_settings_file(ASSETS / "tuned-ct1.json")
-    assert "batch_size" not in shipped["fingerprint"] and settings_block(shipped) == LEGACY_BLOCK
-    args = [str(ASSETS / "tuned-ct1.json"), "--out", "never.npz", "--dry-run", "--device", "cpu"]
+    assert settings_block(shipped) == shipped["fingerprint"]["batch_size"]
+    args = [str(LEGACY_SETTINGS), "--out", "never.npz", "--dry-run", "--device", "cpu"]
     base = ["boost", "x.npz", "--model", str(ASSETS / "jcd-joint.safetensors"), "--settings"]
     assert cli_main(base + args) == 0
     assert json.loads(capsys.readouterr().out)["block_size"] == LEGACY_BLOCK
@@ -303,7 +309,7 @@ def test_a_committee_chooses_the_best_worst_case_and_records_every_judge(committ
 
 def test_one_judge_keeps_the_settings_file_layout(setup):
     root, _, _ = setup
-    shipped = json.loads((ASSETS / "tuned-ct1.json").read_text())
+    shipped = json.loads(LEGACY_SETTINGS.read_text())  # a one-judge file from before committees
     mine = json.loads((root / "tuned.json").read_text())
     assert list(mine) == list(shipped)
     from cmboost.tune import tuning_judges
