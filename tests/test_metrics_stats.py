@@ -219,3 +219,23 @@ def test_kid_reuses_a_precomputed_reference_gram():
         kernel_inception_distance(real, fake, subsets=5)
     with pytest.raises(ValueError, match="subset size"):
         kernel_inception_distance(real, fake, subset_size=101)
+
+
+def test_the_trace_from_the_rows_equals_the_full_one_when_there_are_fewer_rows_than_dimensions():
+    from cmboost.metrics.stats import feature_statistics, frechet_distance, trace_sqrt_product, trace_sqrt_product_rows
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(300, 60)) @ rng.normal(size=(60, 60))   # full-rank reference
+    few = rng.normal(size=(25, 60)) * 2.0 + 0.5                   # 25 rows in 60 dimensions: rank 24
+    mu1, sigma1 = feature_statistics(ref)
+    mu2, sigma2 = feature_statistics(few)
+    # The D x D route adds the square roots of the rounding noise of its 36 zero eigenvalues (about
+    # 1e-6 each); the rows route has no zero eigenvalues to round, hence a 1e-7 tolerance, not 1e-9.
+    assert trace_sqrt_product_rows(sigma1, few) == pytest.approx(trace_sqrt_product(sigma1, sigma2), rel=1e-7)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2, features2=few) == \
+        pytest.approx(frechet_distance(mu1, sigma1, mu2, sigma2), rel=1e-7)
+    many = rng.normal(size=(200, 60))  # more rows than dimensions: the usual route, the same number
+    mu3, sigma3 = feature_statistics(many)
+    assert frechet_distance(mu1, sigma1, mu3, sigma3, features2=many) == frechet_distance(mu1, sigma1, mu3, sigma3)
+    with pytest.raises(ValueError, match="features2"):
+        trace_sqrt_product_rows(sigma1, few[:, :10])

@@ -75,8 +75,10 @@ def evaluate_source(source: ImageSource, reference, features="fmnist", batch_siz
 
     result: dict = {}
     if dist_info().is_main:
+        few = samples.pool is not None and len(samples.pool) == samples.count <= len(samples.mu)
         result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma,
-                                         sqrt_sigma1=_reference_root(ref))
+                                         sqrt_sigma1=None if few else _reference_root(ref),
+                                         features2=samples.pool if few else None)
         if samples.count < len(samples.mu):
             notes["fid"] = (f"{source.name}: {samples.count} images for {len(samples.mu)}-d features: the sample "
                             f"covariance is rank-deficient and FID is biased high; use at least {len(samples.mu)} "

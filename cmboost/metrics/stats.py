@@ -60,7 +60,7 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1=None,
-                     device: torch.device | str | None = None) -> float:
+                     device: torch.device | str | None = None, features2=None) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 (Heusel et al. 2017, eq. 6).
 
     tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2; see
@@ -71,7 +71,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1=No
     for negative rounding). Covariances with clearly negative eigenvalues are not covariances: the
     square root would be imaginary, and that raises. Runs in torch float64 on `device` (default: the
     device of a tensor argument, else the CPU), so a GPU does the decompositions when asked.
-    `sqrt_sigma1` (psd_sqrt(sigma1)) may be passed in; it replaces the Cholesky route, which is faster."""
+    `sqrt_sigma1` (psd_sqrt(sigma1)) may be passed in; it replaces the Cholesky route, which is faster.
+    `features2`, the rows that sigma2 is the covariance of, may be passed too: with fewer rows than
+    dimensions the trace comes from an N x N eigenvalue problem instead (`trace_sqrt_product_rows`)."""
     device = _pick_device(device, mu1, sigma1, mu2, sigma2, sqrt_sigma1)
     mu1, mu2 = (_as_float64_tensor(v, device).reshape(-1) for v in (mu1, mu2))
     sigma1, sigma2 = (torch.atleast_2d(_as_float64_tensor(v, device)) for v in (sigma1, sigma2))
@@ -85,8 +87,27 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1=No
         if not bool(torch.isfinite(value.sum())):  # one NaN or inf anywhere makes the sum one
             raise ValueError(f"Frechet distance: {name} contains NaN or inf (broken features?)")
     diff = mu1 - mu2
-    return float(diff @ diff + torch.trace(sigma1) + torch.trace(sigma2)
-                 - 2.0 * trace_sqrt_product(sigma1, sigma2, eps, sqrt_sigma1, device))
+    if features2 is not None and len(features2) <= dim:
+        cross = trace_sqrt_product_rows(sigma1, features2, eps, device)
+    else:
+        cross = trace_sqrt_product(sigma1, sigma2, eps, sqrt_sigma1, device)
+    return float(diff @ diff + torch.trace(sigma1) + torch.trace(sigma2) - 2.0 * cross)
+
+
+def trace_sqrt_product_rows(sigma1, features2, eps: float = 1e-6, device: torch.device | str | None = None) -> float:
+    """tr((S1 S2)^(1/2)) where S2 is the covariance (ddof 1) of the N rows of `features2`, for N at
+    most the dimension D. With A = (X - mean)^T / sqrt(N - 1), S2 = A A^T, and the nonzero eigenvalues
+    of S1 A A^T are those of the N x N matrix A^T S1 A: the same trace, exactly, for an N^3 eigenvalue
+    problem instead of a D^3 one (0.05 s against 0.7 s for 250 images of 1280-d features here)."""
+    device = _pick_device(device, sigma1, features2)
+    s1 = _as_float64_tensor(sigma1, device)
+    rows = _as_float64_tensor(features2, device)
+    if rows.ndim != 2 or rows.shape[1] != s1.shape[0] or rows.shape[0] < 2:
+        raise ValueError(f"Frechet distance: features2 of shape {tuple(rows.shape)} for {s1.shape[0]}-d statistics")
+    centred = (rows - rows.mean(0)) / math.sqrt(rows.shape[0] - 1)  # A^T, N x D
+    inner = centred @ s1 @ centred.T
+    values, _ = _psd_eigenvalues((inner + inner.T) / 2, "sigma1 sigma2", eps)
+    return float(values.sqrt().sum())
 
 
 def _psd_eigenvalues(matrix: torch.Tensor, name: str, eps: float, vectors: bool = False, uplo: str = "L"):
