@@ -295,3 +295,24 @@ def test_a_rank_deficient_reference_is_decomposed_once_and_gives_the_same_fid():
     assert with_root == pytest.approx(frechet_distance(mu, sigma, other_mu, other_sigma), rel=1e-9)
     full_mu, full_sigma = feature_statistics(rng.normal(size=(200, 40)))
     assert _reference_root(Reference(mu=full_mu, sigma=full_sigma, source="many")) is None
+
+
+def test_a_compact_reference_reads_back_as_float64_statistics_and_float32_features(tmp_path):
+    from cmboost.metrics.reference import Reference, load_reference, save_reference
+    from cmboost.metrics.stats import feature_statistics, frechet_distance
+
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(300, 32)).astype(np.float32)
+    mu, sigma = feature_statistics(features)
+    ref = Reference(mu=mu, sigma=sigma, features=features, feature_net="net", count=300, source="x")
+    full, compact = tmp_path / "full.npz", tmp_path / "compact.npz"
+    save_reference(full, ref)
+    save_reference(compact, ref, compact=True)
+    assert compact.stat().st_size < 0.7 * full.stat().st_size
+    back = load_reference(compact)
+    assert back.sigma.dtype == np.float64 and back.features.dtype == np.float32
+    assert np.array_equal(back.sigma, sigma.astype(np.float32).astype(np.float64))  # float32-rounded, no worse
+    assert np.array_equal(back.mu, mu)
+    other_mu, other_sigma = feature_statistics(rng.normal(size=(200, 32)) + 0.2)
+    assert frechet_distance(back.mu, back.sigma, other_mu, other_sigma) == \
+        pytest.approx(frechet_distance(mu, sigma, other_mu, other_sigma), rel=1e-5)
