@@ -42,8 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         print(INTERRUPTED, file=sys.stderr)
         return 130
     finally:
-        if as_script:
+        if as_script:  # a caller that passes argv owns the process and its group (the torchrun tests)
+            _leave_process_group()
             _exit_at_once_on_ctrl_c()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leaves the process group before the interpreter's teardown: a gloo group left
+    to it can abort a rank ("terminate called without an active exception", exit -6) when the other
+    rank has already gone, as seen on a loaded machine."""
+    torch = sys.modules.get("torch")  # never imported here for a verb that did not need it
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _exit_at_once_on_ctrl_c() -> None:
