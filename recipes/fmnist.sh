@@ -28,7 +28,8 @@ if want cm-edm; then
       --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 --no-progress "${BUDGET[@]}"
 fi
 # ECT-style consistency training (issue 21) started from the EDM teacher's weights: lognormal noise levels,
-# a gap that halves over 8 stages, pseudo-Huber loss, no EMA target. Not yet shipped: see recipes/README.md.
+# a gap that halves over 8 stages, pseudo-Huber loss, no EMA target. Shipped as ect.safetensors, not yet the
+# demo's CT generator (the boosters' training samples and the tuning would have to be remade from it).
 if want cm-ect; then
   $CMB train-cm --mode ect --teacher "$RUNS/fmnist-edm/model.safetensors" --data fmnist --run-dir "$RUNS/fmnist-ect" \
       --iters ${ECT_ITERS:-1500} --batch-size 64 --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 \
@@ -287,5 +288,6 @@ if want ship; then
     ship "$RUNS/fmnist-tune/tuned-$gen.json" "$A/tuned-$gen.json"
   done
   ship "$RUNS/fmnist_features_allconv.safetensors" cmboost/assets/fmnist_features_allconv.safetensors
+  ship "$RUNS/fmnist-ect/model.safetensors" "$A/ect.safetensors"   # not yet the demo's CT generator
   du -ch "$A"/*.safetensors cmboost/assets/fmnist_features.safetensors | tail -1
 fi
