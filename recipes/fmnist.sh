@@ -192,10 +192,9 @@ if want judges-check; then
       --judges fmnist,fmnist-allconv,fmnist-resnet,fmnist-robust,effnet-lite0,inception,dinov2 --out "$RUNS/judges.json"
 fi
 
-# 4e. The judge-free diagnostic of the joint networks (cmboost diagnose): robust accuracy, realness AUC
-#     before and after the tuned boosting, gradient-score alignment with the EDM teacher, the PAG picture.
-#     500 samples per generator (seeds 402 CT, 403 CD); the booster's goes into the demo's report.
-if want diagnose; then
+# The diagnostic's inputs, made once: 500 CT and 500 CD 1-step samples (seeds 402, 403) and a snapshot of
+# the EDM teacher, so that every network is measured against the same score.
+diagnostic_inputs() {
   D="$RUNS/diagnose"
   mkdir -p "$D"
   for pair in ct:402 cd:403; do
@@ -203,8 +202,15 @@ if want diagnose; then
     [ -f "$D/${gen}1.npz" ] || $CMB sample --model "cmboost/assets/fmnist/$gen.safetensors" --steps 1 --num 500 \
         --seed "${pair##*:}" --device cpu --no-progress --out "$D/${gen}1.npz"
   done
-  # the booster, with the settings stage tune chose for it; robust accuracy also at its radius (1.5)
   [ -f "$D/teacher-snapshot.safetensors" ] || cp "$RUNS/fmnist-edm/model.safetensors" "$D/teacher-snapshot.safetensors"
+}
+
+# 4e. The judge-free diagnostic of the joint networks (cmboost diagnose): robust accuracy, realness AUC
+#     before and after the tuned boosting, gradient-score alignment with the EDM teacher, the PAG picture.
+#     500 samples per generator (seeds 402 CT, 403 CD); the booster's goes into the demo's report.
+if want diagnose; then
+  diagnostic_inputs
+  # the booster, with the settings stage tune chose for it; robust accuracy also at its radius (1.5)
   [ -f "$D/jcd-$BOOSTER/diagnose.json" ] || $CMB diagnose --model "$RUNS/fmnist-jcd-$BOOSTER/model.safetensors" \
       --samples "ct1=$D/ct1.npz" --samples "cd1=$D/cd1.npz" --teacher "$D/teacher-snapshot.safetensors" \
       --settings "$RUNS/fmnist-tune/tuned-ct1.json" --settings "$RUNS/fmnist-tune/tuned-cd1.json" \
@@ -216,14 +222,7 @@ fi
 #     gradient-score alignment with the EDM teacher as it stands (copied once to teacher-snapshot, so all
 #     four are measured against the same one). The booster is chosen from these numbers (recipes/README.md).
 if want diagnose-robust; then
-  D="$RUNS/diagnose"
-  mkdir -p "$D"
-  for pair in ct:402 cd:403; do
-    gen=${pair%%:*}
-    [ -f "$D/${gen}1.npz" ] || $CMB sample --model "cmboost/assets/fmnist/$gen.safetensors" --steps 1 --num 500 \
-        --seed "${pair##*:}" --device cpu --no-progress --out "$D/${gen}1.npz"
-  done
-  [ -f "$D/teacher-snapshot.safetensors" ] || cp "$RUNS/fmnist-edm/model.safetensors" "$D/teacher-snapshot.safetensors"
+  diagnostic_inputs
   for net in ${ROBUST_NETS:-joint-w24 robust-1.5 robust-2 robust-3}; do
     model="$RUNS/fmnist-jcd-$net/model.safetensors"
     [ -f "$model" ] || model="cmboost/assets/fmnist/jcd-$net.safetensors"
