@@ -179,6 +179,19 @@ if want judges-more; then
       --out "$RUNS/fmnist_features_robust.safetensors"
 fi
 
+# 4c'. Candidate tuning judges for a committee (cmboost tune --judge a,b): the tuning judge "fmnist" failed
+#     the transfer test (a VGG like the attacker: the attacker's edits fool it), so two new families that
+#     share no design with the reporting judges or the attacker, each its own seed:
+#     - "fmnist-shallow": three wide 5x5/3x3 convolutions, GroupNorm, ELU, average pooling;
+#     - "fmnist-mixer": an MLP-Mixer over 4x4 patches (no convolution after the patch embedding).
+#     They tune only once they pass the same check as the reporting judges (stage judges-check-tuning).
+if want judges-tuning; then
+  [ -f "$RUNS/fmnist_features_shallow.safetensors" ] || $CMB train-features --data fmnist --arch shallow \
+      --seed 3131 --epochs 4 --threads 1 --device cpu --out "$RUNS/fmnist_features_shallow.safetensors"
+  [ -f "$RUNS/fmnist_features_mixer.safetensors" ] || $CMB train-features --data fmnist --arch mixer \
+      --seed 5353 --epochs 6 --threads 1 --device cpu --out "$RUNS/fmnist_features_mixer.safetensors"
+fi
+
 # 4d. The judge check: every candidate judge against the test split (5000 images for the reference, the
 #     next 1000 for each rung), with 1000 CD 1-step samples (seed 401) for the mixes and the transfer edits.
 #     The demo's panel is the reporting candidates that pass (cmboost/assets/fmnist/judges.json).

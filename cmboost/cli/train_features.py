@@ -87,8 +87,8 @@ def add_parser(verbs) -> None:
     p = verbs.add_parser("train-features",
                          help="train a domain feature network (FID/IS/PR features for small datasets) on a "
                               "dataset's train split",
-                         description="Trains a CNN (VGG-style, all-convolutional or a BatchNorm ResNet, its own "
-                                     "seed) on the train split, plainly or adversarially (--adv-eps); reruns "
+                         description="Trains a feature net (VGG-style, all-convolutional, a BatchNorm ResNet, a "
+                                     "shallow GroupNorm CNN or an MLP-Mixer, its own seed) on the train split, plainly or adversarially (--adv-eps); reruns "
                                      "resume per epoch.")
     setting = functools.partial(add_field_flag, p, TrainSettings)
     p.add_argument("--data", required=True, help="fmnist, imagenet64:PATH or folder:PATH (train split used)")
@@ -100,7 +100,9 @@ def add_parser(verbs) -> None:
     p.add_argument("--arch", default=field_default(DomainNetConfig, "arch"), choices=list(ARCHS),
                    help="vgg: 3x3 conv + BatchNorm + ReLU with max pooling (the shipped 'fmnist' net); allconv: "
                         "all-convolutional, strided convs, GELU, global average pool ('fmnist-allconv'); resnet: "
-                        "basic residual blocks with BatchNorm and SiLU (default: %(default)s)")
+                        "basic residual blocks with BatchNorm and SiLU ('fmnist-resnet'); shallow: three wide 5x5/3x3 convs, "
+                        "GroupNorm, ELU, average pooling ('fmnist-shallow'); mixer: an MLP-Mixer over 4x4 patches "
+                        "('fmnist-mixer') (default: %(default)s)")
     setting("adv_eps", "L2 radius of adversarial training in [0, 1] pixels; 0: plain cross-entropy", type=float)
     setting("adv_steps", "PGD steps of the adversarial-training attack", type=int)
     p.add_argument("--no-flip", dest="hflip", action="store_false", default=field_default(TrainSettings, "hflip"),
