@@ -42,7 +42,7 @@ from cmboost.metrics.judge_check import attacker_edit
 from cmboost.metrics.judges import ATTACKER, JUDGES, REPORTING_JUDGES, describe
 from cmboost.report import require_matplotlib, save_labelled_grid
 from cmboost.runtime import resolve_device
-from cmboost.tune import load_settings_file, run_method, settings_block, tuned_hyper
+from cmboost.tune import load_settings_file, run_method, settings_block, tuned_hyper, tuning_judges
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "fmnist"
 SETTINGS_FILE = ASSETS / "demo.json"
@@ -217,8 +217,9 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
 
     # The judges: the tuning judge is the one named in the tune files; the report uses only the others.
     tuned = {gen: load_settings_file(ASSETS / name) for gen, name in settings["tuned"].items()}
-    tuning_ids = {t["judge"]["identity"] for t in tuned.values()}
-    tuning_names = sorted({t["judge"]["name"] for t in tuned.values()})
+    tuners = [judge for t in tuned.values() for judge in tuning_judges(t)]  # every committee member
+    tuning_ids = {judge["identity"] for judge in tuners}
+    tuning_names = sorted({judge["name"] for judge in tuners})
     check = load_judge_check()
     panel = choose_panel(check, tuning_names + [check["attacker"]["name"]])
     if not panel:
@@ -436,7 +437,10 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
               "flops_per_image": flops,
               "tuning_judge": {"names": tuning_names, "identities": sorted(tuning_ids),
                                "family": "; ".join(describe(n) for n in tuning_names),
-                               "how": "cmboost tune on validation samples against training-split statistics"},
+                               "how": "cmboost tune on validation samples against training-split statistics"
+                                      + (", as a committee: " + tuned[HEADLINE[0]]["rule"]
+                                         if "committee" in tuned[HEADLINE[0]] else ""),
+                               "agreement": {gen: t["agreement"] for gen, t in tuned.items() if "agreement" in t}},
               "reporting_judges": {n: {"identity": judges[n].identity, "family": JUDGES[n].family} for n in panel},
               "judge_check": summarise_check(check, panel),
               "bars": bars, "headline": headline, "summary": summarise(headline), "two_step": two_step,
@@ -444,7 +448,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
               "grids": {gen: str(out / f"grid-{gen}.png") for gen in HEADLINE},
               "booster": boost_net, "diagnostic": load_diagnostic(boost_net),
               "booster_radius": trained_radius(ASSETS / settings["checkpoints"][boost_net]),
-              "booster_choice": settings["booster_choice"],
+              "booster_choice": settings["booster_choice"], "generators": settings["generators"],
               "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},
               "seconds": round(time.perf_counter() - started, 1)}
     report["verdicts"] = verdicts(report)

@@ -188,6 +188,18 @@ def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
+def committee_agreement(agreement: dict) -> list[str]:
+    """One line per tuned generator: how alike the tuning committee ranked the candidates (Spearman's rho
+    of their FIDs on the validation samples, per pair of judges)."""
+    lines = []
+    for gen, a in agreement.items():
+        pairs = "; ".join(f"{' vs '.join(p['judges'])} {'-' if p['rho'] is None else format(p['rho'], '.2f')}"
+                          for p in a["pairs"])
+        lines.append(f"  - {gen}: rank agreement of the {a['candidates']} candidates' validation FIDs "
+                     f"(Spearman rho): {pairs}")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     judges = list(report["reporting_judges"])
     parts = [f"# cmboost demo: Fashion-MNIST ({report['mode']}, {report['num_samples']} samples per row, "
@@ -197,6 +209,7 @@ def render_markdown(report: dict) -> str:
              f"- **Tuning judge** (chose every boosting setting; not used below): "
              f"{', '.join(report['tuning_judge']['names'])} — {report['tuning_judge']['family']}; "
              f"{report['tuning_judge']['how']}.",
+             *committee_agreement(report["tuning_judge"].get("agreement", {})),
              *[f"- **Reporting judge** `{n}`: {j['family']} (`{j['identity']}`)."
                for n, j in report["reporting_judges"].items()],
              f"- **Boosting network**: `{report['booster']}`, "
@@ -247,6 +260,7 @@ def render_markdown(report: dict) -> str:
     parts += _diagnostic_section(report)
     parts += ["## Generators against the blur bar\n",
               "Target: unboosted 1-step samples at least as good as real held-out images blurred with sigma 1.\n",
+              *[f"- {name}: {text}" for name, text in report.get("generators", {}).items()], "",
               markdown_table(generator_bar(report), ["generator", "judge", "FID", "blur FID", "KID×1e3",
                                                      "blur KID×1e3", "reaches the bar"]), ""]
     parts += ["## 2-step generators (one seed)\n", _judge_table(report["two_step"], ["generator", "boost"], judges), "",

@@ -1,5 +1,6 @@
-"""The domain feature net's architecture families: "vgg" (the shipped "fmnist" judge) and "allconv"
-(the shipped "fmnist-allconv" judge, an all-convolutional net of another family and seed)."""
+"""The domain feature net's architecture families: "vgg" (the shipped "fmnist" judge), "allconv"
+(the shipped "fmnist-allconv" judge, an all-convolutional net of another family and seed), "resnet",
+and the tuning committee's "shallow" and "mixer", which share no design with the reporting judges."""
 
 import copy
 import json
@@ -79,7 +80,7 @@ def test_old_config_without_arch_loads_as_vgg_with_the_same_identity():
 def test_bad_arch_is_a_one_line_error(tmp_path):
     with pytest.raises(UserInputError) as err:
         DomainNetConfig(arch="densenet")
-    assert "'densenet'" in str(err.value) and "vgg, allconv, resnet" in str(err.value) and "\n" not in str(err.value)
+    assert "'densenet'" in str(err.value) and "vgg, allconv, resnet, shallow, mixer" in str(err.value) and "\n" not in str(err.value)
     bad = json.dumps({**json.loads(DomainNetConfig().to_json()), "arch": "densenet"})
     with pytest.raises(UserInputError, match=r"^net.safetensors: domain net arch 'densenet'") as err:
         DomainNetConfig.from_json(bad, "net.safetensors")
@@ -96,6 +97,41 @@ def test_resnet_arch_has_residual_blocks_and_any_size():
     assert features.shape == (3, 256) and logits.shape == (3, 10)
     kinds = {type(m).__name__ for m in net.modules()}
     assert "_BasicBlock" in kinds and "BatchNorm2d" in kinds and "GroupNorm" not in kinds
+
+
+def test_shallow_arch_is_three_wide_convs_with_groupnorm_and_average_pooling():
+    net = DomainNet(DomainNetConfig(arch="shallow")).eval()
+    features, logits = net(torch.rand(3, 1, 32, 32))
+    assert features.shape == (3, 256) and logits.shape == (3, 10)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(5, 5), (5, 5), (3, 3)]
+    kinds = {type(m) for m in net.body.modules()}
+    # nothing the reporting judges are made of: no BatchNorm, max pooling, stride or residual block
+    assert nn.GroupNorm in kinds and nn.ELU in kinds and nn.AvgPool2d in kinds
+    assert not kinds & {nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU, nn.GELU, nn.SiLU}
+    assert all(c.stride == (1, 1) for c in convs)
+    other = DomainNet(DomainNetConfig(arch="shallow", in_channels=3, image_size=64, pad_from=None)).eval()
+    assert other(torch.rand(2, 3, 64, 64))[0].shape == (2, 256)
+
+
+def test_mixer_arch_mixes_patches_with_mlps_only():
+    net = DomainNet(DomainNetConfig(arch="mixer")).eval()
+    features, logits = net(torch.rand(3, 1, 32, 32))
+    assert features.shape == (3, 256) and logits.shape == (3, 10)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].kernel_size == convs[0].stride == (4, 4)  # the patch embedding only
+    assert sum(type(m).__name__ == "_MixerBlock" for m in net.modules()) == 4
+    assert not {type(m) for m in net.body.modules()} & {nn.BatchNorm2d, nn.GroupNorm, nn.MaxPool2d}
+    # the token MLP mixes across patches: changing one patch changes every patch's features after a block
+    x = torch.rand(1, 1, 32, 32)
+    y = x.clone()
+    y[..., :4, :4] += 0.5
+    tokens = lambda v: net.body.blocks[0](net.body.embed(v).flatten(2).transpose(1, 2))  # noqa: E731
+    with torch.no_grad():
+        moved = (tokens(x) - tokens(y)).abs().amax(-1)
+    assert bool((moved[0, 1:] > 0).all())
+    other = DomainNet(DomainNetConfig(arch="mixer", in_channels=3, image_size=64, pad_from=None)).eval()
+    assert other(torch.rand(2, 3, 64, 64))[0].shape == (2, 256)
 
 
 def test_adversarial_training_moves_the_weights_differently_and_is_recorded(tmp_path, fmnist_test):

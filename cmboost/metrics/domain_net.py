@@ -45,7 +45,9 @@ SHIPPED = {"fmnist": ASSETS / "fmnist_features.safetensors",
            "fmnist-allconv": ASSETS / "fmnist_features_allconv.safetensors",
            "fmnist-resnet": ASSETS / "fmnist_features_resnet.safetensors",
            "fmnist-robust": ASSETS / "fmnist_features_robust.safetensors",
-           "fmnist-attacker": ASSETS / "fmnist_features_attacker.safetensors"}
+           "fmnist-attacker": ASSETS / "fmnist_features_attacker.safetensors",
+           "fmnist-shallow": ASSETS / "fmnist_features_shallow.safetensors",
+           "fmnist-mixer": ASSETS / "fmnist_features_mixer.safetensors"}
 ARCHS = ("vgg", "allconv", "resnet", "shallow", "mixer")
 
 

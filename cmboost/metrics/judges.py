@@ -14,11 +14,15 @@ Judges for Fashion-MNIST:
 - effnet-lite0[@R]  reporting  EfficientNet-Lite0 with ImageNet weights (never saw Fashion-MNIST),
                                images upsampled to R px (64, 128, 224) and replicated to RGB, as
                                FID-Inception is used on small data sets
+- fmnist-shallow    tuning     three wide large-kernel convs, GroupNorm, ELU, average pooling (seed 3131)
+- fmnist-mixer      tuning     MLP-Mixer over 4x4 patches, no convolution after the embedding (seed 5353)
 - fmnist-attacker   attacker   a plain VGG (seed 777) that judges nothing: its adversarial edits probe
                                the judges (cmboost check-judges) and make the demo's plain-classifier control
 
 A reporting judge is a *candidate*: it reports only once `cmboost check-judges` has passed it
-(metrics/judge_check.py), and the demo's panel is the candidates that passed.
+(metrics/judge_check.py), and the demo's panel is the candidates that passed. A tuning judge sits on
+a tuning committee (cmboost tune --judge a,b) only once it has passed the same check: a judge that
+the attacker's edits fool would let the tuning pick edits that fool it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ JUDGES = {
                               "EfficientNet-Lite0 with ImageNet weights at 128 px, no Fashion-MNIST training"),
     "effnet-lite0@224": Judge("effnet-lite0@224", "reporting",
                               "EfficientNet-Lite0 with ImageNet weights at 224 px, no Fashion-MNIST training"),
+    "fmnist-shallow": Judge("fmnist-shallow", "tuning",
+                            "shallow wide CNN (5x5 convs, GroupNorm, ELU, average pooling, seed 3131) trained on "
+                            "the train split"),
+    "fmnist-mixer": Judge("fmnist-mixer", "tuning",
+                          "MLP-Mixer over 4x4 patches (seed 5353) trained on the train split"),
     "fmnist-attacker": Judge("fmnist-attacker", "attacker",
                              "plain VGG-style CNN (seed 777) whose adversarial edits probe the judges"),
 }
