@@ -442,7 +442,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
                                          if "committee" in tuned[HEADLINE[0]] else ""),
                                "agreement": {gen: t["agreement"] for gen, t in tuned.items() if "agreement" in t}},
               "reporting_judges": {n: {"identity": judges[n].identity, "family": JUDGES[n].family} for n in panel},
-              "judge_check": summarise_check(check, panel),
+              "judge_check": summarise_check(check, panel, tuning_names),
               "bars": bars, "headline": headline, "summary": summarise(headline), "two_step": two_step,
               "objectives": objectives, "frontier": frontier, "plot": str(plot),
               "grids": {gen: str(out / f"grid-{gen}.png") for gen in HEADLINE},

@@ -66,15 +66,17 @@ def verdicts(report: dict) -> list[dict]:
     return found
 
 
-def summarise_check(check: dict, panel: list[str]) -> dict:
-    """The judge check in the report: per candidate, its clean FID, ladder, worst transfer edit and verdict."""
+def summarise_check(check: dict, panel: list[str], committee: list[str] = ()) -> dict:
+    """The judge check in the report: per candidate, its clean FID, ladder, worst transfer edit and verdict
+    (`committee`: the tuning judges that chose the settings)."""
     rows = {}
     for name, r in check["judges"].items():
         if "unavailable" in r:
             rows[name] = {"passed": False, "in_panel": False, "unavailable": r["unavailable"]}
             continue
         worst = min(r["transfer"]["edits"], key=lambda e: e["relative_fid_change"])
-        rows[name] = {"passed": r["passed"], "in_panel": name in panel, "identity": r["identity"],
+        rows[name] = {"passed": r["passed"], "in_panel": name in panel, "on_committee": name in committee,
+                      "identity": r["identity"],
                       "clean_fid": r["clean"]["fid"], "unedited_fid": r["transfer"]["none"]["fid"],
                       "ladders": {f: [s["fid"] for s in v["steps"]] for f, v in r["ladder"].items()},
                       "ladder_monotonic": r["ladder_monotonic"],
@@ -298,8 +300,10 @@ def _judge_check_section(report: dict) -> list[str]:
                      "worst edit": f"{100 * worst['relative_fid_change']:+.1f}% (eps {worst['eps']:g}"
                                    + ("" if worst["bootstrap_std"] is None else f", ± {worst['bootstrap_std']:.2f}")
                                    + ")", "adv/random": ratio,
-                     "verdict": ("passes, in the panel" if r["in_panel"] else "passes" if r["passed"]
-                                 else "**fails**: " + "; ".join(r["reasons"]))})
+                     "verdict": ("passes, in the panel" if r["in_panel"] else
+                                 "passes, tunes (committee)" if r["passed"] and r.get("on_committee") else
+                                 "passes" if r["passed"] else "**fails**: " + "; ".join(r["reasons"])
+                                 + (" (yet tuned: chose the settings)" if r.get("on_committee") else ""))})
     data = check["data"]
     return ["## Which judges may report\n",
             f"Every candidate ran `cmboost check-judges` (against {data.get('real', 'the test split')}: "
@@ -309,7 +313,8 @@ def _judge_check_section(report: dict) -> list[str]:
             "unrelated to every judge and to the booster, that it must not reward beyond its error bar "
             "(2 paired-bootstrap stds). adv/random: the FID change of the worst adversarial edit over that of "
             "a random edit of the same norm. The panel is the reporting candidates that passed; the tuning "
-            "judge and the attacker never report.\n",
+            "judges and the attacker never report, and a tuning judge sits on the committee only once it "
+            "passes too.\n",
             markdown_table(rows, ["judge", "clean FID", "ladders", "worst edit", "adv/random", "verdict"]),
             f"\n**Panel:** {', '.join(f'`{n}`' for n in check['panel'])}.\n"]
 

@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect ect-bar cm-ct cm-cd samples jcd jcd-variants jcd-robust tune tune-variants judges judges-more judges-check diagnose diagnose-robust robust-study ship-judges demo-refs ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect cm-cd-long ect-bar cm-ct cm-cd samples jcd jcd-variants jcd-robust jcd-robust-ect tune tune-variants judges judges-more judges-tuning judges-check diagnose diagnose-robust robust-study ship-judges demo-refs ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -28,22 +28,27 @@ if want cm-edm; then
       --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 --no-progress "${BUDGET[@]}"
 fi
 # ECT-style consistency training (issue 21) started from the EDM teacher's weights: lognormal noise levels,
-# a gap that halves over 8 stages, pseudo-Huber loss, no EMA target. Shipped as ect.safetensors, not yet the
-# demo's CT generator (the boosters' training samples and the tuning would have to be remade from it).
+# a gap that halves over 8 stages, pseudo-Huber loss, no EMA target. Shipped as ect.safetensors: the demo's
+# CT generator since issue 21 (ct.safetensors, from stage cm-ct, stays for the comparisons made with it).
 if want cm-ect; then
   $CMB train-cm --mode ect --teacher "$RUNS/fmnist-edm/model.safetensors" --data fmnist --run-dir "$RUNS/fmnist-ect" \
       --iters ${ECT_ITERS:-1500} --batch-size 64 --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 \
       --no-progress "${BUDGET[@]}"
 fi
-# The ECT generator against the shipped ones: 250 1-step samples at the demo's CT seed (301), scored by
-# each panel judge against the shipped test statistics, as the standard demo scores its rows.
+# The ECT generator and the re-distilled CD (stage cm-cd-long) against the shipped ones: 250 1-step samples
+# at the demo's CT and CD seeds (301, 303), scored by each panel judge against the shipped test
+# statistics, as the standard demo scores its rows.
 if want ect-bar; then
   mkdir -p "$RUNS/ect-bar"
-  [ -f "$RUNS/ect-bar/ect1.npz" ] || $CMB sample --model "$RUNS/fmnist-ect/model.safetensors" --steps 1 --num 250 \
-      --seed 301 --device cpu --no-progress --out "$RUNS/ect-bar/ect1.npz"
-  for judge in fmnist-allconv fmnist-resnet effnet-lite0; do
-    [ -f "$RUNS/ect-bar/ect1-$judge.json" ] || $CMB evaluate "$RUNS/ect-bar/ect1.npz" --features "$judge" \
-        --ref "cmboost/assets/fmnist/ref-test-$judge.npz" --json "$RUNS/ect-bar/ect1-$judge.json" --device cpu --quiet
+  for pair in ect:301 cd-long:303; do
+    gen=${pair%%:*}
+    [ -f "$RUNS/fmnist-$gen/model.safetensors" ] || continue
+    [ -f "$RUNS/ect-bar/${gen}1.npz" ] || $CMB sample --model "$RUNS/fmnist-$gen/model.safetensors" --steps 1 \
+        --num 250 --seed "${pair##*:}" --device cpu --no-progress --out "$RUNS/ect-bar/${gen}1.npz"
+    for judge in fmnist-allconv fmnist-resnet effnet-lite0; do
+      [ -f "$RUNS/ect-bar/${gen}1-$judge.json" ] || $CMB evaluate "$RUNS/ect-bar/${gen}1.npz" --features "$judge" \
+          --ref "cmboost/assets/fmnist/ref-test-$judge.npz" --json "$RUNS/ect-bar/${gen}1-$judge.json" --device cpu --quiet
+    done
   done
 fi
 if want cm-ct; then
@@ -83,6 +88,12 @@ if want samples; then
         --num 1500 --seed $((100 + steps)) --batch-size 250 --device cpu --no-progress --out "$S/train-ect$steps.npz"
     [ -f "$S/val-ect$steps.npz" ] || $CMB sample --model "$RUNS/fmnist-ect/model.safetensors" --steps $steps \
         --num 500 --seed $((200 + steps)) --batch-size 250 --device cpu --no-progress --out "$S/val-ect$steps.npz"
+  done
+  # Validation samples of the re-distilled CD (stage cm-cd-long), the demo's CD generator since issue 21, at
+  # CD's validation seeds. (Its boosters' generated training images stay the first CD's: train-cd*.npz.)
+  for steps in 1 2; do
+    [ -f "$S/val-cd-long$steps.npz" ] || $CMB sample --model "$RUNS/fmnist-cd-long/model.safetensors" --steps $steps \
+        --num 500 --seed $((202 + steps)) --batch-size 250 --device cpu --no-progress --out "$S/val-cd-long$steps.npz"
   done
   # Held-out real images (train[55000:], never seen by the joint networks) calibrate the early stop.
   [ -f "$S/heldout.npz" ] || $CMB export-data --data fmnist --split train --start 55000 --image-size 32 --out "$S/heldout.npz"
@@ -159,11 +170,10 @@ if want tune-variants; then
 fi
 
 # 4. Tune every boosting method per generator with `cmboost tune`: validation samples (seeds 201-204),
-#    never the test split and never a reporting judge. Since issue 21 a committee tunes: fmnist-shallow
-#    and fmnist-mixer (stage judges-tuning), the tuning candidates that passed the judge check, each
-#    against its own training-split reference; the chosen candidate is the one whose worse relative FID
-#    and KID change across the two is best, recall kept under both. (The old tuning judge, fmnist, fails
-#    the transfer test.) PGD with and without the held-out early stop, SGLD, BIGRoC (on the CE network) and
+#    never the test split and never a reporting judge. Since issue 21 a committee tunes: the tuning
+#    candidates (stage judges-tuning) that passed the judge check, each against its own training-split
+#    reference; the chosen candidate is the one whose worst relative FID and KID change across them is
+#    best, recall kept under each. (The old tuning judge, fmnist, fails the transfer test.) PGD with and without the held-out early stop, SGLD, BIGRoC (on the CE network) and
 #    the unsharp-mask control are all tuned on the same footing. The demo's CT generator is the ECT model
 #    (stage cm-ect), so "ct1" is tuned on ECT's validation samples.
 #    The boosting network is robust-1.5-ect (stage jcd-robust-ect), chosen by the judge-free diagnostic
@@ -173,8 +183,14 @@ fi
 #    with the EDM teacher (recipes/README.md). tune takes its radius (1.5) as --robust-radius from the
 #    network: PGD candidates beyond it are scored and marked, never chosen.
 BOOSTER=${BOOSTER:-robust-1.5-ect}
-COMMITTEE=${COMMITTEE:-fmnist-shallow,fmnist-mixer}
 if want tune; then
+  # the committee: every tuning candidate that passed the judge check (cmboost/assets/fmnist/judges.json)
+  COMMITTEE=${COMMITTEE:-$(.venv/bin/python -c "
+import json; from cmboost.metrics.judges import JUDGES
+check = json.load(open('cmboost/assets/fmnist/judges.json'))['judges']
+print(','.join(n for n, r in check.items() if JUDGES.get(n) and JUDGES[n].role == 'tuning' and r.get('passed')))")}
+  [ -n "$COMMITTEE" ] || { echo "no tuning candidate passed the judge check: nothing may tune" >&2; exit 1; }
+  echo "tuning committee: $COMMITTEE"
   T="$RUNS/fmnist-tune"
   mkdir -p "$T"
   REFS=()
@@ -183,8 +199,11 @@ if want tune; then
         --out "$S/train-ref-$judge.npz" --quiet
     REFS+=(--ref "$S/train-ref-$judge.npz")
   done
-  for gen in ct1 cd1 ct2 cd2; do
-    val="$S/val-${gen/ct/ect}.npz"   # the CT slot holds the ECT generator
+  for gen in ${TUNE_GENS:-ct1 cd1 ct2 cd2}; do   # TUNE_GENS="ct1 ct2": some of them (to run two at once)
+    case $gen in   # the demo's CT slot holds the ECT generator, its CD slot the re-distilled CD
+      ct*) val="$S/val-ect${gen#ct}.npz" ;;
+      cd*) val="$S/val-cd-long${gen#cd}.npz" ;;
+    esac
     [ -f "$T/tuned-$gen.json" ] || $CMB tune "$val" --model "$RUNS/fmnist-jcd-$BOOSTER/model.safetensors" \
         --classifier "$RUNS/fmnist-jcd-ce/model.safetensors" "${REFS[@]}" --judge "$COMMITTEE" \
         --threshold-from "$S/heldout.npz" --device cpu --no-progress --out "$T/tuned-$gen.json"
@@ -216,17 +235,25 @@ if want judges-more; then
       --out "$RUNS/fmnist_features_robust.safetensors"
 fi
 
-# 4c'. Candidate tuning judges for a committee (cmboost tune --judge a,b): the tuning judge "fmnist" failed
-#     the transfer test (a VGG like the attacker: the attacker's edits fool it), so two new families that
-#     share no design with the reporting judges or the attacker, each its own seed:
-#     - "fmnist-shallow": three wide 5x5/3x3 convolutions, GroupNorm, ELU, average pooling;
-#     - "fmnist-mixer": an MLP-Mixer over 4x4 patches (no convolution after the patch embedding).
-#     They tune only once they pass the same check as the reporting judges (stage judges-check-tuning).
+# 4c'. Candidate tuning judges for a committee (cmboost tune --judge a,b): the old tuning judge "fmnist"
+#     fails the transfer test (a VGG like the attacker: the attacker's edits fool it). First two new
+#     families that share no design with the reporting judges or the attacker:
+#     - "fmnist-shallow": three wide 5x5/3x3 convolutions, GroupNorm, ELU, average pooling (seed 3131);
+#     - "fmnist-mixer": an MLP-Mixer over 4x4 patches, no convolution after the embedding (seed 5353).
+#     Both fail the transfer test too (the attacker's eps 1 edit cuts their FID by 29% and 16%), so two more
+#     of the families that pass, each its own seed: "fmnist-tune-allconv" (6161) and "fmnist-tune-resnet"
+#     (7373). They share families, not weights or seeds, with fmnist-allconv and fmnist-resnet on the panel:
+#     the panel's third judge, effnet-lite0, shares nothing with them. A candidate tunes only once it
+#     passes the judge check (stage judges-check); stage tune takes the committee from judges.json.
 if want judges-tuning; then
-  [ -f "$RUNS/fmnist_features_shallow.safetensors" ] || $CMB train-features --data fmnist --arch shallow \
-      --seed 3131 --epochs 4 --threads 1 --device cpu --out "$RUNS/fmnist_features_shallow.safetensors"
-  [ -f "$RUNS/fmnist_features_mixer.safetensors" ] || $CMB train-features --data fmnist --arch mixer \
-      --seed 5353 --epochs 6 --threads 1 --device cpu --out "$RUNS/fmnist_features_mixer.safetensors"
+  train_judge() {  # name arch seed epochs
+    [ -f "$RUNS/fmnist_features_$1.safetensors" ] || $CMB train-features --data fmnist --arch "$2" --seed "$3" \
+        --epochs "$4" --threads 1 --device cpu --out "$RUNS/fmnist_features_$1.safetensors"
+  }
+  train_judge shallow shallow 3131 4
+  train_judge mixer mixer 5353 6
+  train_judge tune_allconv allconv 6161 5
+  train_judge tune_resnet resnet 7373 3
 fi
 
 # 4d. The judge check: every candidate judge against the test split (5000 images for the reference, the
@@ -239,16 +266,17 @@ if want judges-check; then
   # at 64 px (4x and 12x slower at 128 and 224 px): the 25,000 images of their check, and the demo's
   # 75,000, need a GPU. Add ",effnet-lite0@128,effnet-lite0@224" to --judges where one is available.
   [ -f "$RUNS/judges.json" ] || $CMB check-judges --samples "$RUNS/judges-cd1.npz" --device cpu \
-      --judges fmnist,fmnist-shallow,fmnist-mixer,fmnist-allconv,fmnist-resnet,fmnist-robust,effnet-lite0,inception,dinov2 \
+      --judges fmnist,fmnist-shallow,fmnist-mixer,fmnist-tune-allconv,fmnist-tune-resnet,fmnist-allconv,fmnist-resnet,fmnist-robust,effnet-lite0,inception,dinov2 \
       --out "$RUNS/judges.json"
 fi
 
 # The diagnostic's inputs, made once: 500 CT and 500 CD 1-step samples (seeds 402, 403) and a snapshot of
 # the EDM teacher, so that every network is measured against the same score.
-diagnostic_inputs() {
+diagnostic_inputs() {  # the shipped generators to sample: "ct cd" (the boosters' comparison), "ect cd-long" (the demo's)
   D="$RUNS/diagnose"
   mkdir -p "$D"
-  for pair in ct:402 cd:403 ect:402; do   # ect: the demo's CT generator since issue 21
+  for gen in $1; do
+    case $gen in ct|ect) pair=$gen:402 ;; *) pair=$gen:403 ;; esac
     gen=${pair%%:*}
     [ -f "$D/${gen}1.npz" ] || $CMB sample --model "cmboost/assets/fmnist/$gen.safetensors" --steps 1 --num 500 \
         --seed "${pair##*:}" --device cpu --no-progress --out "$D/${gen}1.npz"
@@ -260,10 +288,10 @@ diagnostic_inputs() {
 #     before and after the tuned boosting, gradient-score alignment with the EDM teacher, the PAG picture.
 #     500 samples per generator (seeds 402 CT, 403 CD); the booster's goes into the demo's report.
 if want diagnose; then
-  diagnostic_inputs
+  diagnostic_inputs "ect cd-long"
   # the booster, with the settings stage tune chose for it; robust accuracy also at its radius (1.5)
   [ -f "$D/jcd-$BOOSTER/diagnose.json" ] || $CMB diagnose --model "$RUNS/fmnist-jcd-$BOOSTER/model.safetensors" \
-      --samples "ct1=$D/ect1.npz" --samples "cd1=$D/cd1.npz" --teacher "$D/teacher-snapshot.safetensors" \
+      --samples "ct1=$D/ect1.npz" --samples "cd1=$D/cd-long1.npz" --teacher "$D/teacher-snapshot.safetensors" \
       --settings "$RUNS/fmnist-tune/tuned-ct1.json" --settings "$RUNS/fmnist-tune/tuned-cd1.json" \
       --attack-eps 0.5 1 1.5 2 3 4 --device cpu --out "$D/jcd-$BOOSTER"
 fi
@@ -273,7 +301,7 @@ fi
 #     gradient-score alignment with the EDM teacher as it stands (copied once to teacher-snapshot, so all
 #     four are measured against the same one). The booster is chosen from these numbers (recipes/README.md).
 if want diagnose-robust; then
-  diagnostic_inputs
+  diagnostic_inputs "ct cd"
   for net in ${ROBUST_NETS:-joint-w24 robust-1.5 robust-2 robust-3 robust-1.5-ect}; do
     model="$RUNS/fmnist-jcd-$net/model.safetensors"
     [ -f "$model" ] || model="cmboost/assets/fmnist/jcd-$net.safetensors"
@@ -301,7 +329,7 @@ fi
 
 # 5a. Ship the candidate judges and the attacker (each only once it is trained).
 if want ship-judges; then
-  for name in attacker resnet robust shallow mixer; do
+  for name in attacker resnet robust shallow mixer tune_allconv tune_resnet; do
     [ -f "$RUNS/fmnist_features_$name.safetensors" ] && cp "$RUNS/fmnist_features_$name.safetensors" cmboost/assets/
   done
   [ -f "$RUNS/judges.json" ] && cp "$RUNS/judges.json" cmboost/assets/fmnist/judges.json
@@ -338,6 +366,7 @@ if want ship; then
     ship "$RUNS/fmnist-tune/tuned-$gen.json" "$A/tuned-$gen.json"
   done
   ship "$RUNS/fmnist_features_allconv.safetensors" cmboost/assets/fmnist_features_allconv.safetensors
-  ship "$RUNS/fmnist-ect/model.safetensors" "$A/ect.safetensors"   # not yet the demo's CT generator
+  ship "$RUNS/fmnist-ect/model.safetensors" "$A/ect.safetensors"          # the demo's CT generator
+  ship "$RUNS/fmnist-cd-long/model.safetensors" "$A/cd-long.safetensors"  # the demo's CD generator
   du -ch "$A"/*.safetensors cmboost/assets/fmnist_features.safetensors | tail -1
 fi

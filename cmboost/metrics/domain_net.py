@@ -47,7 +47,9 @@ SHIPPED = {"fmnist": ASSETS / "fmnist_features.safetensors",
            "fmnist-robust": ASSETS / "fmnist_features_robust.safetensors",
            "fmnist-attacker": ASSETS / "fmnist_features_attacker.safetensors",
            "fmnist-shallow": ASSETS / "fmnist_features_shallow.safetensors",
-           "fmnist-mixer": ASSETS / "fmnist_features_mixer.safetensors"}
+           "fmnist-mixer": ASSETS / "fmnist_features_mixer.safetensors",
+           "fmnist-tune-allconv": ASSETS / "fmnist_features_tune_allconv.safetensors",
+           "fmnist-tune-resnet": ASSETS / "fmnist_features_tune_resnet.safetensors"}
 ARCHS = ("vgg", "allconv", "resnet", "shallow", "mixer")
 
 

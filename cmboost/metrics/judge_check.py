@@ -284,8 +284,9 @@ def passing(report: dict, exclude: Sequence[str] = ()) -> list[str]:
 
 # ----------------------------------------------------------------------------- the whole check
 
-DEFAULT_CANDIDATES = ("fmnist", "fmnist-shallow", "fmnist-mixer", "fmnist-allconv", "fmnist-resnet", "fmnist-robust",
-                      "effnet-lite0", "effnet-lite0@128", "effnet-lite0@224", "inception", "dinov2")
+DEFAULT_CANDIDATES = ("fmnist", "fmnist-shallow", "fmnist-mixer", "fmnist-tune-allconv", "fmnist-tune-resnet",
+                      "fmnist-allconv", "fmnist-resnet", "fmnist-robust", "effnet-lite0", "effnet-lite0@128",
+                      "effnet-lite0@224", "inception", "dinov2")
 DEFAULT_ATTACKER = "fmnist-attacker"
 
 

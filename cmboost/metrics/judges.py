@@ -16,6 +16,8 @@ Judges for Fashion-MNIST:
                                FID-Inception is used on small data sets
 - fmnist-shallow    tuning     three wide large-kernel convs, GroupNorm, ELU, average pooling (seed 3131)
 - fmnist-mixer      tuning     MLP-Mixer over 4x4 patches, no convolution after the embedding (seed 5353)
+- fmnist-tune-allconv  tuning  all-convolutional, as fmnist-allconv but its own seed (6161)
+- fmnist-tune-resnet   tuning  BatchNorm residual net, as fmnist-resnet but its own seed (7373)
 - fmnist-attacker   attacker   a plain VGG (seed 777) that judges nothing: its adversarial edits probe
                                the judges (cmboost check-judges) and make the demo's plain-classifier control
 
@@ -58,6 +60,10 @@ JUDGES = {
                             "the train split"),
     "fmnist-mixer": Judge("fmnist-mixer", "tuning",
                           "MLP-Mixer over 4x4 patches (seed 5353) trained on the train split"),
+    "fmnist-tune-allconv": Judge("fmnist-tune-allconv", "tuning",
+                                 "all-convolutional CNN (as fmnist-allconv, own seed 6161) trained on the train split"),
+    "fmnist-tune-resnet": Judge("fmnist-tune-resnet", "tuning",
+                                "BatchNorm residual CNN (as fmnist-resnet, own seed 7373) trained on the train split"),
     "fmnist-attacker": Judge("fmnist-attacker", "attacker",
                              "plain VGG-style CNN (seed 777) whose adversarial edits probe the judges"),
 }
