@@ -199,3 +199,17 @@ def test_shipped_allconv_net_is_an_independent_documented_judge(fmnist_test):
     # rounding could reclassify; the README states the same figure.
     assert abs(accuracy - float(meta["test_accuracy"])) <= near_ties / len(images) + 1e-12
     assert f"**Test accuracy: {float(meta['test_accuracy']):.4f}**" in (SHIPPED["fmnist-allconv"].parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name, arch, seed", [("fmnist-shallow", "shallow", 3131), ("fmnist-mixer", "mixer", 5353),
+                                              ("fmnist-tune-allconv", "allconv", 6161),
+                                              ("fmnist-tune-resnet", "resnet", 7373)])
+def test_shipped_tuning_candidates_are_what_the_recipe_trained(name, arch, seed, fmnist_test):
+    net, meta = load_domain_net(name)
+    assert net.config.arch == arch and json.loads(meta["settings"])["seed"] == seed
+    assert f"--arch {arch}" in meta["command"] and f"--seed {seed}" in meta["command"]
+    images, labels = fmnist_test
+    accuracy, near_ties = accuracy_and_near_ties(net, images, labels)
+    assert abs(accuracy - float(meta["test_accuracy"])) <= near_ties / len(images) + 1e-12
+    # the assets README states each one's accuracy (the file's own record, rounded)
+    assert f"| {float(meta['test_accuracy']):.4f} |" in (SHIPPED[name].parent / "README.md").read_text()
