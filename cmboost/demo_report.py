@@ -208,7 +208,8 @@ def render_markdown(report: dict) -> str:
              f"{report['seeds']} sample seeds for the headline rows)\n",
              f"Reference: {report['reference']}.\n",
              "## Judges\n",
-             f"- **Tuning judge** (chose every boosting setting; not used below): "
+             f"- **Tuning judge{'s' if len(report['tuning_judge']['names']) > 1 else ''}** (chose every "
+             "boosting setting; not used below): "
              f"{', '.join(report['tuning_judge']['names'])} — {report['tuning_judge']['family']}; "
              f"{report['tuning_judge']['how']}.",
              *committee_agreement(report["tuning_judge"].get("agreement", {})),

@@ -7,6 +7,7 @@ import pytest
 from cmboost.cli import main as cli_main
 from cmboost.demo import ASSETS, SETTINGS_FILE, choose_panel, load_judge_check
 from cmboost.metrics.judges import ATTACKER, REPORTING_JUDGES
+from cmboost.tune import tuning_judges
 
 COMMITTED_QUICK = Path(__file__).resolve().parent.parent / "recipes" / "fmnist-report" / "quick.json"
 # Another CPU rounds the convolutions differently (oneDNN/MKL code paths), and PGD and SGLD turn a
@@ -63,12 +64,21 @@ def test_shipped_checkpoints_are_small_and_described():
         assert name in readme
 
 
-def test_shipped_settings_were_tuned_by_the_tuning_judge_only():
+def test_shipped_settings_were_tuned_by_a_committee_that_passed_the_judge_check():
     settings = json.loads(SETTINGS_FILE.read_text())
+    check = load_judge_check()
     for name in settings["tuned"].values():
         tuned = json.loads((ASSETS / name).read_text())
-        assert tuned["judge"]["role"] == "tuning" and tuned["judge"]["name"] not in REPORTING_JUDGES
-        assert "train" in tuned["reference"]["data"] and "test" not in tuned["reference"]["data"]
+        members = tuning_judges(tuned)
+        assert len(members) >= 2 and tuned["criterion"] == "fid+kid", name  # a committee, FID and KID
+        for member, committed in zip(members, tuned["committee"]):
+            assert member["role"] == "tuning" and member["name"] not in REPORTING_JUDGES
+            # the committee took only judges that the attacker's edits do not fool, with these very weights
+            assert check["judges"][member["name"]]["passed"], member["name"]
+            assert check["judges"][member["name"]]["identity"] == member["identity"]
+            assert "train" in committed["reference"]["data"] and "test" not in committed["reference"]["data"]
+        assert {tuple(p["judges"]) for p in tuned["agreement"]["pairs"]} == {
+            (a["name"], b["name"]) for i, a in enumerate(members) for b in members[i + 1:]}
 
 
 def test_quick_demo_writes_every_file_and_names_its_judges(quick_report):
@@ -81,7 +91,10 @@ def test_quick_demo_writes_every_file_and_names_its_judges(quick_report):
     assert all(check["judges"][name]["passed"] for name in panel)
     assert ATTACKER not in panel and "fmnist" not in panel
     assert set(report["judge_check"]["judges"]) == set(check["judges"])
-    assert report["tuning_judge"]["names"] == ["fmnist"]
+    committee = sorted({m["name"] for name in json.loads(SETTINGS_FILE.read_text())["tuned"].values()
+                        for m in tuning_judges(json.loads((ASSETS / name).read_text()))})
+    assert report["tuning_judge"]["names"] == committee and "fmnist" not in committee
+    assert all(report["judge_check"]["judges"][name]["on_committee"] for name in committee)
     assert not set(report["tuning_judge"]["identities"]) & {j["identity"] for j in report["reporting_judges"].values()}
     assert len(report["headline"]) == 2 * report["seeds"] * 8 and report["seeds"] >= 2
     for row in report["headline"] + report["two_step"] + report["objectives"]:
