@@ -38,7 +38,7 @@ from cmboost.errors import UserInputError
 from cmboost.flops import booster_step_flops, generator_step_flops
 from cmboost.jobs import first_difference, read_record, write_record
 from cmboost.jcd import load_joint_model, read_metadata
-from cmboost.metrics.judge_check import attacker_edit
+from cmboost.metrics.judge_check import attacker_edit, passing
 from cmboost.metrics.judges import ATTACKER, JUDGES, REPORTING_JUDGES, describe
 from cmboost.report import require_matplotlib, save_labelled_grid
 from cmboost.runtime import resolve_device
@@ -153,8 +153,7 @@ def write_shipped_references(judge_names, out_dir: str | os.PathLike = ASSETS, n
 
 def choose_panel(check: dict, excluded: list[str]) -> list[str]:
     """The reporting candidates that passed, less the tuning judge(s) and the attacker."""
-    return [name for name, result in check["judges"].items()
-            if result.get("passed") and name in REPORTING_JUDGES and name not in excluded]
+    return [name for name in passing(check, excluded) if name in REPORTING_JUDGES]
 
 
 class Rows:

@@ -186,9 +186,9 @@ BOOSTER=${BOOSTER:-robust-1.5-ect}
 if want tune; then
   # the committee: every tuning candidate that passed the judge check (cmboost/assets/fmnist/judges.json)
   COMMITTEE=${COMMITTEE:-$(.venv/bin/python -c "
-import json; from cmboost.metrics.judges import JUDGES
-check = json.load(open('cmboost/assets/fmnist/judges.json'))['judges']
-print(','.join(n for n, r in check.items() if JUDGES.get(n) and JUDGES[n].role == 'tuning' and r.get('passed')))")}
+import json; from cmboost.metrics.judge_check import passing; from cmboost.metrics.judges import JUDGES
+check = json.load(open('cmboost/assets/fmnist/judges.json'))
+print(','.join(n for n in passing(check) if n in JUDGES and JUDGES[n].role == 'tuning'))")}
   [ -n "$COMMITTEE" ] || { echo "no tuning candidate passed the judge check: nothing may tune" >&2; exit 1; }
   echo "tuning committee: $COMMITTEE"
   T="$RUNS/fmnist-tune"

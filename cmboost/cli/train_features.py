@@ -88,8 +88,8 @@ def add_parser(verbs) -> None:
                          help="train a domain feature network (FID/IS/PR features for small datasets) on a "
                               "dataset's train split",
                          description="Trains a feature net (VGG-style, all-convolutional, a BatchNorm ResNet, a "
-                                     "shallow GroupNorm CNN or an MLP-Mixer, its own seed) on the train split, plainly or adversarially (--adv-eps); reruns "
-                                     "resume per epoch.")
+                                     "shallow GroupNorm CNN or an MLP-Mixer, its own seed) on the train split, "
+                                     "plainly or adversarially (--adv-eps); reruns resume per epoch.")
     setting = functools.partial(add_field_flag, p, TrainSettings)
     p.add_argument("--data", required=True, help="fmnist, imagenet64:PATH or folder:PATH (train split used)")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST files (default: system copy)")

@@ -7,8 +7,9 @@ of 3x3 conv + BatchNorm + ReLU with max pooling (the shipped "fmnist" net); "all
 all-convolutional net (Springenberg et al.) with strided convolutions instead of pooling, GELU and
 global average pooling ("fmnist-allconv"); "resnet", BatchNorm basic blocks ("fmnist-resnet");
 "shallow", three wide large-kernel convolutions with GroupNorm, ELU and average pooling; and "mixer",
-an MLP-Mixer over 4x4 patches with no convolution after the patch embedding. The last two are the
-tuning committee's families, chosen to share no design with the reporting judges. Its 256-d
+an MLP-Mixer over 4x4 patches with no convolution after the patch embedding. The last two were built
+as tuning candidates sharing no design with the reporting judges; both fail the judge check's
+transfer test, so they tune nothing. Its 256-d
 penultimate layer gives the FID / precision-recall features and its softmax the Inception-Score
 predictions. It has no spatial feature map for sFID.
 
@@ -160,7 +161,7 @@ def _shallow_body(config: DomainNetConfig) -> tuple[nn.Sequential, int]:
     """Three wide convolutions with large kernels: 5x5 conv@S (w1), 2x2 average pool, 5x5 conv@S/2 (w2),
     average pool, 3x3 conv@S/4 (w3), global average pool; each conv + GroupNorm (8 groups) + ELU.
     Few layers, wide receptive fields early, no BatchNorm and no max pooling: a design unlike the
-    reporting judges' (a tuning committee member)."""
+    reporting judges' (the tuning candidate fmnist-shallow)."""
     _, w1, w2, w3 = config.widths
 
     def conv(cin: int, cout: int, kernel: int) -> list[nn.Module]:
@@ -189,7 +190,7 @@ class _MixerBlock(nn.Module):
 
 class _MixerBody(nn.Module):
     """4x4 patches embedded linearly to w2 channels, 4 Mixer blocks (token MLP hidden w2, channel MLP
-    hidden w3), LayerNorm, mean over patches (a tuning committee member: no convolution to share)."""
+    hidden w3), LayerNorm, mean over patches (the tuning candidate fmnist-mixer: no convolution to share)."""
 
     PATCH = 4
     BLOCKS = 4
