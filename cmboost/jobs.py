@@ -1,17 +1,23 @@
-"""Resumable jobs: recorded configurations, index-to-image jobs kept as part files, trainer run folders.
+"""Resumable jobs: one `Job` folder for everything cmboost resumes.
 
-Every long job records the configuration its result depends on, and a rerun compares against it
-with `check_same_config` (the one comparison), naming the first field that differs. Two shapes of
-job use it:
+A `Job` is a folder that holds what a long computation needs to resume after it is stopped at any
+moment (kill -9 included):
 
-- `run_parts`: a job that turns sample indices into images (sample, boost). The indices fall into
-  fixed compute blocks (block b holds b*block_size .. (b+1)*block_size-1), and the work function
-  always sees exactly one block, so an image never depends on the batch size or the number of
-  processes. A batch (whole blocks) becomes an atomic part file in `<out>.parts/` holding its
-  indices; a rerun skips the blocks already done, so a job killed at any moment (kill -9
-  included) resumes. Under torchrun the batches are dealt round-robin to the ranks and rank 0
-  merges the parts in index order.
-- `RunDir`: a trainer's folder with its recorded configuration and `log.jsonl`.
+- `config.json`: the configuration the result depends on. A rerun compares it with its own and,
+  on any difference outside the fields allowed to change, refuses in one line that names the first
+  differing field (`check_same_config`, the one comparison);
+- `.lock`: held for the job's lifetime, so two processes never write the same job;
+- the cache of finished work, in one of three shapes:
+  - part files (`part-<first index>-<count>.npz`): index-to-image jobs (sample, boost), see `run_parts`;
+  - rows (`rows.json`, a JSON object of finished results by key): tune's candidates, the judge
+    check's judges, the demo's rows;
+  - a training state (`state.safetensors`, EDM2-style: one file with every tensor of the run and its
+    step; `save_state`/`load_state`) and `log.jsonl`: the three trainers (train-jcd, train-cm,
+    train-features).
+
+A job that writes one output file keeps its folder next to it (`<out>.job`, `job_dir`) and removes
+it once the output is written; a trainer's job is its --run-dir and the demo's its --out-dir, which
+are kept. A job that fails before it has cached anything leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import sys
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -35,8 +41,9 @@ from cmboost.runtime import barrier, dist_info
 from cmboost.samples import check_sample_output, save_samples, write_npz
 
 BatchFn = Callable[[Sequence[int]], tuple[np.ndarray, np.ndarray | None]]
-CONFIG_FILE = "config.json"
-LOCK_FILE = "lock"
+CONFIG_FILE, LOCK_FILE, ROWS_FILE = "config.json", ".lock", "rows.json"
+STATE_FILE, LOG_FILE, MODEL_FILE = "state.safetensors", "log.jsonl", "model.safetensors"  # MODEL_FILE: a trainer's result
+STATE_FORMAT = "cmboost.training_state/1"
 _MISSING = "<absent>"
 
 
@@ -77,7 +84,7 @@ def check_same_config(saved: dict, current: dict, where: str | os.PathLike, may_
 
 
 def read_record(path: Path, fresh: str = "delete it to start over") -> dict | None:
-    """A recorded JSON configuration, None when absent; a torn or foreign one is named with its fix."""
+    """A recorded JSON object, None when absent; a torn or foreign one is named with its fix."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -110,55 +117,256 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:20]
 
 
-# ----------------------------------------------------------------------------- part files
-
-def parts_dir(out: str | os.PathLike) -> Path:
+def job_dir(out: str | os.PathLike) -> Path:
+    """The job folder of a job whose result is the one file (or PNG folder) `out`."""
     out = Path(out)
-    return out.with_name(out.name + ".parts")
+    return out.with_name(out.name + ".job")
 
 
-def refuse_finished(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuses an existing output unless asked to overwrite it, or unless its parts folder is still
-    there (a job killed between writing the output and cleaning up: rerunning finishes it); and
-    whatever `check_sample_output` refuses (a bad path or suffix, an output of another kind or a
-    folder cmboost did not write), with or without --overwrite."""
-    refuse_unsafe_output(out)  # before parts_dir, which cannot name the parts of "" or "."
-    parts = parts_dir(out)
-    if parts.exists() and not parts.is_dir():
-        raise UserInputError(f"{parts}: is a file, where this job keeps its part files; move it away, or choose "
-                             f"another --out")
-    check_sample_output(out, overwrite, resuming=(parts / CONFIG_FILE).is_file())
-
+# ----------------------------------------------------------------------------- the job
 
 @contextlib.contextmanager
-def _locked(parts: Path) -> Iterator[None]:
-    """An exclusive lock on the parts folder for the job's lifetime; the kernel drops it if the process dies."""
+def _locked(folder: Path, name: str) -> Iterator[None]:
+    """An exclusive lock on the job folder for the job's lifetime; the kernel drops it if the process dies."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock, as before
+    except ImportError:  # not POSIX: no lock
         yield
         return
-    fh = open(parts / LOCK_FILE, "a")
+    fh = open(folder / LOCK_FILE, "a")
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserInputError(f"{parts}: another cmboost run is writing this output now; wait for it, "
+            raise UserInputError(f"{name}: another cmboost run is writing this job now; wait for it, "
                                  f"or choose another output") from None
         yield
     finally:
         fh.close()
 
 
+class Job:
+    """One resumable job: its folder, recorded configuration, lock and cache (see the module docstring).
+
+    Use it as a context manager. Entering it (rank 0 does the writing, every rank waits for it):
+    checks that the folder can be written, takes the lock, and either records `config` (a new job)
+    or compares it with the recorded one (a resumed job) and refuses another run's folder; with
+    `restart`, the cache is emptied first. Leaving it lets the lock go, and removes the folder when
+    nothing was cached (a job that failed early leaves nothing behind).
+
+    `name` is how messages call the folder (a flag and path, e.g. "--run-dir runs/x"), `fresh` how
+    the user starts over, `may_change` the fields a rerun may change (they take their new values),
+    and `as_flags` names a differing field as the flag that sets it."""
+
+    def __init__(self, folder: str | os.PathLike, config: Mapping, *, may_change: Sequence[str] = (),
+                 name: str | None = None, fresh: str | None = None, as_flags: bool = False, restart: bool = False):
+        self.folder = Path(folder)
+        self.config = as_json(dict(config))
+        self.may_change = tuple(may_change)
+        self.name = name or str(self.folder)
+        self.fresh = fresh or f"delete {self.folder} to start over"
+        self.as_flags = as_flags
+        self.restart = restart
+        self.resumed = False  # True once entered, when the folder held this job's configuration
+        self._rows: dict | None = None
+        self._stack: contextlib.ExitStack | None = None
+
+    # -- lifetime
+    def __enter__(self) -> "Job":
+        info = dist_info()
+        stack = contextlib.ExitStack()
+        try:
+            if info.is_main:
+                check_writable(self.folder / CONFIG_FILE)
+                if self.folder.exists() and not self.folder.is_dir():
+                    raise UserInputError(f"{self.name}: is a file, where this job keeps its folder; move it away, "
+                                         f"or choose another output")
+                self.folder.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(_locked(self.folder, self.name))
+                stack.callback(self._remove_if_empty)  # runs before the lock is let go
+                if self.restart:
+                    self.clear()
+                self._prepare()
+            barrier()
+            if not info.is_main:
+                self.resumed = (self.folder / CONFIG_FILE).is_file() and any(self._cached())
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def _prepare(self) -> None:
+        saved = read_record(self.folder / CONFIG_FILE, self.fresh)
+        if saved is not None:
+            check_same_config(saved, self.config, self.name, self.may_change, self.fresh, self.as_flags)
+            self.resumed = True
+        elif any(self._cached()):
+            raise UserInputError(f"{self.name}: holds results without a recorded configuration (an older or "
+                                 f"foreign job); {self.fresh}")
+        write_record(self.folder / CONFIG_FILE, self.config)  # a changeable field takes its new value
+
+    def _cached(self) -> Iterator[Path]:
+        yield from self.folder.glob("part-*.npz")
+        for name in (ROWS_FILE, STATE_FILE, LOG_FILE):
+            if (self.folder / name).exists():
+                yield self.folder / name
+
+    def clear(self) -> None:
+        """Forgets every cached result and the recorded configuration (a restart)."""
+        for path in list(self._cached()) + [self.folder / CONFIG_FILE]:
+            path.unlink(missing_ok=True)
+        self._rows = None
+
+    def _remove_if_empty(self) -> None:
+        if not self.folder.is_dir() or any(self._cached()):
+            return
+        for name in (CONFIG_FILE, LOCK_FILE):
+            (self.folder / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder holding the user's own files stays
+            self.folder.rmdir()
+
+    def finish(self) -> None:
+        """Removes the folder of a job whose output is written (rank 0, inside the `with`)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- rows
+    @property
+    def rows(self) -> dict:
+        """The finished rows, by key (read once)."""
+        if self._rows is None:
+            saved = read_record(self.folder / ROWS_FILE, self.fresh)
+            self._rows = {} if saved is None else saved
+        return self._rows
+
+    def row(self, key: str):
+        return self.rows.get(key)
+
+    def put_row(self, key: str, value):
+        """Caches one finished row (atomically) and returns it."""
+        self.rows[key] = as_json(value)
+        write_record(self.folder / ROWS_FILE, self.rows)
+        return self.rows[key]
+
+    # -- training state
+    @property
+    def state_path(self) -> Path:
+        return self.folder / STATE_FILE
+
+    def save_state(self, step: int, tensors: Mapping, meta: Mapping) -> Path:
+        """The whole training state at `step`: tensors by name, JSON-able `meta` (optimizer groups,
+        scheduler, RNG...), in one safetensors file written atomically (rank 0)."""
+        from cmboost.checkpoints import save_safetensors
+
+        header = {"format": STATE_FORMAT, "step": str(int(step)), "meta": json.dumps(as_json(dict(meta)), sort_keys=True)}
+        return save_safetensors(self.state_path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header)
+
+    def load_state(self) -> tuple[int, dict, dict] | None:
+        """(step, tensors, meta) of the saved training state, or None when there is none yet."""
+        from cmboost.checkpoints import read_safetensors
+
+        if not self.state_path.is_file():
+            return None
+        fix = f"it is this run's training state: {self.fresh}"
+        try:
+            tensors, header = read_safetensors(self.state_path)
+        except UserInputError as err:
+            raise UserInputError(f"{err}; {fix}") from None
+        if header.get("format") != STATE_FORMAT:
+            raise UserInputError(f"{self.state_path}: not a cmboost training state (format "
+                                 f"{header.get('format')!r}); {fix}")
+        try:
+            step, meta = int(header["step"]), json.loads(header["meta"])
+        except (KeyError, ValueError) as err:
+            raise UserInputError(f"{self.state_path}: damaged training state ({err}); {fix}") from None
+        return step, tensors, meta
+
+    # -- log
+    @property
+    def log_path(self) -> Path:
+        return self.folder / LOG_FILE
+
+    def append_log(self, record: dict) -> None:
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def trim_log(self, last: float, key: str) -> None:
+        """Drops log lines written after the state a resume starts from (and torn lines)."""
+        if not self.log_path.exists():
+            return
+
+        def position(line: str) -> float:
+            try:
+                return float(json.loads(line)[key])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                return float("inf")
+
+        kept = [line for line in self.log_path.read_text().splitlines() if position(line) <= last]
+        atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
+
+
+def optimizer_tensors(optimizer) -> tuple[dict, list]:
+    """An optimizer's state as tensors ("optimizer.<param>.<name>") and its parameter groups as JSON,
+    for `Job.save_state`."""
+    import torch
+
+    saved = optimizer.state_dict()
+    tensors = {f"optimizer.{index}.{name}": torch.as_tensor(value)
+               for index, state in saved["state"].items() for name, value in state.items()}
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in saved["param_groups"]]
+    return tensors, as_json(groups)
+
+
+def load_optimizer(optimizer, tensors: Mapping, groups: list) -> None:
+    """Restores what `optimizer_tensors` saved (the optimizer moves each value to its parameter's device)."""
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    current = optimizer.state_dict()
+    groups = [dict(saved, params=live["params"]) for live, saved in zip(current["param_groups"], groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def module_tensors(prefix: str, module) -> dict:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def tensors_under(prefix: str, tensors: Mapping) -> dict:
+    """The tensors saved under `prefix.` with the prefix removed (a module's state dict)."""
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+# ----------------------------------------------------------------------------- index-to-image jobs
+
+def refuse_finished(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuses an existing output unless asked to overwrite it, or unless its job folder is still
+    there (a job killed between writing the output and cleaning up: rerunning finishes it); and
+    whatever `check_sample_output` refuses (a bad path or suffix, an output of another kind or a
+    folder cmboost did not write), with or without --overwrite."""
+    refuse_unsafe_output(out)  # before job_dir, which cannot name the job of "" or "."
+    folder = job_dir(out)
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"{folder}: is a file, where this job keeps its folder; move it away, or choose "
+                             f"another --out")
+    check_sample_output(out, overwrite, resuming=(folder / CONFIG_FILE).is_file())
+
+
 def _part_name(indices: Sequence[int]) -> str:
     return f"part-{int(indices[0]):09d}-{len(indices):06d}.npz"
 
 
-def _write_part(parts: Path, indices: Sequence[int], images: np.ndarray, labels: np.ndarray | None) -> None:
+def _write_part(folder: Path, indices: Sequence[int], images: np.ndarray, labels: np.ndarray | None) -> None:
     arrays = {"indices": np.asarray(indices, dtype=np.int64), "images": images}
     if labels is not None:
         arrays["labels"] = np.asarray(labels)
-    with atomic_open(parts / _part_name(indices), "wb") as fh:
+    with atomic_open(folder / _part_name(indices), "wb") as fh:
         write_npz(fh, arrays)
 
 
@@ -188,10 +396,10 @@ def _load_part(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return indices, images, labels
 
 
-def _drop_damaged_parts(parts: Path) -> None:
+def _drop_damaged_parts(folder: Path) -> None:
     """Removes every part file that cannot be read whole, naming it: its blocks count as not done,
     so this run recomputes them (atomic writes mean only an outside hand can damage a part)."""
-    for file in sorted(parts.glob("part-*.npz")):
+    for file in sorted(folder.glob("part-*.npz")):
         try:
             _load_part(file)
         except _DamagedPart as err:
@@ -200,9 +408,9 @@ def _drop_damaged_parts(parts: Path) -> None:
             file.unlink(missing_ok=True)
 
 
-def _read_parts(parts: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+def _read_parts(folder: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     found = []
-    for file in sorted(parts.glob("part-*.npz")):
+    for file in sorted(folder.glob("part-*.npz")):
         try:
             found.append(_load_part(file))
         except _DamagedPart as err:
@@ -213,11 +421,11 @@ def _read_parts(parts: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | 
     return found
 
 
-def _done_indices(parts: Path) -> set[int]:
+def _done_indices(folder: Path) -> set[int]:
     """The indices the part files hold (their `indices` members only: `_drop_damaged_parts` has
     already read each part whole)."""
     done: set[int] = set()
-    for file in sorted(parts.glob("part-*.npz")):
+    for file in sorted(folder.glob("part-*.npz")):
         try:
             with np.load(file, allow_pickle=False) as archive:
                 done.update(int(i) for i in archive["indices"])
@@ -227,27 +435,19 @@ def _done_indices(parts: Path) -> set[int]:
     return done
 
 
-def _prepare_parts(parts: Path, config: dict, may_change: Sequence[str]) -> None:
-    """Checks the recorded configuration of an unfinished job, or records it for a new one."""
-    fresh = f"delete {parts} to start over"
-    saved = read_record(parts / CONFIG_FILE, fresh)
-    if saved is not None:
-        check_same_config(saved, config, parts, may_change, fresh)
-    elif any(parts.glob("part-*.npz")):
-        raise UserInputError(f"{parts}: part files without a recorded configuration (an older or foreign "
-                             f"job); {fresh}")
-    write_record(parts / CONFIG_FILE, config)  # a changeable field (batch size) takes its new value
-    _drop_damaged_parts(parts)
-
-
 def run_parts(out: str | os.PathLike, num_items: int, batch_size: int, process: BatchFn, config: dict,
               may_change: Sequence[str] = (), overwrite: bool = False, progress: bool = True,
               desc: str = "images", block_size: int = 1) -> Path:
-    """Runs `process(indices) -> (uint8 NCHW images, labels or None)` over indices 0..num_items-1,
-    resumably, and writes `out` (.npz or PNG folder). `process` is called once per compute block
-    (`block_size` consecutive indices; the last block may be shorter); `batch_size` only sets how
-    many images a part file holds, rounded up to whole blocks. `config` must name everything the
-    result depends on; only the fields in `may_change` may differ when a rerun resumes."""
+    """Runs `process(indices) -> (uint8 NCHW images, labels or None)` over indices 0..num_items-1 as
+    a `Job` in `job_dir(out)`, and writes `out` (.npz or PNG folder).
+
+    The indices fall into fixed compute blocks (block b holds b*block_size .. (b+1)*block_size-1,
+    the last one may be shorter), and `process` always sees exactly one block, so an image never
+    depends on the batch size or the number of processes. `batch_size` only sets how many images a
+    part file holds, rounded up to whole blocks; a rerun skips the blocks already done. Under
+    torchrun the parts are dealt round-robin to the ranks and rank 0 merges them in index order.
+    `config` must name everything the result depends on; only the fields in `may_change` may
+    differ when a rerun resumes."""
     out = Path(out)
     info = dist_info()
     if num_items < 1:
@@ -257,16 +457,13 @@ def run_parts(out: str | os.PathLike, num_items: int, batch_size: int, process: 
     if block_size < 1:
         raise UserInputError(f"--block-size {block_size}: must be at least 1")
     refuse_finished(out, overwrite)
-    parts = parts_dir(out)
+    folder = job_dir(out)
     config = dict(config, num_items=num_items, batch_size=batch_size, block_size=block_size)
-    with contextlib.ExitStack() as stack:
+    with Job(folder, config, may_change=may_change) as job:
         if info.is_main:
-            parts.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(_locked(parts))
-            stack.callback(_remove_if_empty, parts)  # runs before the lock is let go
-            _prepare_parts(parts, config, may_change)
+            _drop_damaged_parts(folder)
         barrier()
-        done = _done_indices(parts)
+        done = _done_indices(folder)
         barrier()  # every rank has listed the parts before any rank writes new ones
         # The block size is recorded, so a block is either wholly in the parts or not at all.
         blocks = [list(range(s, min(s + block_size, num_items))) for s in range(0, num_items, block_size)]
@@ -280,14 +477,15 @@ def run_parts(out: str | os.PathLike, num_items: int, batch_size: int, process: 
             bar = tqdm(total=num_items, initial=len(done), unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0)
         for chunk in chunks[info.rank::info.world_size]:
             indices, images, labels = _run_blocks(process, chunk)
-            _write_part(parts, indices, images, labels)
+            _write_part(folder, indices, images, labels)
             if bar is not None:
                 bar.update(len(indices) * info.world_size)
         if bar is not None:
             bar.close()
         barrier()
         if info.is_main:
-            _merge(parts, out, num_items)
+            _merge(folder, out, num_items)
+            job.finish()
     barrier()
     return out
 
@@ -299,68 +497,14 @@ def _run_blocks(process: BatchFn, blocks: list[list[int]]) -> tuple[list[int], n
     return [i for block in blocks for i in block], images, labels
 
 
-def _remove_if_empty(parts: Path) -> None:
-    """After a clean error before any batch was written, nothing is left behind."""
-    if parts.is_dir() and not any(parts.glob("part-*.npz")):
-        shutil.rmtree(parts, ignore_errors=True)
-
-
-def _merge(parts: Path, out: Path, num_items: int) -> None:
-    """Assembles the parts (each index exactly once) into `out` in index order, then removes them."""
-    found = _read_parts(parts)
+def _merge(folder: Path, out: Path, num_items: int) -> None:
+    """Assembles the parts (each index exactly once) into `out` in index order."""
+    found = _read_parts(folder)
     indices = np.concatenate([p[0] for p in found])
     order = np.argsort(indices, kind="stable")
     if len(indices) != num_items or not np.array_equal(indices[order], np.arange(num_items)):
-        raise UserInputError(f"{parts}: parts hold {len(np.unique(indices))} distinct of {num_items} images "
+        raise UserInputError(f"{folder}: parts hold {len(np.unique(indices))} distinct of {num_items} images "
                              f"({len(indices)} in all); rerun the same command to finish")
     images = np.concatenate([p[1] for p in found])[order]
     labels = None if any(p[2] is None for p in found) else np.concatenate([p[2] for p in found])[order]
     save_samples(out, images, labels, overwrite=True)  # refuse_finished already ruled on `out`
-    shutil.rmtree(parts, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- trainer run folders
-
-class RunDir:
-    """A trainer's folder: its recorded configuration (compared on every rerun) and `log.jsonl`."""
-
-    def __init__(self, path: str | os.PathLike, config_name: str = CONFIG_FILE, log_name: str = "log.jsonl"):
-        self.path = Path(path)
-        self.config_path = self.path / config_name
-        self.log_path = self.path / log_name
-        self.fresh = "use a new --run-dir"
-
-    def saved_config(self) -> dict | None:
-        return read_record(self.config_path, self.fresh)
-
-    def check(self, config: dict, may_change: Sequence[str] = ()) -> bool:
-        """True when the folder holds a run of `config` (to resume); refuses another run's folder, or
-        one that cannot be written."""
-        check_writable(self.config_path)
-        saved = self.saved_config()
-        if saved is not None:
-            check_same_config(saved, config, f"--run-dir {self.path}", may_change, self.fresh, as_flags=True)
-        return saved is not None
-
-    def record(self, config: dict) -> None:
-        """Records the configuration of a new run (rank 0 only)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_record(self.config_path, config)
-
-    def append_log(self, record: dict) -> None:
-        with open(self.log_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-    def trim_log(self, last: float, key: str) -> None:
-        """Drops log lines written after the checkpoint a resume starts from (and torn lines)."""
-        if not self.log_path.exists():
-            return
-
-        def position(line: str) -> float:
-            try:
-                return float(json.loads(line)[key])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                return float("inf")
-
-        kept = [line for line in self.log_path.read_text().splitlines() if position(line) <= last]
-        atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))

@@ -10,26 +10,23 @@ attack maximises come from the objective (see cmboost.losses).
 Everything random is a function of (seed, step, sample position), so a run resumes exactly and
 DDP under torchrun gives the same updates as one process with the same global batch: the global
 batch is split into contiguous, equal shares, the loss is a mean over each share, and DDP averages
-gradients. The run directory holds config.json, state.pt (the latest checkpoint), log.jsonl and,
-at the end, model.safetensors.
+gradients. The run directory is a `jobs.Job`: config.json, state.safetensors (the latest
+checkpoint), log.jsonl and, at the end, model.safetensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_path
 from cmboost.attacks import PGD
 from cmboost.samples import to_float
-from cmboost.checkpoints import torch_load
 from cmboost.errors import UserInputError
-from cmboost.jobs import RunDir
+from cmboost.jobs import MODEL_FILE, Job, load_optimizer, module_tensors, optimizer_tensors, tensors_under
 from cmboost.jcd import (build_joint_model, load_joint_model, log_realness_from_logits,
                          save_joint_model)
 from cmboost.losses import get_objective
@@ -37,10 +34,6 @@ from cmboost.train_jcd_config import TrainConfig, load_training_data
 from cmboost.runtime import (autocast, barrier, init_distributed, print0, resolve_device, resolve_precision,
                              all_finite, on_every_rank, sample_generators, seed_sequence)
 
-STATE_FILE = "state.pt"
-MODEL_FILE = "model.safetensors"
-LOG_FILE = "log.jsonl"
-CONFIG_FILE = "config.json"
 # Fields that may change between the first command and a resuming one.
 RESUMABLE_CHANGES = ("iters", "log_every", "ckpt_every", "device", "precision", "channels_last")
 
@@ -81,17 +74,6 @@ def gen_steps_at(c: TrainConfig, step: int) -> int:
     """The generated-attack step curriculum: gen_steps + step // gen_steps_every, capped."""
     steps = c.gen_steps + (step // c.gen_steps_every if c.gen_steps_every else 0)
     return min(steps, c.gen_max_steps) if c.gen_max_steps is not None else steps
-
-
-# ----------------------------------------------------------------------------- files
-
-def _atomic_torch_save(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def _load_state(path: Path) -> dict:
-    return torch_load(path, fix="it is this run's training checkpoint: delete it to restart the run")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -165,6 +147,18 @@ def training_step(model: torch.nn.Module, objective, optimizer: torch.optim.Opti
 
 # ----------------------------------------------------------------------------- the loop
 
+def _scheduler_to_json(scheduler) -> dict:
+    """MultiStepLR's state as JSON (its milestones are a Counter with integer keys)."""
+    state = scheduler.state_dict()
+    return dict(state, milestones=[[int(k), int(v)] for k, v in state["milestones"].items()])
+
+
+def _scheduler_from_json(state: dict) -> dict:
+    from collections import Counter
+
+    return dict(state, milestones=Counter({int(k): int(v) for k, v in state["milestones"]}))
+
+
 def train_jcd(config: TrainConfig) -> Path:
     """Trains (or resumes) the run in config.run_dir; returns the final model's path."""
     c = config  # checked when it was built
@@ -193,147 +187,143 @@ def train_jcd(config: TrainConfig) -> Path:
         model = build_joint_model(c.arch, num_classes, real.shape[1], real.shape[-1], width=c.width)
     model.image_size = int(real.shape[-1])
 
-    run = RunDir(c.run_dir, CONFIG_FILE, LOG_FILE)
-    run_dir = run.path
-    state_path, final_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
-    resuming = run.check(c.to_json(), RESUMABLE_CHANGES)
-    state = _load_state(state_path) if state_path.exists() else None
-    start = int(state["step"]) if state is not None else 0
-    if state is not None and start >= c.iters and final_path.exists():
-        print0(f"train-jcd: {run_dir} already finished ({start} iterations); model at {final_path}")
-        return final_path
-    if info.is_main:
-        if not resuming:
-            run.record(c.to_json())
-        run.trim_log(start, "step")
-    barrier()
-
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(c.milestones), gamma=c.gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sched = dict(state["scheduler"])
-        sched["milestones"] = Counter({int(k): int(v) for k, v in sched["milestones"].items()})
-        scheduler.load_state_dict(sched)
-        if "scaler" in state and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        print0(f"train-jcd: resuming {run_dir} at iteration {start}/{c.iters}")
-    else:
-        print0(f"train-jcd: {c.arch or model.arch} on {c.data} ({len(real)} real, "
-               f"{0 if gen is None else len(gen)} generated), objective {c.objective}, {c.iters} iterations, "
-               f"{device} {precision}, {info.world_size} process(es)")
-
-    train_model = model
-    if info.enabled and device.type == "cuda":
-        # Each rank sees 1/world of the batch: synchronised BatchNorm keeps the statistics those of the
-        # global batch, as with one process (parameters are shared, so the optimizer is unaffected).
-        # SyncBatchNorm needs CUDA; resnet_small uses GroupNorm and needs none.
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if info.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    real_stream = IndexStream(len(real), c.seed, 1)
-    gen_stream = IndexStream(len(gen), c.seed, 2) if gen is not None else None
-    real_attack = PGD(c.attack_norm, c.real_eps, c.real_step_size, c.real_steps, c.real_random_start,
-                      precision=precision, channels_last=channels_last)
-    uses_gen = objective.uses_generated and gen is not None
-
-    def save_state(step: int) -> None:
+    with Job(c.run_dir, c.to_json(), may_change=RESUMABLE_CHANGES, name=f"--run-dir {c.run_dir}",
+             fresh="use a new --run-dir", as_flags=True) as job:
+        run_dir = job.folder
+        state_path, final_path = job.state_path, run_dir / MODEL_FILE
+        state = job.load_state()
+        start = state[0] if state is not None else 0
+        if state is not None and start >= c.iters and final_path.exists():
+            print0(f"train-jcd: {run_dir} already finished ({start} iterations); model at {final_path}")
+            return final_path
         if info.is_main:
-            sched = scheduler.state_dict()
-            sched["milestones"] = {int(k): int(v) for k, v in sched["milestones"].items()}
-            payload = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": sched, "rng_cpu": torch.get_rng_state()}
-            if scaler.is_enabled():
-                payload["scaler"] = scaler.state_dict()
-            _atomic_torch_save(payload, state_path)
+            job.trim_log(start, "step")
         barrier()
 
-    last_saved = start if state is not None else None
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(c.milestones), gamma=c.gamma)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        if state is not None:
+            _, tensors, meta = state
+            model.load_state_dict(tensors_under("model", tensors))
+            load_optimizer(optimizer, tensors, meta["optimizer_groups"])
+            scheduler.load_state_dict(_scheduler_from_json(meta["scheduler"]))
+            if "scaler" in meta and scaler.is_enabled():
+                scaler.load_state_dict(meta["scaler"])
+            torch.set_rng_state(tensors["rng.cpu"])
+            print0(f"train-jcd: resuming {run_dir} at iteration {start}/{c.iters}")
+        else:
+            print0(f"train-jcd: {c.arch or model.arch} on {c.data} ({len(real)} real, "
+                   f"{0 if gen is None else len(gen)} generated), objective {c.objective}, {c.iters} iterations, "
+                   f"{device} {precision}, {info.world_size} process(es)")
 
-    def stopped(what: str) -> None:
-        """A non-finite loss or weight: nothing more is written (no checkpoint, log line or model), so
-        state.pt keeps the last good checkpoint, and the run stops with one line."""
-        kept = (f"{state_path} keeps the last good checkpoint (iteration {last_saved})" if last_saved is not None
-                else "no checkpoint had been written yet")
-        raise UserInputError(f"--run-dir {run_dir}: {what}; training stopped and {kept}. Lower --lr (now "
-                             f"{c.lr:g}) or --grad-clip and start again in a new --run-dir")
+        train_model = model
+        if info.enabled and device.type == "cuda":
+            # Each rank sees 1/world of the batch: synchronised BatchNorm keeps the statistics those of the
+            # global batch, as with one process (parameters are shared, so the optimizer is unaffected).
+            # SyncBatchNorm needs CUDA; resnet_small uses GroupNorm and needs none.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if info.enabled:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def to_device(u8: torch.Tensor) -> torch.Tensor:
-        x = to_float(u8).to(device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        real_stream = IndexStream(len(real), c.seed, 1)
+        gen_stream = IndexStream(len(gen), c.seed, 2) if gen is not None else None
+        real_attack = PGD(c.attack_norm, c.real_eps, c.real_step_size, c.real_steps, c.real_random_start,
+                          precision=precision, channels_last=channels_last)
+        uses_gen = objective.uses_generated and gen is not None
 
-    window_start, window_images = time.perf_counter(), 0
-    for step in range(start, c.iters):
-        idx = real_stream.take(step * c.batch_size, c.batch_size)[real_share]
-        x_real, y_real = to_device(real[idx]), real_y[idx].to(device)
-        positions = np.arange(step * c.batch_size, (step + 1) * c.batch_size)[real_share]
-        x_gen = y_gen = None
-        if gen_stream is not None:
-            gidx = gen_stream.take(step * gen_batch, gen_batch)[gen_share]
-            x_gen, y_gen = to_device(gen[gidx]), gen_y[gidx].to(device)
-            gen_positions = np.arange(step * gen_batch, (step + 1) * gen_batch)[gen_share]
-
-        n_gen_steps = gen_steps_at(c, step)
-        gen_attack = None
-        if uses_gen:
-            gen_attack = PGD(c.attack_norm, c.gen_eps, c.gen_step_size, n_gen_steps, c.gen_random_start,
-                             precision=precision, channels_last=channels_last)
-        result = training_step(
-            model, objective, optimizer, real_attack, gen_attack, x_real, y_real, x_gen, y_gen,
-            precision=precision, grad_clip=c.grad_clip, attack_mode=c.attack_mode, train_model=train_model,
-            scaler=scaler, real_generators=sample_generators(c.seed, 2 * positions) if c.real_random_start else None,
-            gen_generators=sample_generators(c.seed, 2 * gen_positions + 1) if uses_gen and c.gen_random_start
-            else None)
-        loss, terms, logits_real, logits_gen = result.loss, result.terms, result.logits_real, result.logits_gen
-        scheduler.step()
-        done = step + 1
-        if not on_every_rank(all_finite([loss, *model.parameters()]), device):
-            stopped(f"the loss is {float(loss)} at iteration {done}" if not all_finite([loss]) else
-                    f"the weights hold NaN or inf after iteration {done}")
-        window_images += c.batch_size + (gen_batch if uses_gen else 0)
-
-        if done % c.log_every == 0 or done == c.iters:
-            values = {"loss": loss.detach(), **terms, **_batch_metrics("real_adv", logits_real, y_real, kind)}
-            if logits_gen is not None:
-                values.update(_batch_metrics("gen_adv", logits_gen, y_gen, kind))
-            model.eval()  # clean scores; eval so that no BatchNorm statistics move
-            with torch.no_grad(), autocast(device, precision):
-                values.update(_batch_metrics("real", model(x_real), y_real, kind))
-                if x_gen is not None:
-                    values.update(_batch_metrics("gen", model(x_gen), y_gen, kind))
-            record = {"step": done, **_reduce_mean(values, info.world_size),
-                      "lr": optimizer.param_groups[0]["lr"], "gen_steps": n_gen_steps if uses_gen else 0}
-            bad = [k for k, v in record.items() if isinstance(v, float) and not np.isfinite(v)]
-            if bad:  # the same on every rank: the values were averaged over them
-                stopped(f"{bad[0]} is {record[bad[0]]} at iteration {done}")
-            elapsed = time.perf_counter() - window_start
-            record["images_per_s"] = window_images / max(elapsed, 1e-9)
-            window_start, window_images = time.perf_counter(), 0
+        def save_state(step: int) -> None:
             if info.is_main:
-                run.append_log(record)
-                print0(_format_record(record, c.iters), flush=True)
-        if done % c.ckpt_every == 0 or done == c.iters:
-            save_state(done)
-            last_saved = done
+                optimizer_state, groups = optimizer_tensors(optimizer)
+                meta = {"optimizer_groups": groups, "scheduler": _scheduler_to_json(scheduler)}
+                if scaler.is_enabled():
+                    meta["scaler"] = scaler.state_dict()
+                job.save_state(step, {**module_tensors("model", model), **optimizer_state,
+                                      "rng.cpu": torch.get_rng_state()}, meta)
+            barrier()
 
-    if start >= c.iters and state is None:
-        save_state(c.iters)  # zero iterations: still a resumable, finished run
-    if info.is_main:
-        save_joint_model(model, final_path, overwrite=True,
-                         extra={"train_jcd": c.to_json(), "iterations": c.iters, "realness_kind": kind})
-        print0(f"train-jcd: wrote {final_path} (realness kind: {kind})")
-    barrier()
-    return final_path
+        last_saved = start if state is not None else None
+
+        def stopped(what: str) -> None:
+            """A non-finite loss or weight: nothing more is written (no checkpoint, log line or model), so
+            state.safetensors keeps the last good checkpoint, and the run stops with one line."""
+            kept = (f"{state_path} keeps the last good checkpoint (iteration {last_saved})" if last_saved is not None
+                    else "no checkpoint had been written yet")
+            raise UserInputError(f"--run-dir {run_dir}: {what}; training stopped and {kept}. Lower --lr (now "
+                                 f"{c.lr:g}) or --grad-clip and start again in a new --run-dir")
+
+        def to_device(u8: torch.Tensor) -> torch.Tensor:
+            x = to_float(u8).to(device, non_blocking=True)
+            return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+        window_start, window_images = time.perf_counter(), 0
+        for step in range(start, c.iters):
+            idx = real_stream.take(step * c.batch_size, c.batch_size)[real_share]
+            x_real, y_real = to_device(real[idx]), real_y[idx].to(device)
+            positions = np.arange(step * c.batch_size, (step + 1) * c.batch_size)[real_share]
+            x_gen = y_gen = None
+            if gen_stream is not None:
+                gidx = gen_stream.take(step * gen_batch, gen_batch)[gen_share]
+                x_gen, y_gen = to_device(gen[gidx]), gen_y[gidx].to(device)
+                gen_positions = np.arange(step * gen_batch, (step + 1) * gen_batch)[gen_share]
+
+            n_gen_steps = gen_steps_at(c, step)
+            gen_attack = None
+            if uses_gen:
+                gen_attack = PGD(c.attack_norm, c.gen_eps, c.gen_step_size, n_gen_steps, c.gen_random_start,
+                                 precision=precision, channels_last=channels_last)
+            result = training_step(
+                model, objective, optimizer, real_attack, gen_attack, x_real, y_real, x_gen, y_gen,
+                precision=precision, grad_clip=c.grad_clip, attack_mode=c.attack_mode, train_model=train_model,
+                scaler=scaler, real_generators=sample_generators(c.seed, 2 * positions) if c.real_random_start else None,
+                gen_generators=sample_generators(c.seed, 2 * gen_positions + 1) if uses_gen and c.gen_random_start
+                else None)
+            loss, terms, logits_real, logits_gen = result.loss, result.terms, result.logits_real, result.logits_gen
+            scheduler.step()
+            done = step + 1
+            if not on_every_rank(all_finite([loss, *model.parameters()]), device):
+                stopped(f"the loss is {float(loss)} at iteration {done}" if not all_finite([loss]) else
+                        f"the weights hold NaN or inf after iteration {done}")
+            window_images += c.batch_size + (gen_batch if uses_gen else 0)
+
+            if done % c.log_every == 0 or done == c.iters:
+                values = {"loss": loss.detach(), **terms, **_batch_metrics("real_adv", logits_real, y_real, kind)}
+                if logits_gen is not None:
+                    values.update(_batch_metrics("gen_adv", logits_gen, y_gen, kind))
+                model.eval()  # clean scores; eval so that no BatchNorm statistics move
+                with torch.no_grad(), autocast(device, precision):
+                    values.update(_batch_metrics("real", model(x_real), y_real, kind))
+                    if x_gen is not None:
+                        values.update(_batch_metrics("gen", model(x_gen), y_gen, kind))
+                record = {"step": done, **_reduce_mean(values, info.world_size),
+                          "lr": optimizer.param_groups[0]["lr"], "gen_steps": n_gen_steps if uses_gen else 0}
+                bad = [k for k, v in record.items() if isinstance(v, float) and not np.isfinite(v)]
+                if bad:  # the same on every rank: the values were averaged over them
+                    stopped(f"{bad[0]} is {record[bad[0]]} at iteration {done}")
+                elapsed = time.perf_counter() - window_start
+                record["images_per_s"] = window_images / max(elapsed, 1e-9)
+                window_start, window_images = time.perf_counter(), 0
+                if info.is_main:
+                    job.append_log(record)
+                    print0(_format_record(record, c.iters), flush=True)
+            if done % c.ckpt_every == 0 or done == c.iters:
+                save_state(done)
+                last_saved = done
+
+        if start >= c.iters and state is None:
+            save_state(c.iters)  # zero iterations: still a resumable, finished run
+        if info.is_main:
+            save_joint_model(model, final_path, overwrite=True,
+                             extra={"train_jcd": c.to_json(), "iterations": c.iters, "realness_kind": kind})
+            print0(f"train-jcd: wrote {final_path} (realness kind: {kind})")
+        barrier()
+        return final_path
 
 
 def _format_record(r: dict, iters: int) -> str:

@@ -234,7 +234,7 @@ def _assert_clean_refusal(code, err, must_name, out):
     assert must_name in err, err
     assert "Traceback" not in err
     out = Path(out)
-    assert not out.exists() and not out.with_name(out.name + ".parts").exists()
+    assert not out.exists() and not out.with_name(out.name + ".job").exists()
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
@@ -325,15 +325,15 @@ def _strict_json_lines(path):
 
 
 def test_train_jcd_stops_at_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    from cmboost.checkpoints import torch_load
+    from cmboost.checkpoints import read_safetensors
 
     run_dir = tmp_path / "run"
     code, err = _run(capsys, _tiny_jcd(run_dir, "--lr", "1e30"))
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "--run-dir" in err and "last good checkpoint" in err and "--lr" in err
     assert not (run_dir / "model.safetensors").exists()
-    state = torch_load(run_dir / "state.pt", fix="")
-    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    tensors, _ = read_safetensors(run_dir / "state.safetensors")
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model.") and t.is_floating_point())
     _strict_json_lines(run_dir / "log.jsonl")  # valid JSON: no NaN
 
 
@@ -438,7 +438,7 @@ FOLDER_IN_THE_WAY = [
     ("boost-grid", lambda d, w: ["boost", d / "good.npz", "--model", JCD, "--out", w / "y.npz"], "y.grid.png"),
     ("sample-out", lambda d, w: ["sample", "--model", CM, "--num", "2", "--out", w / "x.npz"], "x.npz"),
     ("sample-parts-a-file", lambda d, w: ["sample", "--model", CM, "--num", "2", "--out", w / "z.npz"],
-     "z.npz.parts"),
+     "z.npz.job"),
     ("train-features-out", lambda d, w: ["train-features", "--data", "fmnist", "--epochs", "1", "--limit", "16",
                                          "--out", w / "net.safetensors"], "net.safetensors"),
     ("tune-out", lambda d, w: ["tune", d / "good.npz", "--model", JCD, "--ref", d / "good.npz", "--out",
@@ -455,7 +455,7 @@ def test_a_folder_where_a_file_goes_is_refused_before_any_work(row, files, tmp_p
     for folder in ("x.npz", "y.grid.png", "net.safetensors", "tuned.json", "r.json"):
         (way / folder).mkdir(parents=True)
         (way / folder / "keep.txt").write_text("mine")
-    (way / "z.npz.parts").write_text("mine")
+    (way / "z.npz.job").write_text("mine")
     before = sorted(p.relative_to(way) for p in way.rglob("*"))
     for overwrite in ([], ["--overwrite"]):  # a file never replaces a folder, even when asked to overwrite
         code, err = _run(capsys, argv(files, way) + overwrite)

@@ -106,7 +106,7 @@ def test_a_bad_block_size_is_one_line_naming_the_flag(tmp_path, ct_samples, caps
                      "--block-size", "0", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "--block-size 0" in err and err.count("\n") == 1
-    assert not out.exists() and not jobs.parts_dir(out).exists()
+    assert not out.exists() and not jobs.job_dir(out).exists()
 
 
 def test_deterministic_kernels_hold_only_for_the_job():

@@ -172,7 +172,7 @@ def test_cli_boost_writes_labels_and_grid_and_refuses_overwrite(tmp_path, small_
     assert images.shape == before.shape and np.array_equal(labels, before_labels)
     assert not np.array_equal(images, before)
     assert (tmp_path / "boosted.grid.png").is_file()
-    assert not (tmp_path / "boosted.npz.parts").exists()
+    assert not (tmp_path / "boosted.npz.job").exists()
     assert cli_main(boost_args(sample_file, small_model_file, out)) == 2
     assert "already exists" in capsys.readouterr().err
     out.unlink()  # a leftover grid is refused before any boosting, not after
@@ -220,7 +220,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, small_model_file, sampl
     with pytest.raises(RuntimeError, match="simulated crash"):
         boost_file(sample_file, model, tmp_path / "out.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
     assert not (tmp_path / "out.npz").exists()
-    assert len(list((tmp_path / "out.npz.parts").glob("part-*.npz"))) == 2
+    assert len(list((tmp_path / "out.npz.job").glob("part-*.npz"))) == 2
     monkeypatch.setattr("cmboost.boost_job.boost_with", real)
     with pytest.raises(UserInputError, match="another configuration"):
         boost_file(sample_file, model, tmp_path / "out.npz", "pgd", {"eps": 1.0, "steps": 3}, batch_size=4,
@@ -240,7 +240,7 @@ def test_kill_9_then_rerun_gives_the_same_file(tmp_path, small_model_file, sampl
     cmd = [sys.executable, "-m", "cmboost", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = tmp_path / "k.npz.parts"
+    parts = tmp_path / "k.npz.job"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("part-*.npz"))) < 2:
         time.sleep(0.05)

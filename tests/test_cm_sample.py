@@ -59,7 +59,7 @@ def test_sample_file_and_batch_size_invariance(model, tmp_path):
     assert a.shape == (7, 8, 8, 3) and a.dtype == np.uint8 and la.dtype == np.int64
     np.testing.assert_array_equal(la, lb)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # equal up to a rare rounding flip
-    assert not (tmp_path / "a.npz.parts").exists()
+    assert not (tmp_path / "a.npz.job").exists()
     assert _sample(model, tmp_path / "c.npz", "--steps", "1") == 0
     c, lc = _load(tmp_path / "c.npz")
     np.testing.assert_array_equal(lc, la)  # labels depend on (seed, index) only
@@ -79,7 +79,7 @@ def test_resume_after_interruption(model, tmp_path, monkeypatch):
     monkeypatch.setattr(sample_mod, "sample_batch", flaky)
     out = tmp_path / "resumed.npz"
     assert _sample(model, out, "--steps", "2", "--batch-size", "2") == 130
-    assert not out.exists() and len(list((tmp_path / "resumed.npz.parts").glob("part-*.npz"))) == 2
+    assert not out.exists() and len(list((tmp_path / "resumed.npz.job").glob("part-*.npz"))) == 2
     monkeypatch.setattr(sample_mod, "sample_batch", real)
     # different settings must not mix with the unfinished parts
     assert _sample(model, out, "--steps", "1", "--batch-size", "2") == 2
@@ -105,7 +105,7 @@ def test_input_errors(model, tmp_path, capsys):
     assert "--ts and --N" in capsys.readouterr().err
     assert _sample(model, tmp_path / "y.npz", "--ts", "0,50", "--N", "40") == 2
     assert _sample(model, tmp_path / "y.npz", "--ts", "0,22,39", "--N", "40", "--steps", "2") == 0
-    assert not list(tmp_path.glob("*.parts"))
+    assert not list(tmp_path.glob("*.job"))
 
 
 class NotWeights:

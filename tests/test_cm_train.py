@@ -195,7 +195,7 @@ def test_resume_is_exact_and_settings_are_checked(data, unet, tmp_path):
     from cmboost.checkpoints import read_safetensors
     a, meta_a = read_safetensors(tmp_path / "straight" / "state.safetensors")
     b, meta_b = read_safetensors(tmp_path / "resumed" / "state.safetensors")
-    assert meta_a["iteration"] == meta_b["iteration"] == "4"
+    assert meta_a["step"] == meta_b["step"] == "4"
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
@@ -286,7 +286,7 @@ def test_max_minutes_stops_at_an_iteration_boundary_and_resumes_exactly(data, un
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "stopped at iteration 3/6" in out[0] and "--max-minutes 2.5" in out[0], out
     _, meta = read_safetensors(run / "state.safetensors")
-    assert meta["iteration"] == "3" and read_config(run / "model.safetensors")["iterations"] == 3
+    assert meta["step"] == "3" and read_config(run / "model.safetensors")["iterations"] == 3
     assert [json.loads(line)["iter"] for line in (run / "log.jsonl").read_text().splitlines()] == [3]
     # rerun with the budget: two more iterations; then without it: to the end
     train(settings(), run, *data, CPU, save_every=100, progress=False, max_minutes=2, clock=_fake_clock())
@@ -295,7 +295,7 @@ def test_max_minutes_stops_at_an_iteration_boundary_and_resumes_exactly(data, un
     assert "trained edm for 6 iterations" in capsys.readouterr().out
     a, meta_a = read_safetensors(tmp_path / "straight" / "state.safetensors")
     b, meta_b = read_safetensors(run / "state.safetensors")
-    assert meta_a["iteration"] == meta_b["iteration"] == "6" and a.keys() == b.keys()
+    assert meta_a["step"] == meta_b["step"] == "6" and a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
     assert [json.loads(line)["iter"] for line in (run / "log.jsonl").read_text().splitlines()] == [3, 5, 6]
@@ -310,7 +310,7 @@ def test_max_minutes_never_stops_a_run_before_its_first_iteration_nor_after_its_
     train(settings, tmp_path / "a", *data, CPU, progress=False, max_minutes=1, clock=_fake_clock())
     out = capsys.readouterr().out
     assert "stopped" not in out and "trained edm for 2 iterations" in out  # the last iteration ends the run
-    assert read_safetensors(tmp_path / "a" / "state.safetensors")[1]["iteration"] == "2"
+    assert read_safetensors(tmp_path / "a" / "state.safetensors")[1]["step"] == "2"
 
 
 def test_cli_max_minutes(tmp_path, capsys, monkeypatch):

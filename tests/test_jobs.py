@@ -55,9 +55,9 @@ def _die_after_first_part(monkeypatch):
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lock(tmp_path, model):
     src = _samples(tmp_path / "in.npz")
     out = tmp_path / "out.npz"
-    parts = jobs.parts_dir(out)
+    parts = jobs.job_dir(out)
     parts.mkdir()
-    with jobs._locked(parts):  # a first run, still writing
+    with jobs._locked(parts, str(parts)):  # a first run, still writing
         with pytest.raises(UserInputError, match="another cmboost run is writing"):
             boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
     assert not out.exists() and parts.is_dir()  # the first run's folder is left alone
@@ -97,9 +97,9 @@ def test_a_torn_configuration_record_is_named_with_its_fix(tmp_path, model, monk
         _die_after_first_part(m)
         with pytest.raises(Killed):
             boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
-    record = jobs.parts_dir(out) / jobs.CONFIG_FILE
+    record = jobs.job_dir(out) / jobs.CONFIG_FILE
     record.write_text(record.read_text()[:40])
-    with pytest.raises(UserInputError, match=r"config.json: damaged record .* delete .*out.npz.parts"):
+    with pytest.raises(UserInputError, match=r"config.json: damaged record .* delete .*out.npz.job"):
         boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
 
 
@@ -114,10 +114,10 @@ def test_killed_just_after_the_output_appeared_the_rerun_finishes(tmp_path, mode
         m.setattr(jobs.shutil, "rmtree", killed)  # dies between writing the output and cleaning up
         with pytest.raises(Killed):
             boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False)
-    assert out.exists() and jobs.parts_dir(out).is_dir() and not out.with_suffix(".grid.png").exists()
+    assert out.exists() and jobs.job_dir(out).is_dir() and not out.with_suffix(".grid.png").exists()
     boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False)  # the same command again
     assert out.read_bytes() == straight.read_bytes()
-    assert out.with_suffix(".grid.png").exists() and not jobs.parts_dir(out).exists()
+    assert out.with_suffix(".grid.png").exists() and not jobs.job_dir(out).exists()
 
 
 def test_an_error_before_any_batch_leaves_no_parts_folder(tmp_path):
@@ -128,7 +128,7 @@ def test_an_error_before_any_batch_leaves_no_parts_folder(tmp_path):
 
     with pytest.raises(UserInputError):
         jobs.run_parts(out, 8, 4, bad_batch, {"what": "test"}, progress=False)
-    assert not out.exists() and not jobs.parts_dir(out).exists()
+    assert not out.exists() and not jobs.job_dir(out).exists()
 
 
 def test_the_batch_size_may_change_on_resume_only_where_the_caller_allows(tmp_path):
@@ -210,10 +210,10 @@ def test_a_damaged_part_is_named_recomputed_and_the_output_is_byte_identical(tmp
     with pytest.raises(Killed):
         jobs.run_parts(out, 12, 4, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 8 else _pattern_batch(idx),
                        {"what": "test"}, progress=False)
-    part = sorted(jobs.parts_dir(out).glob("part-*.npz"))[0]
+    part = sorted(jobs.job_dir(out).glob("part-*.npz"))[0]
     damage(part)
     capsys.readouterr()
     jobs.run_parts(out, 12, 4, _pattern_batch, {"what": "test"}, progress=False)  # the same job again
     err = capsys.readouterr().err
     assert f"{part}: damaged part file" in err and "Traceback" not in err
-    assert out.read_bytes() == straight.read_bytes() and not jobs.parts_dir(out).exists()
+    assert out.read_bytes() == straight.read_bytes() and not jobs.job_dir(out).exists()

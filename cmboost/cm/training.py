@@ -5,8 +5,9 @@ cm/losses.py (docs/method.md §5); this module draws their random inputs and run
 
 CD starts from the teacher's weights, as in the paper, and keeps an EMA target network; CT's and
 ECT's target is the online network itself (ECT uses the teacher only for its initial weights). Every run keeps an EMA of the weights (what is exported and
-sampled), saves its whole state every `save_every` iterations to run_dir/state.safetensors, and
-resumes from it when the same command is rerun. With a time budget (`max_minutes`) a run stops at an
+sampled), saves its whole state every `save_every` iterations in its run folder (a `jobs.Job`:
+state.safetensors, log.jsonl, settings in config.json), and resumes from it when the same command
+is rerun. With a time budget (`max_minutes`) a run stops at an
 iteration boundary once the budget is spent, saving its state and exporting its model there. Under
 torchrun, each rank draws its own batches and DDP averages gradients.
 """
@@ -25,7 +26,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cmboost.checkpoints import read_safetensors, save_safetensors
 from cmboost.cm.checkpoint import load_model, save_model, unet_from_config
 from cmboost.cm.denoiser import CM_PRECOND, EDM_PRECOND
 from cmboost.cm.denoiser import SIGMA_MAX, SIGMA_MIN
@@ -33,7 +33,8 @@ from cmboost.cm.losses import (DISTANCES, cd_loss, ct_level_probs, ct_loss, ct_n
                               edm_loss)
 from cmboost.cm.unet import attention_rates
 from cmboost.errors import UserInputError
-from cmboost.jobs import RunDir
+from cmboost.jobs import (MODEL_FILE, Job, load_optimizer, module_tensors, optimizer_tensors,
+                          tensors_under)
 from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
                              field_default, flag_of)
 from cmboost.runtime import DistInfo, all_finite, autocast, barrier, dist_info, on_every_rank, print0, sample_seed
@@ -42,7 +43,6 @@ MODES = ("edm", "cd", "ct", "ect")
 # ECT exports a consistency model (kind "ct") on a 40-level grid whose 2-step middle level, 24, is
 # sigma 0.823: the 0.821 that ECT samples 2 steps with
 ECT_SAMPLER = ((0, 24, 39), 40)
-STATE_FILE, MODEL_FILE, SETTINGS_FILE, LOG_FILE = "state.safetensors", "model.safetensors", "settings.json", "log.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ class UNetShape:
             check_at_least(self, 1, ("num_head_channels",))
 
     def config(self, image_size: int, in_channels: int, num_classes: int | None) -> dict:
-        """The UNet config dict (as saved in settings.json and checkpoints) for this data."""
+        """The UNet config dict (as saved in the run's config.json and checkpoints) for this data."""
         rates = attention_rates(self.attention_resolutions, image_size)
         last = len(self.channel_mult) - 1
         for level, mult in enumerate(self.channel_mult):  # the middle block, at the last level, always attends
@@ -103,7 +103,7 @@ def small_unet_config(image_size: int = 32, in_channels: int = 1, num_classes: i
 
 @dataclasses.dataclass
 class TrainSettings:
-    """Everything that defines a run (saved in run_dir/settings.json; a rerun must match), checked
+    """Everything that defines a run (recorded in the run folder's config.json; a rerun must match), checked
     when built. Not frozen: a CD Trainer fills `unet` in from its teacher, and callers read it there."""
 
     mode: str
@@ -287,45 +287,25 @@ class Trainer:
                                    num_scales or self.num_scales_at(self.iteration)))
 
     # -- state
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+    def save_state(self, job: Job) -> None:
+        tensors = {**module_tensors("net", self.net), **module_tensors("ema", self.ema)}
         if self.target is not None:
-            tensors.update({f"target.{k}": v for k, v in self.target.state_dict().items()})
-        for idx, state in self.opt.state_dict()["state"].items():
-            for key, value in state.items():
-                tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value)
-        return tensors
+            tensors.update(module_tensors("target", self.target))
+        optimizer, groups = optimizer_tensors(self.opt)
+        job.save_state(self.iteration, {**tensors, **optimizer}, {"optimizer_groups": groups})
 
-    def save_state(self, path: Path) -> None:
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.state_dict()["param_groups"]]
-        meta = {"iteration": str(self.iteration), "opt_groups": json.dumps(groups),
-                "settings": json.dumps(dataclasses.asdict(self.settings))}
-        save_safetensors(path, self.state_tensors(), meta)
-
-    def load_state(self, path: Path) -> None:
-        tensors, meta = read_safetensors(path)
-        try:
-            self.iteration = int(meta["iteration"])
-            groups = json.loads(meta["opt_groups"])
-        except (KeyError, ValueError) as err:
-            raise UserInputError(f"{path}: damaged training state ({err})") from None
-
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        self.net.load_state_dict(part("net."))
-        self.ema.load_state_dict(part("ema."))
+    def load_state(self, job: Job) -> bool:
+        """Restores the job's saved state; False when it has none."""
+        saved = job.load_state()
+        if saved is None:
+            return False
+        self.iteration, tensors, meta = saved
+        self.net.load_state_dict(tensors_under("net", tensors))
+        self.ema.load_state_dict(tensors_under("ema", tensors))
         if self.target is not None:
-            self.target.load_state_dict(part("target."))
-        opt_state: dict = {}
-        for key, value in part("opt.").items():
-            idx, name = key.split(".", 1)
-            opt_state.setdefault(int(idx), {})[name] = value.to(self.device) if name != "step" else value
-        ref = self.opt.state_dict()
-        for g, saved in zip(ref["param_groups"], groups):
-            saved["params"] = g["params"]
-        self.opt.load_state_dict({"state": opt_state, "param_groups": groups})
+            self.target.load_state_dict(tensors_under("target", tensors))
+        load_optimizer(self.opt, tensors, meta["optimizer_groups"])
+        return True
 
     def export(self, path: Path) -> Path:
         """The EMA weights plus the config `cmboost sample` needs."""
@@ -392,18 +372,19 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
     began = clock()
     run_dir = Path(run_dir)
     info = dist_info()
-    run = RunDir(run_dir, SETTINGS_FILE, LOG_FILE)
-    resuming = run.check(dataclasses.asdict(settings), resumable_changes(settings))
-    trainer = Trainer(settings, images, labels, device, precision, info)  # a bad --teacher fails before the folder exists
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    state_path, model_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
-    if state_path.is_file():
-        trainer.load_state(state_path)
+    with Job(run_dir, dataclasses.asdict(settings), may_change=sorted(resumable_changes(settings)),
+             name=f"--run-dir {run_dir}", fresh="use a new --run-dir", as_flags=True) as job:
+        trainer = Trainer(settings, images, labels, device, precision, info)  # a bad --teacher leaves no folder
+        return _train_loop(job, trainer, settings, device, save_every, log_every, progress, max_minutes, clock, began)
+
+
+def _train_loop(job: Job, trainer: "Trainer", settings: TrainSettings, device: torch.device, save_every: int,
+                log_every: int, progress: bool, max_minutes: float | None, clock: Callable[[], float],
+                began: float) -> Path:
+    info = dist_info()
+    run_dir, state_path, model_path = job.folder, job.state_path, job.folder / MODEL_FILE
+    if trainer.load_state(job):
         print0(f"resuming {run_dir} at iteration {trainer.iteration}/{settings.iters}")
-    elif info.is_main and not resuming:
-        run.record(dataclasses.asdict(settings))
     if trainer.iteration >= settings.iters:
         if info.is_main and not model_path.is_file():
             trainer.export(model_path)
@@ -434,13 +415,13 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
             record = {"iter": k, "loss": float(np.mean(window)), curriculum: trainer.num_scales_at(k - 1),
                       "lr": trainer.opt.param_groups[0]["lr"], "sec_per_iter": (time.time() - start) / len(window)}
             if info.is_main:
-                run.append_log(record)
+                job.append_log(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4g}", N=record[curriculum])
             window, start = [], time.time()
         if k % save_every == 0 or k == settings.iters:
             if info.is_main:
-                trainer.save_state(state_path)
+                trainer.save_state(job)
                 trainer.export(model_path)
             barrier()
             last_saved = k
@@ -451,11 +432,11 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
                 if last_saved != k:
                     if info.is_main:
                         if window:  # the iterations since the last record, so the log misses none
-                            run.append_log({"iter": k, "loss": float(np.mean(window)),
+                            job.append_log({"iter": k, "loss": float(np.mean(window)),
                                             curriculum: trainer.num_scales_at(k - 1),
                                             "lr": trainer.opt.param_groups[0]["lr"],
                                             "sec_per_iter": (time.time() - start) / len(window)})
-                        trainer.save_state(state_path)
+                        trainer.save_state(job)
                         trainer.export(model_path)
                     barrier()
                 if bar is not None:
