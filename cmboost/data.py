@@ -28,6 +28,9 @@ FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
 }
+# Fashion-MNIST train[55000:] is held out: no joint network trains on it; it calibrates early stops
+# and gives the demo its real-image bars (recipes/fmnist.sh reads this value).
+FMNIST_HELD_OUT_START = 55000
 # MD5 of the files as published at FMNIST_URL (Debian recompresses its copies, so those differ).
 FMNIST_MD5 = {
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -244,6 +247,13 @@ def image_folder(root: str | os.PathLike, image_size: int | None = None,
 
 
 # ----------------------------------------------------------------------------- one entry point
+
+def evaluation_split(spec: str) -> str | None:
+    """The labelled split a dataset named on the command line keeps apart from training: Fashion-MNIST's
+    test split, ImageNet's validation split; None for a class folder, which has only one."""
+    kind = spec.partition(":")[0]
+    return {"fmnist": "test", "fashion-mnist": "test", "imagenet64": "val"}.get(kind)
+
 
 def load_dataset(spec: str, split: str = "train", data_dir: str | os.PathLike | None = None,
                  image_size: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:

@@ -17,8 +17,8 @@ Candidates that edit beyond the booster's robust radius (`--robust-radius`: PGD 
 larger eps, SGLD with a larger measured mean L2 change) are marked, and not chosen unless `--allow-beyond-radius`.
 
 The unsharp-mask control is tuned on the same footing, so the report compares the method with
-the best sharpening, not with an arbitrary one. Each finished candidate is written to
-`<out>.partial.json`, so rerunning an interrupted tune resumes.
+the best sharpening, not with an arbitrary one. Each finished candidate is cached in the run's
+`jobs.Job` (`<out>.job`), so rerunning an interrupted tune resumes.
 """
 
 from __future__ import annotations
@@ -42,13 +42,12 @@ from cmboost.controls import UnsharpControl, l2_change, unsharp_mask
 from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
-from cmboost.jobs import check_same_config, read_record, write_record
+from cmboost.jobs import ROWS_FILE, Job, job_dir
 from cmboost.records import check_above, check_at_least, check_choice, check_finite, field_default
 from cmboost.runtime import BLOCK_SIZE
 
 FORMAT = "cmboost.tune/1"                 # the settings file (`--out`, read by `boost --settings`)
 GRID_FORMAT = "cmboost.grid/1"            # a --grid file; its "format" key may be left out
-PARTIAL_FORMAT = "cmboost.tune-partial/1"  # <out>.partial.json, the finished candidates of a resumable run
 BOOST_METHODS = ("pgd", "sgld", "bigroc")     # what `cmboost boost` runs
 CONTROL_METHODS = ("unsharp",)                # tuned alike, never chosen as "the" method
 CRITERIA = ("fid", "kid", "fid+kid")  # fid+kid: the worse of the two relative changes
@@ -309,11 +308,8 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     (vs the unboosted samples, per judge) of FID and KID across the committee is lowest, among those
     that keep recall under every judge; each judge's metrics of every candidate are recorded, with
     the judges' agreement on the ranking (`ranking_agreement`)."""
-    from tqdm import tqdm
-
     from cmboost.boost_job import check_fits_model
     from cmboost.checkpoints import weights_digest
-    from cmboost.metrics.evaluate import evaluate_images
     from cmboost.metrics.judges import check_tuning_committee
 
     choice = TuneSettings(criterion, max_recall_drop, batch_size, robust_radius, allow_beyond_radius)
@@ -326,8 +322,6 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                                  "(cmboost evaluate-ref --split train) and keep the test split for the report")
     names = [j.name for j in judges]
     committee = len(judges) > 1
-    rule = choice.rule(len(judges))
-    plain = not committee and rule in ("fid", "kid")  # one judge, one metric: today's rule and file layout
     out = Path(out)
     refuse_existing(out, overwrite)
     images, labels = load_samples(samples, num_classes=model.num_classes)
@@ -347,10 +341,30 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                    "reference": [_digest(r.mu) for r in references] if committee else _digest(references[0].mu),
                    "precision": precision,
                    "batch_size": batch_size}  # the compute block: a resume must boost with the same one
-    partial = out.with_name(out.name + ".partial.json")
     keys = ["none"] + [json.dumps([m, h], sort_keys=True) for m, h in candidates]
-    saved = None if overwrite else read_record(partial)
-    done = {} if saved is None else _read_partial(saved, partial, fingerprint, keys, names if committee else None)
+    with Job(job_dir(out), fingerprint, restart=overwrite) as job:
+        done = _finished_rows(job, keys, names if committee else None)
+        settings = _score_and_choose(job, done, keys, images, labels, model, classifier, judges, references, choice,
+                                     device, precision, progress, provenance, fingerprint)
+        atomic_write_text(out, json.dumps(settings, indent=1))
+        job.finish()
+    return settings
+
+
+def _score_and_choose(job: Job, done: dict, keys: list[str], images, labels, model, classifier, judges, references,
+                      choice: "TuneSettings", device, precision: str, progress: bool, provenance: dict | None,
+                      fingerprint: dict) -> dict:
+    """Scores the candidates not yet in `done` (each cached in the job as it finishes), then chooses."""
+    from tqdm import tqdm
+
+    from cmboost.metrics.evaluate import evaluate_images
+
+    names = [j.name for j in judges]
+    committee = len(judges) > 1
+    rule = choice.rule(len(judges))
+    plain = not committee and rule in ("fid", "kid")  # one judge, one metric: today's rule and file layout
+    batch_size, max_recall_drop = choice.batch_size, choice.max_recall_drop
+    robust_radius, allow_beyond_radius = choice.robust_radius, choice.allow_beyond_radius
 
     def score(images_u8: np.ndarray) -> dict:
         per = {}
@@ -375,8 +389,7 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                                              batch_size, precision)
                 row = {"method": method, "hyper": hyper, **score(boosted), "mean_l2_change": float(change.mean())}
             # As a resume reads it back (keys sorted), and no timings: the same bytes on every run and resume.
-            done[key] = json.loads(json.dumps(row, sort_keys=True))
-            write_record(partial, {"format": PARTIAL_FORMAT, "fingerprint": fingerprint, "rows": done})
+            done[key] = job.put_row(key, json.loads(json.dumps(row, sort_keys=True)))
             bar.set_postfix_str(f"last {time.perf_counter() - t0:.1f} s", refresh=False)
             bar.update(1)
 
@@ -411,7 +424,7 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
         # only SGLD's measured edits can bring this about (check_radius ruled out the rest before scoring)
         raise UserInputError(f"--robust-radius {robust_radius}: every boosting candidate edits beyond it (SGLD by "
                              f"its measured mean L2 change), so none can be chosen; add smaller candidates, or "
-                             f"pass --allow-beyond-radius (the scores are kept in {partial}: a rerun resumes)")
+                             f"pass --allow-beyond-radius (the scores are kept in {job.folder}: a rerun resumes)")
     strip = lambda row: {k: v for k, v in row.items() if not k.startswith("_")}  # noqa: E731
     rows, methods = [strip(r) for r in rows], {m: strip(r) for m, r in methods.items()}
 
@@ -431,37 +444,23 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                      "methods": methods, "candidates": rows})
     if committee:
         settings["agreement"] = ranking_agreement(rows[1:], names)
-    atomic_write_text(out, json.dumps(settings, indent=1))
-    partial.unlink(missing_ok=True)
     return settings
 
 
 METRIC_KEYS = ("fid", "kid", "kid_std", "is", "precision", "recall")
 
 
-def _read_partial(saved: dict, partial: Path, fingerprint: dict, keys: list[str],
-                  names: list[str] | None = None) -> dict[str, dict]:
-    """The finished rows of a resumable run's progress file, schema-checked: a file of another format
-    or shape is named with its fix, never half-read. `names`: a committee's judges, whose metrics
-    each row must hold."""
-    fresh = "delete it to start over"
-    if saved.get("format") != PARTIAL_FORMAT:
-        raise UserInputError(f"{partial}: format {json_text(saved.get('format'))}: not a tune progress file of "
-                             f"format {PARTIAL_FORMAT} (an older cmboost's, or another file); {fresh}")
-    if not isinstance(saved.get("fingerprint"), dict):
-        raise UserInputError(f"{partial}: fingerprint: expected an object, got {json_kind(saved.get('fingerprint'))}; "
-                             f"{fresh}")
-    rows = saved.get("rows")
-    if not isinstance(rows, dict):
-        raise UserInputError(f"{partial}: rows: expected an object {{candidate: row}}, got {json_kind(rows)}; {fresh}")
-    for key, row in rows.items():
-        if key in keys:
-            _check_row(row, f"{partial}: rows[{json_text(key)}]", fresh)
-    check_same_config(saved["fingerprint"], fingerprint, partial)
-    for key, row in rows.items():
-        if key in keys and names is not None:
-            _check_row(row, f"{partial}: rows[{json_text(key)}]", fresh, names)
-    return {key: row for key, row in rows.items() if key in keys}
+def _finished_rows(job: Job, keys: list[str], names: list[str] | None = None) -> dict[str, dict]:
+    """The job's finished rows among `keys`, schema-checked: a row of another shape is named with its
+    fix, never half-read. `names`: a committee's judges, whose metrics each row must hold."""
+    where = job.folder / ROWS_FILE
+    fresh = f"delete {job.folder} to start over"
+    done = {}
+    for key in keys:
+        if key in job.rows:
+            _check_row(job.rows[key], f"{where}: {json_text(key)}", fresh, names)
+            done[key] = job.rows[key]
+    return done
 
 
 def _check_metrics(metrics, where: str, fresh: str) -> None:

@@ -18,23 +18,23 @@ def repo_root():
 
 @pytest.fixture
 def train_interrupted_and_resumed(tmp_path):
-    """A function (images, labels, config, settings) -> (resumed net, state path): trains a domain net
-    straight through, then again with an interrupt after epoch 1 and a resume from its state file,
+    """A function (images, labels, config, settings) -> (resumed net, job folder): trains a domain net
+    straight through, then again with an interrupt after epoch 1 and a resume from its job folder,
     and checks that the two runs end with bit-identical weights."""
     from cmboost.metrics.domain_net import train_domain_net
 
     def run(images, labels, config, settings):
         straight = train_domain_net(images, labels, config, settings, log=None)
-        state = tmp_path / "net.partial"
+        state = tmp_path / "net.job"
 
         def interrupt_after_first_epoch(line):
             if line.startswith("epoch 1/"):
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            train_domain_net(images, labels, config, settings, state_path=state, log=interrupt_after_first_epoch)
-        assert state.is_file()
-        resumed = train_domain_net(images, labels, config, settings, state_path=state, log=None)
+            train_domain_net(images, labels, config, settings, job_folder=state, log=interrupt_after_first_epoch)
+        assert (state / "state.safetensors").is_file()
+        resumed = train_domain_net(images, labels, config, settings, job_folder=state, log=None)
         for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
         return resumed, state

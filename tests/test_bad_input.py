@@ -375,15 +375,19 @@ def _tune_argv(d, out):
             "--device", "cpu", "--no-progress", "--out", out]
 
 
-@pytest.mark.parametrize("partial", [{"format": "cmboost.tune-partial/1", "fingerprint": {}, "rows": []},
-                                     {"fingerprint": {}, "rows": {}}], ids=["rows-a-list", "no-format"])
-def test_a_malformed_tune_progress_file_is_one_line_naming_it(tuning, tmp_path, capsys, partial):
+@pytest.mark.parametrize("rows", [{"none": []}, {"none": {"method": "none"}}], ids=["row-a-list", "no-metrics"])
+def test_a_malformed_tune_job_is_one_line_naming_it(tuning, tmp_path, capsys, rows):
     out = tmp_path / "tuned.json"
-    progress = tmp_path / "tuned.json.partial.json"
-    progress.write_text(json.dumps(partial))
+    job = tmp_path / "tuned.json.job"  # a job of the same configuration (recorded by a killed run) ...
+    with pytest.MonkeyPatch.context() as m:
+        import cmboost.tune as tune_module
+
+        m.setattr(tune_module, "run_method", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert _run(capsys, _tune_argv(tuning, out))[0] == 130
+    (job / "rows.json").write_text(json.dumps(rows))  # ... whose cached rows were damaged by hand
     code, err = _run(capsys, _tune_argv(tuning, out))
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert str(progress) in err and "delete it to start over" in err
+    assert str(job / "rows.json") in err and f"delete {job} to start over" in err
     assert not out.exists()
 
 
@@ -402,7 +406,7 @@ def test_tune_writes_the_same_bytes_on_every_run_and_after_a_kill(tuning, tmp_pa
 
     monkeypatch.setattr(tune_module, "run_method", killed)
     assert _run(capsys, _tune_argv(tuning, tmp_path / "c.json"))[0] == 130
-    assert (tmp_path / "c.json.partial.json").exists()
+    assert (tmp_path / "c.json.job" / "rows.json").exists()
     monkeypatch.setattr(tune_module, "run_method", real)
     assert _run(capsys, _tune_argv(tuning, tmp_path / "c.json"))[0] == 0
     assert (tmp_path / "c.json").read_bytes() == (tmp_path / "a.json").read_bytes()

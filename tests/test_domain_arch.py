@@ -158,7 +158,7 @@ def test_allconv_training_resumes_exactly_and_round_trips(tmp_path, fmnist_test,
     # a vgg state is not resumed as allconv (the config, arch included, is in the fingerprint)
     vgg = DomainNetConfig(widths=(4, 8, 8, 8), feature_dim=16, dropout=0.2)
     with pytest.raises(UserInputError, match="other settings"):
-        train_domain_net(images, labels, vgg, settings, state_path=state, log=None)
+        train_domain_net(images, labels, vgg, settings, job_folder=state, log=None)
     path = save_domain_net(tmp_path / "net.safetensors", resumed)
     loaded, _ = load_domain_net(path)
     assert loaded.config.arch == "allconv"

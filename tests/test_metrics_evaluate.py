@@ -232,7 +232,7 @@ def test_cli_train_features_writes_a_documented_net(tmp_path, fmnist, capsys):
 
     net, meta = load_domain_net(out)
     assert net.config.num_classes == 2 and net.config.image_size == 32 and net.config.pad_from == 28
-    assert json.loads(meta["settings"])["epochs"] == 1 and not (tmp_path / "net.safetensors.partial").exists()
+    assert json.loads(meta["settings"])["epochs"] == 1 and not (tmp_path / "net.safetensors.job").exists()
     capsys.readouterr()
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err

@@ -130,7 +130,7 @@ def test_domain_training_resumes_exactly_after_an_interrupt(tmp_path, fmnist_tes
     resumed, state = train_interrupted_and_resumed(images, labels, _tiny_config(), settings)
     with pytest.raises(UserInputError, match="other settings"):
         train_domain_net(images, labels, _tiny_config(), TrainSettings(epochs=3, batch_size=32, seed=5),
-                         state_path=state, log=None)
+                         job_folder=state, log=None)
     # saved nets round-trip and refuse to overwrite
     path = save_domain_net(tmp_path / "net.safetensors", resumed, {"note": "test"})
     loaded, meta = load_domain_net(path)

@@ -58,7 +58,7 @@ def test_tune_writes_the_best_settings_with_the_tuning_judge_recorded(setup):
     assert saved["methods"]["pgd"]["metrics"]["fid"] == min(c["metrics"]["fid"] for c in pgd)
     for c in saved["candidates"][1:]:
         assert c["mean_l2_change"] > 0 and np.isfinite(c["metrics"]["kid"])
-    assert not (root / "tuned.json.partial.json").exists()
+    assert not (root / "tuned.json.job").exists()
     with pytest.raises(UserInputError, match="exists"):
         tune(root / "val.npz", model, ref, judge, root / "tuned.json", grid=GRID[:1], progress=False)
 
@@ -81,8 +81,8 @@ def test_tune_resumes_after_an_interruption(setup, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tune(root / "val.npz", model, ref, judge, root / "resumed.json", classifier=classifier, grid=GRID,
              progress=False)
-    partial = json.loads((root / "resumed.json.partial.json").read_text())
-    assert len(partial["rows"]) == 3  # none + two candidates
+    partial = json.loads((root / "resumed.json.job" / "rows.json").read_text())
+    assert len(partial) == 3  # none + two candidates
     monkeypatch.setattr(tune_module, "run_method", real_run)
     resumed = tune(root / "val.npz", model, ref, judge, root / "resumed.json", classifier=classifier, grid=GRID,
                    progress=False)
@@ -358,7 +358,7 @@ def test_candidates_beyond_the_robust_radius_are_marked_and_not_chosen(committee
     with pytest.raises(UserInputError, match="--robust-radius 0.5: every boosting candidate"):
         tune(root / "val.npz", model, refs[0], judges[0], folder / "never.json", grid=grid[:2], progress=False,
              robust_radius=0.5)
-    assert not (folder / "never.json").exists() and not (folder / "never.json.partial.json").exists()
+    assert not (folder / "never.json").exists() and not (folder / "never.json.job").exists()
 
 
 def test_a_committee_resumes_to_the_same_bytes_and_refuses_another_committees_progress(committee, monkeypatch):
@@ -381,8 +381,8 @@ def test_a_committee_resumes_to_the_same_bytes_and_refuses_another_committees_pr
     with pytest.raises(KeyboardInterrupt):
         tune(root / "val.npz", model, refs[:2], judges[:2], folder / "resumed.json", grid=grid, progress=False)
     monkeypatch.setattr(tune_module, "run_method", real_run)
-    partial = folder / "resumed.json.partial.json"
-    assert len(json.loads(partial.read_text())["rows"]) == 2
+    partial = folder / "resumed.json.job" / "rows.json"
+    assert len(json.loads(partial.read_text())) == 2
     with pytest.raises(UserInputError, match="another configuration"):  # other judges cannot resume it
         tune(root / "val.npz", model, [refs[0], refs[2]], [judges[0], judges[2]], folder / "resumed.json",
              grid=grid, progress=False)
@@ -408,7 +408,7 @@ def test_a_committee_of_the_same_judge_twice_or_with_a_reporting_judge_is_refuse
         tune(root / "val.npz", model, refs[:1], judges[:2], folder / "x.json", grid=GRID[:1], progress=False)
     with pytest.raises(UserInputError, match="reference made with feature net"):  # references in another order
         tune(root / "val.npz", model, refs[1::-1], judges[:2], folder / "x.json", grid=GRID[:1], progress=False)
-    assert not (folder / "x.json").exists() and not (folder / "x.json.partial.json").exists()
+    assert not (folder / "x.json").exists() and not (folder / "x.json.job").exists()
 
 
 def test_cli_tune_with_a_committee(committee, tmp_path, capsys):
@@ -451,7 +451,7 @@ def test_cli_tune_with_a_committee(committee, tmp_path, capsys):
     # the grid's SGLD moves images further than 0.5: nothing within the radius is left to choose
     assert cli_main(["tune", *common, *refs, "--out", str(tmp_path / "none.json")]) == 2
     assert "every boosting candidate edits beyond it" in capsys.readouterr().err
-    assert not (tmp_path / "none.json").exists() and (tmp_path / "none.json.partial.json").exists()
+    assert not (tmp_path / "none.json").exists() and (tmp_path / "none.json.job").exists()
     assert cli_main(["tune", *common, *refs, "--allow-beyond-radius", "--out", str(tmp_path / "none.json")]) == 0
     assert json.loads((tmp_path / "none.json").read_text())["methods"]["sgld"]["beyond_radius"] is True
     capsys.readouterr()
@@ -470,7 +470,7 @@ def test_cli_tune_with_a_committee(committee, tmp_path, capsys):
             code = cli_main(argv)
             err = capsys.readouterr().err
             assert code == 2 and err.count("\n") == 1 and f"error: {flag}" in err, (extra, err)
-        assert not (tmp_path / "never.json").exists() and not (tmp_path / "never.json.partial.json").exists()
+        assert not (tmp_path / "never.json").exists() and not (tmp_path / "never.json.job").exists()
 
 
 class _no_raise:

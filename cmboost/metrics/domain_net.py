@@ -20,6 +20,7 @@ Training resumes per epoch: every epoch's data order, augmentation and dropout d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,10 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cmboost.checkpoints import check_fits, read_checkpoint, read_safetensors, save_checkpoint, save_safetensors
+from cmboost.checkpoints import check_fits, read_checkpoint, save_checkpoint
 from cmboost.errors import UserInputError
-from cmboost.jobs import check_same_config
-from cmboost.records import check_above, check_at_least, check_finite, check_seed
+from cmboost.jobs import Job, load_optimizer, module_tensors, optimizer_tensors, tensors_under
+from cmboost.records import check_above, check_at_least, check_finite, check_seed, field_default
 from cmboost.runtime import autocast, sample_seed
 
 FORMAT, FORMAT_VERSION = "domain_net", 2  # version 1: the header before cmboost.checkpoints (the shipped nets)
@@ -326,7 +327,8 @@ class TrainSettings:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
-def config_for_data(images_u8: np.ndarray, num_classes: int, dataset: str, arch: str = "vgg") -> DomainNetConfig:
+def config_for_data(images_u8: np.ndarray, num_classes: int, dataset: str,
+                    arch: str = field_default(DomainNetConfig, "arch")) -> DomainNetConfig:
     """Config for uint8 NCHW training images: padded up to a multiple of 16, mean/std measured."""
     c, h, w = images_u8.shape[1:]
     if h != w:
@@ -370,33 +372,40 @@ def _augment(x: torch.Tensor, settings: TrainSettings, gen: torch.Generator) -> 
 
 def train_domain_net(images_u8: np.ndarray, labels: np.ndarray, config: DomainNetConfig,
                      settings: TrainSettings = TrainSettings(), device: torch.device | str = "cpu",
-                     precision: str = "fp32", state_path: str | os.PathLike | None = None,
+                     precision: str = "fp32", job_folder: str | os.PathLike | None = None,
                      log: Callable[[str], None] | None = print) -> DomainNet:
     """Cross-entropy training (AdamW, warm-up + cosine) on uint8 NCHW `images_u8`.
 
-    With `state_path`, the model and optimizer are saved there after every epoch and a rerun
-    resumes from the last finished epoch (refusing a state saved with other settings). The caller's
-    global RNG state is left as it was."""
+    With `job_folder`, the training is a `jobs.Job` there: the model and optimizer are saved after
+    every epoch and a rerun resumes from the last finished epoch (refusing a folder of a run with
+    other settings). The caller's global RNG state is left as it was."""
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _train(images_u8, labels, config, settings, device, precision, state_path, log)
-
-
-def _train(images_u8, labels, config, settings, device, precision, state_path, log) -> DomainNet:
     if len(images_u8) != len(labels) or len(images_u8) == 0:
         raise UserInputError(f"training data: {len(images_u8)} images for {len(labels)} labels")
+    with contextlib.ExitStack() as stack:
+        job = None
+        if job_folder is not None:
+            job = stack.enter_context(Job(job_folder, {"config": json.loads(config.to_json()),
+                                                       "settings": json.loads(settings.to_json()),
+                                                       "n": int(len(images_u8))}))
+        stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        return _train(images_u8, labels, config, settings, device, precision, job, log)
+
+
+def _train(images_u8, labels, config, settings, device, precision, job: Job | None, log) -> DomainNet:
     torch.manual_seed(settings.seed)  # initial weights depend on the seed only
     net = DomainNet(config).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(images_u8) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
-    fingerprint = json.dumps({"config": config.to_json(), "settings": settings.to_json(),
-                              "n": int(len(images_u8))}, sort_keys=True)
     start_epoch = 0
-    if state_path is not None and Path(state_path).is_file():
-        start_epoch = _load_state(Path(state_path), net, optimizer, fingerprint)
+    saved = job.load_state() if job is not None else None
+    if saved is not None:
+        start_epoch, tensors, meta = saved
+        net.load_state_dict(tensors_under("model", tensors))
+        load_optimizer(optimizer, tensors, meta["optimizer_groups"])
         if log:
-            log(f"resuming from {state_path} after epoch {start_epoch}")
+            log(f"resuming from {job.state_path} after epoch {start_epoch}")
     images = torch.from_numpy(np.ascontiguousarray(images_u8))
     targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     for epoch in range(start_epoch, settings.epochs):
@@ -423,8 +432,9 @@ def _train(images_u8, labels, config, settings, device, precision, state_path, l
             seen += len(idx)
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y).sum())
-        if state_path is not None:
-            _save_state(Path(state_path), net, optimizer, epoch + 1, fingerprint)
+        if job is not None:
+            optimizer_state, groups = optimizer_tensors(optimizer)
+            job.save_state(epoch + 1, {**module_tensors("model", net), **optimizer_state}, {"optimizer_groups": groups})
         if log:
             log(f"epoch {epoch + 1}/{settings.epochs}: loss {loss_sum / seen:.4f}, "
                 f"train accuracy {correct / seen:.4f}, {time.time() - tic:.0f}s")
@@ -457,34 +467,3 @@ def classify_accuracy(net: DomainNet, images_u8: np.ndarray, labels: np.ndarray,
         _, logits = net(x)
         correct += int((logits.argmax(1).cpu() == torch.from_numpy(labels[start : start + batch_size])).sum())
     return correct / max(1, len(images_u8))
-
-
-def _save_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, epoch: int, fingerprint: str) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    metadata = {"epoch": str(epoch), "fingerprint": fingerprint}
-    save_safetensors(path, tensors, metadata)
-
-
-def _load_state(path: Path, net: DomainNet, optimizer: torch.optim.Optimizer, fingerprint: str) -> int:
-    try:
-        tensors, metadata = read_safetensors(path)
-    except UserInputError as err:
-        raise UserInputError(f"{err}; it is the training state: delete it to start over") from None
-    try:
-        saved = json.loads(metadata.get("fingerprint", "{}"))
-    except json.JSONDecodeError:
-        saved = {"fingerprint": metadata.get("fingerprint")}
-    check_same_config(saved, json.loads(fingerprint), path, fresh="delete that training state to start over")
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optim_state = optimizer.state_dict()
-    optim_state["state"] = state
-    optimizer.load_state_dict(optim_state)
-    return int(metadata["epoch"])
