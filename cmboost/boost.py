@@ -104,8 +104,7 @@ def boost_with(model, images, labels, method, record, indices=None, precision="f
 
 
 def _pgd(model, images, labels, hyper: PGDBoost, precision, channels_last):
-    step = hyper.step_size if hyper.step_size is not None else 2.5 * hyper.eps / hyper.steps
-    attack = PGD(norm="l2", eps=hyper.eps, step_size=step, steps=hyper.steps, random_start=False,
+    attack = PGD(norm="l2", eps=hyper.eps, step_size=hyper.step, steps=hyper.steps, random_start=False,
                  bounds=(0.0, 1.0), precision=precision, channels_last=channels_last)
 
     def objective(x):
@@ -118,8 +117,7 @@ def _pgd(model, images, labels, hyper: PGDBoost, precision, channels_last):
 
 
 def _bigroc(model, images, labels, hyper: BIGRoCBoost, precision, channels_last):
-    step = hyper.step_size if hyper.step_size is not None else 1.5 * hyper.eps / hyper.steps
-    attack = PGD(norm="l2", eps=hyper.eps, step_size=step, steps=hyper.steps, random_start=False,
+    attack = PGD(norm="l2", eps=hyper.eps, step_size=hyper.step, steps=hyper.steps, random_start=False,
                  bounds=(0.0, 1.0), precision=precision, channels_last=channels_last)
 
     def objective(x):  # maximising log p(y|x) is minimising CE(f(x), y)

@@ -12,11 +12,21 @@ from cmboost.errors import UserInputError
 from cmboost.records import SEED_LIMIT
 
 REALNESS_KINDS = ("sigmoid", "softmax")  # D(x,y) = sigmoid(f_y(x)), or p(y|x) = softmax(f(x))_y
+# The reading of realness a network is boosted with when nothing says otherwise (a train-jcd network
+# records the one its objective trained); jcd.py reads D(x, y) with it too.
+DEFAULT_REALNESS = "softmax"
+PGD_STEP_FACTOR = 2.5     # L2 PGD's default step, 2.5 * eps / steps: enough to reach the ball's edge
+BIGROC_STEP_FACTOR = 1.5  # BIGRoC's ImageNet rule, 1.5 * eps / steps
 OBJECTIVES = ("realness", "log_prob", "both")
 # Hyperparameter -> the `cmboost boost` flag that sets it, so that every message names the flag.
 FLAGS = {"steps": "--steps", "eps": "--eps", "step_size": "--step-size", "objective": "--objective",
          "realness_kind": "--realness", "threshold": "--threshold", "step": "--sgld-step",
          "noise": "--sgld-noise", "seed": "--seed"}
+
+
+def step_length(eps, steps: int, factor: float = PGD_STEP_FACTOR):
+    """The default step of an L2 attack of radius `eps` (a number or a per-image tensor) in `steps` steps."""
+    return factor * eps / steps
 
 
 class _Validated:
@@ -31,10 +41,14 @@ class PGDBoost(_Validated):
     """The paper's refinement: maximise the joint score inside ||x - x0||_2 <= eps."""
     eps: float = 3.0
     steps: int = 10
-    step_size: float | None = None          # None: 2.5 * eps / steps, enough to reach the ball's edge
+    step_size: float | None = None          # None: step_length(eps, steps)
     objective: str = "both"                 # "realness": log D(x,y); "log_prob": log p(y|x); "both": their sum
-    realness_kind: str = "softmax"          # D(x,y) = p(y|x) ("softmax") or sigmoid(f_y(x)) ("sigmoid")
+    realness_kind: str = DEFAULT_REALNESS   # D(x,y) = p(y|x) ("softmax") or sigmoid(f_y(x)) ("sigmoid")
     threshold: float | None = None          # early stop once D(x,y) >= threshold; None: never stop early
+
+    @property
+    def step(self) -> float:
+        return self.step_size if self.step_size is not None else step_length(self.eps, self.steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +66,11 @@ class BIGRoCBoost(_Validated):
     """BIGRoC: minimise CE(f(x), y) with L2 PGD; ImageNet settings eps 1.5, 7 steps, step 1.5 * eps / 7."""
     eps: float = 1.5
     steps: int = 7
-    step_size: float | None = None          # None: 1.5 * eps / steps
+    step_size: float | None = None          # None: step_length(eps, steps, BIGROC_STEP_FACTOR)
+
+    @property
+    def step(self) -> float:
+        return self.step_size if self.step_size is not None else step_length(self.eps, self.steps, BIGROC_STEP_FACTOR)
 
 
 METHODS = {"pgd": PGDBoost, "sgld": SGLDBoost, "bigroc": BIGRoCBoost}

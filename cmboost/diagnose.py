@@ -35,6 +35,7 @@ import torch
 from cmboost.atomic import atomic_write_text, refuse_existing, refuse_unsafe_output
 from cmboost.attacks import PGD
 from cmboost.boost import boost_with, frozen
+from cmboost.boost_config import DEFAULT_REALNESS
 from cmboost.errors import UserInputError
 from cmboost.jcd import log_prob_from_logits, realness_from_logits
 from cmboost.records import check_at_least, check_finite, check_seed, flag_of, shown
@@ -367,7 +368,7 @@ def select_real(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 def diagnose(model: torch.nn.Module, real_images: np.ndarray, real_labels: np.ndarray,
              generators: Sequence[GeneratorSamples] = (), score: Score | None = None,
-             settings: DiagnoseSettings = DiagnoseSettings(), realness_kind: str = "softmax",
+             settings: DiagnoseSettings = DiagnoseSettings(), realness_kind: str = DEFAULT_REALNESS,
              device: torch.device | str = "cpu", precision: str = "fp32", num_classes: int | None = None,
              real_ids: Sequence[int] | None = None) -> tuple[dict, np.ndarray]:
     """The report (JSON-ready; see REPORT_KEYS) and the PAG grid (uint8) of `model` on uint8 NCHW real

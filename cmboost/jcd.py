@@ -52,12 +52,12 @@ def log_not_prob_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return torch.logsumexp(others, dim=1) - torch.logsumexp(logits, dim=1)
 
 
-def realness_from_logits(logits: torch.Tensor, y: torch.Tensor, kind: str = "sigmoid") -> torch.Tensor:
+def realness_from_logits(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     """[B] D(x, y): sigmoid(f_y(x)) for "sigmoid", p(y|x) for "softmax"."""
     return log_realness_from_logits(logits, y, kind).exp()
 
 
-def log_realness_from_logits(logits: torch.Tensor, y: torch.Tensor, kind: str = "sigmoid") -> torch.Tensor:
+def log_realness_from_logits(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     """[B] log D(x, y): logsigmoid(f_y) or log p(y|x); stable for large |f|."""
     if kind == "sigmoid":
         return F.logsigmoid(logits.float().gather(1, y.view(-1, 1)).squeeze(1))
@@ -102,13 +102,9 @@ class JointModel(nn.Module):
         """[B] log p(y|x)."""
         return log_prob_from_logits(self(x), y)
 
-    def realness(self, x: torch.Tensor, y: torch.Tensor, kind: str = "sigmoid") -> torch.Tensor:
+    def realness(self, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
         """[B] D(x, y) in (0, 1): "sigmoid" = sigmoid(f_y(x)) (released code), "softmax" = p(y|x) (paper)."""
         return realness_from_logits(self(x), y, kind)
-
-    def log_realness(self, x: torch.Tensor, y: torch.Tensor, kind: str = "sigmoid") -> torch.Tensor:
-        """[B] log D(x, y), computed stably."""
-        return log_realness_from_logits(self(x), y, kind)
 
     def energy(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """[B] E(x, y) = -f_y(x), or E(x) = -logsumexp_k f_k(x) when y is None."""

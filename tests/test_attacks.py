@@ -88,7 +88,7 @@ def test_parameters_modes_and_flags_untouched(model):
     for mode in (True, False):
         model.train(mode)
         PGD("l2", eps=1.0, step_size=0.5, steps=2, random_start=True)(
-            model, lambda z: model.realness(z, y), x)
+            model, lambda z: model.realness(z, y, "sigmoid"), x)
         assert model.training is mode
         assert all(m.training is mode for m in model.modules())
     assert params[0].requires_grad is False and all(p.requires_grad for p in params[1:])
@@ -98,7 +98,7 @@ def test_parameters_modes_and_flags_untouched(model):
     # and a parameter without .grad still has none
     for p in params:
         p.grad = None
-    PGD("l2", eps=1.0, step_size=0.5, steps=1)(model, lambda z: model.realness(z, y), x)
+    PGD("l2", eps=1.0, step_size=0.5, steps=1)(model, lambda z: model.realness(z, y, "sigmoid"), x)
     assert all(p.grad is None for p in params)
 
 
@@ -165,7 +165,7 @@ def test_random_start_does_not_depend_on_the_batch():
 def test_zero_steps_and_low_precision(model):
     x = torch.rand(2, 1, 16, 16)
     y = torch.tensor([0, 1])
-    assert torch.equal(PGD(steps=0)(model, lambda z: model.realness(z, y), x), x)
+    assert torch.equal(PGD(steps=0)(model, lambda z: model.realness(z, y, "sigmoid"), x), x)
     out = PGD("l2", eps=0.5, step_size=0.25, steps=2, precision="bf16", channels_last=True)(
         model, lambda z: model.log_prob(z, y), x)
     assert out.dtype == torch.float32 and out.shape == x.shape

@@ -8,7 +8,7 @@ import torch
 
 from cmboost.errors import OutputExistsError, UserInputError
 from cmboost.jcd import (IMAGENET_MEAN, IMAGENET_STD, JointModel, _infer_arch, build_joint_model,
-                         load_joint_model, read_metadata, save_joint_model)
+                         load_joint_model, log_realness_from_logits, read_metadata, save_joint_model)
 
 
 def small(num_classes=10, in_channels=1, image_size=32, seed=0):
@@ -28,12 +28,12 @@ def test_scores_follow_their_definitions():
         assert torch.allclose(f, model.backbone((x - 0.5) / 0.5))
         fy = f.gather(1, y[:, None]).squeeze(1)
         assert torch.allclose(model.log_prob(x, y), torch.log_softmax(f, 1).gather(1, y[:, None]).squeeze(1), atol=1e-6)
-        assert torch.allclose(model.realness(x, y), torch.sigmoid(fy), atol=1e-6)
+        assert torch.allclose(model.realness(x, y, "sigmoid"), torch.sigmoid(fy), atol=1e-6)
         assert torch.allclose(model.realness(x, y, "softmax"), torch.softmax(f, 1).gather(1, y[:, None]).squeeze(1),
                               atol=1e-6)
         assert torch.allclose(model.energy(x, y), -fy)
         assert torch.allclose(model.energy(x), -torch.logsumexp(f, 1))
-        assert torch.allclose(model.log_realness(x, y, "sigmoid"), torch.log(torch.sigmoid(fy)), atol=1e-5)
+        assert torch.allclose(log_realness_from_logits(model(x), y, "sigmoid"), torch.log(torch.sigmoid(fy)), atol=1e-5)
     with pytest.raises(UserInputError, match="realness kind"):
         model.realness(x, y, "tanh")
 

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.boost_config import METHODS, OBJECTIVES, REALNESS_KINDS, BIGRoCBoost, PGDBoost, SGLDBoost
+    from cmboost.boost_config import (BIGROC_STEP_FACTOR, METHODS, OBJECTIVES, PGD_STEP_FACTOR, REALNESS_KINDS,
+                                      BIGRoCBoost, PGDBoost, SGLDBoost)
     from cmboost.runtime import BLOCK_SIZE
 
     p = verbs.add_parser("boost", help="refine generated samples with the joint classifier-discriminator",
@@ -116,7 +117,7 @@ def add_parser(verbs) -> None:
                    help=f"L2 radius around the input (default: pgd, the radius a train-jcd network was "
                         f"adversarially trained at, recorded in it, else {pgd.eps}; bigroc {bigroc.eps})")
     p.add_argument("--step-size", type=float, default=None,
-                   help="L2 step length (default: pgd 2.5*eps/steps, bigroc 1.5*eps/steps)")
+                   help=f"L2 step length (default: pgd {PGD_STEP_FACTOR:g}*eps/steps, bigroc {BIGROC_STEP_FACTOR:g}*eps/steps)")
     p.add_argument("--objective", default=None, choices=OBJECTIVES, help=f"pgd score (default: {pgd.objective})")
     p.add_argument("--realness", default=None, choices=REALNESS_KINDS,
                    help=f"pgd reading of D(x,y) (default: the one the network was trained with, else {pgd.realness_kind})")

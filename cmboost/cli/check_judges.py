@@ -9,13 +9,14 @@ from cmboost.cli.common import add_field_flag, add_output_flags
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
+    import shutil
 
     import torch
 
     from cmboost.atomic import atomic_write_text, refuse_existing
     from cmboost.data import load_dataset
     from cmboost.errors import UserInputError
+    from cmboost.jobs import job_dir
     from cmboost.metrics.judge_check import CheckSettings, format_table, run_judge_check
     from cmboost.runtime import resolve_device
     from cmboost.samples import load_samples
@@ -35,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
     if labels is None:
         raise UserInputError(f"{args.samples}: holds no class labels; the transfer edits need the classes")
     real, _, _ = load_dataset(args.data, args.split, args.data_dir, image_size=generated.shape[-1])
-    partial = Path(str(args.out) + ".partial.json")  # finished judges: a rerun of the same command resumes
+    folder = job_dir(args.out)  # finished judges: a rerun of the same command resumes
     report = run_judge_check(judges, real, generated, labels, args.attacker, args.reference_count, args.num,
-                             settings, resolve_device(args.device), partial_path=partial)
+                             settings, resolve_device(args.device), job_folder=folder)
     report["data"].update(real=f"{args.data} {args.split}", samples=str(args.samples))
     print(format_table(report))
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
-    partial.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
     print(f"wrote {args.out}")
     return 0
 

@@ -20,15 +20,21 @@ def add_parser(verbs) -> None:
                                      "baseline; unsharp-mask and norm-matched random controls), and reports FID and "
                                      "KID +- std with reporting judges that took no part in the tuning. Writes "
                                      "OUT_DIR/report.md, report.json, labelled grids and the compute-frontier plot.")
-    p.add_argument("--out-dir", default="demo-out")
+    from cmboost.demo import DemoOptions
+    from cmboost.records import field_default
+
+    p.add_argument("--out-dir", default=field_default(DemoOptions, "out_dir"), help="where the report, grids, plot "
+                   "and the cache of finished rows go (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="48 samples per row, 2 seeds: an end-to-end check, numbers "
                                                         "too noisy to read")
     p.add_argument("--full", action="store_true", help="1000 samples per row, the reference computed from the "
                                                        "test split, the frontier at 1-15 boosting steps (default: "
                                                        "250 samples per row over 3 seeds, shipped references, the "
                                                        "frontier at the tuned step count)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; 0 or unset: torch's choice (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="run again over an existing report")
+    p.add_argument("--device", default=field_default(DemoOptions, "device"),
+                   help="cuda, cuda:N, cpu, or auto: cuda when present (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=field_default(DemoOptions, "threads"),
+                   help="torch CPU threads; 0 or unset: torch's choice (all cores)")
+    p.add_argument("--overwrite", action="store_true", help="run again from scratch over an existing report or cache")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run)

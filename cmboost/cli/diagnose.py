@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cmboost.boost_config import make_hyper
+    from cmboost.boost_config import DEFAULT_REALNESS
     from cmboost.boost_job import check_fits_model, trained_realness_kind, with_trained_radius
     from cmboost.checkpoints import weights_digest
     from cmboost.data import load_dataset
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(settings.threads)
 
     model = load_joint_model(args.model).to(device)
-    kind = args.realness or trained_realness_kind(args.model) or "softmax"
+    kind = args.realness or trained_realness_kind(args.model) or DEFAULT_REALNESS
     shape = (model.in_channels, model.image_size, model.image_size)
     score = load_teacher_score(args.teacher, device, precision, shape, model.num_classes) if args.teacher else None
 

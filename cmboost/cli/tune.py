@@ -19,6 +19,7 @@ def split_list(value: str, flag: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmboost.boost_config import DEFAULT_REALNESS
     from cmboost.boost_job import resolve_threshold, trained_radius, trained_realness_kind
     from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     classifier = load_joint_model(args.classifier).to(device) if args.classifier else None
     if classifier is not None:
         check_classifier(classifier, model, f"--classifier {args.classifier}")
-    kind = trained_realness_kind(args.model) or "softmax"
+    kind = trained_realness_kind(args.model) or DEFAULT_REALNESS
     threshold = resolve_threshold(model, None, args.threshold_from, kind, device, precision) \
         if args.threshold_from else None
     provenance = {"samples": args.samples, "model": args.model, "classifier": args.classifier,

@@ -313,7 +313,7 @@ class TrainSettings:
     hflip: bool = True          # clothes are left-right symmetric; not for digits or text
     seed: int = DEFAULT_SEED
     adv_eps: float = 0.0        # > 0: adversarial training (Madry et al.) in this L2 radius, [0, 1] pixels
-    adv_steps: int = 3          # PGD steps of that attack, each 2.5 * adv_eps / adv_steps long
+    adv_steps: int = 3          # PGD steps of that attack, each boost_config.step_length(adv_eps, adv_steps) long
 
     def __post_init__(self):
         check_finite(self, SETTINGS_FLAGS)
@@ -446,8 +446,9 @@ def _adversarial(net: DomainNet, x: torch.Tensor, y: torch.Tensor, settings: Tra
     """The batch moved by L2 PGD on the cross-entropy (no random start, so the run stays a function of
     the seed), with BatchNorm in eval mode so the attack does not update its running statistics."""
     from cmboost.attacks import PGD
+    from cmboost.boost_config import step_length
 
-    attack = PGD("l2", settings.adv_eps, 2.5 * settings.adv_eps / settings.adv_steps, settings.adv_steps,
+    attack = PGD("l2", settings.adv_eps, step_length(settings.adv_eps, settings.adv_steps), settings.adv_steps,
                  precision=precision)
     net.eval()
     try:

@@ -18,21 +18,21 @@ pure functions: images -> features -> numbers -> verdict.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmboost.atomic import atomic_write_text
+from cmboost.boost_config import step_length
 from cmboost.controls import gaussian_blur, move_to_norm, random_perturbation
 from cmboost.errors import UserInputError
+from cmboost.jobs import Job
 from cmboost.metrics.stats import (feature_statistics, frechet_distance, kernel_inception_distance,
                                    polynomial_kernel, psd_sqrt)
 from cmboost.runtime import sample_generators, randn_per_sample
@@ -120,12 +120,12 @@ def ladders(real_u8: np.ndarray, generated_u8: np.ndarray, settings: CheckSettin
 def attacker_edit(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, radius: torch.Tensor | float,
                   steps: int = 10, exact_norm: bool = False) -> torch.Tensor:
     """L2 PGD that raises log p(y|x) under a plain classifier `net` (logits = net(x)[1] for a domain
-    net, or net(x)), per-image radius `radius`, step 2.5 * radius / steps; float [0, 1] NCHW in and out.
+    net, or net(x)), per-image radius `radius`, the default step (boost_config.step_length); float [0, 1] NCHW in and out.
     No random start: the edit is a function of the images and the net. PGD may end inside the ball;
     `exact_norm` then lengthens each edit along its own direction to exactly its radius (a control
     must move each image as far as the edit it is compared with)."""
     radius = torch.as_tensor(radius, dtype=torch.float32).expand(len(images)).view(-1, 1, 1, 1)
-    step = 2.5 * radius / steps
+    step = step_length(radius, steps)
     x0 = images.detach().float()
     x = x0.clone()
     flags = [(p, p.requires_grad) for p in net.parameters()]
@@ -293,13 +293,14 @@ DEFAULT_ATTACKER = "fmnist-attacker"
 def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np.ndarray, labels: np.ndarray,
                     attacker: str = DEFAULT_ATTACKER, reference_count: int = 5000, probe_count: int = 1000,
                     settings: CheckSettings = CheckSettings(), device: torch.device | str = "cpu",
-                    log: Callable[[str], None] = print, partial_path: str | os.PathLike | None = None) -> dict:
+                    log: Callable[[str], None] = print, job_folder: str | os.PathLike | None = None) -> dict:
     """Checks every judge in `judges` against real images `real_u8` (the first `reference_count`
     make the reference, the next `probe_count` the clean rung) with the generated images
     `generated_u8` (class `labels`) for the mixes and the edits. A judge that cannot be loaded here
     (no weights, no package) is listed as unavailable with the reason, and does not pass. With
-    `partial_path`, each finished judge is saved there, and a rerun on the same data, settings and
-    attacker takes it from there instead of checking it again (a judge whose weights changed is redone)."""
+    `job_folder`, the check is a `jobs.Job` there: each finished judge is cached, and a rerun on the
+    same data, settings and attacker takes it from there instead of checking it again (a judge whose
+    weights changed is redone)."""
     from cmboost.metrics.domain_net import load_domain_net
     from cmboost.metrics.features import load_feature_extractor
 
@@ -328,25 +329,27 @@ def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np
                                  "unrelated to the network whose edits probe it")
     config = {"settings": dataclasses.asdict(settings), "attacker": attacker_identity,
               "data": [_digest(a) for a in (reference_u8, probe_u8, generated_u8, labels)]}
-    done = _read_partial(partial_path, config)
-    todo = [n for n in judges if n in extractors and done.get(n, {}).get("identity") != extractors[n].identity]
-    if todo:
-        log(f"edits by the attacker {attacker} at eps {', '.join(f'{e:g}' for e in settings.transfer_eps)}")
-        edits = make_transfer_edits(attacker_net, generated_u8, labels, settings)
-        families = ladders(probe_u8, generated_u8, settings)
-    for name in judges:
-        if name not in extractors:
-            continue
-        if name not in todo:
-            results[name] = done[name]
-            log(f"{name}: taken from {partial_path}")
-            continue
-        results[name] = check_judge(extractors[name], reference_u8, probe_u8, generated_u8, families, edits, settings)
-        done[name] = results[name]
-        if partial_path is not None:
-            atomic_write_text(partial_path, json.dumps({"config": config, "judges": done}) + "\n")
-        verdict = "passes" if results[name]["passed"] else "fails: " + "; ".join(results[name]["reasons"])
-        log(f"{name}: {verdict}")
+    with contextlib.ExitStack() as stack:
+        job = stack.enter_context(Job(job_folder, config)) if job_folder is not None else None
+        done = dict(job.rows) if job is not None else {}
+        todo = [n for n in judges if n in extractors and done.get(n, {}).get("identity") != extractors[n].identity]
+        if todo:
+            log(f"edits by the attacker {attacker} at eps {', '.join(f'{e:g}' for e in settings.transfer_eps)}")
+            edits = make_transfer_edits(attacker_net, generated_u8, labels, settings)
+            families = ladders(probe_u8, generated_u8, settings)
+        for name in judges:
+            if name not in extractors:
+                continue
+            if name not in todo:
+                results[name] = done[name]
+                log(f"{name}: taken from {job_folder}")
+                continue
+            results[name] = check_judge(extractors[name], reference_u8, probe_u8, generated_u8, families, edits,
+                                        settings)
+            if job is not None:
+                job.put_row(name, results[name])
+            verdict = "passes" if results[name]["passed"] else "fails: " + "; ".join(results[name]["reasons"])
+            log(f"{name}: {verdict}")
     results = {name: results[name] for name in judges}
     return {"format": "cmboost.judge_check", "version": FORMAT_VERSION, "settings": dataclasses.asdict(settings),
             "attacker": {"name": attacker, "identity": attacker_identity},
@@ -356,19 +359,6 @@ def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np
 
 def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
-
-
-def _read_partial(path, config: dict) -> dict:
-    """The judges a stopped run finished, if it checked the same data the same way; else nothing."""
-    if path is None or not Path(path).is_file():
-        return {}
-    try:
-        saved = json.loads(Path(path).read_text())
-        if not isinstance(saved, dict) or not isinstance(saved.get("judges"), dict):
-            raise ValueError("not a judge-check progress file")
-    except ValueError as err:
-        raise UserInputError(f"{path}: unreadable progress file ({err}); delete it to check every judge again") from None
-    return saved["judges"] if saved.get("config") == json.loads(json.dumps(config)) else {}
 
 
 def format_table(report: dict) -> str:
