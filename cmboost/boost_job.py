@@ -16,6 +16,7 @@ from cmboost.checkpoints import weights_digest  # a resumed job never mixes part
 from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, refuse_finished, run_parts
+from cmboost.records import check_seed
 from cmboost.runtime import (BLOCK_SIZE, deterministic_kernels, dist_info, init_distributed, resolve_device,
                              resolve_precision)
 
@@ -131,3 +132,124 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
 
         save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"), overwrite=overwrite)
     return path
+
+
+# ----------------------------------------------------------------------------- the boost verb
+
+DEFAULT_METHOD = "pgd"  # the paper's; a settings file from `cmboost tune` may choose another
+
+
+@dataclasses.dataclass(frozen=True)
+class BoostRun:
+    """One `cmboost boost` (and `cmboost.boost`) run, checked when built. `hyper` holds the
+    hyperparameters given explicitly (they override a --settings file's tuned values); the rest
+    come from the settings file, the network (PGD's radius and reading of realness) or the method's
+    record."""
+
+    samples: str
+    model: str
+    out: str
+    method: str | None = None          # None: DEFAULT_METHOD, or the method chosen in `settings`
+    hyper: dict = dataclasses.field(default_factory=dict)
+    settings: str | None = None        # a `cmboost tune` settings file
+    threshold_from: str | None = None  # PGD's early stop at the mean D(x, y) of real images in this file
+    labels: str = "file"               # class labels from the sample file, or the network's argmax ("predicted")
+    arch: str | None = None            # for checkpoints that do not record their architecture
+    compile: bool = False
+    grid: bool = True
+    seed: int = 0                      # SGLD's noise: sample i uses stream (seed, i)
+    batch_size: int = 256              # images per part file; the output does not depend on it
+    block_size: int | None = None      # None: the block the settings file was scored with, else BLOCK_SIZE
+    device: str = "auto"
+    precision: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        check_seed(self)  # used by sgld only, refused alike for every method
+        if self.batch_size < 1:
+            raise UserInputError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.block_size is not None and self.block_size < 1:
+            raise UserInputError(f"--block-size {self.block_size}: must be at least 1")
+        if self.labels not in ("file", "predicted"):
+            raise UserInputError(f"--labels {self.labels!r}: choose file or predicted")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedBoost:
+    """What a BoostRun comes to once its settings file and network are read."""
+
+    method: str
+    record: object
+    block_size: int
+    device: torch.device
+    precision: str
+    model: object
+
+    def describe(self, run: BoostRun) -> dict:
+        return {"samples": run.samples, "model": run.model, "out": run.out, "method": self.method,
+                "hyper": dataclasses.asdict(self.record), "labels": run.labels, "device": str(self.device),
+                "precision": self.precision, "batch_size": run.batch_size, "block_size": self.block_size,
+                "compile": run.compile}
+
+
+def given_hyper(method: str, given: dict, seed: int) -> dict:
+    """The hyperparameters given explicitly for `method` (one the method lacks is an error naming its
+    flag), with the run's seed for SGLD's noise."""
+    from cmboost.boost_config import FLAGS, METHODS
+
+    fields = {f.name for f in dataclasses.fields(METHODS[method])}
+    for name in given:
+        if name not in fields:
+            raise UserInputError(f"{FLAGS.get(name, name)} does not apply to --method {method}")
+    return {**given, "seed": seed} if method == "sgld" else dict(given)
+
+
+def resolve_boost(run: BoostRun) -> ResolvedBoost:
+    """The method, its checked hyperparameters and the loaded network of `run`; bad values fail
+    before the network is loaded, and an existing output before it is read."""
+    from cmboost.boost_config import METHODS, make_hyper
+    from cmboost.jcd import load_joint_model
+
+    hyper, method, block_size = dict(run.hyper), run.method, run.block_size
+    if method is not None and method not in METHODS:
+        raise UserInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if run.settings:
+        from cmboost.tune import load_settings_file, settings_block, tuned_hyper
+
+        settings = load_settings_file(run.settings)
+        method, tuned = tuned_hyper(settings, method, run.settings)
+        if block_size is None:  # the block tune scored the settings with, so the images are the same
+            block_size = settings_block(settings)
+        if run.threshold_from or hyper.get("threshold") is not None:
+            tuned.pop("threshold", None)
+        hyper = {**tuned, **hyper}  # a value given explicitly overrides the tuned one
+    method = method or DEFAULT_METHOD
+    hyper.update(given_hyper(method, run.hyper, run.seed))
+    block_size = BLOCK_SIZE if block_size is None else block_size
+    hyper = with_trained_radius(method, hyper, run.model)
+    if run.threshold_from and method != "pgd":
+        raise UserInputError(f"--threshold-from does not apply to --method {method}")
+    record = make_hyper(method, **hyper)  # the one validated record: bad values fail before any loading
+    refuse_finished(run.out, run.overwrite)  # before loading a network that may take seconds to read
+    device = resolve_device(run.device)
+    precision = resolve_precision(run.precision, device)
+    model = load_joint_model(run.model, arch=run.arch).to(device)
+    if run.compile:
+        model.backbone = torch.compile(model.backbone)
+    if method == "pgd":
+        # A network trained by train-jcd records which reading of realness its objective trained.
+        kind = record.realness_kind if "realness_kind" in hyper else (trained_realness_kind(run.model)
+                                                                       or record.realness_kind)
+        threshold = resolve_threshold(model, record.threshold, run.threshold_from, kind, device, precision)
+        record = dataclasses.replace(record, realness_kind=kind, threshold=threshold)
+    return ResolvedBoost(method, record, block_size, device, precision, model)
+
+
+def boost(run: BoostRun) -> Path:
+    """Boosts the sample file of `run` into its output (resumable); returns the output's path."""
+    resolved = resolve_boost(run)
+    return boost_file(run.samples, resolved.model, run.out, resolved.method, resolved.record,
+                      batch_size=run.batch_size, device=str(resolved.device), precision=resolved.precision,
+                      label_source=run.labels, overwrite=run.overwrite, grid=run.grid, progress=run.progress,
+                      block_size=resolved.block_size)

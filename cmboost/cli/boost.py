@@ -3,100 +3,50 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
-from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_output_flags, add_runtime_flags, check_seed_flag
-
-DEFAULT_METHOD = "pgd"  # the paper's; --settings from 'cmboost tune' may choose another
-
+from cmboost.cli.common import (BLOCK_HELP, PART_HELP, add_output_flags, add_runtime_flags, record_from_args,
+                                set_record_defaults)
 
 def hyper_from_args(args: argparse.Namespace) -> dict:
-    """The hyperparameter flags given on the command line; one given for a method that lacks it is an error."""
-    from cmboost.boost_config import FLAGS, METHODS
-    from cmboost.errors import UserInputError
+    """The hyperparameter flags given on the command line (each checked against the method later)."""
+    from cmboost.boost_config import FLAGS
 
-    fields = {f.name for f in dataclasses.fields(METHODS[args.method])}
     hyper = {}
-    for name, flag in FLAGS.items():
+    for name in FLAGS:
+        if name == "seed":  # --seed is the run's, for sgld
+            continue
         value = getattr(args, "sgld_" + name if name in ("step", "noise") else
                         "realness" if name == "realness_kind" else name)
-        if value is None or name == "seed":
-            continue
-        if name not in fields:
-            raise UserInputError(f"{flag} does not apply to --method {args.method}")
-        hyper[name] = value
-    if args.method == "sgld":
-        hyper["seed"] = args.seed
+        if value is not None:
+            hyper[name] = value
     return hyper
 
 
+def record_from(args: argparse.Namespace):
+    from cmboost.boost_job import BoostRun
+
+    return record_from_args(BoostRun, args, {"hyper": hyper_from_args(args), "grid": not args.no_grid,
+                                             "progress": True})
+
+
 def run(args: argparse.Namespace) -> int:
-    from cmboost.boost_config import make_hyper
-    from cmboost.boost_job import boost_file, resolve_threshold, trained_realness_kind, with_trained_radius
-    from cmboost.errors import UserInputError
-    from cmboost.jcd import load_joint_model
-    from cmboost.jobs import refuse_finished
-    from cmboost.runtime import print0, resolve_device, resolve_precision
+    from cmboost.boost_job import boost, resolve_boost
+    from cmboost.runtime import print0
 
-    check_seed_flag(args)  # used by sgld only, refused alike for every method
-    if args.batch_size < 1:
-        raise UserInputError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.block_size is not None and args.block_size < 1:
-        raise UserInputError(f"--block-size {args.block_size}: must be at least 1")
-    if args.settings:
-        from cmboost.tune import load_settings_file, settings_block, tuned_hyper
-
-        settings = load_settings_file(args.settings)
-        args.method, tuned = tuned_hyper(settings, args.method, args.settings)
-        if args.block_size is None:  # the block tune scored the settings with, so the images are the same
-            args.block_size = settings_block(settings)
-        if args.threshold_from or args.threshold is not None:
-            tuned.pop("threshold", None)
-        hyper = {**tuned, **hyper_from_args(args)}  # a flag given explicitly overrides the tuned value
-    else:
-        args.method = args.method or DEFAULT_METHOD
-        hyper = hyper_from_args(args)
-    if args.block_size is None:
-        from cmboost.runtime import BLOCK_SIZE
-
-        args.block_size = BLOCK_SIZE
-    hyper = with_trained_radius(args.method, hyper, args.model)
-    if args.threshold_from and args.method != "pgd":
-        raise UserInputError(f"--threshold-from does not apply to --method {args.method}")
-    record = make_hyper(args.method, **hyper)  # the one validated record: bad values fail before any loading
-    refuse_finished(args.out, args.overwrite)  # before loading a network that may take seconds to read
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    model = load_joint_model(args.model, arch=args.arch).to(device)
-    if args.compile:
-        import torch
-
-        model.backbone = torch.compile(model.backbone)
-    if args.method == "pgd":
-        kind = record.realness_kind
-        if "realness_kind" not in hyper:
-            # A network trained by train-jcd records which reading of realness its objective trained.
-            kind = trained_realness_kind(args.model) or kind
-        threshold = resolve_threshold(model, record.threshold, args.threshold_from, kind, device, precision)
-        record = dataclasses.replace(record, realness_kind=kind, threshold=threshold)
-    resolved = {"samples": args.samples, "model": args.model, "out": args.out, "method": args.method,
-                "hyper": dataclasses.asdict(record), "labels": args.labels,
-                "device": str(device), "precision": precision, "batch_size": args.batch_size,
-                "block_size": args.block_size, "compile": args.compile}
+    record = record_from(args)
     if args.dry_run:
-        print0(json.dumps(resolved, indent=2))
+        print0(json.dumps(resolve_boost(record).describe(record), indent=2))
         return 0
-    path = boost_file(args.samples, model, args.out, args.method, record, batch_size=args.batch_size,
-                      device=str(device), precision=precision, label_source=args.labels,
-                      overwrite=args.overwrite, grid=not args.no_grid, block_size=args.block_size)
-    print0(f"wrote {path}")
+    print0(f"wrote {boost(record)}")
     return 0
 
 
 def add_parser(verbs) -> None:
     from cmboost.boost_config import (BIGROC_STEP_FACTOR, METHODS, OBJECTIVES, PGD_STEP_FACTOR, REALNESS_KINDS,
                                       BIGRoCBoost, PGDBoost, SGLDBoost)
+    from cmboost.boost_job import DEFAULT_METHOD, BoostRun
+    from cmboost.records import field_default
     from cmboost.runtime import BLOCK_SIZE
 
     p = verbs.add_parser("boost", help="refine generated samples with the joint classifier-discriminator",
@@ -127,7 +77,7 @@ def add_parser(verbs) -> None:
                    help="pgd: set the threshold to the mean D(x,y) of held-out real images in this .npz")
     p.add_argument("--sgld-step", type=float, default=None, help=f"sgld: per-image gradient step a (default: {sgld.step})")
     p.add_argument("--sgld-noise", type=float, default=None, help=f"sgld: noise scale s (default: {sgld.noise})")
-    p.add_argument("--labels", default="file", choices=["file", "predicted"],
+    p.add_argument("--labels", default=field_default(BoostRun, "labels"), choices=["file", "predicted"],
                    help="class labels from the sample file or the model's argmax (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (GPU; first batch compiles)")
     p.add_argument("--no-grid", action="store_true", help="skip the before/after PNG grid")
@@ -137,4 +87,5 @@ def add_parser(verbs) -> None:
                    help=f"{BLOCK_HELP} (default: the block 'cmboost tune' scored the --settings file with, so "
                         f"that boost writes the images tune scored; else {BLOCK_SIZE})")
     add_output_flags(p)
+    set_record_defaults(p, BoostRun, ("seed", "batch_size", "device", "precision"))
     p.set_defaults(run=run)

@@ -114,3 +114,18 @@ def extractors(args) -> list:
     device = resolve_device(args.device)
     init_distributed(device)
     return extractors_for(args.features, device, args.precision, args.inception_weights, args.dinov2_weights)
+
+
+def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    """A comma-separated list of integers given to `flag`, None when the flag is absent."""
+    from cmboost.errors import UserInputError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
+    except ValueError:
+        raise UserInputError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not values:
+        raise UserInputError(f"{flag}: empty list")
+    return values

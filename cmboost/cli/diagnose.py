@@ -30,13 +30,14 @@ def boost_choices(args: argparse.Namespace, count: int) -> list[tuple[str, dict]
     order, each overridden by the method flags given; without --settings, the method flags (or the
     boost verb's defaults)."""
     from cmboost.boost_config import make_hyper
-    from cmboost.cli.boost import DEFAULT_METHOD, hyper_from_args
+    from cmboost.boost_job import DEFAULT_METHOD, given_hyper
+    from cmboost.cli.boost import hyper_from_args
     from cmboost.errors import UserInputError
     from cmboost.tune import load_settings_file, tuned_hyper
 
     if not args.settings:
         method = args.method or DEFAULT_METHOD
-        hyper = hyper_from_args(argparse.Namespace(**{**vars(args), "method": method}))
+        hyper = given_hyper(method, hyper_from_args(args), args.seed)
         make_hyper(method, **hyper)  # checked even without --samples: a bad flag is never silently unused
         return [(method, hyper)] * count
     if count == 0:
@@ -49,7 +50,7 @@ def boost_choices(args: argparse.Namespace, count: int) -> list[tuple[str, dict]
         method, tuned = tuned_hyper(load_settings_file(path), args.method, path)
         if args.threshold is not None:
             tuned.pop("threshold", None)
-        flags = hyper_from_args(argparse.Namespace(**{**vars(args), "method": method}))
+        flags = given_hyper(method, hyper_from_args(args), args.seed)
         choices.append((method, {**tuned, **flags}))  # a flag given explicitly overrides the tuned value
     return choices
 

@@ -8,11 +8,12 @@ from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_field_flag, add_output
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.cm.sample import _parse_int_list, generate_samples
+    from cmboost.cli.common import parse_int_list
+    from cmboost.cm.sample import generate_samples
     from cmboost.runtime import init_distributed, print0, resolve_device, resolve_precision
 
-    ts = _parse_int_list(args.ts, "--ts")
-    class_labels = _parse_int_list(args.class_labels, "--class-labels")
+    ts = parse_int_list(args.ts, "--ts")
+    class_labels = parse_int_list(args.class_labels, "--class-labels")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     init_distributed(device)

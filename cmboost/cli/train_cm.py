@@ -18,10 +18,10 @@ UNFLAGGED = ("p_mean", "p_std", "init_from_teacher", "ct_p_mean", "ct_p_std")
 
 def shape_from_args(args: argparse.Namespace):
     from cmboost.cli.common import record_from_args
-    from cmboost.cm.sample import _parse_int_list
+    from cmboost.cli.common import parse_int_list
     from cmboost.cm.training import UNetShape
 
-    lists = {name: _parse_int_list(getattr(args, name), "--" + name.replace("_", "-")) for name in LIST_FLAGS}
+    lists = {name: parse_int_list(getattr(args, name), "--" + name.replace("_", "-")) for name in LIST_FLAGS}
     return record_from_args(UNetShape, args, lists)
 
 
@@ -39,27 +39,13 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from cmboost.cli.common import record_from_args
-    from cmboost.cm.training import LoopSettings, train
-    from cmboost.data import load_dataset
-    from cmboost.errors import UserInputError
-    from cmboost.runtime import init_distributed, resolve_device, resolve_precision
+    from cmboost.cm.training import LoopSettings, train_cm
 
     shape, settings = shape_from_args(args), settings_from_args(args)
     loop = record_from_args(LoopSettings, args, {})  # bad numbers fail before the data is read
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    images, labels, num_classes = load_dataset(args.data, "train", data_dir=args.data_dir,
-                                               image_size=32 if args.data.startswith(("fmnist", "fashion-mnist")) else None)
-    if images.shape[2] != images.shape[3] or images.shape[2] % 2 ** (len(shape.channel_mult) - 1):
-        raise UserInputError(f"--data {args.data}: images are {images.shape[2]}x{images.shape[3]}; need square sizes "
-                             f"divisible by 2^(levels-1)")
-    settings = dataclasses.replace(settings, unet=shape.config(images.shape[2], images.shape[1], num_classes))
-    init_distributed(device)
-    train(settings, args.run_dir, images, labels, device, precision, save_every=loop.save_every,
-          log_every=loop.log_every, progress=not args.no_progress, max_minutes=loop.max_minutes)
+    train_cm(settings, args.run_dir, shape, args.data, args.data_dir, loop, args.device, args.precision,
+             progress=not args.no_progress)
     return 0
 
 

@@ -117,18 +117,6 @@ def sample_batch(loaded: LoadedModel, choice: SamplerChoice, indices: Sequence[i
     return x.float().cpu(), labels
 
 
-def _parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
-    except ValueError:
-        raise UserInputError(f"{flag} {text!r}: expected comma-separated integers") from None
-    if not values:
-        raise UserInputError(f"{flag}: empty list")
-    return values
-
-
 def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
                      steps: int | None = field_default(SampleSettings, "steps"),
                      seed: int = field_default(SampleSettings, "seed"), ts: Sequence[int] | None = None,

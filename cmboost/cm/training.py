@@ -39,6 +39,8 @@ from cmboost.records import (check_above, check_at_least, check_choice, check_fi
 from cmboost.runtime import DistInfo, all_finite, autocast, barrier, dist_info, on_every_rank, print0, sample_seed
 
 MODES = ("edm", "cd", "ct", "ect")
+# Fashion-MNIST's 28x28 images are zero-padded to 32x32: the UNet halves the size at each level.
+FMNIST_SIZE = 32
 # ECT exports a consistency model (kind "ct") on a 40-level grid whose 2-step middle level, 24, is
 # sigma 0.823: the 0.821 that ECT samples 2 steps with
 ECT_SAMPLER = ((0, 24, 39), 40)
@@ -448,3 +450,25 @@ def _train_loop(job: Job, trainer: "Trainer", settings: TrainSettings, device: t
         bar.close()
     print0(f"{run_dir}: trained {settings.mode} for {trainer.iteration} iterations; model in {model_path}")
     return model_path
+
+
+def train_cm(settings: TrainSettings, run_dir: str | os.PathLike, shape: UNetShape = UNetShape(),
+             data: str = "fmnist", data_dir: str | os.PathLike | None = None, loop: LoopSettings = LoopSettings(),
+             device: str = "auto", precision: str = "auto", progress: bool = True) -> Path:
+    """`cmboost train-cm`: reads `data`'s train split (Fashion-MNIST zero-padded to FMNIST_SIZE), completes
+    `settings.unet` from the data and `shape` (a CD or ECT run takes its UNet from the teacher), and
+    trains in `run_dir` (resuming it)."""
+    from cmboost.data import load_dataset
+    from cmboost.runtime import init_distributed, resolve_device, resolve_precision
+
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    padded = FMNIST_SIZE if data.startswith(("fmnist", "fashion-mnist")) else None
+    images, labels, num_classes = load_dataset(data, "train", data_dir=data_dir, image_size=padded)
+    if images.shape[2] != images.shape[3] or images.shape[2] % 2 ** (len(shape.channel_mult) - 1):
+        raise UserInputError(f"--data {data}: images are {images.shape[2]}x{images.shape[3]}; need square sizes "
+                             f"divisible by 2^(levels-1)")
+    settings = dataclasses.replace(settings, unet=shape.config(images.shape[2], images.shape[1], num_classes))
+    init_distributed(device)
+    return train(settings, run_dir, images, labels, device, precision, save_every=loop.save_every,
+                 log_every=loop.log_every, progress=progress, max_minutes=loop.max_minutes)
