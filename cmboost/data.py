@@ -281,3 +281,21 @@ def load_dataset(spec: str, split: str = "train", data_dir: str | os.PathLike | 
         images, labels, classes = image_folder(location, image_size)
         return images, labels, len(classes)
     raise UserInputError(f"--data {spec!r}: use fmnist, imagenet64:PATH or folder:PATH")
+
+
+def export_data(spec: str, split: str, out: str, start: int = 0, stop: int | None = None,
+                image_size: int | None = None, data_dir: str | None = None, overwrite: bool = False):
+    """Writes images [start, stop) of a dataset split as an OpenAI-layout sample file."""
+    from cmboost.samples import check_sample_output, save_samples
+
+    check_sample_output(out, overwrite)
+    # Fashion-MNIST is padded after slicing: only the images written are padded (and counted against memory).
+    pad_after = spec.partition(":")[0] in ("fmnist", "fashion-mnist") and image_size is not None
+    images, labels, _ = load_dataset(spec, split, data_dir, None if pad_after else image_size)
+    stop = len(images) if stop is None else stop
+    if not 0 <= start < stop <= len(images):
+        raise UserInputError(f"--start {start} --stop {stop}: outside the {len(images)} images of {spec} {split}")
+    images, labels = images[start:stop], labels[start:stop]
+    if pad_after and image_size != images.shape[-1]:
+        images = pad_to(images, image_size)
+    return save_samples(out, images, labels, overwrite=overwrite)

@@ -26,12 +26,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_open, check_writable, refuse_existing, refuse_unsafe_output
+from cmboost.atomic import atomic_open, check_writable, refuse_unsafe_output
 from cmboost.errors import OutputExistsError, UserInputError
 
 __all__ = ["to_float", "to_uint8", "check_samples", "load_samples", "map_samples", "open_samples",
-           "save_samples", "check_sample_output", "write_npz", "ImageSource", "ArraySource", "NpzSource",
-           "refuse_existing", "SAMPLES_MARKER"]
+           "save_samples", "check_sample_output", "convert_samples", "write_npz", "ImageSource", "ArraySource",
+           "NpzSource", "SAMPLES_MARKER"]
 
 # Every PNG folder cmboost writes holds this file; --overwrite replaces only such a folder.
 SAMPLES_MARKER = ".cmboost-samples"
@@ -506,3 +506,11 @@ def _save_png_folder(path: Path, images: np.ndarray, labels: np.ndarray | None, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def convert_samples(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False):
+    """Rewrites a sample file as another layout (.npz <-> PNG folder); returns (images, labels)."""
+    check_sample_output(out, overwrite)
+    images, labels = load_samples(source)
+    save_samples(out, images, labels, overwrite=overwrite)
+    return images, labels

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-import numpy as np
 
 from cmboost.cli.common import check_feature_flags
 from cmboost.errors import UserInputError
@@ -25,45 +22,15 @@ def run(args: argparse.Namespace) -> int:
 
 def run_reference(args: argparse.Namespace) -> int:
     from cmboost.cli.common import extractors
-    from cmboost.atomic import refuse_existing
-    from cmboost.data import load_dataset
-    from cmboost.metrics.evaluate import extract_features
-    from cmboost.samples import ArraySource
-    from cmboost.metrics.ref_pickle import save_pickled_references
-    from cmboost.metrics.reference import reference_stats, save_reference
-    from cmboost.runtime import dist_info
+    from cmboost.metrics.reference import check_reference_request, make_reference_file
 
     if args.data is None or args.out is None:
         raise UserInputError("'cmboost evaluate-ref' needs --data SPEC and --out REF.npz or REF.pkl")
-    kind = Path(args.out).suffix.lower()
-    if kind not in (".npz", ".pkl"):
-        raise UserInputError(f"--out {args.out}: must end in .npz (cmboost/OpenAI layout) or .pkl (EDM2 layout)")
-    if kind == ".npz" and "," in args.features:
-        raise UserInputError(f"--out {args.out}: an .npz reference holds one feature network, --features lists "
-                             "several; write a .pkl, or one .npz per network")
-    if args.num_features < 4:
-        raise UserInputError(f"--num-features {args.num_features}: need at least 4 for k=3 precision/recall")
-    refuse_existing(args.out, args.overwrite)
-    images, _, _ = load_dataset(args.data, args.split, args.data_dir)
-    nets = extractors(args)
-    source = f"{args.data} {args.split}"
-    if kind == ".npz":
-        ref = reference_stats(images, nets[0], args.batch_size, args.num_features, args.seed, source=source,
-                              progress=not args.quiet)
-        if dist_info().is_main:
-            save_reference(args.out, ref, overwrite=args.overwrite)
-            print(json.dumps({"out": str(args.out), "feature_net": ref.net, "count": ref.count,
-                              "features_kept": int(len(ref.features)), "spatial": ref.mu_s is not None}))
-        return 0
-    stats = []
-    for net in nets:
-        net.check_images(images.shape[1:], source)
-        feats = extract_features(ArraySource(images, source), net, args.batch_size, keep=np.empty(0, dtype=np.int64),
-                                 keep_probs=False, progress=not args.quiet, desc=f"reference ({net.name})")
-        stats.append((net.name, net.identity, feats.mu, feats.sigma))
-    if dist_info().is_main:
-        save_pickled_references(args.out, stats, len(images), overwrite=args.overwrite)
-        print(json.dumps({"out": str(args.out), "feature_nets": [s[1] for s in stats], "count": len(images)}))
+    check_reference_request(args.out, len(args.features.split(",")), args.num_features)  # before any network loads
+    summary = make_reference_file(args.data, args.split, args.out, extractors(args), args.data_dir, args.batch_size,
+                                  args.num_features, args.seed, args.overwrite, progress=not args.quiet)
+    if summary is not None:
+        print(json.dumps(summary))
     return 0
 
 

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     shape, settings = shape_from_args(args), settings_from_args(args)
     loop = record_from_args(LoopSettings, args, {})  # bad numbers fail before the data is read
-    train_cm(settings, args.run_dir, shape, args.data, args.data_dir, loop, args.device, args.precision,
+    train_cm(settings, args.run_dir, shape, args.data_dir, loop, args.device, args.precision,
              progress=not args.no_progress)
     return 0
 

@@ -453,9 +453,9 @@ def _train_loop(job: Job, trainer: "Trainer", settings: TrainSettings, device: t
 
 
 def train_cm(settings: TrainSettings, run_dir: str | os.PathLike, shape: UNetShape = UNetShape(),
-             data: str = "fmnist", data_dir: str | os.PathLike | None = None, loop: LoopSettings = LoopSettings(),
+             data_dir: str | os.PathLike | None = None, loop: LoopSettings = LoopSettings(),
              device: str = "auto", precision: str = "auto", progress: bool = True) -> Path:
-    """`cmboost train-cm`: reads `data`'s train split (Fashion-MNIST zero-padded to FMNIST_SIZE), completes
+    """`cmboost train-cm`: reads the train split of `settings.data` (Fashion-MNIST zero-padded to FMNIST_SIZE), completes
     `settings.unet` from the data and `shape` (a CD or ECT run takes its UNet from the teacher), and
     trains in `run_dir` (resuming it)."""
     from cmboost.data import load_dataset
@@ -463,6 +463,7 @@ def train_cm(settings: TrainSettings, run_dir: str | os.PathLike, shape: UNetSha
 
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
+    data = settings.data
     padded = FMNIST_SIZE if data.startswith(("fmnist", "fashion-mnist")) else None
     images, labels, num_classes = load_dataset(data, "train", data_dir=data_dir, image_size=padded)
     if images.shape[2] != images.shape[3] or images.shape[2] % 2 ** (len(shape.channel_mult) - 1):

@@ -275,3 +275,55 @@ def load_pickled_references(path: str | os.PathLike) -> list:
         refs.append(Reference(mu=mu, sigma=sigma, feature_net=identity, count=count,
                               source=f"{path}" + (f" [{key}]" if key else ""), data=str(path)))
     return refs
+
+
+def check_reference_request(out: str | os.PathLike, num_networks: int, num_features: int) -> str:
+    """The kind of reference file `out` names (".npz" or ".pkl"), checked against what it must hold."""
+    from cmboost.metrics.evaluate import PR_NEIGHBOURS
+
+    kind = Path(out).suffix.lower()
+    if kind not in (".npz", ".pkl"):
+        raise UserInputError(f"--out {out}: must end in .npz (cmboost/OpenAI layout) or .pkl (EDM2 layout)")
+    if kind == ".npz" and num_networks > 1:
+        raise UserInputError(f"--out {out}: an .npz reference holds one feature network, --features lists "
+                             "several; write a .pkl, or one .npz per network")
+    if num_features <= PR_NEIGHBOURS:
+        raise UserInputError(f"--num-features {num_features}: need at least {PR_NEIGHBOURS + 1} for "
+                             f"k={PR_NEIGHBOURS} precision/recall")
+    return kind
+
+
+def make_reference_file(data: str, split: str, out: str | os.PathLike, extractors: list, data_dir=None,
+                        batch_size: int = 256, num_features: int = 10000, seed: int = 0, overwrite: bool = False,
+                        progress: bool = True) -> dict | None:
+    """`cmboost evaluate-ref`: the statistics of a dataset split written to `out`, cmboost's .npz (the
+    first network, with the features of `num_features` images for precision/recall) or an EDM2-style
+    .pkl (mu and sigma per network). Returns a summary on rank 0, None on the other ranks."""
+    from cmboost.atomic import refuse_existing
+    from cmboost.data import load_dataset
+    from cmboost.metrics.evaluate import extract_features
+    from cmboost.metrics.ref_pickle import save_pickled_references
+    from cmboost.runtime import dist_info
+    from cmboost.samples import ArraySource
+
+    kind = check_reference_request(out, len(extractors), num_features)
+    refuse_existing(out, overwrite)
+    images, _, _ = load_dataset(data, split, data_dir)
+    source = f"{data} {split}"
+    if kind == ".npz":
+        ref = reference_stats(images, extractors[0], batch_size, num_features, seed, source=source, progress=progress)
+        if not dist_info().is_main:
+            return None
+        save_reference(out, ref, overwrite=overwrite)
+        return {"out": str(out), "feature_net": ref.net, "count": ref.count, "features_kept": int(len(ref.features)),
+                "spatial": ref.mu_s is not None}
+    stats = []
+    for net in extractors:
+        net.check_images(images.shape[1:], source)
+        feats = extract_features(ArraySource(images, source), net, batch_size, keep=np.empty(0, dtype=np.int64),
+                                 keep_probs=False, progress=progress, desc=f"reference ({net.name})")
+        stats.append((net.name, net.identity, feats.mu, feats.sigma))
+    if not dist_info().is_main:
+        return None
+    save_pickled_references(out, stats, len(images), overwrite=overwrite)
+    return {"out": str(out), "feature_nets": [s[1] for s in stats], "count": len(images)}
