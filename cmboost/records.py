@@ -16,6 +16,8 @@ from cmboost.errors import UserInputError
 
 NO_FLAGS: Mapping[str, str] = MappingProxyType({})
 SEED_LIMIT = 2 ** 63  # torch.manual_seed refuses seeds outside a signed 64-bit integer
+# Feature networks run in fp32 unless asked otherwise, so that metrics compare across machines.
+FEATURE_PRECISION = "fp32"
 
 
 def field_default(record_type: type, name: str):

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Iterable
 
-from cmboost.records import field_default, shown
+from cmboost.records import FEATURE_PRECISION, field_default, shown
 
 # Help texts show %(default)s, not a number of their own: a verb's set_defaults (from its record)
 # then shows in --help as well.
@@ -69,7 +69,9 @@ def add_output_flags(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 def add_feature_flags(p: argparse.ArgumentParser) -> None:
     """--features and the weights files, threads, progress and the runtime flags, shared with evaluate-ref."""
-    p.add_argument("--features", default="fmnist",
+    from cmboost.metrics.judges import DEFAULT_FEATURES
+
+    p.add_argument("--features", default=DEFAULT_FEATURES,
                    help="feature network(s), comma-separated, the first one for FID/sFID/IS/PR/KID/density/"
                         "coverage: inception, dinov2, effnet-lite0, a shipped domain net (fmnist, fmnist-allconv), "
                         "or a domain-net .safetensors (default: %(default)s)")
@@ -83,7 +85,7 @@ def add_feature_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's choice (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_runtime_flags(p)
-    p.set_defaults(precision="fp32", batch_size=200)
+    p.set_defaults(precision=FEATURE_PRECISION, batch_size=200)
 
 
 def check_feature_flags(args: argparse.Namespace) -> None:

@@ -20,6 +20,8 @@ from cmboost.errors import UserInputError
 from cmboost.metrics.extract import extract_features
 from cmboost.metrics.feature_nets import extractors_for, fd_results, reference_for
 from cmboost.metrics.features import FeatureExtractor
+from cmboost.metrics.judges import DEFAULT_FEATURES
+from cmboost.records import FEATURE_PRECISION
 from cmboost.metrics.reference import Reference, load_references
 from cmboost.metrics.stats import (density_coverage, frechet_distance, inception_score,
                                    kernel_inception_distance, knn_radii, polynomial_kernel, precision_recall,
@@ -37,8 +39,8 @@ PR_NEIGHBOURS = 3      # k of the k-NN manifolds
 # ----------------------------------------------------------------------------- feature extraction
 
 
-def evaluate_source(source: ImageSource, reference, features="fmnist", batch_size: int = 256,
-                    device: torch.device | str | None = None, precision: str | None = None,
+def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, batch_size: int = 256,
+                    device: torch.device | str | None = None, precision: str = FEATURE_PRECISION,
                     inception_weights: str | os.PathLike | None = None, progress: bool = False,
                     dinov2_weights: str | os.PathLike | None = None) -> dict:
     """FID, sFID, IS, precision, recall, KID, density and coverage of the images in `source` against
@@ -153,8 +155,8 @@ def _kid(ref: Reference, ref_features: np.ndarray | None, fake_features: np.ndar
 
 
 def evaluate_images(images_u8: np.ndarray, reference: Reference | str | os.PathLike,
-                    features: FeatureExtractor | str = "fmnist", batch_size: int = 256,
-                    device: torch.device | str | None = None, precision: str | None = None,
+                    features: FeatureExtractor | str = DEFAULT_FEATURES, batch_size: int = 256,
+                    device: torch.device | str | None = None, precision: str = FEATURE_PRECISION,
                     inception_weights: str | os.PathLike | None = None, progress: bool = False,
                     dinov2_weights: str | os.PathLike | None = None) -> dict:
     """Metrics of in-memory uint8 NCHW images against a reference (a Reference or a .npz/.pkl path)."""
@@ -163,8 +165,8 @@ def evaluate_images(images_u8: np.ndarray, reference: Reference | str | os.PathL
 
 
 def evaluate_file(samples: str | os.PathLike, reference: Reference | str | os.PathLike,
-                  features: FeatureExtractor | str = "fmnist", batch_size: int = 256,
-                  device: torch.device | str | None = None, precision: str | None = None,
+                  features: FeatureExtractor | str = DEFAULT_FEATURES, batch_size: int = 256,
+                  device: torch.device | str | None = None, precision: str = FEATURE_PRECISION,
                   inception_weights: str | os.PathLike | None = None, progress: bool = False,
                   dinov2_weights: str | os.PathLike | None = None) -> dict:
     """Metrics of a sample .npz (streamed) or PNG folder against a reference."""

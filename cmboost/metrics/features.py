@@ -33,6 +33,8 @@ from cmboost.atomic import atomic_open
 from cmboost.checkpoints import torch_load, weights_digest
 from cmboost.errors import UserInputError
 from cmboost.metrics.extractor import FeatureExtractor, check_resizable  # noqa: F401 (the registry's base)
+from cmboost.metrics.judges import DEFAULT_FEATURES
+from cmboost.records import FEATURE_PRECISION
 from cmboost.runtime import autocast, resolve_device, resolve_precision
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -313,18 +315,19 @@ def effnet_resolution(spec: str) -> int | None:
     raise UserInputError(f"--features {spec}: write effnet-lite0 or effnet-lite0@R with R from 32 to 512 px")
 
 
-def load_feature_extractor(spec: str = "fmnist", device: torch.device | str | None = None,
-                           precision: str | None = None, inception_weights: str | os.PathLike | None = None,
+def load_feature_extractor(spec: str = DEFAULT_FEATURES, device: torch.device | str | None = None,
+                           precision: str = FEATURE_PRECISION, inception_weights: str | os.PathLike | None = None,
                            allow_download: bool = True,
                            dinov2_weights: str | os.PathLike | None = None) -> FeatureExtractor:
     """`spec`: "inception", "dinov2" (DINOv2 ViT-L/14, metrics/dinov2.py), "effnet-lite0" or
     "effnet-lite0@R" (ImageNet EfficientNet-Lite0 at R px, metrics/effnet.py; weights from $CMBOOST_EFFNET_WEIGHTS or the
     `cmboost[judges]` package), a shipped domain net ("fmnist"), or a domain-net checkpoint path.
-    Precision defaults to fp32 (comparable numbers); pass "bf16" for speed on GPU."""
+    Precision defaults to fp32 (comparable numbers); "bf16", or "auto" (runtime.resolve_precision: bf16
+    on GPU), for speed."""
     if isinstance(spec, FeatureExtractor):
         return spec
     device = resolve_device(device if not isinstance(device, torch.device) else str(device))
-    precision = "fp32" if precision in (None, "", "auto") else resolve_precision(precision, device)
+    precision = resolve_precision(precision, device)
     if spec == "inception":
         return InceptionFeatures.from_weights(inception_weights, device, precision, allow_download)
     if spec == "dinov2":

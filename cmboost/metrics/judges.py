@@ -68,6 +68,7 @@ JUDGES = {
                              "plain VGG-style CNN (seed 777) whose adversarial edits probe the judges"),
 }
 TUNING_JUDGE = "fmnist"
+DEFAULT_FEATURES = "fmnist"  # the network `cmboost evaluate` measures with when --features is not given
 REPORTING_JUDGES = tuple(name for name, judge in JUDGES.items() if judge.role == "reporting")
 ATTACKER = "fmnist-attacker"
 
