@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.boost import boost_with, mean_realness, predicted_labels
+from cmboost.boosting import boost_with, mean_realness, predicted_labels
 from cmboost.boost_config import as_record
 from cmboost.samples import load_samples, map_samples, to_float, to_uint8
 from cmboost.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
@@ -141,7 +141,7 @@ DEFAULT_METHOD = "pgd"  # the paper's; a settings file from `cmboost tune` may c
 
 @dataclasses.dataclass(frozen=True)
 class BoostRun:
-    """One `cmboost boost` (and `cmboost.boost`) run, checked when built. `hyper` holds the
+    """One `cmboost boost` (and `cmboost.boosting`) run, checked when built. `hyper` holds the
     hyperparameters given explicitly (they override a --settings file's tuned values); the rest
     come from the settings file, the network (PGD's radius and reading of realness) or the method's
     record."""
@@ -215,7 +215,7 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
     if method is not None and method not in METHODS:
         raise UserInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if run.settings:
-        from cmboost.tune import load_settings_file, settings_block, tuned_hyper
+        from cmboost.tuning import load_settings_file, settings_block, tuned_hyper
 
         settings = load_settings_file(run.settings)
         method, tuned = tuned_hyper(settings, method, run.settings)

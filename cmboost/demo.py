@@ -45,7 +45,7 @@ from cmboost.metrics.judge_check import attacker_edit, passing
 from cmboost.metrics.judges import JUDGES, REPORTING_JUDGES, describe
 from cmboost.records import field_default
 from cmboost.report import require_matplotlib, save_labelled_grid
-from cmboost.tune import load_settings_file, run_method, settings_block, tuned_hyper, tuning_judges
+from cmboost.tuning import load_settings_file, run_method, settings_block, tuned_hyper, tuning_judges
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "fmnist"
 SETTINGS_FILE = ASSETS / "demo.json"

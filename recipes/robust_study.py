@@ -34,7 +34,7 @@ from cmboost.metrics.judge_check import ReferenceFeatures, fid_kid, paired_boots
 from cmboost.metrics.judges import REPORTING_JUDGES
 from cmboost.report import markdown_table
 from cmboost.samples import load_samples, to_float, to_uint8
-from cmboost.tune import run_method
+from cmboost.tuning import run_method
 
 JUDGE_CHECK = Path(__file__).resolve().parent.parent / "cmboost" / "assets" / "fmnist" / "judges.json"
 PGD_STEPS = 10            # the tuned grid's step count; the step size is the default 2.5 eps / steps

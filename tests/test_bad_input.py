@@ -380,7 +380,7 @@ def test_a_malformed_tune_job_is_one_line_naming_it(tuning, tmp_path, capsys, ro
     out = tmp_path / "tuned.json"
     job = tmp_path / "tuned.json.job"  # a job of the same configuration (recorded by a killed run) ...
     with pytest.MonkeyPatch.context() as m:
-        import cmboost.tune as tune_module
+        import cmboost.tuning as tune_module
 
         m.setattr(tune_module, "run_method", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         assert _run(capsys, _tune_argv(tuning, out))[0] == 130
@@ -394,7 +394,7 @@ def test_a_malformed_tune_job_is_one_line_naming_it(tuning, tmp_path, capsys, ro
 def test_tune_writes_the_same_bytes_on_every_run_and_after_a_kill(tuning, tmp_path, capsys, monkeypatch):
     """The settings file holds no timings: two runs, and a run killed after its first candidate then
     rerun, write byte-identical files."""
-    import cmboost.tune as tune_module
+    import cmboost.tuning as tune_module
 
     for name in ("a.json", "b.json"):
         assert _run(capsys, _tune_argv(tuning, tmp_path / name))[0] == 0

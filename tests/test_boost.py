@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost import boost as boost_mod
-from cmboost.boost import boost, joint_score, make_hyper, realness
+from cmboost import boosting as boost_mod
+from cmboost.boosting import boost, joint_score, make_hyper, realness
 from cmboost.boost_job import boost_file
 from cmboost.cli import main as cli_main
 from cmboost.data import fashion_mnist, pad_to

@@ -21,12 +21,12 @@ from cmboost.cli.train_features import UNFLAGGED as FEATURES_UNFLAGGED
 from cmboost.cli.train_jcd import CHANNELS_LAST
 from cmboost.cm.sample import SampleSettings
 from cmboost.cm.training import MODES, LoopSettings, TrainSettings as CMSettings, UNetShape, mode_default
-from cmboost.diagnose import DiagnoseSettings
+from cmboost.diagnostic import DiagnoseSettings
 from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings as FeatureSettings
 from cmboost.metrics.reference import reference_stats
 from cmboost.records import field_default, param_default, shown
 from cmboost.train_jcd_config import TrainConfig
-from cmboost.tune import TuneSettings
+from cmboost.tuning import TuneSettings
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
 VERBS = ("boost", "sample", "tune", "evaluate", "evaluate-ref", "train-cm", "train-jcd", "train-features", "diagnose")

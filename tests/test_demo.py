@@ -7,7 +7,7 @@ import pytest
 from cmboost.cli import main as cli_main
 from cmboost.demo import ASSETS, SETTINGS_FILE, choose_panel, load_judge_check
 from cmboost.metrics.judges import ATTACKER, REPORTING_JUDGES
-from cmboost.tune import tuning_judges
+from cmboost.tuning import tuning_judges
 
 COMMITTED_QUICK = Path(__file__).resolve().parent.parent / "recipes" / "fmnist-report" / "quick.json"
 # Another CPU rounds the convolutions differently (oneDNN/MKL code paths), and PGD and SGLD turn a

@@ -28,7 +28,7 @@ from cmboost.cli import main as cli_main
 from cmboost.cm.checkpoint import save_model
 from cmboost.cm.denoiser import EDM_PRECOND, SIGMA_DATA
 from cmboost.cm.unet import UNetModel
-from cmboost.diagnose import (JSON_NAME, PNG_NAME, REPORT_KEYS, DenoiserScore, DiagnoseSettings,
+from cmboost.diagnostic import (JSON_NAME, PNG_NAME, REPORT_KEYS, DenoiserScore, DiagnoseSettings,
                               gradient_score_cosines, rank_auc, robust_accuracy, summary)
 from cmboost.jcd import log_prob_from_logits
 from cmboost.samples import save_samples

@@ -19,7 +19,7 @@ from cmboost.data import load_dataset
 from cmboost.samples import save_samples
 from cmboost.errors import UserInputError
 from cmboost.jcd import build_joint_model, load_joint_model, save_joint_model
-from cmboost.train_jcd import IndexStream, TrainConfig, gen_steps_at, rank_share, train_jcd
+from cmboost.jcd_training import IndexStream, TrainConfig, gen_steps_at, rank_share, train_jcd
 
 
 def degrade(x: torch.Tensor, seed: int) -> torch.Tensor:

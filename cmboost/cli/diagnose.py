@@ -33,7 +33,7 @@ def boost_choices(args: argparse.Namespace, count: int) -> list[tuple[str, dict]
     from cmboost.boost_job import DEFAULT_METHOD, given_hyper
     from cmboost.cli.boost import hyper_from_args
     from cmboost.errors import UserInputError
-    from cmboost.tune import load_settings_file, tuned_hyper
+    from cmboost.tuning import load_settings_file, tuned_hyper
 
     if not args.settings:
         method = args.method or DEFAULT_METHOD
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from cmboost.boost_job import check_fits_model, trained_realness_kind, with_trained_radius
     from cmboost.checkpoints import weights_digest
     from cmboost.data import load_dataset
-    from cmboost.diagnose import (HELDOUT_START, DiagnoseSettings, GeneratorSamples, check_outputs, diagnose,
+    from cmboost.diagnostic import (HELDOUT_START, DiagnoseSettings, GeneratorSamples, check_outputs, diagnose,
                                   format_summary, load_teacher_score, select_real, write_diagnosis)
     from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(verbs) -> None:
     from cmboost.boost_config import METHODS, OBJECTIVES, REALNESS_KINDS
-    from cmboost.diagnose import ATTACK_STEP, JSON_NAME, PNG_NAME, DiagnoseSettings
+    from cmboost.diagnostic import ATTACK_STEP, JSON_NAME, PNG_NAME, DiagnoseSettings
 
     p = verbs.add_parser(
         "diagnose", help="judge-free diagnostics of a joint network: robustness, realness AUC, score alignment, PAGs",

@@ -1,6 +1,6 @@
 """`cmboost train-jcd`: adversarial training of the joint classifier-discriminator.
 
-A thin layer over cmboost.train_jcd.train_jcd; the defaults are TrainConfig's, the released hyperparameters.
+A thin layer over cmboost.jcd_training.train_jcd; the defaults are TrainConfig's, the released hyperparameters.
 Works under torchrun (DDP; gloo on CPU, nccl on GPU). Rerunning the same command resumes.
 """
 
@@ -25,7 +25,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.train_jcd import train_jcd
+    from cmboost.jcd_training import train_jcd
 
     train_jcd(config_from_args(args))
     return 0

@@ -18,7 +18,7 @@ def split_list(value: str, flag: str) -> list[str]:
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.tune import TuneRun
+    from cmboost.tuning import TuneRun
 
     names = tuple(split_list(args.judge, "--judge"))
     refs = tuple(ref for value in args.ref for ref in split_list(value, "--ref"))
@@ -27,7 +27,7 @@ def record_from(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from cmboost.runtime import print0
-    from cmboost.tune import format_table, tune_files
+    from cmboost.tuning import format_table, tune_files
 
     record = record_from(args)
     settings = tune_files(record)
@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.tune import TuneRun
+    from cmboost.tuning import TuneRun
     from cmboost.records import field_default
-    from cmboost.tune import CRITERIA, TuneSettings
+    from cmboost.tuning import CRITERIA, TuneSettings
 
     p = verbs.add_parser(
         "tune", help="choose the boosting method and settings with a tuning judge",

@@ -34,7 +34,7 @@ import torch
 
 from cmboost.atomic import atomic_write_text, refuse_existing, refuse_unsafe_output
 from cmboost.attacks import PGD
-from cmboost.boost import boost_with, frozen
+from cmboost.boosting import boost_with, frozen
 from cmboost.boost_config import DEFAULT_REALNESS
 from cmboost.errors import UserInputError
 from cmboost.jcd import log_prob_from_logits, realness_from_logits
@@ -42,7 +42,7 @@ from cmboost.records import check_at_least, check_finite, check_seed, flag_of, s
 from cmboost.runtime import BLOCK_SIZE, autocast
 from cmboost.samples import to_float, to_uint8
 
-FORMAT = "cmboost.diagnose/1"
+FORMAT = "cmboost.diagnostic/1"
 JSON_NAME, PNG_NAME = "diagnose.json", "pag.png"
 HELDOUT_START = 55000   # Fashion-MNIST train[55000:]: the recipe trains the joint networks on train[:55000]
 ATTACK_STEP = 2.5       # PGD step length = ATTACK_STEP * eps / steps (Madry et al.), enough to reach the ball's edge
@@ -89,7 +89,7 @@ class DiagnoseSettings:
 
 @dataclasses.dataclass(frozen=True)
 class GeneratorSamples:
-    """One generator's labelled samples and how to boost them (a boost.py method and its record)."""
+    """One generator's labelled samples and how to boost them (a boosting.py method and its record)."""
 
     name: str
     images: np.ndarray        # uint8 NCHW
