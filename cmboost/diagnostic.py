@@ -44,7 +44,6 @@ from cmboost.samples import to_float, to_uint8
 
 FORMAT = "cmboost.diagnostic/1"
 JSON_NAME, PNG_NAME = "diagnose.json", "pag.png"
-HELDOUT_START = 55000   # Fashion-MNIST train[55000:]: the recipe trains the joint networks on train[:55000]
 ATTACK_STEP = 2.5       # PGD step length = ATTACK_STEP * eps / steps (Madry et al.), enough to reach the ball's edge
 GREY = 0.5              # the PAG picture's flat starting image
 

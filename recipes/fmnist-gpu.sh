@@ -29,6 +29,7 @@ fi
 if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
+HELD_OUT=$($PY -c "from cmboost.data import FMNIST_HELD_OUT_START as s; print(s)")  # train[HELD_OUT:] is held out
 export TQDM_DISABLE=${TQDM_DISABLE:-1}   # no progress bars in the logs (tqdm >= 4.66 reads it)
 DATA=()
 [ -n "${DATA_DIR:-}" ] && DATA=(--data-dir "$DATA_DIR") && export CMBOOST_FMNIST_DIR="$DATA_DIR"
@@ -114,7 +115,7 @@ if want samples; then
     sample cmboost/assets/fmnist/ct.safetensors 1 "$VAL_NUM" 201 "$S/val-shipped-ct1.npz" & pids+=($!)
     sample cmboost/assets/fmnist/cd.safetensors 1 "$VAL_NUM" 202 "$S/val-shipped-cd1.npz" & pids+=($!)
   fi
-  [ -f "$S/heldout.npz" ] || $CMB export-data --data fmnist "${DATA[@]}" --split train --start 55000 --image-size 32 \
+  [ -f "$S/heldout.npz" ] || $CMB export-data --data fmnist "${DATA[@]}" --split train --start "$HELD_OUT" --image-size 32 \
       --out "$S/heldout.npz" & pids+=($!)
   for pid in "${pids[@]}"; do wait "$pid"; done
   say "samples finished in $((SECONDS - start))s"
@@ -123,7 +124,7 @@ fi
 # 3. The joint network: the recipe's attack settings (recipes/fmnist.sh stage jcd), wider and with
 #    batches of 256 real + 256 generated.
 J="$RUNS/fmnist-jcd-joint"
-JCD=(train-jcd --data fmnist "${DATA[@]}" --image-size 32 --real-limit 55000 --generated "$S/train-ct1.npz"
+JCD=(train-jcd --data fmnist "${DATA[@]}" --image-size 32 --real-limit "$HELD_OUT" --generated "$S/train-ct1.npz"
      "$S/train-cd1.npz" --arch resnet_small --width "$JCD_WIDTH" --objective joint --batch-size "$JCD_BATCH"
      --lr 3e-3 --milestones $((JCD_ITERS * 4 / 5)) --real-eps 0.5 --real-step-size 0.25 --gen-step-size 0.2
      --gen-steps 5 --gen-steps-every 0 --log-every 50 --ckpt-every 100 --seed 7 --run-dir "$J" "${RUNTIME[@]}")

@@ -14,6 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 CMB=${CMB:-.venv/bin/cmboost}
+PY=${PY:-.venv/bin/python}
+# Fashion-MNIST train[HELD_OUT:] is held out: no joint network trains on it (cmboost.data states the value).
+HELD_OUT=$($PY -c "from cmboost.data import FMNIST_HELD_OUT_START as s; print(s)")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$RUNS"
 stage=${1:-all}
@@ -95,8 +98,8 @@ if want samples; then
     [ -f "$S/val-cd-long$steps.npz" ] || $CMB sample --model "$RUNS/fmnist-cd-long/model.safetensors" --steps $steps \
         --num 500 --seed $((202 + steps)) --batch-size 250 --device cpu --no-progress --out "$S/val-cd-long$steps.npz"
   done
-  # Held-out real images (train[55000:], never seen by the joint networks) calibrate the early stop.
-  [ -f "$S/heldout.npz" ] || $CMB export-data --data fmnist --split train --start 55000 --image-size 32 --out "$S/heldout.npz"
+  # Held-out real images (train[HELD_OUT:], never seen by the joint networks) calibrate the early stop.
+  [ -f "$S/heldout.npz" ] || $CMB export-data --data fmnist --split train --start "$HELD_OUT" --image-size 32 --out "$S/heldout.npz"
   # The tuning reference: the training split, not the test split.
   [ -f "$S/train-ref.npz" ] || $CMB evaluate-ref --data fmnist --split train --features fmnist --out "$S/train-ref.npz" --quiet
 fi
@@ -108,7 +111,7 @@ fi
 #    600 iterations and a 3 x 0.03 generated attack barely moved FID on validation samples.
 if want jcd; then
   for objective in ${OBJECTIVES:-joint ce bce ce+bce}; do
-    $CMB train-jcd --data fmnist --image-size 32 --real-limit 55000 \
+    $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" \
         --generated "$S"/train-ct1.npz "$S"/train-ct2.npz "$S"/train-cd1.npz "$S"/train-cd2.npz \
         --arch resnet_small --objective "$objective" --iters 3000 --batch-size 32 --lr 3e-3 --milestones 2400 \
         --real-eps 0.5 --real-step-size 0.25 --gen-step-size 0.2 --gen-steps 5 --gen-steps-every 0 \
@@ -122,10 +125,10 @@ fi
 if want jcd-variants; then
   GEN=("$S"/train-ct1.npz "$S"/train-ct2.npz "$S"/train-cd1.npz "$S"/train-cd2.npz)
   ATTACK=(--real-eps 0.5 --real-step-size 0.25 --gen-step-size 0.2 --gen-steps 5 --gen-steps-every 0)
-  $CMB train-jcd --data fmnist --image-size 32 --real-limit 55000 --generated "${GEN[@]}" \
+  $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" --generated "${GEN[@]}" \
       --init "$RUNS/fmnist-jcd-joint/model.safetensors" --objective joint --iters 3000 --batch-size 32 --lr 3e-4 \
       --milestones 2400 "${ATTACK[@]}" --device cpu --seed 8 --run-dir "$RUNS/fmnist-jcd-joint-long"
-  $CMB train-jcd --data fmnist --image-size 32 --real-limit 55000 --generated "${GEN[@]}" \
+  $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" --generated "${GEN[@]}" \
       --arch resnet_small --width 24 --objective joint --iters 3000 --batch-size 32 --lr 3e-3 --milestones 2400 \
       "${ATTACK[@]}" --device cpu --seed 7 --run-dir "$RUNS/fmnist-jcd-joint-w24"
 fi
@@ -137,7 +140,7 @@ if want jcd-robust; then
   GEN=("$S"/train-ct1.npz "$S"/train-ct2.npz "$S"/train-cd1.npz "$S"/train-cd2.npz)
   for eps in ${ROBUST_EPS:-1.5 2 3}; do
     step=$(python3 -c "print(round(2.5 * $eps / 7, 4))")
-    $CMB train-jcd --data fmnist --image-size 32 --real-limit 55000 --generated "${GEN[@]}" \
+    $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" --generated "${GEN[@]}" \
         --init cmboost/assets/fmnist/jcd-joint-w24.safetensors --objective joint --iters ${ROBUST_ITERS:-6000} \
         --batch-size 32 --lr 1e-3 --milestones $(( ${ROBUST_ITERS:-6000} * 4 / 5 )) \
         --real-eps "$eps" --real-steps 7 --real-step-size "$step" --gen-step-size 0.3 --gen-steps 7 \
@@ -149,7 +152,7 @@ fi
 #     iterations with the same attacks, its generated images now ECT's and CD's samples (its realness
 #     head had never seen ECT's). Chosen by the same judge-free rule (stage diagnose-robust).
 if want jcd-robust-ect; then
-  $CMB train-jcd --data fmnist --image-size 32 --real-limit 55000 \
+  $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" \
       --generated "$S"/train-ect1.npz "$S"/train-ect2.npz "$S"/train-cd1.npz "$S"/train-cd2.npz \
       --init "$RUNS/fmnist-jcd-robust-1.5/model.safetensors" --objective joint --iters ${ROBUST_ECT_ITERS:-2000} \
       --batch-size 32 --lr 3e-4 --milestones $(( ${ROBUST_ECT_ITERS:-2000} * 4 / 5 )) \

@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from cmboost.boost_config import DEFAULT_REALNESS
     from cmboost.boost_job import check_fits_model, trained_realness_kind, with_trained_radius
     from cmboost.checkpoints import weights_digest
-    from cmboost.data import load_dataset
-    from cmboost.diagnostic import (HELDOUT_START, DiagnoseSettings, GeneratorSamples, check_outputs, diagnose,
+    from cmboost.data import FMNIST_HELD_OUT_START, load_dataset
+    from cmboost.diagnostic import (DiagnoseSettings, GeneratorSamples, check_outputs, diagnose,
                                   format_summary, load_teacher_score, select_real, write_diagnosis)
     from cmboost.errors import UserInputError
     from cmboost.jcd import load_joint_model
@@ -104,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
         real_source, offset = str(args.real), 0
     else:
         real, real_labels, _ = load_dataset("fmnist", "train", image_size=model.image_size)
-        real, real_labels = real[HELDOUT_START:], real_labels[HELDOUT_START:]
+        real, real_labels = real[FMNIST_HELD_OUT_START:], real_labels[FMNIST_HELD_OUT_START:]
         check_fits_model(real, real_labels, model, "Fashion-MNIST (the default --real)")
-        real_source, offset = f"fmnist train[{HELDOUT_START}:] padded to {model.image_size}", HELDOUT_START
+        real_source, offset = (f"fmnist train[{FMNIST_HELD_OUT_START}:] padded to {model.image_size}",
+                               FMNIST_HELD_OUT_START)
     chosen = select_real(real_labels, settings.num_real, settings.seed)
     real, real_labels = real[chosen], real_labels[chosen]
 
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
+    from cmboost.data import FMNIST_HELD_OUT_START
     from cmboost.boost_config import METHODS, OBJECTIVES, REALNESS_KINDS
     from cmboost.diagnostic import ATTACK_STEP, JSON_NAME, PNG_NAME, DiagnoseSettings
 
@@ -159,7 +161,8 @@ def add_parser(verbs) -> None:
                         "alignment is not measured")
     p.add_argument("--real", default=None,
                    help=f"held-out labelled real images (.npz or PNG folder) (default: Fashion-MNIST "
-                        f"train[55000:], which the recipe keeps from the joint networks, padded to the network's size)")
+                        f"train[{FMNIST_HELD_OUT_START}:], which the recipe keeps from the joint networks, padded to "
+                        f"the network's size)")
     p.add_argument("--settings", action="append", default=[],
                    help="settings file from 'cmboost tune': once for every --samples, or once per --samples in order")
     p.add_argument("--method", default=None, choices=list(METHODS),
