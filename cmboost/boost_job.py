@@ -141,7 +141,7 @@ DEFAULT_METHOD = "pgd"  # the paper's; a settings file from `cmboost tune` may c
 
 @dataclasses.dataclass(frozen=True)
 class BoostRun:
-    """One `cmboost boost` (and `cmboost.boosting`) run, checked when built. `hyper` holds the
+    """One `cmboost boost` (and `cmboost.boost`) run, checked when built. `hyper` holds the
     hyperparameters given explicitly (they override a --settings file's tuned values); the rest
     come from the settings file, the network (PGD's radius and reading of realness) or the method's
     record."""

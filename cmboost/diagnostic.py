@@ -35,16 +35,15 @@ import torch
 from cmboost.atomic import atomic_write_text, refuse_existing, refuse_unsafe_output
 from cmboost.attacks import PGD
 from cmboost.boosting import boost_with, frozen
-from cmboost.boost_config import DEFAULT_REALNESS
+from cmboost.boost_config import DEFAULT_REALNESS, PGD_STEP_FACTOR, step_length
 from cmboost.errors import UserInputError
 from cmboost.jcd import log_prob_from_logits, realness_from_logits
 from cmboost.records import check_at_least, check_finite, check_seed, flag_of, shown
 from cmboost.runtime import BLOCK_SIZE, autocast
 from cmboost.samples import to_float, to_uint8
 
-FORMAT = "cmboost.diagnostic/1"
+FORMAT = "cmboost.diagnose/1"
 JSON_NAME, PNG_NAME = "diagnose.json", "pag.png"
-ATTACK_STEP = 2.5       # PGD step length = ATTACK_STEP * eps / steps (Madry et al.), enough to reach the ball's edge
 GREY = 0.5              # the PAG picture's flat starting image
 
 Score = Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]  # score(x, sigma, y) -> like x
@@ -158,12 +157,12 @@ def robust_accuracy(model, images: torch.Tensor, labels: torch.Tensor, eps: Sequ
                     batch_size: int = BLOCK_SIZE, precision: str = "fp32",
                     bounds: tuple[float, float] = (0.0, 1.0)) -> list[dict]:
     """Per radius, the fraction of images classified correctly both as given and after untargeted L2
-    PGD on the cross-entropy (`steps` steps of ATTACK_STEP * eps / steps, no random start)."""
+    PGD on the cross-entropy (`steps` steps of PGD_STEP_FACTOR * eps / steps, no random start)."""
     clean = logits_of(model, images, batch_size, precision).argmax(1) == labels
     rows = []
     with frozen(model):
         for radius in eps:
-            attack = PGD(norm="l2", eps=radius, step_size=ATTACK_STEP * radius / steps, steps=steps,
+            attack = PGD(norm="l2", eps=radius, step_size=step_length(radius, steps), steps=steps,
                          random_start=False, bounds=bounds, precision=precision)
             correct = []
             for block in _blocks(len(images), batch_size):
@@ -256,7 +255,7 @@ def pag_targets(model, starts: torch.Tensor, num_classes: int, eps: float, steps
     r = len(starts)
     x0 = starts.repeat_interleave(num_classes, dim=0)
     targets = torch.arange(num_classes, device=starts.device).repeat(r)
-    attack = PGD(norm="l2", eps=eps, step_size=ATTACK_STEP * eps / steps, steps=steps, random_start=False,
+    attack = PGD(norm="l2", eps=eps, step_size=step_length(eps, steps), steps=steps, random_start=False,
                  bounds=(0.0, 1.0), precision=precision)
     out = []
     with frozen(model):
@@ -384,7 +383,7 @@ def diagnose(model: torch.nn.Module, real_images: np.ndarray, real_labels: np.nd
                 "robust": robust_accuracy(model, x_real, y_real, settings.attack_eps, settings.attack_steps,
                                           bs, precision),
                 "attack": {"norm": "l2", "steps": settings.attack_steps,
-                           "step_size": f"{ATTACK_STEP} * eps / steps", "random_start": False,
+                           "step_size": f"{PGD_STEP_FACTOR} * eps / steps", "random_start": False,
                            "objective": "cross-entropy (untargeted)"}}
 
     real_d, real_p = realness_and_prob(model, x_real, y_real, realness_kind, bs, precision)
@@ -419,7 +418,7 @@ def diagnose(model: torch.nn.Module, real_images: np.ndarray, real_labels: np.nd
     ids = list(range(len(real_labels))) if real_ids is None else [int(i) for i in real_ids]
     rows = ["grey"] + [f"real {ids[i]} (label {int(real_labels[i])})" for i in picks]
     pag = {"png": PNG_NAME, "eps": settings.pag_eps, "steps": settings.pag_steps,
-           "step_size": f"{ATTACK_STEP} * eps / steps", "rows": rows,
+           "step_size": f"{PGD_STEP_FACTOR} * eps / steps", "rows": rows,
            "columns": ["start"] + [f"toward class {k}" for k in range(num_classes)],
            "target_prob": prob.tolist(),
            "mean_target_prob_grey": float(prob[0].mean()),

@@ -1,4 +1,4 @@
-"""Training a domain feature network for a dataset (`cmboost train-features`, `cmboost.feature_training`):
+"""Training a domain feature network for a dataset (`cmboost train-features`, `cmboost.train_features`):
 train on the train split, resumably, measure top-1 accuracy on the held-out split, save with provenance."""
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from cmboost.metrics.judges import TUNING_JUDGE
 from cmboost.records import check_above, check_at_least, check_choice, check_finite, field_default
 from cmboost.runtime import BLOCK_SIZE
 
-FORMAT = "cmboost.tuning/1"                 # the settings file (`--out`, read by `boost --settings`)
+FORMAT = "cmboost.tune/1"                 # the settings file (`--out`, read by `boost --settings`)
 GRID_FORMAT = "cmboost.grid/1"            # a --grid file; its "format" key may be left out
 BOOST_METHODS = ("pgd", "sgld", "bigroc")     # what `cmboost boost` runs
 CONTROL_METHODS = ("unsharp",)                # tuned alike, never chosen as "the" method
@@ -633,7 +633,7 @@ def tuned_hyper(settings: dict, method: str | None, source: str) -> tuple[str, d
 
 @dataclasses.dataclass(frozen=True)
 class TuneRun:
-    """One `cmboost tune` (and `cmboost.tuning`) run on files, checked when built: validation samples,
+    """One `cmboost tune` (and `cmboost.tune`) run on files, checked when built: validation samples,
     the joint network, one training-data reference per tuning judge (in `judges`' order), and how the
     winner is chosen (TuneSettings' fields)."""
 

@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(verbs) -> None:
     from cmboost.data import FMNIST_HELD_OUT_START
     from cmboost.boost_config import METHODS, OBJECTIVES, REALNESS_KINDS
-    from cmboost.diagnostic import ATTACK_STEP, JSON_NAME, PNG_NAME, DiagnoseSettings
+    from cmboost.boost_config import PGD_STEP_FACTOR
+    from cmboost.diagnostic import JSON_NAME, PNG_NAME, DiagnoseSettings
 
     p = verbs.add_parser(
         "diagnose", help="judge-free diagnostics of a joint network: robustness, realness AUC, score alignment, PAGs",
@@ -152,7 +153,7 @@ def add_parser(verbs) -> None:
                     "p(y|x); the cosine between grad_x log p(y|x) and the class-conditional score of an EDM "
                     "--teacher, (D(x;sigma,y)-x)/sigma^2, on real and generated images (perceptual alignment, "
                     "Srinivas et al. 2023); and targeted large-eps PGD from grey and from real images toward "
-                    f"every class as a picture. Attack steps are {ATTACK_STEP}*eps/steps, with no random start.")
+                    f"every class as a picture. Attack steps are {PGD_STEP_FACTOR}*eps/steps, with no random start.")
     p.add_argument("--model", required=True, help="joint network checkpoint")
     p.add_argument("--samples", action="append", default=[], metavar="[NAME=]PATH",
                    help="a generator's labelled samples (.npz or PNG folder); repeat for several (default: none)")

@@ -1,0 +1,179 @@
+"""The Python API: one function per command-line verb, over the same library function the verb calls.
+
+Each function takes the verb's record (the frozen, self-checking configuration the command line
+builds from its flags) or keyword arguments naming that record's fields, never both; a field that
+does not exist is a TypeError, never silently dropped. The defaults are the records' own. Functions
+that boost, sample or evaluate work on files, and also on arrays (uint8 NCHW images and int64
+labels), which they pass through a temporary file so that the images are exactly the file path's.
+docs/api.md shows them in use. Imports are deferred, so `import cmboost` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["asset", "sample", "boost", "tune", "evaluate", "evaluate_ref", "train_jcd", "train_cm",
+           "train_features"]
+
+Arrays = tuple  # (uint8 NCHW images, int64 labels or None)
+
+
+def _record(record_type: type, record, fields: dict):
+    """`record` itself, or the record built from `fields` (which checks itself)."""
+    if record is not None and fields:
+        raise TypeError(f"pass a {record_type.__name__} or keyword arguments, not both")
+    if record is None:
+        return record_type(**fields)
+    if not isinstance(record, record_type):
+        raise TypeError(f"expected a {record_type.__name__}, got {type(record).__name__}")
+    return record
+
+
+def _as_file(samples, folder: str, name: str) -> str:
+    """A sample file's path as given, or (images, labels) arrays written to `folder`."""
+    if isinstance(samples, (str, os.PathLike)):
+        return str(samples)
+    from cmboost.samples import save_samples
+
+    images, labels = samples
+    return str(save_samples(Path(folder) / name, np.asarray(images), None if labels is None else np.asarray(labels)))
+
+
+def asset(name: str) -> Path:
+    """A file shipped with cmboost (cmboost/assets/fmnist/): checkpoints, tune settings, references."""
+    from cmboost.demo import ASSETS
+    from cmboost.errors import UserInputError
+
+    path = ASSETS / name
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such shipped file (see cmboost/assets/fmnist/README.md)")
+    return path
+
+
+def sample(model: str | os.PathLike, num: int, out: str | os.PathLike | None = None, **fields: Any):
+    """`cmboost sample`: `num` samples of a consistency model (or EDM teacher) checkpoint. Writes `out`
+    (.npz or PNG folder; a rerun resumes) and returns its path; without `out`, returns (images, labels).
+    `fields`: cm.sample.generate_samples' keywords (steps, seed, ts, num_levels, class_labels, kind,
+    batch_size, block_size, device, precision, overwrite, progress)."""
+    from cmboost.cm.sample import generate_samples
+    from cmboost.runtime import resolve_device, resolve_precision
+    from cmboost.samples import load_samples
+
+    device = resolve_device(fields.pop("device", "auto"))
+    fields["precision"] = resolve_precision(fields.pop("precision", "auto"), device)
+    if out is not None:
+        return generate_samples(model, out, num, device=device, **fields)
+    with tempfile.TemporaryDirectory() as folder:
+        path = generate_samples(model, Path(folder) / "samples.npz", num, device=device,
+                                **dict(fields, progress=fields.get("progress", False)))
+        return load_samples(path)
+
+
+def boost(samples=None, model: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
+          run=None, **fields: Any):
+    """`cmboost boost`: refines `samples` (a sample file, or (images, labels) arrays) with the joint
+    network `model`. Writes `out` and returns its path; without `out`, returns (images, labels).
+    `fields` are boost_job.BoostRun's (method, hyper, settings, threshold_from, labels, seed,
+    block_size, device, precision, ...); or pass the whole `run`, a BoostRun."""
+    from cmboost.boost_job import BoostRun, boost as boost_run
+    from cmboost.samples import load_samples
+
+    if run is not None:
+        if samples is not None or model is not None or out is not None or fields:
+            raise TypeError("pass a BoostRun or the samples, model, out and keyword arguments, not both")
+        return boost_run(run)
+    with tempfile.TemporaryDirectory() as folder:
+        target = out if out is not None else Path(folder) / "boosted.npz"
+        record = BoostRun(samples=_as_file(samples, folder, "samples.npz"), model=str(model), out=str(target),
+                          **{"grid": out is not None, **fields})
+        path = boost_run(record)
+        return path if out is not None else load_samples(path)
+
+
+def tune(run=None, /, **fields: Any) -> dict:
+    """`cmboost tune`: chooses the boosting method and settings on validation samples with tuning
+    judges; writes the settings file (`out`) and returns it. `run`: a tuning.TuneRun; else its fields
+    (samples, model, refs, out, judges, classifier, threshold_from, grid, criterion, ...)."""
+    from cmboost.tuning import TuneRun, tune_files
+
+    if "refs" in fields:
+        fields["refs"] = tuple(map(str, fields["refs"]))
+    if "judges" in fields:
+        fields["judges"] = tuple(fields["judges"])
+    return tune_files(_record(TuneRun, run, fields))
+
+
+def evaluate(samples, reference, features=None, batch_size: int = 256, **fields: Any) -> dict:
+    """`cmboost evaluate`: FID, sFID, IS, precision, recall, KID, density and coverage of `samples` (a
+    sample file, or uint8 NCHW images, or (images, labels)) against `reference` (a .npz/.pkl path or a
+    Reference), in `features` (default metrics.judges.DEFAULT_FEATURES; "a,b" adds Frechet distances
+    in each). `fields`: evaluate_source's keywords (device, precision, inception_weights, dinov2_weights,
+    progress)."""
+    from cmboost.metrics.evaluate import evaluate_images, evaluate_source
+    from cmboost.metrics.judges import DEFAULT_FEATURES
+    from cmboost.samples import open_samples
+
+    features = DEFAULT_FEATURES if features is None else features
+    if isinstance(samples, (str, os.PathLike)):
+        return evaluate_source(open_samples(samples), reference, features, batch_size, **fields)
+    images = samples[0] if isinstance(samples, tuple) else samples
+    return evaluate_images(np.asarray(images), reference, features, batch_size, **fields)
+
+
+def evaluate_ref(data: str, out: str | os.PathLike, features=None, split: str = "train", **fields: Any) -> dict:
+    """`cmboost evaluate-ref`: the statistics of a dataset split under `features`, written to `out`
+    (.npz, one network; or .pkl). `fields`: metrics.reference.make_reference_file's keywords
+    (data_dir, batch_size, num_features, seed, overwrite, progress) and device, precision."""
+    from cmboost.metrics.feature_nets import extractors_for
+    from cmboost.metrics.judges import DEFAULT_FEATURES
+    from cmboost.metrics.reference import check_reference_request, make_reference_file
+    from cmboost.records import FEATURE_PRECISION
+
+    features = DEFAULT_FEATURES if features is None else features
+    device, precision = fields.pop("device", "auto"), fields.pop("precision", FEATURE_PRECISION)
+    specs = features.split(",") if isinstance(features, str) else list(features)
+    check_reference_request(out, len(specs), fields.get("num_features", 10000))
+    return make_reference_file(data, split, out, extractors_for(features, device, precision, None, None), **fields)
+
+
+def train_jcd(config=None, /, **fields: Any) -> Path:
+    """`cmboost train-jcd`: adversarial training of the joint classifier-discriminator; returns the
+    final model's path. `config`: a train_jcd_config.TrainConfig; else its fields (data, run_dir,
+    iters, generated, objective, ...). A rerun of the same configuration resumes."""
+    from cmboost.jcd_training import train_jcd as train
+    from cmboost.train_jcd_config import TrainConfig
+
+    return train(_record(TrainConfig, config, fields))
+
+
+def train_cm(run_dir: str | os.PathLike, settings=None, *, shape=None, loop=None, data_dir=None,
+             device: str = "auto", precision: str = "auto", progress: bool = True, **fields: Any) -> Path:
+    """`cmboost train-cm`: an EDM teacher or a consistency model (cd, ct, ect) in `run_dir`; returns
+    the exported model's path. `settings`: a cm.training.TrainSettings, else its fields (mode, iters,
+    data, teacher, lr, ...); `shape` a UNetShape, `loop` a LoopSettings. A rerun resumes."""
+    from cmboost.cm.training import LoopSettings, TrainSettings, UNetShape, mode_default
+    from cmboost.cm.training import train_cm as train
+
+    if settings is None:
+        fields.setdefault("unet", {})  # the data (and a CD or ECT run's teacher) fill it in
+    if settings is None and "mode" in fields:  # the mode's own learning rate and distance, as the verb does
+        for name in ("lr", "distance"):
+            if fields.get(name) is None:
+                fields[name] = mode_default(fields["mode"], name)
+    settings = _record(TrainSettings, settings, fields)
+    return train(settings, run_dir, shape or UNetShape(), data_dir, loop or LoopSettings(), device, precision,
+                 progress=progress)
+
+
+def train_features(run=None, /, **fields: Any) -> Path:
+    """`cmboost train-features`: a domain feature network (a judge for FID and the like) trained on a
+    dataset's train split; returns the saved net's path. `run`: a feature_training.FeatureTraining;
+    else its fields (data, out, settings, arch, ...). A rerun resumes per epoch."""
+    from cmboost.feature_training import FeatureTraining, train_features as train
+
+    return train(_record(FeatureTraining, run, fields))

@@ -1,0 +1,76 @@
+"""The Python API (cmboost/api.py): docs/api.md's examples run as written, records or keywords but
+never both, unknown keywords refused, and arrays give the images the file path gives."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cmboost
+from cmboost.boost_job import BoostRun
+from cmboost.errors import UserInputError
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+
+
+def _examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+def test_the_documented_examples_run(tmp_path):
+    examples = _examples()
+    assert len(examples) >= 2
+    script = tmp_path / "examples.py"
+    script.write_text("\n\n".join(examples))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"judge": "fmnist-allconv"' in done.stdout and "trained my-judge.safetensors" in done.stdout, done.stdout
+    assert (tmp_path / "ct1-boosted.npz").is_file() and (tmp_path / "my-judge.safetensors").is_file()
+    assert not list(tmp_path.glob("*.job"))  # finished jobs leave no folder
+
+
+def test_every_verb_function_is_exported():
+    for name in ("sample", "boost", "tune", "evaluate", "evaluate_ref", "train_jcd", "train_cm", "train_features"):
+        assert callable(getattr(cmboost, name)), name
+    import importlib
+
+    for module in ("boosting", "tuning", "jcd_training", "feature_training", "demo"):
+        importlib.import_module(f"cmboost.{module}")  # importing a module sets an attribute of the package
+    assert callable(cmboost.boost) and callable(cmboost.tune) and callable(cmboost.train_jcd)  # not shadowed
+
+
+def test_a_record_and_keywords_together_or_an_unknown_keyword_are_refused(tmp_path):
+    from cmboost.train_jcd_config import TrainConfig
+
+    config = TrainConfig(data="fmnist", run_dir=str(tmp_path / "run"), iters=1, arch="resnet_small", objective="ce")
+    with pytest.raises(TypeError, match="not both"):
+        cmboost.train_jcd(config, iters=2)
+    with pytest.raises(TypeError, match="no_such_field"):
+        cmboost.train_jcd(data="fmnist", run_dir=str(tmp_path / "run"), iters=1, no_such_field=3)
+    with pytest.raises(TypeError, match="not both"):
+        cmboost.boost("x.npz", run=BoostRun(samples="x.npz", model="m", out="o.npz"))
+    with pytest.raises(UserInputError, match="--batch-size 0"):
+        cmboost.boost("x.npz", "m.safetensors", batch_size=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_boosting_arrays_gives_the_images_of_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 1, 32, 32), dtype=np.uint8)
+    labels = np.arange(6) % 10
+    booster = cmboost.asset("jcd-joint-w24.safetensors")
+    hyper = {"eps": 0.5, "steps": 2}
+    boosted, kept = cmboost.boost((images, labels), booster, hyper=hyper, device="cpu", progress=False)
+    from cmboost.samples import load_samples, save_samples
+
+    save_samples(tmp_path / "in.npz", images, labels)
+    path = cmboost.boost(tmp_path / "in.npz", booster, tmp_path / "out.npz", hyper=hyper, device="cpu",
+                         progress=False, grid=False)
+    assert np.array_equal(load_samples(path)[0], boosted) and np.array_equal(kept, labels)
+    assert not np.array_equal(boosted, images)
+    metrics = cmboost.evaluate(boosted, cmboost.asset("ref-test-fmnist-allconv.npz"), features="fmnist-allconv",
+                               device="cpu")
+    assert np.isfinite(metrics["fid"])
