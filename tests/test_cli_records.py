@@ -133,7 +133,54 @@ def test_evaluate_verbs_share_the_reference_defaults():
     assert_shows_default(actions("evaluate-ref")["num_features"], param_default(reference_stats, "num_features"))
 
 
-@pytest.mark.parametrize("verb", VERBS)
+def _verb_records():
+    """(verb, record type, fields the verb's flags set under the field's own name, field -> dest)."""
+    from cmboost.boost_job import BoostRun
+    from cmboost.demo import DemoOptions
+    from cmboost.feature_training import FeatureTraining
+    from cmboost.tuning import TuneRun
+
+    return [("boost", BoostRun, ("labels", "seed", "batch_size", "device", "precision", "method", "settings",
+                                 "threshold_from", "arch", "block_size"), {}),
+            ("tune", TuneRun, ("classifier", "threshold_from", "grid", "criterion", "max_recall_drop", "batch_size",
+                               "robust_radius", "device", "precision"), {"judges": "judge"}),
+            ("train-features", FeatureTraining, ("arch", "data_dir", "limit", "threads", "device", "precision"), {}),
+            ("demo", DemoOptions, ("out_dir", "device", "threads"), {})]
+
+
+@pytest.mark.parametrize("verb, record_type, names, dests", _verb_records(), ids=lambda v: getattr(v, "__name__", v)
+                         if not isinstance(v, (tuple, dict)) else "")
+def test_every_verb_record_default_is_the_flag_default_and_shows_in_help(verb, record_type, names, dests):
+    """A verb's flags take their defaults from its record, the one place each is stated: the parsed
+    default equals the field's, and --help shows it."""
+    flags = actions(verb)
+    for name in names + tuple(dests):
+        default = field_default(record_type, name)
+        action = flags[dests.get(name, name)]
+        parsed = action.default
+        if name == "judges":
+            parsed = tuple(parsed.split(","))
+        assert parsed == default, (verb, name, parsed, default)
+        if default is not None and not isinstance(default, bool):
+            shown_default = ",".join(default) if name == "judges" else default
+            assert f"(default: {shown(shown_default)})" in help_text(action), (verb, name, help_text(action))
+
+
+def test_no_cli_module_states_a_default_of_its_own():
+    """The defaults that drifted apart once (the realness reading, the step rule, the recall slack,
+    the held-out split, the k-NN minimum) are written in one module each."""
+    import re
+
+    root = Path(cmboost.__file__).parent
+    sources = {p: p.read_text() for p in root.rglob("*.py")}
+    patterns = {r"\b2\.5 \* ": "boost_config.py", r"\b55000\b": "data.py", r"= 0\.03\b": "tuning.py",
+                r"realness_kind: str = \"": None, r"num_features < 4": None}
+    for pattern, home in patterns.items():
+        found = sorted(str(p.relative_to(root)) for p, text in sources.items() if re.search(pattern, text))
+        assert found == ([home] if home else []), (pattern, found)
+
+
+@pytest.mark.parametrize("verb", VERBS + ("demo", "check-judges"))
 def test_help_shows_every_default(verb):
     """Every documented option with a value by default says which in --help (flags that switch
     something on or off, and unset ones, describe their default in words)."""
