@@ -98,7 +98,7 @@ def boost(samples=None, model: str | os.PathLike | None = None, out: str | os.Pa
 def tune(run=None, /, **fields: Any) -> dict:
     """`cmboost tune`: chooses the boosting method and settings on validation samples with tuning
     judges; writes the settings file (`out`) and returns it. `run`: a tuning.TuneRun; else its fields
-    (samples, model, refs, out, judges, classifier, threshold_from, grid, criterion, ...)."""
+    (samples, model, refs, out, judges, classifier, threshold_from, grid, choice: a TuneSettings, ...)."""
     from cmboost.tuning import TuneRun, tune_files
 
     if "refs" in fields:

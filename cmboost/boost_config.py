@@ -17,7 +17,7 @@ REALNESS_KINDS = ("sigmoid", "softmax")  # D(x,y) = sigmoid(f_y(x)), or p(y|x) =
 DEFAULT_REALNESS = "softmax"
 PGD_STEP_FACTOR = 2.5     # L2 PGD's default step, 2.5 * eps / steps: enough to reach the ball's edge
 BIGROC_STEP_FACTOR = 1.5  # BIGRoC's ImageNet rule, 1.5 * eps / steps
-OBJECTIVES = ("realness", "log_prob", "both")
+PGD_SCORES = ("realness", "log_prob", "both")  # what PGD boosting maximises (PGDBoost.objective)
 # Hyperparameter -> the `cmboost boost` flag that sets it, so that every message names the flag.
 FLAGS = {"steps": "--steps", "eps": "--eps", "step_size": "--step-size", "objective": "--objective",
          "realness_kind": "--realness", "threshold": "--threshold", "step": "--sgld-step",
@@ -190,8 +190,8 @@ def _check_hyper(record) -> None:
         if not 0 <= record.seed < SEED_LIMIT:
             raise HyperError("seed", record.seed, "must be in [0, 2^63)")
     if isinstance(record, PGDBoost):
-        if record.objective not in OBJECTIVES:
-            raise HyperError("objective", record.objective, f"choose one of {', '.join(OBJECTIVES)}")
+        if record.objective not in PGD_SCORES:
+            raise HyperError("objective", record.objective, f"choose one of {', '.join(PGD_SCORES)}")
         if record.realness_kind not in REALNESS_KINDS:
             raise HyperError("realness_kind", record.realness_kind, "choose sigmoid or softmax")
         if record.threshold is not None and not 0 < record.threshold < 1:

@@ -409,13 +409,3 @@ def plot_frontier(frontier: dict[str, list[dict]], judge: str, path: str | os.Pa
     what = "GFLOPs per image" if flops else "network evaluations per image"
     return line_plot(frontier_series(frontier, judge), path, f"FID ({judge}) vs {what}",
                      f"{what} (log scale)", f"FID ({judge})", logx=True, overwrite=overwrite)
-
-
-def redraw_frontier(report_path: str | os.PathLike, out: str | os.PathLike | None = None,
-                    overwrite: bool = False) -> Path:
-    """Redraws a demo's fid-vs-nfe.png from its report.json alone (beside it unless `out` is given),
-    under the first reporting judge as the demo does."""
-    report_path = Path(report_path)
-    report = json.loads(report_path.read_text())
-    judge = next(iter(report["reporting_judges"]))
-    return plot_frontier(report["frontier"], judge, out or report_path.with_name("fid-vs-nfe.png"), overwrite)

@@ -165,11 +165,11 @@ class JointObjective(TrainingObjective):
                 "joint_gen": joint_fake_per_example(logits_gen, y_gen).mean()}
 
 
-OBJECTIVES = {"ce": CEObjective, "bce": BCEObjective, "ce+bce": CEPlusBCEObjective, "joint": JointObjective}
+TRAINING_OBJECTIVES = {"ce": CEObjective, "bce": BCEObjective, "ce+bce": CEPlusBCEObjective, "joint": JointObjective}
 
 
 def get_objective(name: str) -> TrainingObjective:
     """The objective called `name` ("ce", "bce", "ce+bce" or "joint")."""
-    if name not in OBJECTIVES:
-        raise UserInputError(f"--objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]()
+    if name not in TRAINING_OBJECTIVES:
+        raise UserInputError(f"--objective {name!r}: choose one of {', '.join(TRAINING_OBJECTIVES)}")
+    return TRAINING_OBJECTIVES[name]()

@@ -11,7 +11,7 @@ from cmboost.attacks import NORMS
 from cmboost.data import load_dataset
 from cmboost.errors import UserInputError
 from cmboost.jcd import ARCHS
-from cmboost.losses import OBJECTIVES
+from cmboost.losses import TRAINING_OBJECTIVES
 from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
                              shown)
 from cmboost.samples import load_samples
@@ -77,7 +77,7 @@ class TrainConfig:
 
 def _check(c: TrainConfig) -> None:
     check_finite(c, FLAGS)
-    check_choice(c, "objective", OBJECTIVES)
+    check_choice(c, "objective", TRAINING_OBJECTIVES)
     check_choice(c, "arch", ARCHS, allow_none=True)
     if c.arch is None and c.init is None:
         raise UserInputError("--arch: required when training from scratch (no --init)")

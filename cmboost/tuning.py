@@ -76,6 +76,9 @@ class TuneSettings:
             raise UserInputError(f"--max-recall-drop {self.max_recall_drop}: must be within [0, 1]")
         check_at_least(self, 1, ("batch_size",))
         check_above(self, 0, ("robust_radius",))
+
+    def check_radius_known(self) -> None:
+        """--allow-beyond-radius needs a radius: known once the network's recorded one has been read."""
         if self.allow_beyond_radius and self.robust_radius is None:
             raise UserInputError("--allow-beyond-radius: needs a robust radius to go beyond: --robust-radius, or "
                                  "a network that records the radius it was trained at")
@@ -314,6 +317,7 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     from cmboost.metrics.judges import check_tuning_committee
 
     choice = TuneSettings(criterion, max_recall_drop, batch_size, robust_radius, allow_beyond_radius)
+    choice.check_radius_known()
     judges, references = as_committee(judge, reference)  # bad values fail before any work
     check_tuning_committee(judges)
     for ref, one in zip(references, judges):
@@ -635,7 +639,7 @@ def tuned_hyper(settings: dict, method: str | None, source: str) -> tuple[str, d
 class TuneRun:
     """One `cmboost tune` (and `cmboost.tune`) run on files, checked when built: validation samples,
     the joint network, one training-data reference per tuning judge (in `judges`' order), and how the
-    winner is chosen (TuneSettings' fields)."""
+    winner is chosen."""
 
     samples: str
     model: str
@@ -645,11 +649,7 @@ class TuneRun:
     classifier: str | None = None      # a robust classifier for the BIGRoC candidates
     threshold_from: str | None = None  # held-out real images: adds PGD candidates with early stop
     grid: str | None = None            # a JSON grid replacing the default candidates
-    criterion: str | None = field_default(TuneSettings, "criterion")
-    max_recall_drop: float = field_default(TuneSettings, "max_recall_drop")
-    batch_size: int = field_default(TuneSettings, "batch_size")
-    robust_radius: float | None = None  # None: the radius the network was trained at, if it records one
-    allow_beyond_radius: bool = field_default(TuneSettings, "allow_beyond_radius")
+    choice: TuneSettings = TuneSettings()  # its robust radius, when None: the network's, if it records one
     device: str = "auto"
     precision: str = "auto"
     overwrite: bool = False
@@ -664,20 +664,20 @@ class TuneRun:
                                  f"{len(self.refs)} ({', '.join(map(str, self.refs))})")
         for name in self.judges:  # the commonest mistake fails before anything is loaded; tune() checks weights
             refuse_reporting_name(name)
-        # the numbers, now; whether there is a radius to go beyond is known once the network's is read
-        TuneSettings(self.criterion, self.max_recall_drop, self.batch_size, self.robust_radius)
 
-    def choice(self) -> tuple[TuneSettings, str | None]:
+    def resolved_choice(self) -> tuple[TuneSettings, str | None]:
         """How the winner is chosen, with the robust radius resolved, and where that radius came from."""
         from cmboost.boost_job import trained_radius
 
-        radius, radius_from = self.robust_radius, "--robust-radius" if self.robust_radius is not None else None
-        if radius is None and Path(self.model).is_file():
+        choice, radius_from = self.choice, "--robust-radius" if self.choice.robust_radius is not None else None
+        if radius_from is None and Path(self.model).is_file():
             # Unless told otherwise, a train-jcd network's robust radius is the one it was adversarially trained at.
             radius = trained_radius(self.model)
-            radius_from = None if radius is None else "the network's training attack (train-jcd --real-eps)"
-        return TuneSettings(self.criterion, self.max_recall_drop, self.batch_size, radius,
-                            self.allow_beyond_radius), radius_from
+            if radius is not None:
+                choice = dataclasses.replace(choice, robust_radius=radius)
+                radius_from = "the network's training attack (train-jcd --real-eps)"
+        choice.check_radius_known()
+        return choice, radius_from
 
 
 def tune_files(run: TuneRun) -> dict:
@@ -689,7 +689,7 @@ def tune_files(run: TuneRun) -> dict:
     from cmboost.metrics.reference import load_reference
     from cmboost.runtime import resolve_device, resolve_precision
 
-    choice, radius_from = run.choice()
+    choice, radius_from = run.resolved_choice()
     grid = None
     if run.grid:  # the file's shape and every candidate are checked before anything is loaded
         grid = read_grid(run.grid)

@@ -142,8 +142,7 @@ def _verb_records():
 
     return [("boost", BoostRun, ("labels", "seed", "batch_size", "device", "precision", "method", "settings",
                                  "threshold_from", "arch", "block_size"), {}),
-            ("tune", TuneRun, ("classifier", "threshold_from", "grid", "criterion", "max_recall_drop", "batch_size",
-                               "robust_radius", "device", "precision"), {"judges": "judge"}),
+            ("tune", TuneRun, ("classifier", "threshold_from", "grid", "device", "precision"), {"judges": "judge"}),
             ("train-features", FeatureTraining, ("arch", "data_dir", "limit", "threads", "device", "precision"), {}),
             ("demo", DemoOptions, ("out_dir", "device", "threads"), {})]
 

@@ -1,11 +1,10 @@
-import json
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cmboost.demo_report import frontier_series, redraw_frontier
+from cmboost.demo_report import frontier_series
 from cmboost.errors import OutputExistsError, UserInputError
 from cmboost.report import image_grid, line_plot, save_before_after_grid, save_labelled_grid, save_png
 
@@ -150,13 +149,3 @@ def test_frontier_series_starts_the_boosting_route_at_the_one_step_sample():
                        frontier_point("1 step + joint PGD", 3, 45.0)]}
     assert frontier_series(frontier, "j") == {"CT: generator steps": [(1, 50.0), (2, 40.0)],
                                               "CT: 1 step + joint PGD": [(1, 50.0), (3, 45.0)]}
-
-
-def test_redraw_frontier_from_a_report_alone(tmp_path):
-    report = {"reporting_judges": {"j": {}, "other": {}},
-              "frontier": {"CD": [frontier_point("generator steps", 1, 5.0), frontier_point("1 step + joint PGD", 2, 4.0)]}}
-    (tmp_path / "report.json").write_text(json.dumps(report))
-    path = redraw_frontier(tmp_path / "report.json")
-    assert path == tmp_path / "fid-vs-nfe.png" and path.read_bytes().startswith(PNG_SIGNATURE)
-    with pytest.raises(OutputExistsError):
-        redraw_frontier(tmp_path / "report.json")

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.boost_config import (BIGROC_STEP_FACTOR, METHODS, OBJECTIVES, PGD_STEP_FACTOR, REALNESS_KINDS,
+    from cmboost.boost_config import (BIGROC_STEP_FACTOR, METHODS, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS,
                                       BIGRoCBoost, PGDBoost, SGLDBoost)
     from cmboost.boost_job import DEFAULT_METHOD, BoostRun
     from cmboost.records import field_default
@@ -68,7 +68,7 @@ def add_parser(verbs) -> None:
                         f"adversarially trained at, recorded in it, else {pgd.eps}; bigroc {bigroc.eps})")
     p.add_argument("--step-size", type=float, default=None,
                    help=f"L2 step length (default: pgd {PGD_STEP_FACTOR:g}*eps/steps, bigroc {BIGROC_STEP_FACTOR:g}*eps/steps)")
-    p.add_argument("--objective", default=None, choices=OBJECTIVES, help=f"pgd score (default: {pgd.objective})")
+    p.add_argument("--objective", default=None, choices=PGD_SCORES, help=f"pgd score (default: {pgd.objective})")
     p.add_argument("--realness", default=None, choices=REALNESS_KINDS,
                    help=f"pgd reading of D(x,y) (default: the one the network was trained with, else {pgd.realness_kind})")
     p.add_argument("--threshold", type=float, default=None,

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(verbs) -> None:
     from cmboost.data import FMNIST_HELD_OUT_START
-    from cmboost.boost_config import METHODS, OBJECTIVES, REALNESS_KINDS
+    from cmboost.boost_config import METHODS, PGD_SCORES, REALNESS_KINDS
     from cmboost.boost_config import PGD_STEP_FACTOR
     from cmboost.diagnostic import JSON_NAME, PNG_NAME, DiagnoseSettings
 
@@ -171,7 +171,7 @@ def add_parser(verbs) -> None:
     p.add_argument("--steps", type=int, default=None, help="boosting steps, as in 'cmboost boost'")
     p.add_argument("--eps", type=float, default=None, help="boosting L2 radius, as in 'cmboost boost'")
     p.add_argument("--step-size", type=float, default=None, help="boosting step length, as in 'cmboost boost'")
-    p.add_argument("--objective", default=None, choices=OBJECTIVES, help="pgd score, as in 'cmboost boost'")
+    p.add_argument("--objective", default=None, choices=PGD_SCORES, help="pgd score, as in 'cmboost boost'")
     p.add_argument("--realness", default=None, choices=REALNESS_KINDS,
                    help="reading of D(x,y) for the AUC and pgd (default: the one the network was trained with, "
                         "else softmax)")

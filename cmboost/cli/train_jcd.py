@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(verbs) -> None:
     from cmboost.attacks import NORMS
     from cmboost.jcd import ARCHS, SMALL_WIDTH
-    from cmboost.losses import OBJECTIVES
+    from cmboost.losses import TRAINING_OBJECTIVES
     from cmboost.records import field_default
     from cmboost.train_jcd_config import ATTACK_MODES, FLAGS, TrainConfig
 
@@ -53,7 +53,7 @@ def add_parser(verbs) -> None:
           nargs="+", metavar="NPZ")
     field("arch", "backbone (default: that of --init)", choices=ARCHS)
     field("width", f"resnet_small: first-stage width (default: {SMALL_WIDTH})", type=int)
-    field("objective", "training objective", choices=list(OBJECTIVES))
+    field("objective", "training objective", choices=list(TRAINING_OBJECTIVES))
     field("init", "initial weights: ours, released, robustness-library or torchvision", metavar="PATH")
     field("image_size", "resize/pad real images to this size (default: the generated size)", type=int)
     field("real_limit", "use only the first N real images (default: all)", type=int)

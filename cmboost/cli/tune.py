@@ -18,11 +18,13 @@ def split_list(value: str, flag: str) -> list[str]:
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.tuning import TuneRun
+    from cmboost.tuning import TuneRun, TuneSettings
 
     names = tuple(split_list(args.judge, "--judge"))
     refs = tuple(ref for value in args.ref for ref in split_list(value, "--ref"))
-    return record_from_args(TuneRun, args, {"judges": names, "refs": refs, "progress": not args.no_progress})
+    choice = record_from_args(TuneSettings, args, {})
+    return record_from_args(TuneRun, args, {"judges": names, "refs": refs, "choice": choice,
+                                            "progress": not args.no_progress})
 
 
 def run(args: argparse.Namespace) -> int:

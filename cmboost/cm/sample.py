@@ -128,7 +128,7 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
     The network sees `block_size` images at a time (the images depend on it, not on `batch_size`)."""
     device = device or torch.device("cpu")
     out = Path(out)
-    SampleSettings(num, steps, seed, batch_size, block_size)  # bad numbers fail before anything is read or written
+    counts = SampleSettings(num, steps, seed, batch_size, block_size)  # bad numbers fail before anything is read
     refuse_finished(out, overwrite)
     loaded = load_model(model, kind)
     # The finished job's images are merged in memory (the parts, then in index order): refused now,
@@ -136,7 +136,7 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
     image_bytes = loaded.in_channels * loaded.image_size ** 2
     check_allocatable(num * (2 * image_bytes + 64),
                       f"--num {num}: {num} samples of {loaded.in_channels}x{loaded.image_size}x{loaded.image_size}")
-    choice = choose_sampler(loaded, steps, ts, num_levels)
+    choice = choose_sampler(loaded, counts.steps, ts, num_levels)
     if class_labels is not None:
         if loaded.num_classes is None:
             raise UserInputError("--class-labels: this model is unconditional")
@@ -147,14 +147,15 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
 
     # One RNG stream per sample and fixed compute blocks: a resume may change the batch size.
     config = {"model": str(Path(model).resolve()), "model_digest": file_digest(model), "kind": loaded.kind,
-              "sampler": dataclasses.asdict(choice), "seed": seed,
+              "sampler": dataclasses.asdict(choice), "seed": counts.seed,
               "class_labels": list(class_labels) if class_labels else None, "precision": precision}
 
     def process(chunk):
-        images, labels = sample_batch(loaded, choice, chunk, seed, device, precision, class_labels)
+        images, labels = sample_batch(loaded, choice, chunk, counts.seed, device, precision, class_labels)
         return to_uint8(images, "signed"), None if labels is None else labels.numpy()
 
     with deterministic_kernels(device):
-        run_parts(out, num, batch_size, process, config, may_change=("batch_size",), overwrite=overwrite,
-                  progress=progress, desc=f"sample {loaded.kind} {choice.name}", block_size=block_size)
+        run_parts(out, counts.num, counts.batch_size, process, config, may_change=("batch_size",),
+                  overwrite=overwrite, progress=progress, desc=f"sample {loaded.kind} {choice.name}",
+                  block_size=counts.block_size)
     return out

@@ -368,7 +368,7 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
     time has passed since it began (`clock`, in seconds, read once at the start and once after each
     iteration; wall_clock by default): the state is saved and the model exported there, and the
     same command, with or without the budget, resumes."""
-    LoopSettings(save_every, log_every, max_minutes)  # bad values fail before anything is read or written
+    loop = LoopSettings(save_every, log_every, max_minutes)  # bad values fail before anything is read or written
     clock = clock or wall_clock
     began = clock()
     run_dir = Path(run_dir)
@@ -376,13 +376,13 @@ def train(settings: TrainSettings, run_dir: str | os.PathLike, images: np.ndarra
     with Job(run_dir, dataclasses.asdict(settings), may_change=sorted(resumable_changes(settings)),
              name=f"--run-dir {run_dir}", fresh="use a new --run-dir", as_flags=True) as job:
         trainer = Trainer(settings, images, labels, device, precision, info)  # a bad --teacher leaves no folder
-        return _train_loop(job, trainer, settings, device, save_every, log_every, progress, max_minutes, clock, began)
+        return _train_loop(job, trainer, settings, device, loop, progress, clock, began)
 
 
-def _train_loop(job: Job, trainer: "Trainer", settings: TrainSettings, device: torch.device, save_every: int,
-                log_every: int, progress: bool, max_minutes: float | None, clock: Callable[[], float],
-                began: float) -> Path:
+def _train_loop(job: Job, trainer: "Trainer", settings: TrainSettings, device: torch.device, loop: LoopSettings,
+                progress: bool, clock: Callable[[], float], began: float) -> Path:
     info = dist_info()
+    save_every, log_every, max_minutes = loop.save_every, loop.log_every, loop.max_minutes
     run_dir, state_path, model_path = job.folder, job.state_path, job.folder / MODEL_FILE
     if trainer.load_state(job):
         print0(f"resuming {run_dir} at iteration {trainer.iteration}/{settings.iters}")

@@ -77,6 +77,3 @@ def extract_features(source: ImageSource, extractor: FeatureExtractor, batch_siz
     probs = np.concatenate([p[1] for p in parts]) if keep_probs and parts and parts[0][1] is not None else None
     images = np.concatenate([p[2] for p in parts]) if keep_images else None
     return FeatureSet(n, mu, sigma, mu_s, sigma_s, pool, probs, images)
-
-
-# ----------------------------------------------------------------------------- metrics

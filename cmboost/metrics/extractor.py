@@ -34,6 +34,3 @@ def check_resizable(shape: tuple[int, ...], source: str, net_name: str, size: in
         raise UserInputError(f"{source}: images have {c} channels; {net_name} takes 1 (repeated) or 3")
     if h < 2 or w < 2:
         raise UserInputError(f"{source}: images are {h}x{w}, too small to resize to {size}")
-
-
-# ----------------------------------------------------------------------------- TF1 bilinear resize
