@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 __all__ = ["asset", "sample", "boost", "tune", "evaluate", "evaluate_ref", "train_jcd", "train_cm",
            "train_features"]
 
@@ -38,6 +36,8 @@ def _as_file(samples, folder: str, name: str) -> str:
     """A sample file's path as given, or (images, labels) arrays written to `folder`."""
     if isinstance(samples, (str, os.PathLike)):
         return str(samples)
+    import numpy as np
+
     from cmboost.samples import save_samples
 
     images, labels = samples
@@ -114,6 +114,8 @@ def evaluate(samples, reference, features=None, batch_size: int = 256, **fields:
     Reference), in `features` (default metrics.judges.DEFAULT_FEATURES; "a,b" adds Frechet distances
     in each). `fields`: evaluate_source's keywords (device, precision, inception_weights, dinov2_weights,
     progress)."""
+    import numpy as np
+
     from cmboost.metrics.evaluate import evaluate_images, evaluate_source
     from cmboost.metrics.judges import DEFAULT_FEATURES
     from cmboost.samples import open_samples
