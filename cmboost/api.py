@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["asset", "sample", "boost", "tune", "evaluate", "evaluate_ref", "train_jcd", "train_cm",
-           "train_features"]
+__all__ = ["asset", "sample", "boost", "tune", "evaluate", "evaluate_ref", "check_judges", "diagnose", "train_jcd",
+           "train_cm", "train_features"]
 
 Arrays = tuple  # (uint8 NCHW images, int64 labels or None)
 
@@ -141,6 +141,30 @@ def evaluate_ref(data: str, out: str | os.PathLike, features=None, split: str = 
     specs = features.split(",") if isinstance(features, str) else list(features)
     check_reference_request(out, len(specs), fields.get("num_features", 10000))
     return make_reference_file(data, split, out, extractors_for(features, device, precision, None, None), **fields)
+
+
+def check_judges(run=None, /, **fields: Any) -> dict:
+    """`cmboost check-judges`: puts candidate judges through the degradation ladder and the
+    adversarial-transfer test; writes the report (`out`) and returns it. `run`: a
+    metrics.judge_check_job.JudgeCheckRun; else its fields (samples, out, judges, attacker, data, ...)."""
+    from cmboost.metrics.judge_check_job import JudgeCheckRun, check_judges as check
+
+    if "judges" in fields:
+        fields["judges"] = tuple(fields["judges"])
+    return check(_record(JudgeCheckRun, run, fields))
+
+
+def diagnose(run=None, /, **fields: Any) -> dict:
+    """`cmboost diagnose`: the judge-free diagnostic of a joint network (robust accuracy, realness AUC,
+    gradient-score alignment, the PAG picture); writes OUT/diagnose.json and OUT/pag.png and returns
+    the report. `run`: a diagnose_job.DiagnoseRun; else its fields (model, out, samples as (name,
+    path) pairs, teacher, real, settings_files, method, hyper, numbers: a DiagnoseSettings, ...)."""
+    from cmboost.diagnose_job import DiagnoseRun, diagnose_files
+
+    for name in ("samples", "settings_files"):
+        if name in fields:
+            fields[name] = tuple(tuple(v) if isinstance(v, list) else v for v in fields[name])
+    return diagnose_files(_record(DiagnoseRun, run, fields))
 
 
 def train_jcd(config=None, /, **fields: Any) -> Path:

@@ -33,7 +33,8 @@ def test_the_documented_examples_run(tmp_path):
 
 
 def test_every_verb_function_is_exported():
-    for name in ("sample", "boost", "tune", "evaluate", "evaluate_ref", "train_jcd", "train_cm", "train_features"):
+    for name in ("sample", "boost", "tune", "evaluate", "evaluate_ref", "check_judges", "diagnose", "train_jcd",
+                 "train_cm", "train_features"):
         assert callable(getattr(cmboost, name)), name
     import importlib
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cmboost.cli.common import add_device_flags, add_field_flag, record_from_args
+from cmboost.cli.common import add_device_flags, add_field_flag, record_from_args, set_record_defaults
 
 
 def parse_generators(specs: list[str]) -> list[tuple[str, str]]:
@@ -25,117 +25,21 @@ def parse_generators(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def boost_choices(args: argparse.Namespace, count: int) -> list[tuple[str, dict]]:
-    """(method, hyper) for each of `count` generators: --settings once for all, or once per --samples in
-    order, each overridden by the method flags given; without --settings, the method flags (or the
-    boost verb's defaults)."""
-    from cmboost.boost_config import make_hyper
-    from cmboost.boost_job import DEFAULT_METHOD, given_hyper
+def record_from(args: argparse.Namespace):
     from cmboost.cli.boost import hyper_from_args
-    from cmboost.errors import UserInputError
-    from cmboost.tuning import load_settings_file, tuned_hyper
+    from cmboost.diagnose_job import DiagnoseRun
+    from cmboost.diagnostic import DiagnoseSettings
 
-    if not args.settings:
-        method = args.method or DEFAULT_METHOD
-        hyper = given_hyper(method, hyper_from_args(args), args.seed)
-        make_hyper(method, **hyper)  # checked even without --samples: a bad flag is never silently unused
-        return [(method, hyper)] * count
-    if count == 0:
-        raise UserInputError("--settings: boosts the --samples files, and none is given")
-    if len(args.settings) not in (1, count):
-        raise UserInputError(f"--settings: given {len(args.settings)} times for {count} --samples; give it once "
-                             f"(for all) or once per --samples, in the same order")
-    choices = []
-    for path in args.settings if len(args.settings) == count else args.settings * count:
-        method, tuned = tuned_hyper(load_settings_file(path), args.method, path)
-        if args.threshold is not None:
-            tuned.pop("threshold", None)
-        flags = given_hyper(method, hyper_from_args(args), args.seed)
-        choices.append((method, {**tuned, **flags}))  # a flag given explicitly overrides the tuned value
-    return choices
+    numbers = record_from_args(DiagnoseSettings, args, {})  # bad numbers fail before anything is read
+    return record_from_args(DiagnoseRun, args, {"samples": tuple(parse_generators(args.samples)),
+                                                "settings_files": tuple(args.settings or ()),
+                                                "hyper": hyper_from_args(args), "numbers": numbers})
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import time
+    from cmboost.diagnose_job import diagnose_files
 
-    import numpy as np
-    import torch
-
-    from cmboost.boost_config import make_hyper
-    from cmboost.boost_config import DEFAULT_REALNESS
-    from cmboost.boost_job import check_fits_model, trained_realness_kind, with_trained_radius
-    from cmboost.checkpoints import weights_digest
-    from cmboost.data import FMNIST_HELD_OUT_START, load_dataset
-    from cmboost.diagnostic import (DiagnoseSettings, GeneratorSamples, check_outputs, diagnose,
-                                  format_summary, load_teacher_score, select_real, write_diagnosis)
-    from cmboost.errors import UserInputError
-    from cmboost.jcd import load_joint_model
-    from cmboost.jobs import file_digest
-    from cmboost.runtime import resolve_device, resolve_precision
-    from cmboost.samples import load_samples
-
-    started = time.perf_counter()
-    settings = record_from_args(DiagnoseSettings, args, {})  # bad numbers fail before anything is read
-    generators = parse_generators(args.samples)
-    for flag, path in [("--model", args.model), ("--teacher", args.teacher), ("--real", args.real),
-                       *(("--samples", path) for _, path in generators)]:
-        if path is not None and not Path(path).exists():
-            raise UserInputError(f"{flag} {path}: file not found")
-    choices = [(method, with_trained_radius(method, hyper, args.model))
-               for method, hyper in boost_choices(args, len(generators))]
-    records = [(method, make_hyper(method, **hyper)) for method, hyper in choices]  # checked before loading
-    check_outputs(args.out, args.overwrite)
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-
-    model = load_joint_model(args.model).to(device)
-    kind = args.realness or trained_realness_kind(args.model) or DEFAULT_REALNESS
-    shape = (model.in_channels, model.image_size, model.image_size)
-    score = load_teacher_score(args.teacher, device, precision, shape, model.num_classes) if args.teacher else None
-
-    if args.real:
-        real, real_labels = load_samples(args.real, num_classes=model.num_classes)
-        if real_labels is None:
-            raise UserInputError(f"--real {args.real}: needs labels (arr_1)")
-        check_fits_model(real, real_labels, model, f"--real {args.real}")
-        real_source, offset = str(args.real), 0
-    else:
-        real, real_labels, _ = load_dataset("fmnist", "train", image_size=model.image_size)
-        real, real_labels = real[FMNIST_HELD_OUT_START:], real_labels[FMNIST_HELD_OUT_START:]
-        check_fits_model(real, real_labels, model, "Fashion-MNIST (the default --real)")
-        real_source, offset = (f"fmnist train[{FMNIST_HELD_OUT_START}:] padded to {model.image_size}",
-                               FMNIST_HELD_OUT_START)
-    chosen = select_real(real_labels, settings.num_real, settings.seed)
-    real, real_labels = real[chosen], real_labels[chosen]
-
-    samples = []
-    for (name, path), (method, hyper), (_, record) in zip(generators, choices, records):
-        images, labels = load_samples(path, num_classes=model.num_classes)
-        if labels is None:
-            raise UserInputError(f"--samples {path}: needs labels (arr_1): each image is read with its class")
-        check_fits_model(images, labels, model, f"--samples {path}")
-        if method == "pgd" and "realness_kind" not in hyper:
-            record = dataclasses.replace(record, realness_kind=kind)  # the reading the network was trained with
-        n = len(images) if settings.num_samples is None else min(settings.num_samples, len(images))
-        samples.append(GeneratorSamples(name, np.ascontiguousarray(images[:n]), labels[:n], method, record, str(path)))
-
-    report, grid = diagnose(model, real, real_labels, samples, score, settings, kind, device, precision,
-                            model.num_classes, real_ids=offset + chosen)
-    report["provenance"] = {
-        "model": str(args.model), "model_digest": weights_digest(model),
-        "teacher": str(args.teacher) if args.teacher else None,
-        "teacher_digest": file_digest(args.teacher) if args.teacher else None,
-        "real": real_source, "real_digest": file_digest(args.real) if args.real else None,
-        "samples": {name: {"path": str(path), "digest": file_digest(path)} for name, path in generators},
-        "settings_files": list(args.settings or [])}
-    json_path, png_path = write_diagnosis(args.out, report, grid, overwrite=args.overwrite)
-    print(format_summary(report))
-    if score is None:
-        print("no --teacher: gradient-score alignment not measured")
-    print(f"wrote {json_path} and {png_path} ({time.perf_counter() - started:.0f} s)")
+    diagnose_files(record_from(args))
     return 0
 
 
@@ -143,6 +47,7 @@ def add_parser(verbs) -> None:
     from cmboost.data import FMNIST_HELD_OUT_START
     from cmboost.boost_config import METHODS, PGD_SCORES, REALNESS_KINDS
     from cmboost.boost_config import PGD_STEP_FACTOR
+    from cmboost.diagnose_job import DiagnoseRun
     from cmboost.diagnostic import JSON_NAME, PNG_NAME, DiagnoseSettings
 
     p = verbs.add_parser(
@@ -197,7 +102,7 @@ def add_parser(verbs) -> None:
                    "it, slightly)", type=int)
     add_field_flag(p, DiagnoseSettings, "threads", "torch CPU threads; 0: torch's choice", type=int)
     add_device_flags(p)
-    p.set_defaults(precision="fp32")
+    set_record_defaults(p, DiagnoseRun, ("device", "precision"))
     p.add_argument("--out", required=True, help=f"output folder for {JSON_NAME} and {PNG_NAME}")
     p.add_argument("--overwrite", action="store_true", help=f"replace {JSON_NAME} and {PNG_NAME} if they exist")
     p.set_defaults(run=run)

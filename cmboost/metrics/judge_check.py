@@ -291,7 +291,7 @@ DEFAULT_ATTACKER = "fmnist-attacker"
 
 
 def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np.ndarray, labels: np.ndarray,
-                    attacker: str = DEFAULT_ATTACKER, reference_count: int = 5000, probe_count: int = 1000,
+                    attacker: str, reference_count: int, probe_count: int,
                     settings: CheckSettings = CheckSettings(), device: torch.device | str = "cpu",
                     log: Callable[[str], None] = print, job_folder: str | os.PathLike | None = None) -> dict:
     """Checks every judge in `judges` against real images `real_u8` (the first `reference_count`

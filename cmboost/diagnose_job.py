@@ -1,0 +1,151 @@
+"""The diagnose verb on files (`cmboost diagnose`, `cmboost.diagnose`): a joint network, held-out real
+images, generators' samples and how to boost them in; diagnose.json and pag.png out (diagnostic.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from cmboost.diagnostic import DiagnoseSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnoseRun:
+    """One diagnose run, checked when built. `samples` are (name, path) pairs; each is boosted with
+    the method of its settings file (`settings_files`: one for all, or one per sample file, in order)
+    or with `method`, `hyper` overriding the tuned values (boost's flags)."""
+
+    model: str
+    out: str
+    samples: tuple = ()
+    teacher: str | None = None          # an EDM teacher: its score for the gradient alignment
+    real: str | None = None             # None: Fashion-MNIST train[FMNIST_HELD_OUT_START:]
+    settings_files: tuple = ()
+    method: str | None = None
+    hyper: dict = dataclasses.field(default_factory=dict)
+    realness: str | None = None         # None: the reading the network was trained with, else DEFAULT_REALNESS
+    numbers: DiagnoseSettings = DiagnoseSettings()
+    device: str = "auto"
+    precision: str = "fp32"             # the diagnostic's numbers compare across machines in fp32
+    overwrite: bool = False
+
+    def __post_init__(self):
+        from cmboost.errors import UserInputError
+
+        names = [name for name, _ in self.samples]
+        if len(set(names)) != len(names):
+            raise UserInputError(f"--samples: a name is given twice ({', '.join(names)}); name them NAME=PATH")
+
+
+def boost_choices(run: DiagnoseRun, count: int) -> list[tuple[str, dict]]:
+    """(method, hyper) for each of `count` generators: --settings once for all, or once per --samples in
+    order, each overridden by the method flags given; without --settings, the method flags (or the
+    boost verb's defaults)."""
+    from cmboost.boost_config import make_hyper
+    from cmboost.boost_job import DEFAULT_METHOD, given_hyper
+    from cmboost.errors import UserInputError
+    from cmboost.tuning import load_settings_file, tuned_hyper
+
+    if not run.settings_files:
+        method = run.method or DEFAULT_METHOD
+        hyper = given_hyper(method, run.hyper, run.numbers.seed)
+        make_hyper(method, **hyper)  # checked even without --samples: a bad flag is never silently unused
+        return [(method, hyper)] * count
+    if count == 0:
+        raise UserInputError("--settings: boosts the --samples files, and none is given")
+    if len(run.settings_files) not in (1, count):
+        raise UserInputError(f"--settings: given {len(run.settings_files)} times for {count} --samples; give it once "
+                             f"(for all) or once per --samples, in the same order")
+    choices = []
+    files = run.settings_files if len(run.settings_files) == count else run.settings_files * count
+    for path in files:
+        method, tuned = tuned_hyper(load_settings_file(path), run.method, path)
+        if run.hyper.get("threshold") is not None:
+            tuned.pop("threshold", None)
+        flags = given_hyper(method, run.hyper, run.numbers.seed)
+        choices.append((method, {**tuned, **flags}))  # a flag given explicitly overrides the tuned value
+    return choices
+
+
+def diagnose_files(run: DiagnoseRun) -> dict:
+    """Diagnoses run.model on its files, writes OUT/diagnose.json and OUT/pag.png, returns the report."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from cmboost.boost_config import make_hyper
+    from cmboost.boost_config import DEFAULT_REALNESS
+    from cmboost.boost_job import check_fits_model, trained_realness_kind, with_trained_radius
+    from cmboost.checkpoints import weights_digest
+    from cmboost.data import FMNIST_HELD_OUT_START, load_dataset
+    from cmboost.diagnostic import (GeneratorSamples, check_outputs, diagnose, format_summary, load_teacher_score,
+                                    select_real, write_diagnosis)
+    from cmboost.errors import UserInputError
+    from cmboost.jcd import load_joint_model
+    from cmboost.jobs import file_digest
+    from cmboost.runtime import resolve_device, resolve_precision
+    from cmboost.samples import load_samples
+
+    started = time.perf_counter()
+    settings = run.numbers
+    generators = list(run.samples)
+    for flag, path in [("--model", run.model), ("--teacher", run.teacher), ("--real", run.real),
+                       *(("--samples", path) for _, path in generators)]:
+        if path is not None and not Path(path).exists():
+            raise UserInputError(f"{flag} {path}: file not found")
+    choices = [(method, with_trained_radius(method, hyper, run.model))
+               for method, hyper in boost_choices(run, len(generators))]
+    records = [(method, make_hyper(method, **hyper)) for method, hyper in choices]  # checked before loading
+    check_outputs(run.out, run.overwrite)
+    device = resolve_device(run.device)
+    precision = resolve_precision(run.precision, device)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+
+    model = load_joint_model(run.model).to(device)
+    kind = run.realness or trained_realness_kind(run.model) or DEFAULT_REALNESS
+    shape = (model.in_channels, model.image_size, model.image_size)
+    score = load_teacher_score(run.teacher, device, precision, shape, model.num_classes) if run.teacher else None
+
+    if run.real:
+        real, real_labels = load_samples(run.real, num_classes=model.num_classes)
+        if real_labels is None:
+            raise UserInputError(f"--real {run.real}: needs labels (arr_1)")
+        check_fits_model(real, real_labels, model, f"--real {run.real}")
+        real_source, offset = str(run.real), 0
+    else:
+        real, real_labels, _ = load_dataset("fmnist", "train", image_size=model.image_size)
+        real, real_labels = real[FMNIST_HELD_OUT_START:], real_labels[FMNIST_HELD_OUT_START:]
+        check_fits_model(real, real_labels, model, "Fashion-MNIST (the default --real)")
+        real_source, offset = (f"fmnist train[{FMNIST_HELD_OUT_START}:] padded to {model.image_size}",
+                               FMNIST_HELD_OUT_START)
+    chosen = select_real(real_labels, settings.num_real, settings.seed)
+    real, real_labels = real[chosen], real_labels[chosen]
+
+    samples = []
+    for (name, path), (method, hyper), (_, record) in zip(generators, choices, records):
+        images, labels = load_samples(path, num_classes=model.num_classes)
+        if labels is None:
+            raise UserInputError(f"--samples {path}: needs labels (arr_1): each image is read with its class")
+        check_fits_model(images, labels, model, f"--samples {path}")
+        if method == "pgd" and "realness_kind" not in hyper:
+            record = dataclasses.replace(record, realness_kind=kind)  # the reading the network was trained with
+        n = len(images) if settings.num_samples is None else min(settings.num_samples, len(images))
+        samples.append(GeneratorSamples(name, np.ascontiguousarray(images[:n]), labels[:n], method, record, str(path)))
+
+    report, grid = diagnose(model, real, real_labels, samples, score, settings, kind, device, precision,
+                            model.num_classes, real_ids=offset + chosen)
+    report["provenance"] = {
+        "model": str(run.model), "model_digest": weights_digest(model),
+        "teacher": str(run.teacher) if run.teacher else None,
+        "teacher_digest": file_digest(run.teacher) if run.teacher else None,
+        "real": real_source, "real_digest": file_digest(run.real) if run.real else None,
+        "samples": {name: {"path": str(path), "digest": file_digest(path)} for name, path in generators},
+        "settings_files": list(run.settings_files)}
+    json_path, png_path = write_diagnosis(run.out, report, grid, overwrite=run.overwrite)
+    print(format_summary(report))
+    if score is None:
+        print("no --teacher: gradient-score alignment not measured")
+    print(f"wrote {json_path} and {png_path} ({time.perf_counter() - started:.0f} s)")
+    return report
