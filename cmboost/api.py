@@ -61,15 +61,12 @@ def sample(model: str | os.PathLike, num: int, out: str | os.PathLike | None = N
     `fields`: cm.sample.generate_samples' keywords (steps, seed, ts, num_levels, class_labels, kind,
     batch_size, block_size, device, precision, overwrite, progress)."""
     from cmboost.cm.sample import generate_samples
-    from cmboost.runtime import resolve_device, resolve_precision
     from cmboost.samples import load_samples
 
-    device = resolve_device(fields.pop("device", "auto"))
-    fields["precision"] = resolve_precision(fields.pop("precision", "auto"), device)
     if out is not None:
-        return generate_samples(model, out, num, device=device, **fields)
+        return generate_samples(model, out, num, **fields)
     with tempfile.TemporaryDirectory() as folder:
-        path = generate_samples(model, Path(folder) / "samples.npz", num, device=device,
+        path = generate_samples(model, Path(folder) / "samples.npz", num,
                                 **dict(fields, progress=fields.get("progress", False)))
         return load_samples(path)
 

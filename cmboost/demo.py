@@ -325,7 +325,8 @@ class _Demo:
                 schedule = self.settings["schedules"].get(gen) or {}
                 generate_samples(ASSETS / self.settings["checkpoints"][short], path, self.mode["num_samples"], steps,
                                  seed, schedule.get("ts"), schedule.get("N"), batch_size=250, device=self.device,
-                                 progress=False, block_size=250)  # the blocks the committed report was made with
+                                 precision="fp32", progress=False,
+                                 block_size=250)  # the blocks the committed report was made with
             self.samples[gen, seed] = load_samples(path)
         return self.samples[gen, seed]
 

@@ -23,7 +23,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 # ----------------------------------------------------------------------------- device & precision
 
-def resolve_device(name: str | None = None) -> torch.device:
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """`None`/"auto" picks cuda when present, else cpu. Under torchrun each rank takes its LOCAL_RANK GPU."""
     if name in (None, "", "auto"):
         if torch.cuda.is_available():

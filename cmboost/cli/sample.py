@@ -10,16 +10,12 @@ from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_field_flag, add_output
 def run(args: argparse.Namespace) -> int:
     from cmboost.cli.common import parse_int_list
     from cmboost.cm.sample import generate_samples
-    from cmboost.runtime import init_distributed, print0, resolve_device, resolve_precision
+    from cmboost.runtime import print0
 
-    ts = parse_int_list(args.ts, "--ts")
-    class_labels = parse_int_list(args.class_labels, "--class-labels")
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    init_distributed(device)
-    out = generate_samples(args.model, args.out, args.num, steps=args.steps, seed=args.seed, ts=ts,
-                           num_levels=args.N, class_labels=class_labels, kind=args.kind,
-                           batch_size=args.batch_size, device=device, precision=precision,
+    out = generate_samples(args.model, args.out, args.num, steps=args.steps, seed=args.seed,
+                           ts=parse_int_list(args.ts, "--ts"), num_levels=args.N,
+                           class_labels=parse_int_list(args.class_labels, "--class-labels"), kind=args.kind,
+                           batch_size=args.batch_size, device=args.device, precision=args.precision,
                            overwrite=args.overwrite, progress=not args.no_progress, block_size=args.block_size)
     print0(f"{out}: {args.num} samples")
     return 0

@@ -21,7 +21,8 @@ from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, refuse_finished, run_parts
 from cmboost.records import check_at_least, check_seed, field_default
-from cmboost.runtime import BLOCK_SIZE, check_allocatable, deterministic_kernels, randn_per_sample, sample_generators
+from cmboost.runtime import (BLOCK_SIZE, check_allocatable, deterministic_kernels, init_distributed, randn_per_sample,
+                             resolve_device, resolve_precision, sample_generators)
 from cmboost.samples import to_uint8
 
 EDM_DEFAULT_STEPS = 18  # Heun steps of an EDM teacher
@@ -122,11 +123,15 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
                      seed: int = field_default(SampleSettings, "seed"), ts: Sequence[int] | None = None,
                      num_levels: int | None = None, class_labels: Sequence[int] | None = None, kind: str | None = None,
                      batch_size: int = field_default(SampleSettings, "batch_size"),
-                     device: torch.device | None = None, precision: str = "fp32", overwrite: bool = False,
+                     device: torch.device | str | None = "auto", precision: str = "auto", overwrite: bool = False,
                      progress: bool = True, block_size: int = field_default(SampleSettings, "block_size")) -> Path:
-    """Writes `num` samples of `model` to `out` (OpenAI .npz, or a PNG folder). Resumable and sharded.
-    The network sees `block_size` images at a time (the images depend on it, not on `batch_size`)."""
-    device = device or torch.device("cpu")
+    """Writes `num` samples of `model` to `out` (OpenAI .npz, or a PNG folder). Resumable and sharded
+    (under torchrun, each rank draws its share). The network sees `block_size` images at a time (the
+    images depend on it, not on `batch_size`). Device and precision: runtime.resolve_device and
+    resolve_precision ("auto": CUDA with bf16 when present, else CPU in fp32)."""
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    init_distributed(device)
     out = Path(out)
     counts = SampleSettings(num, steps, seed, batch_size, block_size)  # bad numbers fail before anything is read
     refuse_finished(out, overwrite)
