@@ -94,9 +94,9 @@ def boost(samples=None, model: str | os.PathLike | None = None, out: str | os.Pa
 
 def tune(run=None, /, **fields: Any) -> dict:
     """`cmboost tune`: chooses the boosting method and settings on validation samples with tuning
-    judges; writes the settings file (`out`) and returns it. `run`: a tuning.TuneRun; else its fields
+    judges; writes the settings file (`out`) and returns it. `run`: a tune_job.TuneRun; else its fields
     (samples, model, refs, out, judges, classifier, threshold_from, grid, choice: a TuneSettings, ...)."""
-    from cmboost.tuning import TuneRun, tune_files
+    from cmboost.tune_job import TuneRun, tune_files
 
     if "refs" in fields:
         fields["refs"] = tuple(map(str, fields["refs"]))

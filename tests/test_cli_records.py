@@ -138,7 +138,7 @@ def _verb_records():
     from cmboost.boost_job import BoostRun
     from cmboost.demo import DemoOptions
     from cmboost.feature_training import FeatureTraining
-    from cmboost.tuning import TuneRun
+    from cmboost.tune_job import TuneRun
 
     return [("boost", BoostRun, ("labels", "seed", "batch_size", "device", "precision", "method", "settings",
                                  "threshold_from", "arch", "block_size"), {}),

@@ -18,7 +18,8 @@ def split_list(value: str, flag: str) -> list[str]:
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.tuning import TuneRun, TuneSettings
+    from cmboost.tune_job import TuneRun
+    from cmboost.tuning import TuneSettings
 
     names = tuple(split_list(args.judge, "--judge"))
     refs = tuple(ref for value in args.ref for ref in split_list(value, "--ref"))
@@ -29,7 +30,8 @@ def record_from(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from cmboost.runtime import print0
-    from cmboost.tuning import format_table, tune_files
+    from cmboost.tune_job import tune_files
+    from cmboost.tuning import format_table
 
     record = record_from(args)
     settings = tune_files(record)
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.tuning import TuneRun
+    from cmboost.tune_job import TuneRun
     from cmboost.records import field_default
     from cmboost.tuning import CRITERIA, TuneSettings
 
