@@ -18,9 +18,6 @@ from typing import Any
 __all__ = ["asset", "sample", "boost", "tune", "evaluate", "evaluate_ref", "check_judges", "diagnose", "train_jcd",
            "train_cm", "train_features"]
 
-Arrays = tuple  # (uint8 NCHW images, int64 labels or None)
-
-
 def _record(record_type: type, record, fields: dict):
     """`record` itself, or the record built from `fields` (which checks itself)."""
     if record is not None and fields:
@@ -105,7 +102,7 @@ def tune(run=None, /, **fields: Any) -> dict:
     return tune_files(_record(TuneRun, run, fields))
 
 
-def evaluate(samples, reference, features=None, batch_size: int = 256, **fields: Any) -> dict:
+def evaluate(samples, reference, features=None, batch_size: int | None = None, **fields: Any) -> dict:
     """`cmboost evaluate`: FID, sFID, IS, precision, recall, KID, density and coverage of `samples` (a
     sample file, or uint8 NCHW images, or (images, labels)) against `reference` (a .npz/.pkl path or a
     Reference), in `features` (default metrics.judges.DEFAULT_FEATURES; "a,b" adds Frechet distances
@@ -117,7 +114,10 @@ def evaluate(samples, reference, features=None, batch_size: int = 256, **fields:
     from cmboost.metrics.judges import DEFAULT_FEATURES
     from cmboost.samples import open_samples
 
+    from cmboost.records import param_default
+
     features = DEFAULT_FEATURES if features is None else features
+    batch_size = param_default(evaluate_source, "batch_size") if batch_size is None else batch_size
     if isinstance(samples, (str, os.PathLike)):
         return evaluate_source(open_samples(samples), reference, features, batch_size, **fields)
     images = samples[0] if isinstance(samples, tuple) else samples
@@ -131,12 +131,13 @@ def evaluate_ref(data: str, out: str | os.PathLike, features=None, split: str = 
     from cmboost.metrics.feature_nets import extractors_for
     from cmboost.metrics.judges import DEFAULT_FEATURES
     from cmboost.metrics.reference import check_reference_request, make_reference_file
-    from cmboost.records import FEATURE_PRECISION
+    from cmboost.records import FEATURE_PRECISION, param_default
 
     features = DEFAULT_FEATURES if features is None else features
     device, precision = fields.pop("device", "auto"), fields.pop("precision", FEATURE_PRECISION)
     specs = features.split(",") if isinstance(features, str) else list(features)
-    check_reference_request(out, len(specs), fields.get("num_features", 10000))
+    check_reference_request(out, len(specs), fields.get("num_features", param_default(make_reference_file,
+                                                                                     "num_features")))
     return make_reference_file(data, split, out, extractors_for(features, device, precision, None, None), **fields)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from cmboost.atomic import atomic_open
 from cmboost.errors import UserInputError
+from cmboost.records import param_default
 from cmboost.metrics.ref_pickle import DINOV2_KEY, INCEPTION_KEY, pickled_statistics, read_pickle
 
 OPENAI_FEATURE_NET = "inception-v3-tf-2015-12-05"  # what OpenAI's reference files were made with
@@ -294,7 +295,9 @@ def check_reference_request(out: str | os.PathLike, num_networks: int, num_featu
 
 
 def make_reference_file(data: str, split: str, out: str | os.PathLike, extractors: list, data_dir=None,
-                        batch_size: int = 256, num_features: int = 10000, seed: int = 0, overwrite: bool = False,
+                        batch_size: int = param_default(reference_stats, "batch_size"),
+                        num_features: int = param_default(reference_stats, "num_features"),
+                        seed: int = param_default(reference_stats, "seed"), overwrite: bool = False,
                         progress: bool = True) -> dict | None:
     """`cmboost evaluate-ref`: the statistics of a dataset split written to `out`, cmboost's .npz (the
     first network, with the features of `num_features` images for precision/recall) or an EDM2-style
