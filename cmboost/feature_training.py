@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-import shutil
 from pathlib import Path
 
 from cmboost.errors import UserInputError
@@ -60,11 +59,12 @@ def train_features(run: FeatureTraining) -> Path:
 
     from cmboost.atomic import refuse_existing
     from cmboost.data import evaluation_split, load_dataset
-    from cmboost.jobs import job_dir
+    from cmboost.jobs import check_job_folder, job_dir, remove_job_folder
     from cmboost.metrics.domain_net import classify_accuracy, config_for_data, save_domain_net, train_domain_net
     from cmboost.runtime import resolve_device, resolve_precision
 
     refuse_existing(run.out, run.overwrite)
+    check_job_folder(job_dir(run.out))  # one cmboost did not make is refused before any work
     if run.threads:
         torch.set_num_threads(run.threads)
     device = resolve_device(run.device)
@@ -94,6 +94,6 @@ def train_features(run: FeatureTraining) -> Path:
         info.update(test_split=held_out, test_accuracy=f"{accuracy:.4f}")
         print(f"{held_out} accuracy: {accuracy:.4f} ({len(test_images)} images)")
     path = save_domain_net(run.out, net, info, overwrite=run.overwrite)
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_job_folder(folder)  # only the files the job wrote
     print(f"wrote {run.out}")
     return path

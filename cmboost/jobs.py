@@ -18,6 +18,12 @@ moment (kill -9 included):
 A job that writes one output file keeps its folder next to it (`<out>.job`, `job_dir`) and removes
 it once the output is written; a trainer's job is its --run-dir and the demo's its --out-dir, which
 are kept. A job that fails before it has cached anything leaves no folder behind.
+
+A `.job` folder is cmboost's alone: cmboost writes `.cmboost-job` into it first, adopts an existing
+one only when it holds that marker (or, made by an older cmboost, a readable `config.json`; an empty
+folder is one a killed run had just made), and refuses any other folder, or a symbolic link, in one
+line that touches nothing. Removing it removes only the files cmboost writes (`remove_job_folder`),
+so a file of the user's found there survives; a refusal removes nothing it did not create itself.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import zipfile
 import zlib
@@ -44,6 +49,8 @@ BatchFn = Callable[[Sequence[int]], tuple[np.ndarray, np.ndarray | None]]
 CONFIG_FILE, LOCK_FILE, ROWS_FILE = "config.json", ".lock", "rows.json"
 STATE_FILE, LOG_FILE, MODEL_FILE = "state.safetensors", "log.jsonl", "model.safetensors"  # MODEL_FILE: a trainer's result
 STATE_FORMAT = "cmboost.training_state/1"
+MARKER_FILE = ".cmboost-job"  # written first into every `.job` folder cmboost makes: the folder is cmboost's
+_MARKER_TEXT = "a cmboost job folder: cmboost removes it once the job's output is written\n"
 _MISSING = "<absent>"
 
 
@@ -123,6 +130,69 @@ def job_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".job")
 
 
+def is_private_job_folder(folder: str | os.PathLike) -> bool:
+    """A folder `job_dir` names (`<out>.job`): cmboost's alone, unlike a trainer's --run-dir or the
+    demo's --out-dir, which the user names and may keep other files in."""
+    return Path(folder).name.endswith(".job")
+
+
+def _is_cmboost_file(name: str) -> bool:
+    """A file cmboost writes in a job folder, or the temp file of one of its atomic writes
+    (`.<name>.<random>.tmp`, left by a run killed mid-write)."""
+    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
+        name = name[1:].rsplit(".", 2)[0]
+    if name in (MARKER_FILE, CONFIG_FILE, LOCK_FILE, ROWS_FILE, STATE_FILE, LOG_FILE):
+        return True
+    return name.startswith("part-") and name.endswith(".npz")
+
+
+def _is_leftover(name: str) -> bool:
+    """The lock, or the temp file of an atomic write: what a run killed before writing anything whole
+    leaves in its job folder."""
+    return name == LOCK_FILE or (name != MARKER_FILE and name.startswith(".") and name.endswith(".tmp")
+                                 and _is_cmboost_file(name))
+
+
+def check_job_folder(folder: str | os.PathLike, name: str | None = None) -> None:
+    """Refuses, in one line naming it and changing nothing, a `.job` folder cmboost did not make: a
+    symbolic link, a file, or a folder holding neither the marker nor a readable `config.json` (an
+    older cmboost's job); an absent or empty folder is fine. Verbs call it before any work."""
+    folder = Path(folder)
+    name = name or str(folder)
+    fix = "move it away, or choose another output"
+    if folder.is_symlink():
+        raise UserInputError(f"{name}: is a symbolic link; a job folder is cmboost's alone, so cmboost neither "
+                             f"follows nor removes it: {fix}")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UserInputError(f"{name}: is a file, where this job keeps its folder; {fix}")
+    if (folder / MARKER_FILE).is_file():
+        return
+    try:
+        if all(_is_leftover(path.name) for path in folder.iterdir()):
+            return  # made by a run killed before its first whole write: nothing of anyone's to lose
+        record = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        raise UserInputError(f"{name}: a folder cmboost did not make (no {MARKER_FILE} and no readable "
+                             f"{CONFIG_FILE}), where this job would keep its files; it is left untouched: {fix}")
+
+
+def remove_job_folder(folder: str | os.PathLike) -> None:
+    """Removes a finished job's folder: the files cmboost wrote there, then the folder if that empties
+    it (a file of anyone else's stays, and so does its folder). A symbolic link is never followed."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if _is_cmboost_file(path.name) and (path.is_file() or path.is_symlink()):
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 # ----------------------------------------------------------------------------- the job
 
 @contextlib.contextmanager
@@ -175,26 +245,48 @@ class Job:
     def __enter__(self) -> "Job":
         info = dist_info()
         stack = contextlib.ExitStack()
+        created: list[Path] = []  # what this run made, the only things a refusal may remove
         try:
             if info.is_main:
+                private = is_private_job_folder(self.folder)
+                if private:
+                    check_job_folder(self.folder, self.name)
                 check_writable(self.folder / CONFIG_FILE)
                 if self.folder.exists() and not self.folder.is_dir():
                     raise UserInputError(f"{self.name}: is a file, where this job keeps its folder; move it away, "
                                          f"or choose another output")
-                self.folder.mkdir(parents=True, exist_ok=True)
+                if not self.folder.is_dir():
+                    self.folder.mkdir(parents=True)
+                    created.append(self.folder)
+                marker = self.folder / MARKER_FILE
+                if private and not marker.exists() and all(_is_leftover(p.name) for p in self.folder.iterdir()):
+                    atomic_write_text(marker, _MARKER_TEXT)  # first, so a killed run's folder is still ours
+                    created.append(marker)
+                if not (self.folder / LOCK_FILE).exists():
+                    created.append(self.folder / LOCK_FILE)
                 stack.enter_context(_locked(self.folder, self.name))
-                stack.callback(self._remove_if_empty)  # runs before the lock is let go
                 if self.restart:
                     self.clear()
                 self._prepare()
+                if private and not marker.exists():  # an older cmboost's job, adopted
+                    atomic_write_text(marker, _MARKER_TEXT)
+                stack.callback(self._remove_if_empty)  # runs before the lock is let go
             barrier()
             if not info.is_main:
                 self.resumed = (self.folder / CONFIG_FILE).is_file() and any(self._cached())
         except BaseException:
             stack.close()
+            self._remove_created(created)
             raise
         self._stack = stack
         return self
+
+    @staticmethod
+    def _remove_created(created: list[Path]) -> None:
+        """Undoes a refused start: removes what it created (newest first), nothing else."""
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
     def __exit__(self, *exc) -> None:
         if self._stack is not None:
@@ -226,14 +318,15 @@ class Job:
     def _remove_if_empty(self) -> None:
         if not self.folder.is_dir() or any(self._cached()):
             return
-        for name in (CONFIG_FILE, LOCK_FILE):
+        for name in (CONFIG_FILE, LOCK_FILE, MARKER_FILE):
             (self.folder / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # a folder holding the user's own files stays
             self.folder.rmdir()
 
     def finish(self) -> None:
-        """Removes the folder of a job whose output is written (rank 0, inside the `with`)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Removes the folder of a job whose output is written (rank 0, inside the `with`): only the
+        files cmboost wrote there (`remove_job_folder`)."""
+        remove_job_folder(self.folder)
 
     # -- rows
     @property
@@ -355,6 +448,7 @@ def refuse_finished(out: str | os.PathLike, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise UserInputError(f"{folder}: is a file, where this job keeps its folder; move it away, or choose "
                              f"another --out")
+    check_job_folder(folder)  # a folder cmboost did not make is refused before the output is looked at
     check_sample_output(out, overwrite, resuming=(folder / CONFIG_FILE).is_file())
 
 

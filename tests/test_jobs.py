@@ -111,7 +111,7 @@ def test_killed_just_after_the_output_appeared_the_rerun_finishes(tmp_path, mode
         def killed(*args, **kwargs):
             raise Killed
 
-        m.setattr(jobs.shutil, "rmtree", killed)  # dies between writing the output and cleaning up
+        m.setattr(jobs.Job, "finish", killed)  # dies between writing the output and cleaning up
         with pytest.raises(Killed):
             boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False)
     assert out.exists() and jobs.job_dir(out).is_dir() and not out.with_suffix(".grid.png").exists()
@@ -217,3 +217,110 @@ def test_a_damaged_part_is_named_recomputed_and_the_output_is_byte_identical(tmp
     err = capsys.readouterr().err
     assert f"{part}: damaged part file" in err and "Traceback" not in err
     assert out.read_bytes() == straight.read_bytes() and not jobs.job_dir(out).exists()
+
+
+# ----------------------------------------------------------------------------- a job folder is cmboost's alone
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+FOREIGN_JOB_FOLDERS = {
+    "user-notes": {"notes.txt": "mine"},
+    "torn-config": {"config.json": '{"what": "te'},
+    "non-object-config": {"config.json": "[1, 2]"},
+}
+
+
+@pytest.mark.parametrize("contents", FOREIGN_JOB_FOLDERS.values(), ids=FOREIGN_JOB_FOLDERS.keys())
+@pytest.mark.parametrize("overwrite", [False, True], ids=["", "overwrite"])
+def test_a_job_folder_cmboost_did_not_make_is_refused_and_left_as_it_was(tmp_path, contents, overwrite):
+    out = tmp_path / "x.npz"
+    folder = jobs.job_dir(out)
+    folder.mkdir()
+    for name, text in contents.items():
+        (folder / name).write_text(text)
+    before = _snapshot(folder)
+    for _ in range(2):  # the refusal changes nothing, so a second run is refused the same way
+        with pytest.raises(UserInputError, match=f"{folder}: a folder cmboost did not make"):
+            jobs.run_parts(out, 8, 4, _pattern_batch, {"what": "test"}, overwrite=overwrite, progress=False)
+        assert _snapshot(folder) == before and not out.exists()
+
+
+def test_boost_refuses_a_folder_of_the_users_before_any_work(tmp_path, model):
+    src = _samples(tmp_path / "in.npz")
+    out = tmp_path / "x.npz"
+    (jobs.job_dir(out)).mkdir()
+    (jobs.job_dir(out) / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="x.npz.job: a folder cmboost did not make"):
+        boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False, overwrite=True)
+    assert (jobs.job_dir(out) / "notes.txt").read_text() == "mine" and not out.exists()
+
+
+def test_a_job_folder_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path):
+    users = tmp_path / "users-folder"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    out = tmp_path / "x.npz"
+    jobs.job_dir(out).symlink_to(users, target_is_directory=True)
+    with pytest.raises(UserInputError, match="x.npz.job: is a symbolic link"):
+        jobs.run_parts(out, 8, 4, _pattern_batch, {"what": "test"}, progress=False)
+    jobs.job_dir(tmp_path / "t.json").symlink_to(users, target_is_directory=True)
+    with pytest.raises(UserInputError, match="t.json.job: is a symbolic link"):  # tune's way in
+        with jobs.Job(jobs.job_dir(tmp_path / "t.json"), {"what": "test"}):
+            pass  # never reached
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"] and jobs.job_dir(out).is_symlink()
+
+
+def test_a_refusal_over_another_runs_configuration_removes_nothing(tmp_path):
+    folder = jobs.job_dir(tmp_path / "tuned.json")
+    with pytest.raises(Killed):
+        with jobs.Job(folder, {"what": "tune", "eps": 1.0}) as job:
+            job.put_row("none", {"fid": 3.0})
+            raise Killed
+    (folder / jobs.ROWS_FILE).unlink()  # a job of another run, with its configuration and no results
+    before = _snapshot(folder)
+    for _ in range(2):
+        with pytest.raises(UserInputError, match="eps was 1.0, now 2.0"):
+            with jobs.Job(folder, {"what": "tune", "eps": 2.0}):
+                pass
+        assert _snapshot(folder) == before
+
+
+def test_finishing_removes_only_the_files_cmboost_wrote(tmp_path):
+    """An older cmboost's job (a readable config.json, no marker) is adopted and resumed; a file of the
+    user's found in it survives the finish, and so does its folder."""
+    straight = jobs.run_parts(tmp_path / "straight.npz", 12, 4, _pattern_batch, {"what": "test"}, progress=False)
+    out = tmp_path / "out.npz"
+    with pytest.raises(Killed):
+        jobs.run_parts(out, 12, 4, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 8 else _pattern_batch(idx),
+                       {"what": "test"}, progress=False)
+    folder = jobs.job_dir(out)
+    (folder / jobs.MARKER_FILE).unlink()  # as an older cmboost left it
+    (folder / "notes.txt").write_text("mine")
+    jobs.run_parts(out, 12, 4, _pattern_batch, {"what": "test"}, progress=False)
+    assert out.read_bytes() == straight.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_an_empty_job_folder_left_by_a_killed_run_is_adopted(tmp_path):
+    out = tmp_path / "out.npz"
+    jobs.job_dir(out).mkdir()  # killed between making the folder and writing its marker
+    jobs.run_parts(out, 4, 4, _pattern_batch, {"what": "test"}, progress=False)
+    assert out.is_file() and not jobs.job_dir(out).exists()
+
+
+def test_removing_a_job_folder_keeps_what_cmboost_did_not_write(tmp_path):
+    folder = tmp_path / "r.json.job"
+    folder.mkdir()
+    cmboost_files = [jobs.MARKER_FILE, jobs.CONFIG_FILE, jobs.LOCK_FILE, jobs.ROWS_FILE, jobs.STATE_FILE,
+                     jobs.LOG_FILE, "part-000000000-000004.npz", ".rows.json.k2j_3x.tmp"]
+    for name in cmboost_files + ["notes.txt", ".hidden.tmp"]:
+        (folder / name).write_text("x")
+    jobs.remove_job_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [".hidden.tmp", "notes.txt"]
+    for name in ("notes.txt", ".hidden.tmp"):
+        (folder / name).unlink()
+    (folder / jobs.CONFIG_FILE).write_text("{}")
+    jobs.remove_job_folder(folder)
+    assert not folder.exists()

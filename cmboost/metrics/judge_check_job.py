@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 from cmboost.errors import UserInputError
 from cmboost.metrics.judge_check import DEFAULT_ATTACKER, DEFAULT_CANDIDATES, CheckSettings
@@ -47,12 +46,13 @@ def check_judges(run: JudgeCheckRun) -> dict:
 
     from cmboost.atomic import atomic_write_text, refuse_existing
     from cmboost.data import load_dataset
-    from cmboost.jobs import job_dir
+    from cmboost.jobs import check_job_folder, job_dir, remove_job_folder
     from cmboost.metrics.judge_check import format_table, run_judge_check
     from cmboost.runtime import resolve_device
     from cmboost.samples import load_samples
 
     refuse_existing(run.out, run.overwrite)
+    check_job_folder(job_dir(run.out))  # one cmboost did not make is refused before any work
     if run.threads:
         torch.set_num_threads(run.threads)
     device = resolve_device(run.device)
@@ -66,5 +66,5 @@ def check_judges(run: JudgeCheckRun) -> dict:
     report["data"].update(real=f"{run.data} {run.split}", samples=str(run.samples))
     print(format_table(report))
     atomic_write_text(run.out, json.dumps(report, indent=1) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_job_folder(folder)  # only the files the job wrote
     return report
