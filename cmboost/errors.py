@@ -7,3 +7,9 @@ class UserInputError(ValueError):
 
 class OutputExistsError(UserInputError):
     """The output already exists and overwriting was not asked for."""
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped (a newline in a path becomes \\n), so a message
+    naming any path stays one line on the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))

@@ -203,14 +203,23 @@ def _locked(folder: Path, name: str) -> Iterator[None]:
     except ImportError:  # not POSIX: no lock
         yield
         return
-    fh = open(folder / LOCK_FILE, "a")
+    path = folder / LOCK_FILE
+    fh = open(path, "a")
+    busy = UserInputError(f"{name}: another cmboost run is writing this job now; wait for it, or choose another output")
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserInputError(f"{name}: another cmboost run is writing this job now; wait for it, "
-                                 f"or choose another output") from None
-        yield
+            raise busy from None
+        try:  # the lock file is removed at the end, so a lock on a file already removed is no lock
+            if os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino:
+                raise busy
+        except FileNotFoundError:
+            raise busy from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still held: the job's end leaves no lock file behind
     finally:
         fh.close()
 
@@ -226,10 +235,13 @@ class Job:
 
     `name` is how messages call the folder (a flag and path, e.g. "--run-dir runs/x"), `fresh` how
     the user starts over, `may_change` the fields a rerun may change (they take their new values),
-    and `as_flags` names a differing field as the flag that sets it."""
+    and `as_flags` names a differing field as the flag that sets it. `row_problem(key, row)` says
+    what is wrong with a cached row (None when it is whole), so a damaged `rows.json` is refused on
+    read, naming the file and the key, instead of failing wherever the row is used."""
 
     def __init__(self, folder: str | os.PathLike, config: Mapping, *, may_change: Sequence[str] = (),
-                 name: str | None = None, fresh: str | None = None, as_flags: bool = False, restart: bool = False):
+                 name: str | None = None, fresh: str | None = None, as_flags: bool = False, restart: bool = False,
+                 row_problem: Callable[[str, object], str | None] | None = None):
         self.folder = Path(folder)
         self.config = as_json(dict(config))
         self.may_change = tuple(may_change)
@@ -237,6 +249,7 @@ class Job:
         self.fresh = fresh or f"delete {self.folder} to start over"
         self.as_flags = as_flags
         self.restart = restart
+        self.row_problem = row_problem
         self.resumed = False  # True once entered, when the folder held this job's configuration
         self._rows: dict | None = None
         self._stack: contextlib.ExitStack | None = None
@@ -334,6 +347,10 @@ class Job:
         """The finished rows, by key (read once)."""
         if self._rows is None:
             saved = read_record(self.folder / ROWS_FILE, self.fresh)
+            for key, row in (saved or {}).items():
+                problem = self.row_problem(key, row) if self.row_problem is not None else None
+                if problem is not None:
+                    raise UserInputError(f"{self.folder / ROWS_FILE}: {key}: {problem}; {self.fresh}")
             self._rows = {} if saved is None else saved
         return self._rows
 

@@ -1,5 +1,6 @@
 """Resumable jobs under crashes and concurrency: never a silently mixed output, byte-identical after any crash."""
 
+import json
 import os
 import shutil
 import signal
@@ -324,3 +325,65 @@ def test_removing_a_job_folder_keeps_what_cmboost_did_not_write(tmp_path):
     (folder / jobs.CONFIG_FILE).write_text("{}")
     jobs.remove_job_folder(folder)
     assert not folder.exists()
+
+
+# ----------------------------------------------------------------------------- check-judges' job
+
+@pytest.fixture(scope="module")
+def judge_check_inputs():
+    from cmboost.data import load_dataset
+    from cmboost.metrics.judge_check import CheckSettings
+
+    real, _, _ = load_dataset("fmnist", "test", image_size=32)
+    generated, labels = real[100:120].copy(), np.arange(20) % 10
+    settings = CheckSettings(bootstrap=2, transfer_eps=(1.0,), transfer_steps=1)
+    return (real[:60], generated, labels), dict(attacker="fmnist-attacker", reference_count=40, probe_count=20,
+                                                settings=settings, device="cpu", log=lambda *_: None)
+
+
+def _judge_check_killed_after_first_judge(monkeypatch, folder, inputs):
+    from cmboost.metrics import judge_check
+
+    args, kwargs = inputs
+    real = judge_check.check_judge
+    calls = []
+
+    def check_then_die(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed  # as kill -9 or Ctrl-C between two judges
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(judge_check, "check_judge", check_then_die)
+        with pytest.raises(Killed):
+            judge_check.run_judge_check(["fmnist-allconv", "fmnist-resnet"], *args, **kwargs, job_folder=folder)
+    assert (folder / jobs.ROWS_FILE).is_file()
+
+
+def test_check_judges_resumed_after_a_kill_writes_a_straight_runs_bytes(tmp_path, monkeypatch, judge_check_inputs):
+    from cmboost.metrics.judge_check import run_judge_check
+
+    args, kwargs = judge_check_inputs
+    straight = run_judge_check(["fmnist-allconv", "fmnist-resnet"], *args, **kwargs, job_folder=tmp_path / "a.job")
+    folder = tmp_path / "b.job"
+    _judge_check_killed_after_first_judge(monkeypatch, folder, judge_check_inputs)
+    resumed = run_judge_check(["fmnist-allconv", "fmnist-resnet"], *args, **kwargs, job_folder=folder)
+    assert json.dumps(resumed, indent=1) == json.dumps(straight, indent=1)
+
+
+@pytest.mark.parametrize("damage", [lambda row: [row], lambda row: {k: v for k, v in row.items() if k != "transfer"},
+                                    lambda row: dict(row, clean={"kid": 1.0})],
+                         ids=["a-list", "no-transfer", "no-clean-fid"])
+def test_a_damaged_check_judges_row_is_named_with_its_file_and_key(tmp_path, monkeypatch, judge_check_inputs,
+                                                                   damage):
+    from cmboost.metrics.judge_check import run_judge_check
+
+    folder = tmp_path / "j.json.job"
+    _judge_check_killed_after_first_judge(monkeypatch, folder, judge_check_inputs)
+    rows = json.loads((folder / jobs.ROWS_FILE).read_text())
+    rows["fmnist-allconv"] = damage(rows["fmnist-allconv"])
+    (folder / jobs.ROWS_FILE).write_text(json.dumps(rows))
+    args, kwargs = judge_check_inputs
+    with pytest.raises(UserInputError, match=rf"{folder / jobs.ROWS_FILE}: fmnist-allconv: .*delete {folder}"):
+        run_judge_check(["fmnist-allconv", "fmnist-resnet"], *args, **kwargs, job_folder=folder)

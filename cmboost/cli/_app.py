@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cmboost import __version__
-from cmboost.errors import UserInputError
+from cmboost.errors import UserInputError, one_line
 from cmboost.cli import boost as boost_verb
 from cmboost.cli import check_judges as check_judges_verb
 from cmboost.cli import convert as convert_verb
@@ -32,7 +32,7 @@ class OneLineParser(argparse.ArgumentParser):
     block: the rule for bad input holds before the verb runs. Its verbs' parsers are of this class."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UserInputError as err:
-        print(f"cmboost {args.verb}: error: {err}", file=sys.stderr)
+        print(f"cmboost {args.verb}: error: {one_line(err)}", file=sys.stderr)  # a path's newline stays escaped
         return 2
     except KeyboardInterrupt:
         print(f"cmboost {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -67,7 +67,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         path = output_culprit(err, args)
         if path is None:
             raise
-        print(f"cmboost {args.verb}: error: {path}: cannot write ({err.strerror or err})", file=sys.stderr)
+        print(f"cmboost {args.verb}: error: {one_line(path)}: cannot write ({err.strerror or err})", file=sys.stderr)
         return 2
 
 

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import os
 from typing import Callable, Sequence
 
@@ -330,7 +331,9 @@ def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np
     config = {"settings": dataclasses.asdict(settings), "attacker": attacker_identity,
               "data": [_digest(a) for a in (reference_u8, probe_u8, generated_u8, labels)]}
     with contextlib.ExitStack() as stack:
-        job = stack.enter_context(Job(job_folder, config)) if job_folder is not None else None
+        job = None
+        if job_folder is not None:
+            job = stack.enter_context(Job(job_folder, config, row_problem=judge_row_problem))
         done = dict(job.rows) if job is not None else {}
         todo = [n for n in judges if n in extractors and done.get(n, {}).get("identity") != extractors[n].identity]
         if todo:
@@ -344,8 +347,9 @@ def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np
                 results[name] = done[name]
                 log(f"{name}: taken from {job_folder}")
                 continue
-            results[name] = check_judge(extractors[name], reference_u8, probe_u8, generated_u8, families, edits,
-                                        settings)
+            # as a row reads back from the job (keys sorted), so a resumed report has a straight run's bytes
+            results[name] = json.loads(json.dumps(check_judge(extractors[name], reference_u8, probe_u8, generated_u8,
+                                                              families, edits, settings), sort_keys=True))
             if job is not None:
                 job.put_row(name, results[name])
             verdict = "passes" if results[name]["passed"] else "fails: " + "; ".join(results[name]["reasons"])
@@ -355,6 +359,36 @@ def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np
             "attacker": {"name": attacker, "identity": attacker_identity},
             "data": {"reference": reference_count, "probe": probe_count, "generated": len(generated_u8)},
             "judges": results}
+
+
+_NUMBER = (int, float)
+_ROW_FIELDS = {"identity": str, "clean": dict, "ladder": dict, "transfer": dict, "ladder_monotonic": bool,
+               "passed": bool, "reasons": list}
+_EDIT_FIELDS = {"eps": _NUMBER, "relative_fid_change": _NUMBER, "fid_change": _NUMBER,
+                "bootstrap_std": _NUMBER + (type(None),), "adversarial_to_random": _NUMBER + (type(None),),
+                "rewarded": bool}
+
+
+def judge_row_problem(name: str, row) -> str | None:
+    """What is wrong with a judge's cached row in a check-judges job's rows.json, or None when it
+    holds every field the report and its table read."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    for field, kind in _ROW_FIELDS.items():
+        if not isinstance(row.get(field), kind):
+            return f"{field}: missing or not a {kind.__name__}"
+    if not isinstance(row["clean"].get("fid"), _NUMBER):
+        return "clean.fid: missing or not a number"
+    edits = row["transfer"].get("edits")
+    if not isinstance(edits, list) or not edits:
+        return "transfer.edits: missing or not a list of edits"
+    for i, edit in enumerate(edits):
+        if not isinstance(edit, dict):
+            return f"transfer.edits[{i}]: not an object"
+        for field, kind in _EDIT_FIELDS.items():
+            if not isinstance(edit.get(field, ...), kind):
+                return f"transfer.edits[{i}].{field}: missing or of the wrong type"
+    return None
 
 
 def _digest(array: np.ndarray) -> str:
