@@ -19,14 +19,122 @@ __all__ = ["asset", "sample", "boost", "tune", "evaluate", "evaluate_ref", "chec
            "train_cm", "train_features"]
 
 def _record(record_type: type, record, fields: dict):
-    """`record` itself, or the record built from `fields` (which checks itself)."""
+    """`record` itself, or the record built from `fields` (each checked against its annotation, then
+    the record checks itself)."""
     if record is not None and fields:
         raise TypeError(f"pass a {record_type.__name__} or keyword arguments, not both")
     if record is None:
-        return record_type(**fields)
+        return record_type(**_checked_arguments(record_type, fields))
     if not isinstance(record, record_type):
-        raise TypeError(f"expected a {record_type.__name__}, got {type(record).__name__}")
+        raise TypeError(f"expected a {record_type.__name__}, got {_kind(record)}")
     return record
+
+
+# ----------------------------------------------------------------------------- argument types
+# Each function checks its arguments against the annotations of what it calls, at the top, so that a
+# wrong type is a TypeError naming the argument, not an error deep inside (a string iterated letter by
+# letter where a list was meant, a dict where a record was meant, a float count). A path may be given
+# as a str or an os.PathLike wherever a str path is expected.
+
+def _kind(value) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{type(value).__name__} {value!r}" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _checked_arguments(target, arguments: dict) -> dict:
+    """`arguments` checked against the type hints of `target` (a record type or a function), with
+    paths made str where str is expected; an argument it has no hint for passes as given."""
+    import typing
+
+    hints = typing.get_type_hints(target)
+    return {name: _checked(name, value, hints[name]) if name in hints else value for name, value in arguments.items()}
+
+
+def _checked(name: str, value, hint):
+    import collections.abc
+    import dataclasses
+    import numbers
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _checked(name, value, option)
+            except TypeError:
+                continue
+        wanted = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+        raise TypeError(f"{name}: expected {wanted}, got {_kind(value)}")
+    if hint is typing.Any:
+        return value
+    if hint is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise TypeError(f"{name}: expected a string, got {_kind(value)}")
+        return value
+    if hint is bool:
+        if type(value).__name__ not in ("bool", "bool_"):
+            raise TypeError(f"{name}: expected True or False, got {_kind(value)}")
+        return bool(value)
+    if hint is int:
+        if not isinstance(value, numbers.Integral) or type(value).__name__ in ("bool", "bool_"):
+            raise TypeError(f"{name}: expected a whole number (int), got {_kind(value)}")
+        return int(value)
+    if hint is float:
+        if not isinstance(value, numbers.Real) or type(value).__name__ in ("bool", "bool_"):
+            raise TypeError(f"{name}: expected a number, got {_kind(value)}")
+        return value
+    if hint is dict:
+        if not isinstance(value, collections.abc.Mapping):
+            raise TypeError(f"{name}: expected a dict, got {_kind(value)}")
+        return dict(value)
+    if hint in (tuple, list) or origin in (tuple, list, collections.abc.Sequence):
+        array = type(value).__name__ == "ndarray" and origin is collections.abc.Sequence
+        if isinstance(value, (str, bytes)) or not (isinstance(value, (list, tuple)) or array):
+            hint_text = f"; write {name}=[{value!r}] for one" if isinstance(value, str) else ""
+            raise TypeError(f"{name}: expected a list or tuple, got {_kind(value)}{hint_text}")
+        if array:
+            return value
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise TypeError(f"{name}: expected {len(args)} values, got {len(value)}")
+            items = [_checked(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args))]
+        elif args:
+            items = [_checked(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        else:
+            items = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+        return list(items) if list in (hint, origin) else tuple(items)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            fix = f"; build one: {hint.__name__}(**{name})" if isinstance(value, collections.abc.Mapping) else ""
+            raise TypeError(f"{name}: expected a {hint.__name__}, got {_kind(value)}{fix}")
+        return value
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise TypeError(f"{name}: expected {hint.__name__}, got {_kind(value)}")
+    return value
+
+
+def _path_argument(name: str, value, optional: bool = False):
+    """A file argument: a str or os.PathLike (None when `optional`)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a path (str or os.PathLike), got {_kind(value)}")
+    return value
+
+
+def _samples_argument(samples, arrays_too: bool = True):
+    """A sample file's path, or (images, labels) arrays."""
+    if isinstance(samples, (str, os.PathLike)):
+        return samples
+    if arrays_too and isinstance(samples, (tuple, list)) and len(samples) == 2:
+        return tuple(samples)
+    raise TypeError(f"samples: expected a sample file's path or an (images, labels) pair, got {_kind(samples)}")
 
 
 def _as_file(samples, folder: str, name: str) -> str:
@@ -46,10 +154,12 @@ def asset(name: str) -> Path:
     from cmboost.demo import ASSETS
     from cmboost.errors import UserInputError
 
-    path = ASSETS / name
-    if not path.is_file():
-        raise UserInputError(f"{path}: no such shipped file (see cmboost/assets/fmnist/README.md)")
-    return path
+    name = os.fspath(_path_argument("name", name))
+    # a bare name of a file in the folder: never a path that leads elsewhere ("/etc/x", "../../x")
+    if name not in {path.name for path in ASSETS.iterdir() if path.is_file()}:
+        raise UserInputError(f"asset {name!r}: not the name of a file shipped with cmboost (the names are in "
+                             f"cmboost/assets/fmnist/README.md)")
+    return ASSETS / name
 
 
 def sample(model: str | os.PathLike, num: int, out: str | os.PathLike | None = None, **fields: Any):
@@ -60,6 +170,10 @@ def sample(model: str | os.PathLike, num: int, out: str | os.PathLike | None = N
     from cmboost.cm.sample import generate_samples
     from cmboost.samples import load_samples
 
+    _path_argument("model", model)
+    _path_argument("out", out, optional=True)
+    fields = _checked_arguments(generate_samples, {"num": num, **fields})
+    num = fields.pop("num")
     if out is not None:
         return generate_samples(model, out, num, **fields)
     with tempfile.TemporaryDirectory() as folder:
@@ -81,6 +195,10 @@ def boost(samples=None, model: str | os.PathLike | None = None, out: str | os.Pa
         if samples is not None or model is not None or out is not None or fields:
             raise TypeError("pass a BoostRun or the samples, model, out and keyword arguments, not both")
         return boost_run(run)
+    samples = _samples_argument(samples)
+    model = _path_argument("model", model)
+    out = _path_argument("out", out, optional=True)
+    fields = _checked_arguments(BoostRun, fields)
     with tempfile.TemporaryDirectory() as folder:
         target = out if out is not None else Path(folder) / "boosted.npz"
         record = BoostRun(samples=_as_file(samples, folder, "samples.npz"), model=str(model), out=str(target),
@@ -95,11 +213,7 @@ def tune(run=None, /, **fields: Any) -> dict:
     (samples, model, refs, out, judges, classifier, threshold_from, grid, choice: a TuneSettings, ...)."""
     from cmboost.tune_job import TuneRun, tune_files
 
-    if "refs" in fields:
-        fields["refs"] = tuple(map(str, fields["refs"]))
-    if "judges" in fields:
-        fields["judges"] = tuple(fields["judges"])
-    return tune_files(_record(TuneRun, run, fields))
+    return tune_files(_record(TuneRun, run, fields))  # refs and judges: lists or tuples, paths as str
 
 
 def evaluate(samples, reference, features=None, batch_size: int | None = None, **fields: Any) -> dict:
@@ -118,6 +232,10 @@ def evaluate(samples, reference, features=None, batch_size: int | None = None, *
 
     features = DEFAULT_FEATURES if features is None else features
     batch_size = param_default(evaluate_source, "batch_size") if batch_size is None else batch_size
+    batch_size = _checked("batch_size", batch_size, int)
+    if not isinstance(samples, (str, os.PathLike, tuple, np.ndarray)):
+        raise TypeError(f"samples: expected a sample file's path, uint8 images or (images, labels), got "
+                        f"{_kind(samples)}")
     if isinstance(samples, (str, os.PathLike)):
         return evaluate_source(open_samples(samples), reference, features, batch_size, **fields)
     images = samples[0] if isinstance(samples, tuple) else samples
@@ -133,6 +251,9 @@ def evaluate_ref(data: str, out: str | os.PathLike, features=None, split: str = 
     from cmboost.metrics.reference import check_reference_request, make_reference_file
     from cmboost.records import FEATURE_PRECISION, param_default
 
+    _checked("data", data, str)
+    _path_argument("out", out)
+    _checked("split", split, str)
     features = DEFAULT_FEATURES if features is None else features
     device, precision = fields.pop("device", "auto"), fields.pop("precision", FEATURE_PRECISION)
     specs = features.split(",") if isinstance(features, str) else list(features)
@@ -147,8 +268,6 @@ def check_judges(run=None, /, **fields: Any) -> dict:
     metrics.judge_check_job.JudgeCheckRun; else its fields (samples, out, judges, attacker, data, ...)."""
     from cmboost.metrics.judge_check_job import JudgeCheckRun, check_judges as check
 
-    if "judges" in fields:
-        fields["judges"] = tuple(fields["judges"])
     return check(_record(JudgeCheckRun, run, fields))
 
 
@@ -160,7 +279,7 @@ def diagnose(run=None, /, **fields: Any) -> dict:
     from cmboost.diagnose_job import DiagnoseRun, diagnose_files
 
     for name in ("samples", "settings_files"):
-        if name in fields:
+        if isinstance(fields.get(name), (list, tuple)):  # anything else is refused by _record, naming it
             fields[name] = tuple(tuple(v) if isinstance(v, list) else v for v in fields[name])
     return diagnose_files(_record(DiagnoseRun, run, fields))
 
@@ -183,6 +302,10 @@ def train_cm(run_dir: str | os.PathLike, settings=None, *, shape=None, loop=None
     from cmboost.cm.training import LoopSettings, TrainSettings, UNetShape, mode_default
     from cmboost.cm.training import train_cm as train
 
+    _path_argument("run_dir", run_dir)
+    for name, value, kind in (("shape", shape, UNetShape), ("loop", loop, LoopSettings)):
+        if value is not None:
+            _checked(name, value, kind)
     if settings is None:
         fields.setdefault("unet", {})  # the data (and a CD or ECT run's teacher) fill it in
     if settings is None and "mode" in fields:  # the mode's own learning rate and distance, as the verb does
