@@ -107,6 +107,20 @@ def refuse_unsafe_output(path: str | os.PathLike, flag: str = "--out") -> None:
                              f"replaces that: give a new file or folder name")
 
 
+def refuse_output_inside_inputs(out: str | os.PathLike, inputs, flag: str = "--out") -> None:
+    """Refuses, in one line naming both, an output that is an input folder or lies inside one (a PNG
+    folder of samples, a --data folder): written there, the next read would take it for input.
+    `inputs`: (how the input is named, e.g. "--samples", its path or None) pairs; files are fine."""
+    target = Path(out).absolute().resolve()
+    for name, source in inputs:
+        if source is None or not Path(source).is_dir():
+            continue
+        folder = Path(source).absolute().resolve()
+        if target == folder or folder in target.parents:
+            raise UserInputError(f"{flag} {out}: lies inside {name} {source}, a folder this run reads; the next "
+                                 f"read would take the output for input: write it outside that folder")
+
+
 def refuse_existing(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> None:
     """Raises OutputExistsError unless `path` is free or `overwrite` was asked for, and a one-line
     UserInputError when it is a folder, could not be written at all, or names the current folder or one above it

@@ -13,7 +13,7 @@ from cmboost.boosting import boost_with, mean_realness, predicted_labels
 from cmboost.boost_config import as_record
 from cmboost.samples import load_samples, map_samples, to_float, to_uint8
 from cmboost.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
-from cmboost.atomic import refuse_existing
+from cmboost.atomic import refuse_existing, refuse_output_inside_inputs
 from cmboost.errors import UserInputError
 from cmboost.jobs import file_digest, refuse_finished, run_parts
 from cmboost.records import check_seed
@@ -232,6 +232,7 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
         raise UserInputError(f"--threshold-from does not apply to --method {method}")
     record = make_hyper(method, **hyper)  # the one validated record: bad values fail before any loading
     refuse_finished(run.out, run.overwrite)  # before loading a network that may take seconds to read
+    refuse_output_inside_inputs(run.out, [("the samples", run.samples)])
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     model = load_joint_model(run.model, arch=run.arch).to(device)

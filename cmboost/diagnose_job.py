@@ -74,6 +74,7 @@ def diagnose_files(run: DiagnoseRun) -> dict:
     import numpy as np
     import torch
 
+    from cmboost.atomic import refuse_output_inside_inputs
     from cmboost.boost_config import make_hyper
     from cmboost.boost_config import DEFAULT_REALNESS
     from cmboost.boost_job import check_fits_model, trained_realness_kind, with_trained_radius
@@ -98,6 +99,7 @@ def diagnose_files(run: DiagnoseRun) -> dict:
                for method, hyper in boost_choices(run, len(generators))]
     records = [(method, make_hyper(method, **hyper)) for method, hyper in choices]  # checked before loading
     check_outputs(run.out, run.overwrite)
+    refuse_output_inside_inputs(run.out, [("--samples", path) for _, path in generators] + [("--real", run.real)])
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     if settings.threads:

@@ -57,7 +57,7 @@ def train_features(run: FeatureTraining) -> Path:
     from its job folder (`<out>.job`)."""
     import torch
 
-    from cmboost.atomic import refuse_existing
+    from cmboost.atomic import refuse_existing, refuse_output_inside_inputs
     from cmboost.data import evaluation_split, load_dataset
     from cmboost.jobs import check_job_folder, job_dir, remove_job_folder
     from cmboost.metrics.domain_net import classify_accuracy, config_for_data, save_domain_net, train_domain_net
@@ -65,6 +65,8 @@ def train_features(run: FeatureTraining) -> Path:
 
     refuse_existing(run.out, run.overwrite)
     check_job_folder(job_dir(run.out))  # one cmboost did not make is refused before any work
+    refuse_output_inside_inputs(run.out, [("--data", run.data.partition(":")[2] or None),
+                                          ("--data-dir", run.data_dir)])
     if run.threads:
         torch.set_num_threads(run.threads)
     device = resolve_device(run.device)

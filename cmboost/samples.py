@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_open, check_writable, refuse_unsafe_output
+from cmboost.atomic import atomic_open, check_writable, refuse_output_inside_inputs, refuse_unsafe_output
 from cmboost.errors import OutputExistsError, UserInputError
 
 __all__ = ["to_float", "to_uint8", "check_samples", "load_samples", "map_samples", "open_samples",
@@ -511,6 +511,7 @@ def _save_png_folder(path: Path, images: np.ndarray, labels: np.ndarray | None, 
 def convert_samples(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False):
     """Rewrites a sample file as another layout (.npz <-> PNG folder); returns (images, labels)."""
     check_sample_output(out, overwrite)
+    refuse_output_inside_inputs(out, [("the input", source)])
     images, labels = load_samples(source)
     save_samples(out, images, labels, overwrite=overwrite)
     return images, labels

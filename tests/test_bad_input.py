@@ -509,3 +509,61 @@ def test_a_palette_png_folder_reads_as_the_colours_it_shows(tmp_path, capsys):
     images, _ = load_samples(mixed)
     np.testing.assert_array_equal(images, np.stack([grey[0], 255 - grey[1]])[:, None])
     assert _run(capsys, ["convert", mixed, "--out", tmp_path / "mixed.npz"])[0] == 0
+
+
+# An output inside a folder the run reads: refused before any work, the folder left as it was.
+OUTPUT_INSIDE_INPUT = [
+    ("boost", lambda w: ["boost", w / "png", "--model", JCD, "--out", w / "png" / "x.npz"], "png/x.npz"),
+    ("convert", lambda w: ["convert", w / "png", "--out", w / "png" / "sub"], "png/sub"),
+    ("train-features", lambda w: ["train-features", "--data", f"folder:{w / 'data'}", "--epochs", "1",
+                                  "--out", w / "data" / "c0" / "f.safetensors"], "--data"),
+    ("diagnose", lambda w: ["diagnose", "--model", JCD, "--samples", f"ct1={w / 'png'}", "--out", w / "png"],
+     "--samples"),
+    ("check-judges", lambda w: ["check-judges", "--samples", w / "png", "--judges", "fmnist-allconv",
+                                "--out", w / "png" / "j.json"], "--samples"),
+]
+
+
+@pytest.mark.parametrize("row", OUTPUT_INSIDE_INPUT, ids=[r[0] for r in OUTPUT_INSIDE_INPUT])
+def test_an_output_inside_a_folder_the_run_reads_is_refused(row, files, tmp_path, capsys):
+    from PIL import Image
+
+    _, argv, must_name = row
+    images, labels = load_samples(files / "good.npz")
+    save_samples(tmp_path / "png", images, labels)
+    for c in ("c0", "c1"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(images[i, 0]).save(tmp_path / "data" / c / f"{i}.png")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, err = _run(capsys, argv(tmp_path))
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "a folder this run reads" in err and must_name in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _check_judges_argv(samples, out, *extra):
+    return ["check-judges", "--samples", samples, "--judges", "fmnist-allconv", "--reference-count", "4", "--num", "4",
+            "--device", "cpu", "--out", out, *extra]
+
+
+@pytest.mark.parametrize("make, extra, message", [
+    (lambda d: save_samples(d / "labels-10.npz", np.zeros((4, 1, 32, 32), np.uint8), np.array([0, 3, 10, 11])), [],
+     "labels-10.npz: labels run from 0 to 11, but the attacker fmnist-attacker knows 10 classes"),
+    (lambda d: save_samples(d / "rgb.npz", np.zeros((4, 3, 32, 32), np.uint8), np.arange(4)), [],
+     "--samples {d}/rgb.npz: images are 3x32x32 (CxHxW), but --data fmnist test images are 1x32x32"),
+    (lambda d: save_samples(d / "ok.npz", np.zeros((4, 1, 32, 32), np.uint8), np.arange(4)),
+     ["--reference-count", "100000"], "--reference-count 100000 and --num 4: need 100004 real images"),
+    (lambda d: save_samples(d / "ok.npz", np.zeros((4, 1, 32, 32), np.uint8), np.arange(4)),
+     ["--judges", "fmnist-allconv,nope-judge"], "--judges nope-judge: no such judge"),
+], ids=["labels-beyond-the-attacker", "rgb-samples-grey-data", "reference-count-too-large", "unknown-judge"])
+def test_check_judges_checks_its_inputs_before_any_work_naming_the_flag(make, extra, message, tmp_path, capsys):
+    samples = make(tmp_path)
+    out = tmp_path / "j.json"
+    code, err = _run(capsys, _check_judges_argv(samples, out, *extra))
+    _assert_clean_refusal(code, err, message.format(d=tmp_path), out)
+
+
+def test_a_path_with_a_newline_is_escaped_so_the_error_stays_one_line(tmp_path, capsys):
+    code, err = _run(capsys, ["boost", tmp_path / "no\nsuch.npz", "--model", JCD, "--out", tmp_path / "o.npz"])
+    assert code == 2 and len(err.splitlines()) == 1 and "no\\nsuch.npz" in err, err

@@ -96,7 +96,7 @@ def check_judges(run: JudgeCheckRun) -> dict:
     run takes the judges it finished from its job folder (`<out>.job`)."""
     import torch
 
-    from cmboost.atomic import atomic_write_text, refuse_existing
+    from cmboost.atomic import atomic_write_text, refuse_existing, refuse_output_inside_inputs
     from cmboost.data import load_dataset
     from cmboost.jobs import check_job_folder, job_dir, remove_job_folder
     from cmboost.metrics.judge_check import format_table, run_judge_check
@@ -105,6 +105,7 @@ def check_judges(run: JudgeCheckRun) -> dict:
 
     refuse_existing(run.out, run.overwrite)
     check_job_folder(job_dir(run.out))  # one cmboost did not make is refused before any work
+    refuse_output_inside_inputs(run.out, [("--samples", run.samples), ("--data-dir", run.data_dir)])
     if run.threads:
         torch.set_num_threads(run.threads)
     device = resolve_device(run.device)
