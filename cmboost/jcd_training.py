@@ -26,7 +26,7 @@ import torch
 from cmboost.attacks import PGD
 from cmboost.samples import to_float
 from cmboost.errors import UserInputError
-from cmboost.jobs import MODEL_FILE, Job, load_optimizer, module_tensors, optimizer_tensors, tensors_under
+from cmboost.jobs import MODEL_FILE, Job, module_tensors, optimizer_tensors
 from cmboost.jcd import (build_joint_model, load_joint_model, log_realness_from_logits,
                          save_joint_model)
 from cmboost.losses import get_objective
@@ -191,7 +191,7 @@ def train_jcd(config: TrainConfig) -> Path:
              fresh="use a new --run-dir", as_flags=True) as job:
         run_dir = job.folder
         state_path, final_path = job.state_path, run_dir / MODEL_FILE
-        state = job.load_state()
+        state = job.load_state(meta_keys=("optimizer_groups", "scheduler"))
         start = state[0] if state is not None else 0
         if state is not None and start >= c.iters and final_path.exists():
             print0(f"train-jcd: {run_dir} already finished ({start} iterations); model at {final_path}")
@@ -210,8 +210,8 @@ def train_jcd(config: TrainConfig) -> Path:
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         if state is not None:
             _, tensors, meta = state
-            model.load_state_dict(tensors_under("model", tensors))
-            load_optimizer(optimizer, tensors, meta["optimizer_groups"])
+            job.restore("model", model, tensors)
+            job.restore_optimizer(optimizer, tensors, meta["optimizer_groups"])
             scheduler.load_state_dict(_scheduler_from_json(meta["scheduler"]))
             if "scaler" in meta and scaler.is_enabled():
                 scaler.load_state_dict(meta["scaler"])

@@ -376,8 +376,9 @@ class Job:
         header = {"format": STATE_FORMAT, "step": str(int(step)), "meta": json.dumps(as_json(dict(meta)), sort_keys=True)}
         return save_safetensors(self.state_path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header)
 
-    def load_state(self) -> tuple[int, dict, dict] | None:
-        """(step, tensors, meta) of the saved training state, or None when there is none yet."""
+    def load_state(self, meta_keys: Sequence[str] = ("optimizer_groups",)) -> tuple[int, dict, dict] | None:
+        """(step, tensors, meta) of the saved training state, or None when there is none yet; a state
+        whose meta lacks one of `meta_keys` is refused in one line naming the file and the key."""
         from cmboost.checkpoints import read_safetensors
 
         if not self.state_path.is_file():
@@ -394,7 +395,32 @@ class Job:
             step, meta = int(header["step"]), json.loads(header["meta"])
         except (KeyError, ValueError) as err:
             raise UserInputError(f"{self.state_path}: damaged training state ({err}); {fix}") from None
+        if not isinstance(meta, dict):
+            raise UserInputError(f"{self.state_path}: damaged training state (meta is not a JSON object); {fix}")
+        for key in meta_keys:
+            if key not in meta:
+                raise UserInputError(f"{self.state_path}: damaged training state (meta.{key} missing); {fix}")
         return step, tensors, meta
+
+    def restore(self, prefix: str, module, tensors: Mapping) -> None:
+        """Loads the state's `prefix.` tensors into `module`; a state of another network (other keys or
+        shapes) is refused in one line naming the file, never a load_state_dict traceback."""
+        from cmboost.checkpoints import check_fits
+
+        state = tensors_under(prefix, tensors)
+        try:
+            check_fits(module.state_dict(), state, self.state_path, f"this run's network ({prefix})")
+        except UserInputError as err:
+            raise UserInputError(f"{err}; it is another run's training state: {self.fresh}") from None
+        module.load_state_dict(state)
+
+    def restore_optimizer(self, optimizer, tensors: Mapping, groups) -> None:
+        """`load_optimizer`, with a state that does not fit the optimizer refused in one line."""
+        try:
+            load_optimizer(optimizer, tensors, groups)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise UserInputError(f"{self.state_path}: its optimizer state does not fit this run's ({err}); it is "
+                                 f"another run's training state: {self.fresh}") from None
 
     # -- log
     @property

@@ -387,3 +387,36 @@ def test_a_damaged_check_judges_row_is_named_with_its_file_and_key(tmp_path, mon
     args, kwargs = judge_check_inputs
     with pytest.raises(UserInputError, match=rf"{folder / jobs.ROWS_FILE}: fmnist-allconv: .*delete {folder}"):
         run_judge_check(["fmnist-allconv", "fmnist-resnet"], *args, **kwargs, job_folder=folder)
+
+
+# ----------------------------------------------------------------------------- trainers' state
+
+def _foreign_state(path, meta):
+    import torch
+
+    from cmboost.checkpoints import save_safetensors
+
+    save_safetensors(path, {"model.other.weight": torch.zeros(3, 3)},
+                     {"format": jobs.STATE_FORMAT, "step": "1", "meta": json.dumps(meta)})
+
+
+def test_train_features_refuses_a_state_of_another_network_in_one_line(tmp_path):
+    from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings, train_domain_net
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (8, 1, 28, 28), dtype=np.uint8), np.arange(8) % 10
+    config, settings = DomainNetConfig(widths=(4, 4, 4, 4), feature_dim=8), TrainSettings(epochs=1, batch_size=8)
+    folder = tmp_path / "f.safetensors.job"
+    train_domain_net(images, labels, config, settings, job_folder=folder, log=None)
+    _foreign_state(folder / jobs.STATE_FILE, {"optimizer_groups": []})  # same job, another network's state
+    with pytest.raises(UserInputError, match=r"state.safetensors: does not fit this run's network \(model\).*"
+                                             r"another run's training state"):
+        train_domain_net(images, labels, config, settings, job_folder=folder, log=None)
+
+
+@pytest.mark.parametrize("meta", [[1, 2], {"scheduler": {}}], ids=["meta-a-list", "no-optimizer-groups"])
+def test_a_training_state_without_its_meta_is_named_with_the_file_and_key(tmp_path, meta):
+    with jobs.Job(tmp_path / "run", {"what": "train"}) as job:
+        _foreign_state(job.state_path, meta)
+        with pytest.raises(UserInputError, match=r"state.safetensors: damaged training state \(meta"):
+            job.load_state()

@@ -32,8 +32,7 @@ from cmboost.cm.losses import (DISTANCES, cd_loss, ct_level_probs, ct_loss, ct_n
                               edm_loss)
 from cmboost.cm.unet import attention_rates
 from cmboost.errors import UserInputError
-from cmboost.jobs import (MODEL_FILE, Job, load_optimizer, module_tensors, optimizer_tensors,
-                          tensors_under)
+from cmboost.jobs import MODEL_FILE, Job, module_tensors, optimizer_tensors
 from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
                              field_default, flag_of)
 from cmboost.runtime import DistInfo, all_finite, autocast, barrier, dist_info, on_every_rank, print0, sample_seed
@@ -301,11 +300,11 @@ class Trainer:
         if saved is None:
             return False
         self.iteration, tensors, meta = saved
-        self.net.load_state_dict(tensors_under("net", tensors))
-        self.ema.load_state_dict(tensors_under("ema", tensors))
+        job.restore("net", self.net, tensors)
+        job.restore("ema", self.ema, tensors)
         if self.target is not None:
-            self.target.load_state_dict(tensors_under("target", tensors))
-        load_optimizer(self.opt, tensors, meta["optimizer_groups"])
+            job.restore("target", self.target, tensors)
+        job.restore_optimizer(self.opt, tensors, meta["optimizer_groups"])
         return True
 
     def export(self, path: Path) -> Path:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from cmboost.checkpoints import check_fits, read_checkpoint, save_checkpoint
 from cmboost.errors import UserInputError
-from cmboost.jobs import Job, load_optimizer, module_tensors, optimizer_tensors, tensors_under
+from cmboost.jobs import Job, module_tensors, optimizer_tensors
 from cmboost.records import check_above, check_at_least, check_finite, check_seed, field_default
 from cmboost.runtime import autocast, sample_seed
 
@@ -402,8 +402,8 @@ def _train(images_u8, labels, config, settings, device, precision, job: Job | No
     saved = job.load_state() if job is not None else None
     if saved is not None:
         start_epoch, tensors, meta = saved
-        net.load_state_dict(tensors_under("model", tensors))
-        load_optimizer(optimizer, tensors, meta["optimizer_groups"])
+        job.restore("model", net, tensors)
+        job.restore_optimizer(optimizer, tensors, meta["optimizer_groups"])
         if log:
             log(f"resuming from {job.state_path} after epoch {start_epoch}")
     images = torch.from_numpy(np.ascontiguousarray(images_u8))
