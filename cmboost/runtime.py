@@ -57,6 +57,68 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------- threads
+
+# Linear algebra on feature statistics (eigen-decompositions, Cholesky factors, covariances, Gram
+# matrices, k-NN distances) runs on one thread. Its operations are small, and OpenMP's and
+# OpenBLAS's workers spin-wait for each other between them: on this 2-core CPU an eigvalsh of a
+# 256x256 matrix took 2.4 ms on two threads idle but 235 ms beside one busy process, against 4 ms on
+# one thread; only large Gram matrices gain from a second thread, and those are computed once per
+# reference. benchmarks/scoring_speed.py measures both choices side by side. Convolutions are not
+# affected: they keep torch's thread count.
+STATISTICS_THREADS = 1
+
+_blas_controller = None
+
+
+def _blas_threads():
+    """threadpoolctl's controller of every BLAS library loaded now (numpy's and scipy's OpenBLAS),
+    made once, after scipy's LAPACK is loaded."""
+    global _blas_controller
+    if _blas_controller is None:
+        import scipy.linalg  # noqa: F401  (loads scipy's own OpenBLAS, so that the controller sees it)
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    return _blas_controller
+
+
+_statistics_depth = 0  # statistics_threads() contexts open now: an inner one changes nothing
+
+
+@contextlib.contextmanager
+def statistics_threads(threads: int = STATISTICS_THREADS) -> Iterator[None]:
+    """For the duration, torch's CPU operations and the BLAS libraries (numpy's, scipy's) use
+    `threads` threads; the caller's settings are restored after. Nested uses cost nothing."""
+    global _statistics_depth
+    if _statistics_depth:
+        yield
+        return
+    saved = torch.get_num_threads()
+    _statistics_depth += 1
+    try:
+        if saved != threads:
+            torch.set_num_threads(threads)
+        with _blas_threads().limit(limits=threads, user_api="blas"):
+            yield
+    finally:
+        _statistics_depth -= 1
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
+
+
+def on_statistics_threads(function):
+    """Decorator: `function` runs under statistics_threads()."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with statistics_threads():
+            return function(*args, **kwargs)
+
+    return wrapped
+
+
 # ----------------------------------------------------------------------------- memory
 
 def memory_limit() -> int | None:

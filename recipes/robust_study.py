@@ -30,7 +30,8 @@ from cmboost.controls import random_perturbation
 from cmboost.data import load_dataset
 from cmboost.jcd import load_joint_model
 from cmboost.metrics.features import load_feature_extractor
-from cmboost.metrics.judge_check import ReferenceFeatures, fid_kid, paired_bootstrap_std, passing, pool_features
+from cmboost.metrics.stats import ReferenceStatistics
+from cmboost.metrics.judge_check import fid_kid, paired_bootstrap_std, passing, pool_features
 from cmboost.metrics.judges import REPORTING_JUDGES
 from cmboost.report import markdown_table
 from cmboost.samples import load_samples, to_float, to_uint8
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     print(f"panel: {', '.join(panel)}", flush=True)
     extractors = {name: load_feature_extractor(name, "cpu") for name in panel}
     real, _, _ = load_dataset("fmnist", "test", image_size=32)
-    refs = {name: ReferenceFeatures.of(cached_features(out / "features" / f"ref-{name}.npy", ex,
+    refs = {name: ReferenceStatistics.of(cached_features(out / "features" / f"ref-{name}.npy", ex,
                                                         real[:REFERENCE_COUNT]))
             for name, ex in extractors.items()}
 

@@ -279,22 +279,39 @@ def test_kid_follows_the_fixed_keys_and_ranks_like_fid(fmnist, reference):
 
 
 def test_a_rank_deficient_reference_is_decomposed_once_and_gives_the_same_fid():
-    from cmboost.metrics.evaluate import _reference_root
-    from cmboost.metrics.reference import Reference
-    from cmboost.metrics.stats import feature_statistics, frechet_distance
+    from cmboost.metrics.stats import ReferenceStatistics, feature_statistics, frechet_distance
 
     rng = np.random.default_rng(0)
     few = rng.normal(size=(20, 40))                     # 20 images, 40-d features: rank 19
     mu, sigma = feature_statistics(few)
-    ref = Reference(mu=mu, sigma=sigma, source="few")
-    root = _reference_root(ref)
-    assert root is not None and _reference_root(ref) is root  # computed once, then reused
-    assert np.allclose(root @ root, sigma, atol=1e-9)
+    prepared = ReferenceStatistics(mu, sigma)
+    kind, root = prepared.fid_route()
+    assert kind == "root" and prepared.fid_route()[1] is root  # computed once, then reused
+    assert np.allclose((root @ root).numpy(), sigma, atol=1e-9)
     other_mu, other_sigma = feature_statistics(rng.normal(size=(30, 40)) + 0.3)
-    with_root = frechet_distance(mu, sigma, other_mu, other_sigma, sqrt_sigma1=root)
-    assert with_root == pytest.approx(frechet_distance(mu, sigma, other_mu, other_sigma), rel=1e-9)
+    assert prepared.fid(other_mu, other_sigma) == pytest.approx(
+        frechet_distance(mu, sigma, other_mu, other_sigma), rel=1e-9)
     full_mu, full_sigma = feature_statistics(rng.normal(size=(200, 40)))
-    assert _reference_root(Reference(mu=full_mu, sigma=full_sigma, source="many")) is None
+    assert ReferenceStatistics(full_mu, full_sigma).fid_route()[0] == "factor"
+
+
+def test_evaluations_against_one_reference_reuse_its_prepared_statistics(fmnist):
+    """The reference's side (Cholesky factor, k-NN radii, KID subsets) is made on the first evaluation
+    and reused by the next: a second evaluation of other images finds it made and gives the numbers
+    a fresh reference gives."""
+    from cmboost.metrics.reference import Reference, reference_stats
+
+    reference = reference_stats(fmnist[0][:600], "fmnist", batch_size=128, num_features=600)
+    first = evaluate_images(fmnist[0][600:900], reference, "fmnist", batch_size=128)  # more rows than dimensions
+    prepared = [v for k, v in reference.cache.items() if k[0] == "statistics"]
+    assert len(prepared) == 1 and prepared[0]._radii and prepared[0]._kid and prepared[0]._fid_route
+    made = (prepared[0]._fid_route[1], dict(prepared[0]._radii))
+    second = evaluate_images(fmnist[0][900:1200], reference, "fmnist", batch_size=128)
+    assert prepared[0]._fid_route[1] is made[0] and all(prepared[0]._radii[k] is v for k, v in made[1].items())
+    fresh = Reference(mu=reference.mu, sigma=reference.sigma, features=reference.features,
+                      feature_net=reference.feature_net, source=reference.source, count=reference.count)
+    assert evaluate_images(fmnist[0][900:1200], fresh, "fmnist", batch_size=128) == second
+    assert first != second
 
 
 def test_a_compact_reference_reads_back_as_float64_statistics_and_float32_features(tmp_path):

@@ -239,3 +239,51 @@ def test_the_trace_from_the_rows_equals_the_full_one_when_there_are_fewer_rows_t
     assert frechet_distance(mu1, sigma1, mu3, sigma3, features2=many) == frechet_distance(mu1, sigma1, mu3, sigma3)
     with pytest.raises(ValueError, match="features2"):
         trace_sqrt_product_rows(sigma1, few[:, :10])
+
+
+# ----------------------------------------------------------------------------- a reference prepared once
+
+
+def test_a_prepared_reference_gives_each_metric_of_the_plain_functions_to_float64_rounding():
+    """ReferenceStatistics keeps the reference's side of every metric; each number it gives equals
+    the plain function's on the same features, to float64 rounding (KID: its subset kernels are
+    computed per subset instead of cut from one Gram matrix, so sums round in another order)."""
+    from cmboost.metrics.stats import (ReferenceStatistics, density_coverage, kernel_inception_distance)
+
+    rng = np.random.default_rng(7)
+    real = _gaussian(rng, 400, 24).astype(np.float32)
+    prepared = ReferenceStatistics.of(real)
+    mu, sigma = feature_statistics(real)
+    assert np.array_equal(prepared.mu, mu) and np.array_equal(prepared.sigma, sigma)
+    for shift in (0.0, 0.3):  # two generated sets against the same prepared reference
+        fake = (_gaussian(rng, 180, 24, shift=shift) * 1.1).astype(np.float32)
+        fmu, fsigma = feature_statistics(fake)
+        assert prepared.fid(fmu, fsigma) == frechet_distance(mu, sigma, fmu, fsigma)  # the same route, bit for bit
+        assert prepared.precision_recall(fake, 3) == precision_recall(real, fake, 3)
+        assert prepared.density_coverage(fake, 3) == density_coverage(real, fake, 3)
+        kid, std = prepared.kid(fake, subsets=15)
+        plain_kid, plain_std = kernel_inception_distance(real, fake, subsets=15)
+        assert kid == pytest.approx(plain_kid, rel=1e-9, abs=1e-13)
+        assert std == pytest.approx(plain_std, rel=1e-9, abs=1e-13)
+    few = (_gaussian(rng, 20, 24) + 0.2).astype(np.float32)  # fewer rows than dimensions: the rows route
+    fmu, fsigma = feature_statistics(few)
+    assert prepared.fid(fmu, fsigma, rows=few) == frechet_distance(mu, sigma, fmu, fsigma, features2=few)
+    assert len(prepared._kid) == 1 and len(prepared._radii) == 1  # one draw (180 rows twice), one k
+
+
+def test_statistics_run_on_one_thread_and_give_the_caller_its_threads_back():
+    from cmboost.runtime import STATISTICS_THREADS, statistics_threads
+
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with statistics_threads():
+            seen.append(torch.get_num_threads())
+            with statistics_threads():  # nested: nothing changes, nothing is restored early
+                seen.append(torch.get_num_threads())
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [STATISTICS_THREADS, STATISTICS_THREADS, STATISTICS_THREADS, 2]

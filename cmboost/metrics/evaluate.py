@@ -23,9 +23,7 @@ from cmboost.metrics.features import FeatureExtractor
 from cmboost.metrics.judges import DEFAULT_FEATURES
 from cmboost.records import FEATURE_PRECISION
 from cmboost.metrics.reference import Reference, load_references
-from cmboost.metrics.stats import (density_coverage, frechet_distance, inception_score,
-                                   kernel_inception_distance, knn_radii, polynomial_kernel, precision_recall,
-                                   psd_sqrt)
+from cmboost.metrics.stats import ReferenceStatistics, frechet_distance, inception_score
 from cmboost.runtime import dist_info
 from cmboost.samples import ArraySource, ImageSource, open_samples
 
@@ -77,10 +75,9 @@ def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, b
 
     result: dict = {}
     if dist_info().is_main:
+        prepared = _prepared(ref, ref_features)
         few = samples.pool is not None and len(samples.pool) == samples.count <= len(samples.mu)
-        result["fid"] = frechet_distance(ref.mu, ref.sigma, samples.mu, samples.sigma,
-                                         sqrt_sigma1=None if few else _reference_root(ref),
-                                         features2=samples.pool if few else None)
+        result["fid"] = prepared.fid(samples.mu, samples.sigma, rows=samples.pool if few else None)
         if samples.count < len(samples.mu):
             notes["fid"] = (f"{source.name}: {samples.count} images for {len(samples.mu)}-d features: the sample "
                             f"covariance is rank-deficient and FID is biased high; use at least {len(samples.mu)} "
@@ -102,17 +99,16 @@ def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, b
             result.update(dict.fromkeys(knn_keys))
             notes.update(dict.fromkeys(knn_keys, reason))
         else:
-            key = ("radii", PR_NEIGHBOURS, len(ref_features))
-            if key not in ref.cache:
-                real = torch.as_tensor(np.asarray(ref_features, dtype=np.float32), device=extractor.device)
-                ref.cache[key] = knn_radii(real, PR_NEIGHBOURS)  # on the extractor's device, as before caching
-            result["precision"], result["recall"] = precision_recall(
-                ref_features, samples.pool, k=PR_NEIGHBOURS, device=extractor.device, real_radii=ref.cache[key])
-            result["density"], result["coverage"] = density_coverage(
-                ref_features, samples.pool, k=PR_NEIGHBOURS, device=extractor.device, real_radii=ref.cache[key])
-        result["kid"], result["kid_std"], kid_note = _kid(ref, ref_features, samples.pool)
-        if kid_note:
-            notes["kid"] = notes["kid_std"] = kid_note
+            # the radii on the extractor's device, where the distances are computed
+            result["precision"], result["recall"] = prepared.precision_recall(samples.pool, PR_NEIGHBOURS,
+                                                                              extractor.device)
+            result["density"], result["coverage"] = prepared.density_coverage(samples.pool, PR_NEIGHBOURS,
+                                                                              extractor.device)
+        if ref_features is None or len(ref_features) < 2 or len(samples.pool) < 2:
+            result["kid"] = result["kid_std"] = None
+            notes["kid"] = notes["kid_std"] = f"{ref.source}: KID needs reference features and at least 2 rows on each side"
+        else:
+            result["kid"], result["kid_std"] = prepared.kid(samples.pool)
         fd_keys = fd_results(result, notes, extractor, others) if others else {}
         result = {key: result[key] for key in METRIC_KEYS + KID_KEYS + DC_KEYS + tuple(fd_keys)}
         if fd_keys:
@@ -129,29 +125,14 @@ def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, b
     return result
 
 
-def _reference_root(ref: Reference):
-    """sqrt(sigma) of a rank-deficient reference (fewer images than feature dimensions), computed once
-    per reference; None for a full-rank one. A full-rank sigma has a Cholesky factor, which is cheaper
-    afresh than products with a cached root; a rank-deficient one has none, and every FID against it
-    would otherwise decompose it again (seconds for 1280-d features)."""
-    if "sqrt_sigma" not in ref.cache:
-        sigma = torch.as_tensor(np.asarray(ref.sigma, dtype=np.float64))
-        full_rank = int(torch.linalg.cholesky_ex(sigma)[1]) == 0
-        ref.cache["sqrt_sigma"] = None if full_rank else psd_sqrt(np.asarray(ref.sigma, dtype=np.float64))
-    return ref.cache["sqrt_sigma"]
-
-
-def _kid(ref: Reference, ref_features: np.ndarray | None, fake_features: np.ndarray) -> tuple:
-    """(kid, kid_std, note): KID against the reference's kept features. The reference's own Gram
-    matrix is the costly part, so it is kept on the Reference for the next evaluation against it."""
-    if ref_features is None or len(ref_features) < 2 or len(fake_features) < 2:
-        return None, None, f"{ref.source}: KID needs reference features and at least 2 rows on each side"
-    key = ("kid_gram", len(ref_features))
+def _prepared(ref: Reference, ref_features: np.ndarray | None) -> ReferenceStatistics:
+    """The reference's side of every metric (ReferenceStatistics), made on its first evaluation and
+    kept on the Reference, so that the next evaluation against it (tune's next candidate, the demo's
+    next row) reuses its Cholesky factor, k-NN radii and KID subsets."""
+    key = ("statistics", None if ref_features is None else len(ref_features))
     if key not in ref.cache:
-        real = torch.as_tensor(np.asarray(ref_features, dtype=np.float32))
-        ref.cache[key] = polynomial_kernel(real, real)
-    kid, kid_std = kernel_inception_distance(ref_features, fake_features, real_gram=ref.cache[key])
-    return kid, kid_std, None
+        ref.cache[key] = ReferenceStatistics(ref.mu, ref.sigma, ref_features)
+    return ref.cache[key]
 
 
 def evaluate_images(images_u8: np.ndarray, reference: Reference | str | os.PathLike,

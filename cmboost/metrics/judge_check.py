@@ -34,8 +34,7 @@ from cmboost.boost_config import step_length
 from cmboost.controls import gaussian_blur, move_to_norm, random_perturbation
 from cmboost.errors import UserInputError
 from cmboost.jobs import Job
-from cmboost.metrics.stats import (feature_statistics, frechet_distance, kernel_inception_distance,
-                                   polynomial_kernel, psd_sqrt)
+from cmboost.metrics.stats import ReferenceStatistics, feature_statistics
 from cmboost.runtime import sample_generators, randn_per_sample
 
 FORMAT_VERSION = 1
@@ -162,36 +161,16 @@ def pool_features(extractor, images_u8: np.ndarray, batch_size: int = 250) -> np
     return np.concatenate(parts)
 
 
-@dataclasses.dataclass
-class ReferenceFeatures:
-    """The reference's features and statistics, with the square root of its covariance computed once:
-    every FID against it then needs one eigenvalue problem, not two (the bootstrap makes many)."""
-    features: np.ndarray
-    mu: np.ndarray
-    sigma: np.ndarray
-    sqrt_sigma: np.ndarray
-    gram: torch.Tensor  # KID's kernel of the reference with itself, the costly part of every KID
-
-    @classmethod
-    def of(cls, features: np.ndarray) -> "ReferenceFeatures":
-        mu, sigma = feature_statistics(features)
-        as_tensor = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-        return cls(features, mu, sigma, psd_sqrt(sigma), polynomial_kernel(as_tensor, as_tensor))
-
-    def fid(self, mu: np.ndarray, sigma: np.ndarray) -> float:
-        return frechet_distance(self.mu, self.sigma, mu, sigma, sqrt_sigma1=self.sqrt_sigma)
-
-
-def fid_kid(ref: ReferenceFeatures, features: np.ndarray) -> dict:
+def fid_kid(ref: ReferenceStatistics, features: np.ndarray) -> dict:
     mu, sigma = feature_statistics(features)
     fid = ref.fid(mu, sigma)
-    kid, kid_std = kernel_inception_distance(ref.features, features, real_gram=ref.gram)
+    kid, kid_std = ref.kid(features)
     if not all(np.isfinite([fid, kid, kid_std])):
         raise UserInputError("judge check: a non-finite FID or KID (broken features?)")
     return {"fid": fid, "kid": kid, "kid_std": kid_std}
 
 
-def paired_bootstrap_std(ref: ReferenceFeatures, before: np.ndarray, after: np.ndarray, resamples: int,
+def paired_bootstrap_std(ref: ReferenceStatistics, before: np.ndarray, after: np.ndarray, resamples: int,
                          seed: int) -> float:
     """Std of FID(after[i]) - FID(before[i]) over resampled image indices i (the same i for both:
     the two sets are the same images before and after an edit, so their noise is shared)."""
@@ -203,7 +182,7 @@ def paired_bootstrap_std(ref: ReferenceFeatures, before: np.ndarray, after: np.n
     return float(np.std(diffs, ddof=1))
 
 
-def check_ladder(ref: ReferenceFeatures, features: Callable[[np.ndarray], np.ndarray], clean: dict,
+def check_ladder(ref: ReferenceStatistics, features: Callable[[np.ndarray], np.ndarray], clean: dict,
                  families: dict[str, list]) -> dict:
     """Every family's FID and KID from clean to severe, and whether FID rises strictly along it."""
     out = {}
@@ -215,7 +194,7 @@ def check_ladder(ref: ReferenceFeatures, features: Callable[[np.ndarray], np.nda
     return out
 
 
-def check_transfer(ref: ReferenceFeatures, features: Callable[[np.ndarray], np.ndarray], base_u8: np.ndarray,
+def check_transfer(ref: ReferenceStatistics, features: Callable[[np.ndarray], np.ndarray], base_u8: np.ndarray,
                    edits: dict[float, dict[str, np.ndarray]], settings: CheckSettings) -> dict:
     """FID of the generated images, of each adversarial edit and of its norm-matched random edit; an
     edit is *rewarded* when FID falls by more than `error_bars` paired-bootstrap stds (computed only when
@@ -266,7 +245,7 @@ def check_judge(extractor, reference_u8: np.ndarray, probe_u8: np.ndarray, gener
     """One judge through both tests. `reference_u8`: real images whose statistics are the reference;
     `probe_u8`: other real images (the clean rung); `generated_u8`: the images the edits started from."""
     features = lambda images: pool_features(extractor, images)  # noqa: E731
-    ref = ReferenceFeatures.of(features(reference_u8))
+    ref = ReferenceStatistics.of(features(reference_u8))
     clean = fid_kid(ref, features(probe_u8))
     ladder = check_ladder(ref, features, clean, families)
     transfer = check_transfer(ref, features, generated_u8, edits, settings)

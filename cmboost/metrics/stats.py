@@ -2,7 +2,9 @@
 
 Nothing here knows about images or networks: features in, numbers out. Everything that feeds a
 metric is computed in float64 (statistics, square roots, logs); pairwise distances for
-precision/recall are float32 on the features' device, in row x column blocks.
+precision/recall are float32 on the features' device, in row x column blocks. Every entry point
+runs under runtime.statistics_threads (one thread: see there why). `ReferenceStatistics` holds what a
+reference contributes to every metric, computed once and reused by each evaluation against it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 
 import numpy as np
 import torch
+
+from cmboost.runtime import on_statistics_threads
 
 # ----------------------------------------------------------------------------- Gaussian statistics
 
@@ -27,6 +31,7 @@ class RunningStats:
         self.sum = np.zeros(self.dim, dtype=np.float64)
         self.outer = np.zeros((self.dim, self.dim), dtype=np.float64)
 
+    @on_statistics_threads
     def update(self, features: np.ndarray | torch.Tensor) -> None:
         x = _as_float64(features)
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -42,6 +47,7 @@ class RunningStats:
         self.sum += other.sum
         self.outer += other.outer
 
+    @on_statistics_threads
     def finalize(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) with the unbiased covariance (ddof 1), as np.cov gives."""
         if self.count < 2:
@@ -51,6 +57,7 @@ class RunningStats:
         return mu, (sigma + sigma.T) / 2.0  # symmetric to the last bit
 
 
+@on_statistics_threads
 def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of feature rows [N, D] in float64; sigma is np.cov(rowvar=False)."""
     x = _as_float64(features)
@@ -59,8 +66,9 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
+@on_statistics_threads
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1=None,
-                     device: torch.device | str | None = None, features2=None) -> float:
+                     device: torch.device | str | None = None, features2=None, factor1=None) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64 (Heusel et al. 2017, eq. 6).
 
     tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2; see
@@ -72,6 +80,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1=No
     square root would be imaginary, and that raises. Runs in torch float64 on `device` (default: the
     device of a tensor argument, else the CPU), so a GPU does the decompositions when asked.
     `sqrt_sigma1` (psd_sqrt(sigma1)) may be passed in; it replaces the Cholesky route, which is faster.
+    `factor1`, the Cholesky factor of sigma1, may be passed in too: the same route, without refactoring.
     `features2`, the rows that sigma2 is the covariance of, may be passed too: with fewer rows than
     dimensions the trace comes from an N x N eigenvalue problem instead (`trace_sqrt_product_rows`)."""
     device = _pick_device(device, mu1, sigma1, mu2, sigma2, sqrt_sigma1)
@@ -90,10 +99,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, sqrt_sigma1=No
     if features2 is not None and len(features2) <= dim:
         cross = trace_sqrt_product_rows(sigma1, features2, eps, device)
     else:
-        cross = trace_sqrt_product(sigma1, sigma2, eps, sqrt_sigma1, device)
+        cross = trace_sqrt_product(sigma1, sigma2, eps, sqrt_sigma1, device, factor1)
     return float(diff @ diff + torch.trace(sigma1) + torch.trace(sigma2) - 2.0 * cross)
 
 
+@on_statistics_threads
 def trace_sqrt_product_rows(sigma1, features2, eps: float = 1e-6, device: torch.device | str | None = None) -> float:
     """tr((S1 S2)^(1/2)) where S2 is the covariance (ddof 1) of the N rows of `features2`, for N at
     most the dimension D. With A = (X - mean)^T / sqrt(N - 1), S2 = A A^T, and the nonzero eigenvalues
@@ -124,6 +134,7 @@ def _psd_eigenvalues(matrix: torch.Tensor, name: str, eps: float, vectors: bool 
     return values.clamp_min(0.0), basis
 
 
+@on_statistics_threads
 def check_covariance(sigma, name: str = "sigma", eps: float = 1e-6) -> None:
     """Raises ValueError, as frechet_distance would, unless `sigma` is positive semi-definite up to
     rounding: a Cholesky factor settles the usual (definite) case cheaply, eigenvalues the rest."""
@@ -133,6 +144,7 @@ def check_covariance(sigma, name: str = "sigma", eps: float = 1e-6) -> None:
     _psd_eigenvalues(matrix, name, eps)
 
 
+@on_statistics_threads
 def psd_sqrt(sigma, eps: float = 1e-6, device: torch.device | str | None = None):
     """The symmetric square root of a covariance (float64), from its eigendecomposition; a numpy
     array for numpy input, else a tensor on `device`."""
@@ -142,8 +154,9 @@ def psd_sqrt(sigma, eps: float = 1e-6, device: torch.device | str | None = None)
     return root if isinstance(sigma, torch.Tensor) or device is not None else root.cpu().numpy()
 
 
+@on_statistics_threads
 def trace_sqrt_product(sigma1, sigma2, eps: float = 1e-6, sqrt_sigma1=None,
-                       device: torch.device | str | None = None) -> float:
+                       device: torch.device | str | None = None, factor1=None) -> float:
     """tr((S1 S2)^(1/2)) for covariances S1, S2, in float64 on `device`.
 
     The eigenvalues of S1 S2 are those of any symmetric matrix similar to it: L^T S2 L when
@@ -152,13 +165,15 @@ def trace_sqrt_product(sigma1, sigma2, eps: float = 1e-6, sqrt_sigma1=None,
     eigenvalues); a rank-deficient pair (fewer samples than dimensions) falls back to the
     eigendecomposition square root, which is defined for any PSD matrix. Either way one symmetric
     eigenvalue problem remains, and only its eigenvalues are computed. Symmetric inputs are read
-    from one triangle, as LAPACK does."""
+    from one triangle, as LAPACK does. `factor1`, S1's Cholesky factor L, skips its factoring."""
     device = _pick_device(device, sigma1, sigma2, sqrt_sigma1)
     s1, s2 = _as_float64_tensor(sigma1, device), _as_float64_tensor(sigma2, device)
     inner, uplo = None, "L"
     if sqrt_sigma1 is not None:
         root = _as_float64_tensor(sqrt_sigma1, device)
         inner = root @ s2 @ root
+    elif factor1 is not None:
+        inner, uplo = _congruence(_as_float64_tensor(factor1, device), s2)
     else:
         for a, b in ((s1, s2), (s2, s1)):
             factor, info = torch.linalg.cholesky_ex(a)
@@ -216,6 +231,7 @@ def inception_score(probs: np.ndarray | torch.Tensor, split_size: int = 5000) ->
 # ----------------------------------------------------------------------------- precision / recall
 
 
+@on_statistics_threads
 def knn_radii(features: torch.Tensor, k: int = 3, batch_size: int = 5000) -> torch.Tensor:
     """Distance from each row to its k-th nearest other row (the (k+1)-th smallest distance,
     counting itself), in row x column blocks: memory is batch_size x (batch_size + k + 1)."""
@@ -260,6 +276,7 @@ def _feature_pair(real_features, fake_features, device, batch_size: int, what: s
     return real, fake
 
 
+@on_statistics_threads
 def precision_recall(real_features, fake_features, k: int = 3, batch_size: int = 5000,
                      device: torch.device | str | None = None,
                      real_radii: torch.Tensor | None = None) -> tuple[float, float]:
@@ -276,6 +293,7 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     return float(precision), float(recall)
 
 
+@on_statistics_threads
 def density_coverage(real_features, fake_features, k: int = 3, batch_size: int = 5000,
                      device: torch.device | str | None = None,
                      real_radii: torch.Tensor | None = None) -> tuple[float, float]:
@@ -308,41 +326,66 @@ KID_SUBSETS = 100        # Binkowski et al. 2018 and torch-fidelity: 100 subsets
 KID_SUBSET_SIZE = 1000
 
 
+@on_statistics_threads
 def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """k(x, y) = (x.y / d + 1)^3, the cubic kernel of KID, as a float64 Gram matrix [len(a), len(b)]."""
     return (a.double() @ b.double().T / a.shape[1] + 1.0) ** 3
 
 
-def kid_from_gram(k_real: torch.Tensor, k_fake: torch.Tensor, k_cross: torch.Tensor, subsets: int = KID_SUBSETS,
-                  subset_size: int | None = None, seed: int = 0) -> tuple[float, float]:
-    """Unbiased MMD^2 (Binkowski et al. 2018, eq. 4) averaged over random subsets, and its standard
-    deviation over the subsets, from precomputed Gram matrices: k_real [M, M], k_fake [N, N] and
-    k_cross [M, N]. Each subset draws rows without replacement, real first and then generated, from
-    one np.random.RandomState(seed): the same draws as torch-fidelity's KID, so the numbers match it."""
-    m, n = k_real.shape[0], k_fake.shape[0]
+def kid_draws(real_count: int, fake_count: int, subsets: int = KID_SUBSETS, subset_size: int | None = None,
+              seed: int = 0) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(subset size, [(real rows, generated rows)] per subset): each subset draws rows without
+    replacement, real first and then generated, from one np.random.RandomState(seed), the draws of
+    torch-fidelity's KID. They depend on the two counts only, so a reference can keep its side."""
+    m, n = int(real_count), int(fake_count)
     # Default: 1000 rows, but at most half of each set, so that the subsets differ on both sides and
     # their spread measures sampling noise (a subset holding every row has no spread at all).
     size = min(KID_SUBSET_SIZE, m // 2, n // 2) if subset_size is None else int(subset_size)
     if size < 2 or size > min(m, n):
         raise ValueError(f"KID subset size {size}: need 2 <= size <= min({m} real, {n} generated rows)")
     rng = np.random.RandomState(seed)
-    values = np.empty(subsets, dtype=np.float64)
-    for i in range(subsets):
-        r = torch.from_numpy(rng.choice(m, size, replace=False))
-        f = torch.from_numpy(rng.choice(n, size, replace=False))
-        kxx, kyy, kxy = k_real[r[:, None], r], k_fake[f[:, None], f], k_cross[r[:, None], f]
-        within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (size * (size - 1))
+    draws = []
+    for _ in range(subsets):
+        real_rows = torch.from_numpy(rng.choice(m, size, replace=False))
+        draws.append((real_rows, torch.from_numpy(rng.choice(n, size, replace=False))))
+    return size, draws
+
+
+def _off_diagonal_sum(gram: torch.Tensor) -> torch.Tensor:
+    return gram.sum() - gram.diagonal().sum()
+
+
+def _kid_values(real_within: list[torch.Tensor], k_fake: torch.Tensor, k_cross: torch.Tensor,
+                draws: list, size: int) -> tuple[float, float]:
+    """(mean, std) of the unbiased MMD^2 over the subsets, given each subset's off-diagonal sum of the
+    real kernel (`real_within`), the generated rows' Gram matrix and the real x generated kernel."""
+    values = np.empty(len(draws), dtype=np.float64)
+    for i, (r, f) in enumerate(draws):
+        kyy, kxy = k_fake[f[:, None], f], k_cross[r[:, None], f]
+        within = (real_within[i] + kyy.sum() - kyy.diagonal().sum()) / (size * (size - 1))
         values[i] = float(within - 2.0 * kxy.sum() / (size * size))
     return float(values.mean()), float(values.std())
 
 
+@on_statistics_threads
+def kid_from_gram(k_real: torch.Tensor, k_fake: torch.Tensor, k_cross: torch.Tensor, subsets: int = KID_SUBSETS,
+                  subset_size: int | None = None, seed: int = 0) -> tuple[float, float]:
+    """Unbiased MMD^2 (Binkowski et al. 2018, eq. 4) averaged over random subsets (`kid_draws`), and
+    its standard deviation over the subsets, from precomputed Gram matrices: k_real [M, M], k_fake
+    [N, N] and k_cross [M, N]. The same draws as torch-fidelity's KID, so the numbers match it."""
+    size, draws = kid_draws(k_real.shape[0], k_fake.shape[0], subsets, subset_size, seed)
+    real_within = [_off_diagonal_sum(k_real[r[:, None], r]) for r, _ in draws]
+    return _kid_values(real_within, k_fake, k_cross, draws, size)
+
+
+@on_statistics_threads
 def kernel_inception_distance(real_features, fake_features, subsets: int = KID_SUBSETS,
                               subset_size: int | None = None, seed: int = 0,
                               real_gram: torch.Tensor | None = None) -> tuple[float, float]:
     """(KID, its std over subsets): the unbiased polynomial-kernel MMD^2 between feature sets.
-    `real_gram` (polynomial_kernel(real, real)) may be passed in when the same reference is reused,
-    since it is the costly part for a 10k-row reference. Gram matrices are float64 throughout:
-    KID is a small difference of large kernel means."""
+    `real_gram` (polynomial_kernel(real, real)) may be passed in; against a reference used again and
+    again, ReferenceStatistics.kid keeps only what its subsets need. Gram matrices are float64
+    throughout: KID is a small difference of large kernel means."""
     real = _as_float32_tensor(real_features, "cpu")
     fake = _as_float32_tensor(fake_features, "cpu")
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
@@ -350,6 +393,90 @@ def kernel_inception_distance(real_features, fake_features, subsets: int = KID_S
     k_real = polynomial_kernel(real, real) if real_gram is None else real_gram
     return kid_from_gram(k_real, polynomial_kernel(fake, fake), polynomial_kernel(real, fake),
                          subsets, subset_size, seed)
+
+
+# ----------------------------------------------------------------------------- a reference, prepared once
+
+
+class ReferenceStatistics:
+    """What a reference contributes to FID, KID, precision/recall and density/coverage, each part
+    computed on first use and kept: the Cholesky factor of its covariance (or the square root of a
+    rank-deficient one), its k-NN radii, and per KID draw its subsets' kernel sums. Every evaluation
+    against it (tune's candidates, the demo's rows, the judge check's rungs) then does only the
+    generated side's work; the numbers are those of the plain functions above, to float64 rounding.
+    `mu`, `sigma`: float64 statistics; `features`: float32 [M, D] rows for KID and the k-NN metrics."""
+
+    def __init__(self, mu, sigma, features=None):
+        self.mu = np.asarray(mu, dtype=np.float64)
+        self.sigma = np.asarray(sigma, dtype=np.float64)
+        self.features = None if features is None else np.ascontiguousarray(features, dtype=np.float32)
+        self._fid_route: tuple[str, torch.Tensor] | None = None
+        self._radii: dict[tuple, torch.Tensor] = {}
+        self._kid: dict[tuple, tuple[int, list, list]] = {}
+
+    @classmethod
+    def of(cls, features) -> "ReferenceStatistics":
+        """The statistics of feature rows [M, D], keeping the rows."""
+        return cls(*feature_statistics(features), features=features)
+
+    @on_statistics_threads
+    def fid_route(self) -> tuple[str, torch.Tensor]:
+        """("factor", L) with sigma = L L^T, or ("root", sigma^(1/2)) when sigma has no Cholesky
+        factor (fewer reference images than dimensions); computed once."""
+        if self._fid_route is None:
+            sigma = torch.from_numpy(self.sigma)
+            factor, info = torch.linalg.cholesky_ex(sigma)
+            self._fid_route = ("factor", factor) if int(info) == 0 else ("root", psd_sqrt(sigma))
+        return self._fid_route
+
+    @on_statistics_threads
+    def fid(self, mu, sigma, rows=None) -> float:
+        """FID of generated statistics (mu, sigma) against this reference. `rows`, the generated
+        feature rows, may be given: with no more rows than dimensions the trace comes from an N x N
+        problem (trace_sqrt_product_rows), which needs nothing of the reference's but sigma."""
+        if rows is not None and len(rows) <= len(self.mu):
+            return frechet_distance(self.mu, self.sigma, mu, sigma, features2=rows)
+        kind, matrix = self.fid_route()
+        return frechet_distance(self.mu, self.sigma, mu, sigma,
+                                **({"factor1": matrix} if kind == "factor" else {"sqrt_sigma1": matrix}))
+
+    def _rows(self) -> np.ndarray:
+        if self.features is None:
+            raise ValueError("this reference keeps no feature rows (KID and the k-NN metrics need them)")
+        return self.features
+
+    @on_statistics_threads
+    def radii(self, k: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """knn_radii of the reference rows, on `device` (default CPU), computed once per (k, device)."""
+        device = torch.device(device or "cpu")
+        key = (int(k), str(device))
+        if key not in self._radii:
+            self._radii[key] = knn_radii(torch.as_tensor(self._rows(), device=device), k)
+        return self._radii[key]
+
+    def precision_recall(self, fake_features, k: int = 3, device: torch.device | str | None = None):
+        return precision_recall(self._rows(), fake_features, k, device=device, real_radii=self.radii(k, device))
+
+    def density_coverage(self, fake_features, k: int = 3, device: torch.device | str | None = None):
+        return density_coverage(self._rows(), fake_features, k, device=device, real_radii=self.radii(k, device))
+
+    @on_statistics_threads
+    def kid(self, fake_features, subsets: int = KID_SUBSETS, subset_size: int | None = None,
+            seed: int = 0) -> tuple[float, float]:
+        """kernel_inception_distance against this reference. The draws depend on the generated row
+        count, so per count (and subsets, size, seed) the real side of every subset, its rows and
+        their kernel's off-diagonal sum, is computed once; no M x M Gram matrix is ever held."""
+        real = torch.from_numpy(self._rows())
+        fake = _as_float32_tensor(fake_features, "cpu")
+        if fake.ndim != 2 or fake.shape[1] != real.shape[1]:
+            raise ValueError(f"KID: feature shapes {tuple(real.shape)} and {tuple(fake.shape)} do not match")
+        key = (fake.shape[0], int(subsets), subset_size, int(seed))
+        if key not in self._kid:
+            size, draws = kid_draws(real.shape[0], fake.shape[0], subsets, subset_size, seed)
+            within = [_off_diagonal_sum(polynomial_kernel(real[r], real[r])) for r, _ in draws]
+            self._kid[key] = (size, draws, within)
+        size, draws, within = self._kid[key]
+        return _kid_values(within, polynomial_kernel(fake, fake), polynomial_kernel(real, fake), draws, size)
 
 
 # ----------------------------------------------------------------------------- helpers
