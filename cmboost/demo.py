@@ -238,7 +238,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
         torch.set_num_threads(options.threads)
     demo = _Demo(settings, options, resolve_device(options.device))
     with Job(out, demo.config(), name=f"--out-dir {out}", fresh="pass --overwrite to start over",
-             restart=options.overwrite) as job:
+             restart=options.overwrite, row_problem=demo_row_problem) as job:
         if not job.resumed:  # samples drawn under another configuration are not this run's
             shutil.rmtree(out / "samples", ignore_errors=True)
         report = demo.run(job, out, started)
@@ -246,6 +246,20 @@ def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     atomic_write_text(report_path, json.dumps(report, indent=1))
     demo.say(render_markdown(report))
     return report
+
+
+def demo_row_problem(key: str, row) -> str | None:
+    """What is wrong with a cached row of the demo's rows.json (None when whole): each row holds every
+    judge's METRICS and the mean L2 change that the report reads."""
+    if not isinstance(row, dict) or not isinstance(row.get("judges"), dict) or not row["judges"]:
+        return "expected an object with the judges' metrics"
+    if not isinstance(row.get("mean_l2_change"), (int, float)):
+        return "mean_l2_change: missing or not a number"
+    for name, metrics in row["judges"].items():
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("fid"), (int, float)) or \
+                any(k not in metrics for k in METRICS):
+            return f"judges.{name}: expected {', '.join(METRICS)}"
+    return None
 
 
 class _Demo:

@@ -420,3 +420,19 @@ def test_a_training_state_without_its_meta_is_named_with_the_file_and_key(tmp_pa
         _foreign_state(job.state_path, meta)
         with pytest.raises(UserInputError, match=r"state.safetensors: damaged training state \(meta"):
             job.load_state()
+
+
+def test_a_damaged_demo_row_is_named_with_rows_json_and_its_key(tmp_path):
+    from cmboost.demo import METRICS, demo_row_problem
+
+    good = {"judges": {"fmnist-allconv": {k: 1.0 for k in METRICS}}, "mean_l2_change": 0.0}
+    out = tmp_path / "demo"
+    with jobs.Job(out, {"what": "demo"}, row_problem=demo_row_problem) as job:
+        job.put_row('["ct1", 0]', good)
+    assert not (out / jobs.LOCK_FILE).exists()  # a kept job folder keeps no lock file once the run is over
+    for damaged in ([good], {"judges": {}}, dict(good, mean_l2_change="x"),
+                    dict(good, judges={"fmnist-allconv": {"fid": 1.0}})):
+        (out / jobs.ROWS_FILE).write_text(json.dumps({'["ct1", 0]': damaged}))
+        with jobs.Job(out, {"what": "demo"}, row_problem=demo_row_problem, fresh="pass --overwrite") as job:
+            with pytest.raises(UserInputError, match=r'rows.json: \["ct1", 0\]: .*; pass --overwrite'):
+                job.row('["ct1", 0]')
