@@ -87,13 +87,15 @@ _statistics_depth = 0  # statistics_threads() contexts open now: an inner one ch
 
 
 @contextlib.contextmanager
-def statistics_threads(threads: int = STATISTICS_THREADS) -> Iterator[None]:
+def statistics_threads(threads: int | None = None) -> Iterator[None]:
     """For the duration, torch's CPU operations and the BLAS libraries (numpy's, scipy's) use
-    `threads` threads; the caller's settings are restored after. Nested uses cost nothing."""
+    `threads` threads (default STATISTICS_THREADS, read at the call, so that a benchmark can set
+    the alternative); the caller's settings are restored after. Nested uses cost nothing."""
     global _statistics_depth
     if _statistics_depth:
         yield
         return
+    threads = STATISTICS_THREADS if threads is None else int(threads)
     saved = torch.get_num_threads()
     _statistics_depth += 1
     try:

@@ -261,6 +261,8 @@ def test_a_prepared_reference_gives_each_metric_of_the_plain_functions_to_float6
         assert prepared.fid(fmu, fsigma) == frechet_distance(mu, sigma, fmu, fsigma)  # the same route, bit for bit
         assert prepared.precision_recall(fake, 3) == precision_recall(real, fake, 3)
         assert prepared.density_coverage(fake, 3) == density_coverage(real, fake, 3)
+        assert prepared.knn_metrics(fake, 3) == dict(zip(("precision", "recall", "density", "coverage"),
+                                                         precision_recall(real, fake, 3) + density_coverage(real, fake, 3)))
         kid, std = prepared.kid(fake, subsets=15)
         plain_kid, plain_std = kernel_inception_distance(real, fake, subsets=15)
         assert kid == pytest.approx(plain_kid, rel=1e-9, abs=1e-13)

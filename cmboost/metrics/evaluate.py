@@ -99,11 +99,8 @@ def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, b
             result.update(dict.fromkeys(knn_keys))
             notes.update(dict.fromkeys(knn_keys, reason))
         else:
-            # the radii on the extractor's device, where the distances are computed
-            result["precision"], result["recall"] = prepared.precision_recall(samples.pool, PR_NEIGHBOURS,
-                                                                              extractor.device)
-            result["density"], result["coverage"] = prepared.density_coverage(samples.pool, PR_NEIGHBOURS,
-                                                                              extractor.device)
+            # on the extractor's device, where the distances are computed
+            result.update(prepared.knn_metrics(samples.pool, PR_NEIGHBOURS, extractor.device))
         if ref_features is None or len(ref_features) < 2 or len(samples.pool) < 2:
             result["kid"] = result["kid_std"] = None
             notes["kid"] = notes["kid_std"] = f"{ref.source}: KID needs reference features and at least 2 rows on each side"
