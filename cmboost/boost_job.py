@@ -248,9 +248,33 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
 
 
 def boost(run: BoostRun) -> Path:
-    """Boosts the sample file of `run` into its output (resumable); returns the output's path."""
+    """Boosts the sample file of `run` into its output (resumable); returns the output's path. With a
+    settings file that answers "do not boost" (and no --method), the images are written unchanged."""
+    if run.settings and run.method is None:
+        from cmboost.tuning import do_not_boost, load_settings_file
+
+        reason = do_not_boost(load_settings_file(run.settings))
+        if reason is not None:
+            return copy_unchanged(run, reason)
     resolved = resolve_boost(run)
     return boost_file(run.samples, resolved.model, run.out, resolved.method, resolved.record,
                       batch_size=run.batch_size, device=str(resolved.device), precision=resolved.precision,
                       label_source=run.labels, overwrite=run.overwrite, grid=run.grid, progress=run.progress,
                       block_size=resolved.block_size)
+
+
+def copy_unchanged(run: BoostRun, reason: str) -> Path:
+    """The samples written to run.out as they are (the same image and label bytes), with one line
+    that says why: the settings file's answer was "do not boost"."""
+    from cmboost.runtime import print0
+    from cmboost.samples import save_samples
+
+    refuse_finished(run.out, run.overwrite)
+    refuse_output_inside_inputs(run.out, [("the samples", run.samples)])
+    images, labels = load_samples(run.samples)
+    if dist_info().is_main:
+        save_samples(run.out, images, labels, overwrite=run.overwrite)
+        print0(f"--settings {run.settings}: tuning chose not to boost, so {run.out} holds the images unchanged "
+               f"({reason.split(':')[0]}; pass --method to boost all the same)")
+    return Path(run.out)
+

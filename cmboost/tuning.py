@@ -43,6 +43,7 @@ from cmboost.samples import load_samples, to_float, to_uint8
 from cmboost.atomic import refuse_existing
 from cmboost.errors import UserInputError
 from cmboost.jobs import ROWS_FILE, Job, job_dir
+from cmboost.metrics.stats import feature_statistics
 from cmboost.records import check_above, check_at_least, check_choice, check_finite, field_default
 from cmboost.runtime import BLOCK_SIZE
 
@@ -52,6 +53,16 @@ BOOST_METHODS = ("pgd", "sgld", "bigroc")     # what `cmboost boost` runs
 CONTROL_METHODS = ("unsharp",)                # tuned alike, never chosen as "the" method
 CRITERIA = ("fid", "kid", "fid+kid")  # fid+kid: the worse of the two relative changes
 RADIUS_METHODS = ("pgd", "bigroc")      # the candidates with an L2 radius (eps), marked beyond --robust-radius
+# "Do not boost" is an answer: the candidate chosen on one half of the validation samples (the
+# even-indexed images) is kept only if, on the other half (the odd-indexed ones), it lowers FID and
+# KID under every tuning judge by more than ERROR_BARS paired-bootstrap standard deviations (the same
+# images resampled before and after the edit), with recall kept; otherwise the file says "best": "none".
+HALVES = {"choose": "even-indexed validation samples (0, 2, 4, ...)", "confirm": "odd-indexed (1, 3, 5, ...)"}
+ERROR_BARS = 2.0
+BOOTSTRAP_RESAMPLES = 100
+BOOTSTRAP_SEED = 0
+DO_NOT_BOOST = "none"
+MIN_SAMPLES = 16  # 8 per half: enough for k=3 precision/recall and KID subsets, far too few for a confirmed gain
 # The compute block of the settings files written before tune recorded it (fingerprint.batch_size):
 # tune boosted 250 images together then, and `boost --settings` must boost those files' images alike.
 LEGACY_BLOCK = 250
@@ -331,6 +342,9 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     images, labels = load_samples(samples, num_classes=model.num_classes)
     if labels is None:
         raise UserInputError(f"{samples}: has no labels (arr_1); tuning boosts each image towards its label")
+    if len(images) < MIN_SAMPLES:
+        raise UserInputError(f"{samples}: {len(images)} images; tuning needs at least {MIN_SAMPLES}, half to choose "
+                             f"on and half to confirm on (a few hundred give error bars that can exclude noise)")
     if classifier is not None:
         check_classifier(classifier, model, classifier_source)
     check_fits_model(images, labels, model, str(samples))
@@ -344,7 +358,8 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                    "judge": [j.identity for j in judges] if committee else judges[0].identity,
                    "reference": [_digest(r.mu) for r in references] if committee else _digest(references[0].mu),
                    "precision": precision,
-                   "batch_size": batch_size}  # the compute block: a resume must boost with the same one
+                   "batch_size": batch_size,  # the compute block: a resume must boost with the same one
+                   "halves": "even/odd"}  # rows scored on both halves; a job of whole-set rows cannot resume
     keys = ["none"] + [json.dumps([m, h], sort_keys=True) for m, h in candidates]
     with Job(job_dir(out), fingerprint, restart=overwrite) as job:
         done = _finished_rows(job, keys, names if committee else None)
@@ -371,12 +386,16 @@ def _score_and_choose(job: Job, done: dict, keys: list[str], images, labels, mod
     robust_radius, allow_beyond_radius = choice.robust_radius, choice.allow_beyond_radius
 
     def score(images_u8: np.ndarray) -> dict:
-        per = {}
-        for one, ref in zip(judges, references):
-            result = evaluate_images(images_u8, ref, one)
-            per[one.name] = {k: result[k] for k in METRIC_KEYS}
-        # With a committee, "metrics" stays the first judge's, as with one judge.
-        return {"metrics": per[names[0]], "judges": per} if committee else {"metrics": per[names[0]]}
+        """The choosing half's metrics (what the choice reads), and the confirming half's under "confirm"."""
+        halves = {}
+        for half, rows in zip(HALVES, split_halves(len(images_u8))):
+            per = {}
+            for one, ref in zip(judges, references):
+                result = evaluate_images(images_u8[rows], ref, one)
+                per[one.name] = {k: result[k] for k in METRIC_KEYS}
+            # With a committee, "metrics" stays the first judge's, as with one judge.
+            halves[half] = {"metrics": per[names[0]], "judges": per} if committee else {"metrics": per[names[0]]}
+        return {**halves["choose"], "confirm": halves["confirm"]}
 
     bar = tqdm(total=len(keys), desc="tune", unit="candidate", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, initial=sum(k in done for k in keys))
@@ -431,8 +450,13 @@ def _score_and_choose(job: Job, done: dict, keys: list[str], images, labels, mod
                              f"pass --allow-beyond-radius (the scores are kept in {job.folder}: a rerun resumes)")
     strip = lambda row: {k: v for k, v in row.items() if not k.startswith("_")}  # noqa: E731
     rows, methods = [strip(r) for r in rows], {m: strip(r) for m, r in methods.items()}
+    for method, best in methods.items():  # each method's best, measured again on the confirming half
+        best["confirm_change"] = confirm_change(best, images, labels, model, classifier, judges, references,
+                                                device, batch_size, precision)
+    decision = decide(chosen, methods[chosen], rows[0], names, max_recall_drop)
 
-    settings = {"format": FORMAT, "best": chosen, "criterion": rule, "max_recall_drop": max_recall_drop}
+    settings = {"format": FORMAT, "best": decision["best"], "choice": chosen, "decision": decision,
+                "criterion": rule, "max_recall_drop": max_recall_drop}
     if robust_radius is not None:
         settings.update(robust_radius=robust_radius, allow_beyond_radius=allow_beyond_radius)
     settings["judge"] = {"name": names[0], "identity": judges[0].identity, "role": "tuning"}
@@ -452,6 +476,76 @@ def _score_and_choose(job: Job, done: dict, keys: list[str], images, labels, mod
 
 
 METRIC_KEYS = ("fid", "kid", "kid_std", "is", "precision", "recall")
+
+
+def split_halves(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(choosing rows, confirming rows): even and odd indices, so that samples ordered by class or
+    seed fall into both halves alike."""
+    return np.arange(0, count, 2), np.arange(1, count, 2)
+
+
+def confirm_change(best: dict, images: np.ndarray, labels: np.ndarray, model, classifier, judges, references,
+                   device, batch_size: int, precision: str) -> dict:
+    """Per judge, the change of FID and KID that candidate `best` makes on the confirming half, with
+    its paired-bootstrap std, in the judge's units and relative to the unboosted half. The candidate's
+    images are made again (boosting is deterministic), so a resumed tune needs no cached images."""
+    from cmboost.metrics.evaluate import prepared_statistics
+    from cmboost.metrics.judge_check import pool_features
+
+    rows = split_halves(len(images))[1]
+    boosted, _ = run_method(best["method"], best["hyper"], model, classifier, images, labels, device, batch_size,
+                            precision)
+    out = {}
+    for judge, ref in zip(judges, references):
+        before, after = pool_features(judge, images[rows]), pool_features(judge, boosted[rows])
+        unboosted = prepared_statistics(ref, ref.features)
+        paired = unboosted.paired_bootstrap(before, after, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+        base = {"fid": unboosted.fid(*feature_statistics(before), rows=before if len(before) <= before.shape[1] else None),
+                "kid": unboosted.kid(before)[0]}
+        out[judge.name] = {metric: {**paired[metric], "base": base[metric],
+                                    "relative": relative_change(base[metric] + paired[metric]["change"], base[metric]),
+                                    "relative_std": paired[metric]["std"] / abs(base[metric]) if base[metric] else None,
+                                    "beyond_noise": paired[metric]["change"] < -ERROR_BARS * paired[metric]["std"]}
+                           for metric in ("fid", "kid")}
+    return out
+
+
+def decide(chosen: str, best: dict, unboosted: dict, names: list[str], max_recall_drop: float) -> dict:
+    """The answer: the method chosen on the choosing half if, on the confirming half, it lowers FID and
+    KID under every judge by more than ERROR_BARS paired-bootstrap stds and keeps recall within
+    `max_recall_drop` of the unboosted half; else DO_NOT_BOOST, with the reason and the numbers."""
+    per_judge = lambda row: row["confirm"].get("judges") or {names[0]: row["confirm"]["metrics"]}  # noqa: E731
+    after, before = per_judge(best), per_judge(unboosted)
+    failures, judges = [], {}
+    for name in names:
+        change = best["confirm_change"][name]
+        recall_kept = after[name]["recall"] >= before[name]["recall"] - max_recall_drop
+        judges[name] = {"fid": change["fid"], "kid": change["kid"], "recall_before": before[name]["recall"],
+                        "recall_after": after[name]["recall"], "recall_kept": recall_kept,
+                        "confirmed": recall_kept and change["fid"]["beyond_noise"] and change["kid"]["beyond_noise"]}
+        for metric in ("fid", "kid"):
+            if not change[metric]["beyond_noise"]:
+                failures.append(f"{name} {metric.upper()} {100 * change[metric]['relative']:+.1f}% "
+                                f"(change {change[metric]['change']:+.4g}, {ERROR_BARS:g} std = "
+                                f"{ERROR_BARS * change[metric]['std']:.4g})")
+        if not recall_kept:
+            failures.append(f"{name} recall {before[name]['recall']:.3f} -> {after[name]['recall']:.3f}")
+    confirmed = not failures
+    label = f"{chosen} {json.dumps(best['hyper'], sort_keys=True)}"
+    reason = (f"{label}, chosen on the choosing half, lowers FID and KID beyond {ERROR_BARS:g} paired-bootstrap "
+              f"stds on the confirming half under every judge, recall kept" if confirmed else
+              f"{label}, the best on the choosing half, is not confirmed on the other half: "
+              + "; ".join(failures))
+    return {"best": chosen if confirmed else DO_NOT_BOOST, "candidate": {"method": chosen, "hyper": best["hyper"]},
+            "reason": reason, "halves": HALVES, "error_bars": ERROR_BARS, "resamples": BOOTSTRAP_RESAMPLES,
+            "judges": judges}
+
+
+def do_not_boost(settings: dict) -> str | None:
+    """The reason a settings file says not to boost, or None when it chose a method."""
+    if settings.get("best") != DO_NOT_BOOST:
+        return None
+    return settings.get("decision", {}).get("reason", "tuning found no setting that helps")
 
 
 def _finished_rows(job: Job, keys: list[str], names: list[str] | None = None) -> dict[str, dict]:
@@ -487,19 +581,59 @@ def _check_row(row, where: str, fresh: str, names: list[str] | None = None) -> N
             raise UserInputError(f"{where}: judges: expected the metrics of each of {', '.join(names)}; {fresh}")
         for name in names:
             _check_metrics(per[name], f"{where}: judges[{json_text(name)}]", fresh)
+    confirm = row.get("confirm")
+    if not isinstance(confirm, dict):
+        raise UserInputError(f"{where}: confirm: expected the confirming half's metrics; {fresh}")
+    _check_metrics(confirm.get("metrics"), f"{where}: confirm: metrics", fresh)
+    if names is not None:
+        per = confirm.get("judges")
+        if not isinstance(per, dict) or set(per) != set(names):
+            raise UserInputError(f"{where}: confirm: judges: expected the metrics of each of {', '.join(names)}; {fresh}")
+        for name in names:
+            _check_metrics(per[name], f"{where}: confirm: judges[{json_text(name)}]", fresh)
     if not isinstance(row.get("mean_l2_change"), (int, float)) or isinstance(row.get("mean_l2_change"), bool):
         raise UserInputError(f"{where}: mean_l2_change: expected a number; {fresh}")
 
 
 def _mark(settings: dict, method: str, best: dict) -> str:
     marks = []
-    if method == settings["best"]:
-        marks.append("chosen")
+    if method == settings.get("choice", settings["best"]):
+        marks.append("chosen" if settings["best"] == method else "chosen, not confirmed")
     elif not best["recall_ok"]:
         marks.append("recall drops")
     if best.get("beyond_radius"):
         marks.append(f"{'eps' if 'eps' in best['hyper'] else 'edit'} beyond the robust radius {settings['robust_radius']}")
     return f" ({'; '.join(marks)})" if marks else ""
+
+
+def _confirm_lines(settings: dict) -> list[str]:
+    """Each method's best on the confirming half: the change of FID and KID per judge, +- its
+    paired-bootstrap std, marked * beyond the noise (ERROR_BARS stds); then the answer and why."""
+    decision = settings.get("decision")
+    if decision is None:  # a file written before tune confirmed its choice
+        return []
+    names = [m["name"] for m in settings.get("committee", [settings["judge"]])]
+    lines = [f"confirming half ({decision['halves']['confirm']}): change vs unboosted +- paired-bootstrap std "
+             f"({decision['resamples']} resamples); * lowers it by more than {decision['error_bars']:g} std"]
+    head = f"{'method':<9}"
+    for i in range(1, len(names) + 1):
+        head += f" {f'FID{i}':>16} {f'KID{i}':>16}"
+    lines.append(head)
+
+    def shown(change: dict) -> str:
+        star = "*" if change["beyond_noise"] else " "
+        spread = "n/a" if change["relative_std"] is None else f"{100 * change['relative_std']:.1f}"
+        return f"{100 * change['relative']:+6.1f}+-{spread:>5}%{star}"
+
+    for method, best in settings["methods"].items():
+        if "confirm_change" in best:
+            line = f"{method:<9}"
+            for name in names:
+                line += f" {shown(best['confirm_change'][name]['fid']):>16} {shown(best['confirm_change'][name]['kid']):>16}"
+            lines.append(line)
+    answer = "do not boost" if decision["best"] == DO_NOT_BOOST else f"boost with {decision['best']}"
+    lines.append(f"answer: {answer}: {decision['reason']}")
+    return lines
 
 
 def _radius_lines(settings: dict) -> list[str]:
@@ -534,7 +668,7 @@ def format_table(settings: dict) -> str:
         lines.append(f"{method:<9} {m['fid']:8.3f} {1e3 * m['kid']:9.3f} {m['recall']:7.3f} "
                      f"{best['mean_l2_change']:9.3f}  {json.dumps(best['hyper'], sort_keys=True)}"
                      f"{_mark(settings, method, best)}")
-    return "\n".join(lines + _radius_lines(settings))
+    return "\n".join(lines + _radius_lines(settings) + _confirm_lines(settings))
 
 
 def _committee_table(settings: dict) -> str:
@@ -567,7 +701,7 @@ def _committee_table(settings: dict) -> str:
         lines.append(f"  [{a}] vs [{b}]: {shown(pair['rho'])}")
     lines.append("  each judge against the others (mean): " +
                  ", ".join(f"[{i}] {shown(agreement['mean'][n])}" for i, n in enumerate(names, 1)))
-    return "\n".join(lines + _radius_lines(settings))
+    return "\n".join(lines + _radius_lines(settings) + _confirm_lines(settings))
 
 
 def load_settings_file(path: str | os.PathLike) -> dict:
@@ -607,9 +741,14 @@ def load_settings_file(path: str | os.PathLike) -> dict:
         raise UserInputError(f"{where}: fingerprint.batch_size {json_text(block)}: the compute block tune boosted "
                              f"with must be a whole number >= 1")
     best = settings.get("best")
-    if best not in tuned:
+    if best == DO_NOT_BOOST:
+        reason = settings.get("decision", {}).get("reason") if isinstance(settings.get("decision"), dict) else None
+        if not isinstance(reason, str):
+            raise UserInputError(f"{where}: best \"none\" without decision.reason: a tune file that answers "
+                                 f"\"do not boost\" says why")
+    elif best not in tuned:
         raise UserInputError(f"{where}: best {json_text(best) if 'best' in settings else '(missing)'}: must name "
-                             f"one of its tuned methods ({', '.join(tuned)})")
+                             f"one of its tuned methods ({', '.join(tuned)}), or be \"none\"")
     return settings
 
 
@@ -626,7 +765,11 @@ def settings_block(settings: dict) -> int:
 
 
 def tuned_hyper(settings: dict, method: str | None, source: str) -> tuple[str, dict]:
-    """(method, hyperparameters) from a settings file: the chosen method, or the one named."""
+    """(method, hyperparameters) from a settings file: the chosen method, or the one named. A file
+    that answers "do not boost" names no method: the caller must name one (see do_not_boost)."""
+    if method is None and do_not_boost(settings) is not None:
+        raise UserInputError(f"--settings {source}: tuning chose not to boost ({do_not_boost(settings)}); name a "
+                             f"--method to use one of its tuned settings all the same")
     method = method or settings["best"]
     if method not in settings["methods"] or method not in BOOST_METHODS:
         tuned = ", ".join(m for m in settings["methods"] if m in BOOST_METHODS)

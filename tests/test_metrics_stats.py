@@ -289,3 +289,22 @@ def test_statistics_run_on_one_thread_and_give_the_caller_its_threads_back():
     finally:
         torch.set_num_threads(before)
     assert seen == [STATISTICS_THREADS, STATISTICS_THREADS, STATISTICS_THREADS, 2]
+
+
+def test_the_paired_bootstrap_measures_the_change_and_its_noise_on_the_same_images():
+    from cmboost.metrics.stats import ReferenceStatistics
+
+    rng = np.random.default_rng(11)
+    real = _gaussian(rng, 1500, 16).astype(np.float32)
+    prepared = ReferenceStatistics.of(real)
+    before = (_gaussian(rng, 120, 16) * 1.4 + 0.5).astype(np.float32)
+    after = (0.5 * before + 0.5 * _gaussian(rng, 120, 16)).astype(np.float32)  # pulled towards the reference
+    paired = prepared.paired_bootstrap(before, after, resamples=50, seed=3)
+    fid = lambda x: prepared.fid(*feature_statistics(x))  # noqa: E731
+    assert paired["fid"]["change"] == pytest.approx(fid(after) - fid(before), rel=1e-9)
+    assert paired["kid"]["change"] == pytest.approx(prepared.kid(after)[0] - prepared.kid(before)[0], rel=1e-9)
+    for metric in ("fid", "kid"):
+        assert paired[metric]["change"] < -2 * paired[metric]["std"] < 0  # a real gain, beyond the noise
+    assert paired == prepared.paired_bootstrap(before, after, resamples=50, seed=3)  # seeded
+    unchanged = prepared.paired_bootstrap(before, before, resamples=20)
+    assert all(unchanged[m] == {"change": 0.0, "std": 0.0} for m in ("fid", "kid"))  # paired: no noise at all

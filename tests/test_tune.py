@@ -284,7 +284,8 @@ def test_a_committee_chooses_the_best_worst_case_and_records_every_judge(committ
     for row in saved["candidates"]:
         assert set(row["judges"]) == set(names) and row["metrics"] == row["judges"][names[0]]
     chosen, best, assess = _expected_choice(saved, names, saved["max_recall_drop"])
-    assert saved["best"] == chosen
+    assert saved["choice"] == chosen  # on the choosing half; kept only if the other half confirms it
+    assert saved["best"] == (chosen if all(j["confirmed"] for j in saved["decision"]["judges"].values()) else "none")
     for method, row in best.items():
         assert saved["methods"][method]["hyper"] == row["hyper"]
         assert saved["methods"][method]["worst"] == pytest.approx(assess(row)[2])
@@ -304,23 +305,26 @@ def test_a_committee_chooses_the_best_worst_case_and_records_every_judge(committ
         assert agreement["mean"][name] == pytest.approx(np.mean(mine))
     table = format_table(saved)
     assert "ranking agreement" in table and all(name in table for name in names)
-    assert "(chosen)" in table.splitlines()[5 + list(saved["methods"]).index(chosen)]
+    assert "(chosen" in table.splitlines()[5 + list(saved["methods"]).index(chosen)]
+    assert "confirming half" in table and table.splitlines()[-1].startswith("answer: ")
 
 
 def test_one_judge_keeps_the_settings_file_layout(setup):
     root, _, _ = setup
     shipped = json.loads(LEGACY_SETTINGS.read_text())  # a one-judge file from before committees
     mine = json.loads((root / "tuned.json").read_text())
-    assert list(mine) == list(shipped)
+    # the old layout, with the choosing half's winner and the confirmed answer after "best"
+    assert list(mine) == list(shipped)[:2] + ["choice", "decision"] + list(shipped)[2:]
     from cmboost.tuning import tuning_judges
 
     assert tuning_judges(shipped) == [shipped["judge"]]
-    assert list(mine["fingerprint"]) == list(shipped["fingerprint"]) + ["batch_size"]
+    assert list(mine["fingerprint"]) == list(shipped["fingerprint"]) + ["batch_size", "halves"]
     timed = {"seconds"}  # the shipped rows' timings, dropped since so that every run writes the same bytes
-    assert [sorted(r) for r in mine["candidates"]] == [sorted(set(shipped["candidates"][0]) - timed)] * \
+    assert [sorted(r) for r in mine["candidates"]] == [sorted(set(shipped["candidates"][0]) - timed | {"confirm"})] * \
         len(mine["candidates"])
     assert {k: sorted(v) for k, v in mine["methods"].items()} == \
-        {k: sorted(set(v) - timed) for k, v in shipped["methods"].items() if k in mine["methods"]}
+        {k: sorted(set(v) - timed | {"confirm", "confirm_change"}) for k, v in shipped["methods"].items()
+         if k in mine["methods"]}
 
 
 def test_candidates_beyond_the_robust_radius_are_marked_and_not_chosen(committee):
@@ -340,10 +344,10 @@ def test_candidates_beyond_the_robust_radius_are_marked_and_not_chosen(committee
         assert saved["robust_radius"] == 2.0 and saved["allow_beyond_radius"] is allow
         assert [c["beyond_radius"] for c in saved["candidates"]] == [False, False, True, True, False]
         chosen, best, _ = _expected_choice(saved, names, saved["max_recall_drop"], 2.0, allow)
-        assert saved["best"] == chosen
+        assert saved["choice"] == chosen
         assert saved["methods"]["bigroc"]["beyond_radius"] is True  # still recorded, for boost --method bigroc
         if not allow:
-            assert not saved["methods"][saved["best"]]["beyond_radius"]
+            assert not saved["methods"][saved["choice"]]["beyond_radius"]
             assert saved["methods"]["pgd"]["hyper"]["eps"] == 1.0
         table = format_table(saved)
         assert "robust radius 2: 2 of 4 candidates edit beyond it" in table
@@ -431,7 +435,9 @@ def test_cli_tune_with_a_committee(committee, tmp_path, capsys):
     assert cli_main(["boost", str(root / "val.npz"), "--model", str(ASSETS / "jcd-joint.safetensors"), "--settings",
                      str(out), "--out", str(tmp_path / "b.npz"), "--dry-run", "--device", "cpu"]) == 0
     resolved = json.loads(capsys.readouterr().out)  # a committee's file boosts as any other
-    assert resolved["method"] == saved["best"] and resolved["block_size"] == saved["fingerprint"]["batch_size"]
+    assert resolved["method"] == saved["best"]
+    if saved["best"] != "none":
+        assert resolved["block_size"] == saved["fingerprint"]["batch_size"]
     # the references may also be given comma-separated, in the same order: the same file
     assert cli_main(["tune", *common, "--ref", ",".join(map(str, ref_paths)), "--robust-radius", "2",
                      "--out", str(tmp_path / "d.json")]) == 0
@@ -446,7 +452,7 @@ def test_cli_tune_with_a_committee(committee, tmp_path, capsys):
     printed = capsys.readouterr().out
     trained = json.loads((tmp_path / "trained.json").read_text())
     assert "robust radius 0.5: 2 of 3 candidates edit beyond it" in printed, printed
-    assert trained["robust_radius"] == 0.5 and trained["best"] == "sgld"
+    assert trained["robust_radius"] == 0.5 and trained["choice"] == "sgld"
     assert "train-jcd --real-eps" in trained["provenance"]["robust_radius_from"]
     # the grid's SGLD moves images further than 0.5: nothing within the radius is left to choose
     assert cli_main(["tune", *common, *refs, "--out", str(tmp_path / "none.json")]) == 2
@@ -501,3 +507,75 @@ def test_sgld_is_beyond_the_radius_by_its_measured_edit():
     assert beyond_radius("pgd", {"eps": 2.0}, 1.5) and not beyond_radius("pgd", {"eps": 1.5}, 1.5)
     assert not beyond_radius("unsharp", {"amount": 1.0, "sigma": 1.0}, 1.5, mean_l2_change=9.0)  # a control
     assert not beyond_radius("pgd", {"eps": 8.0}, None)
+
+
+# ----------------------------------------------------------------------------- "do not boost"
+
+ANSWER_GRID = [("pgd", {"eps": 1.0, "steps": 3}), ("pgd", {"eps": 3.0, "steps": 3}), ("sgld", {"steps": 3, "step": 0.2})]
+
+
+@pytest.fixture(scope="module")
+def answers(setup):
+    """Tune on 200 real test images (no edit can improve them) and on 200 blurred training images (the
+    joint network's PGD sharpens them): one answer each, under the tuning judge and training statistics."""
+    root, judge, ref = setup
+    test, test_labels, _ = load_dataset("fmnist", "test", image_size=32)
+    train, labels, _ = load_dataset("fmnist", "train", image_size=32)
+    save_samples(root / "real-test.npz", test[:200], test_labels[:200])
+    save_samples(root / "blurred.npz", to_uint8(gaussian_blur(to_float(train[2000:2200]), 1.0)), labels[2000:2200])
+    model = load_joint_model(ASSETS / "jcd-joint.safetensors")
+    return {name: tune(root / f"{name}.npz", model, ref, judge, root / f"answer-{name}.json", grid=ANSWER_GRID,
+                       progress=False) for name in ("real-test", "blurred")}
+
+
+def test_real_images_get_do_not_boost_with_the_reason_and_both_halves_numbers(answers, setup):
+    from cmboost.tuning import format_table
+
+    root, _, _ = setup
+    real = json.loads((root / "answer-real-test.json").read_text())
+    assert real == json.loads(json.dumps(answers["real-test"]))
+    assert real["best"] == "none" and real["choice"] in ("pgd", "sgld")
+    decision = real["decision"]
+    assert decision["candidate"]["method"] == real["choice"] and "not confirmed" in decision["reason"]
+    assert not all(j["confirmed"] for j in decision["judges"].values())
+    for row in real["candidates"]:  # both halves' numbers, for every candidate
+        assert set(row["confirm"]["metrics"]) == set(row["metrics"]) and row["confirm"]["metrics"] != row["metrics"]
+    for best in real["methods"].values():
+        change = best["confirm_change"][TUNING_JUDGE]["fid"]
+        assert change["std"] > 0 and change["beyond_noise"] is (change["change"] < -2 * change["std"])
+    table = format_table(real)
+    assert "confirming half" in table and table.splitlines()[-1].startswith("answer: do not boost")
+
+
+def test_a_gain_beyond_the_noise_is_chosen_and_confirmed(answers):
+    blurred = answers["blurred"]
+    assert blurred["best"] == blurred["choice"] == "pgd"
+    judge = blurred["decision"]["judges"][TUNING_JUDGE]
+    assert judge["confirmed"] and judge["recall_kept"]
+    for metric in ("fid", "kid"):
+        assert judge[metric]["change"] < -2 * judge[metric]["std"] < 0
+
+
+def test_boost_with_a_do_not_boost_file_writes_the_images_unchanged(answers, setup, tmp_path, capsys):
+    from cmboost import api
+    from cmboost.samples import load_samples
+
+    root, _, _ = setup
+    settings, samples = root / "answer-real-test.json", root / "real-test.npz"
+    model = str(ASSETS / "jcd-joint.safetensors")
+    out = tmp_path / "boosted.npz"
+    assert cli_main(["boost", str(samples), "--model", model, "--settings", str(settings), "--out", str(out),
+                     "--device", "cpu"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "chose not to boost" in line]
+    assert len(said) == 1 and str(out) in said[0]
+    (images, labels), (again, again_labels) = load_samples(samples), load_samples(out)
+    assert again.tobytes() == images.tobytes() and again_labels.tobytes() == labels.tobytes()
+    assert cli_main(["boost", str(samples), "--model", model, "--settings", str(settings), "--out",
+                     str(tmp_path / "dry.npz"), "--dry-run", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "none" and not (tmp_path / "dry.npz").exists()
+    returned, returned_labels = api.boost((images, labels), model, settings=str(settings), device="cpu")
+    assert returned.tobytes() == images.tobytes() and returned_labels.tobytes() == labels.tobytes()
+    # naming a method uses its tuned settings all the same
+    assert cli_main(["boost", str(samples), "--model", model, "--settings", str(settings), "--method", "pgd",
+                     "--out", str(tmp_path / "pgd.npz"), "--device", "cpu", "--no-grid"]) == 0
+    assert load_samples(tmp_path / "pgd.npz")[0].tobytes() != images.tobytes()

@@ -75,7 +75,7 @@ def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, b
 
     result: dict = {}
     if dist_info().is_main:
-        prepared = _prepared(ref, ref_features)
+        prepared = prepared_statistics(ref, ref_features)
         few = samples.pool is not None and len(samples.pool) == samples.count <= len(samples.mu)
         result["fid"] = prepared.fid(samples.mu, samples.sigma, rows=samples.pool if few else None)
         if samples.count < len(samples.mu):
@@ -122,7 +122,7 @@ def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, b
     return result
 
 
-def _prepared(ref: Reference, ref_features: np.ndarray | None) -> ReferenceStatistics:
+def prepared_statistics(ref: Reference, ref_features: np.ndarray | None) -> ReferenceStatistics:
     """The reference's side of every metric (ReferenceStatistics), made on its first evaluation and
     kept on the Reference, so that the next evaluation against it (tune's next candidate, the demo's
     next row) reuses its Cholesky factor, k-NN radii and KID subsets."""

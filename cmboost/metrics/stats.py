@@ -496,14 +496,9 @@ class ReferenceStatistics:
     def density_coverage(self, fake_features, k: int = 3, device: torch.device | str | None = None):
         return density_coverage(self._rows(), fake_features, k, device=device, real_radii=self.radii(k, device))
 
-    @on_statistics_threads
-    def kid(self, fake_features, subsets: int = KID_SUBSETS, subset_size: int | None = None,
-            seed: int = 0) -> tuple[float, float]:
-        """kernel_inception_distance against this reference. The draws depend on the generated row
-        count, so per count (and subsets, size, seed) the real side of every subset, its rows and
-        their kernel's off-diagonal sum, is computed once; no M x M Gram matrix is ever held."""
+    def _kid_side(self, fake: torch.Tensor, subsets: int, subset_size: int | None, seed: int):
+        """The draws for this many generated rows, with the real side of each subset, made once."""
         real = torch.from_numpy(self._rows())
-        fake = _as_float32_tensor(fake_features, "cpu")
         if fake.ndim != 2 or fake.shape[1] != real.shape[1]:
             raise ValueError(f"KID: feature shapes {tuple(real.shape)} and {tuple(fake.shape)} do not match")
         key = (fake.shape[0], int(subsets), subset_size, int(seed))
@@ -511,8 +506,60 @@ class ReferenceStatistics:
             size, draws = kid_draws(real.shape[0], fake.shape[0], subsets, subset_size, seed)
             within = torch.stack([_off_diagonal_sum(polynomial_kernel(real[r], real[r])) for r, _ in draws])
             self._kid[key] = (size, draws, within)
-        size, draws, within = self._kid[key]
+        return real, self._kid[key]
+
+    @on_statistics_threads
+    def kid(self, fake_features, subsets: int = KID_SUBSETS, subset_size: int | None = None,
+            seed: int = 0) -> tuple[float, float]:
+        """kernel_inception_distance against this reference. The draws depend on the generated row
+        count, so per count (and subsets, size, seed) the real side of every subset, its rows and
+        their kernel's off-diagonal sum, is computed once; no M x M Gram matrix is ever held."""
+        fake = _as_float32_tensor(fake_features, "cpu")
+        real, (size, draws, within) = self._kid_side(fake, subsets, subset_size, seed)
         return _kid_values(within, polynomial_kernel(fake, fake), polynomial_kernel(real, fake), draws, size)
+
+    @on_statistics_threads
+    def paired_bootstrap(self, before, after, resamples: int = 100, seed: int = 0) -> dict:
+        """How FID and KID change from `before` to `after`, feature rows of the same images before and
+        after an edit (row i is image i in both), with the standard deviation of each change over
+        `resamples` resamplings of the images: the same resampled rows for both sets, so that the
+        noise they share cancels (a paired bootstrap). {"fid": {"change", "std"}, "kid": {...}}.
+        KID's kernels are computed once per set and resampled by index, not recomputed."""
+        before = _as_float32_tensor(before, "cpu")
+        after = _as_float32_tensor(after, "cpu")
+        if before.shape != after.shape or before.ndim != 2 or len(before) < 4:
+            raise ValueError(f"paired bootstrap: {tuple(before.shape)} and {tuple(after.shape)} rows must be the "
+                             f"same images (and at least 4)")
+        if resamples < 2:
+            raise ValueError(f"paired bootstrap: {resamples} resamples; need at least 2")
+        real, (size, draws, within) = self._kid_side(after, KID_SUBSETS, None, 0)
+        real_marks = _indicators(draws, 0, real.shape[0])
+        fake_marks = _indicators(draws, 1, after.shape[0])
+        # per set: its own kernel, and the real subsets' sums against each of its rows
+        sides = [(polynomial_kernel(x, x), real_marks @ polynomial_kernel(real, x)) for x in (before, after)]
+
+        def kid_of(side, rows: torch.Tensor) -> float:
+            gram, real_sums = side
+            gram = gram[rows][:, rows]
+            fake_all = ((fake_marks @ gram) * fake_marks).sum(dim=1) - fake_marks @ gram.diagonal()
+            cross = (real_sums[:, rows] * fake_marks).sum(dim=1)
+            return float(((within + fake_all) / (size * (size - 1)) - 2.0 * cross / (size * size)).mean())
+
+        def fid_of(x: torch.Tensor, rows: torch.Tensor) -> float:
+            picked = x[rows].double().numpy()
+            mu, sigma = feature_statistics(picked)
+            return self.fid(mu, sigma, rows=picked)
+
+        everything = torch.arange(len(before))
+        change = {"fid": fid_of(after, everything) - fid_of(before, everything),
+                  "kid": kid_of(sides[1], everything) - kid_of(sides[0], everything)}
+        rng = np.random.default_rng(seed)
+        diffs = {"fid": [], "kid": []}
+        for _ in range(resamples):
+            rows = torch.from_numpy(rng.integers(0, len(before), len(before)))
+            diffs["fid"].append(fid_of(after, rows) - fid_of(before, rows))
+            diffs["kid"].append(kid_of(sides[1], rows) - kid_of(sides[0], rows))
+        return {key: {"change": float(change[key]), "std": float(np.std(diffs[key], ddof=1))} for key in change}
 
 
 # ----------------------------------------------------------------------------- helpers
