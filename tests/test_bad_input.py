@@ -362,7 +362,7 @@ def tuning(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tuning")
     train, labels, _ = load_dataset("fmnist", "train", image_size=32)
-    save_samples(d / "val.npz", train[2000:2012], labels[2000:2012])
+    save_samples(d / "val.npz", train[2000:2016], labels[2000:2016])  # tune's least: 8 per half
     judge = load_feature_extractor(TUNING_JUDGE, "cpu")
     save_reference(d / "ref.npz", reference_stats(train[:64], judge, source="fmnist train"))
     (d / "grid.json").write_text(json.dumps({"format": "cmboost.grid/1", "pgd": [{"eps": 0.5, "steps": 1}],
