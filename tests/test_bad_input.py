@@ -567,3 +567,16 @@ def test_check_judges_checks_its_inputs_before_any_work_naming_the_flag(make, ex
 def test_a_path_with_a_newline_is_escaped_so_the_error_stays_one_line(tmp_path, capsys):
     code, err = _run(capsys, ["boost", tmp_path / "no\nsuch.npz", "--model", JCD, "--out", tmp_path / "o.npz"])
     assert code == 2 and len(err.splitlines()) == 1 and "no\\nsuch.npz" in err, err
+
+
+def test_tune_refuses_too_few_samples_to_choose_on_one_half_and_confirm_on_the_other(tuning, tmp_path, capsys):
+    from cmboost.samples import load_samples
+
+    images, labels = load_samples(tuning / "val.npz")
+    save_samples(tmp_path / "few.npz", images[:10], labels[:10])
+    argv = _tune_argv(tuning, tmp_path / "t.json")
+    argv[1] = tmp_path / "few.npz"
+    code, err = _run(capsys, argv)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(tmp_path / "few.npz") in err and "at least 16" in err and "confirm" in err
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "t.json.job").exists()
