@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect cm-cd-long ect-bar cm-ct cm-cd samples jcd jcd-variants jcd-robust jcd-robust-ect tune tune-variants judges judges-more judges-tuning judges-check diagnose diagnose-robust robust-study ship-judges demo-refs ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect cm-cd-long ect-bar cm-ct cm-cd samples jcd jcd-variants jcd-robust jcd-robust-ect tune tune-variants judges judges-more judges-tuning judges-check diagnose diagnose-robust robust-study gain-map ship-judges demo-refs ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -328,6 +328,18 @@ if want robust-study; then
   done
   .venv/bin/python recipes/robust_study.py "${NETS[@]}" --samples "ct1=$D/ct1.npz" --samples "cd1=$D/cd1.npz" \
       --diagnose-dir "$D" --out "$RUNS/robust-study"
+fi
+
+# 4h. Where boosting pays (recipes/gain_map.py): six generators of graded quality (ECT and CD-long at 1 and 2
+#     steps, the first CT and CD at 1 step), 1000 images each (seeds 501-506), boosted by the shipped booster
+#     with joint PGD at eps 0.5-2, SGLD, BIGRoC and the unsharp control (the settings tuned for CT 1-step),
+#     beside one more generator step; every change with a paired-bootstrap std under each panel judge, the
+#     booster's realness AUC per generator, and tune's answer per generator (committee, validation seeds
+#     601-606). Its report and gain-vs-quality.png are committed in recipes/fmnist-report/full/map/.
+if want gain-map; then
+  .venv/bin/python recipes/gain_map.py --train-refs "$S" --out "$RUNS/gain-map"
+  mkdir -p recipes/fmnist-report/full/map
+  cp "$RUNS/gain-map/map.json" "$RUNS/gain-map/map.md" "$RUNS/gain-map/gain-vs-quality.png" recipes/fmnist-report/full/map/
 fi
 
 # 5a. Ship the candidate judges and the attacker (each only once it is trained).

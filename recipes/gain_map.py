@@ -1,0 +1,270 @@
+"""Where boosting pays: the gain of every boosting method against the quality of the generator it boosts
+(recipe stage gain-map; issue "Know when boosting pays").
+
+For each generator (the shipped ECT and CD-long at 1 and 2 steps, and the older, weaker CT and CD at 1
+step) it draws `--num` images and, under every judge of the validated panel (the reporting judges that
+passed `cmboost check-judges`), against the test split's shipped statistics, measures:
+- the generator's own FID, KID, precision and recall, and its precision deficit against held-out real
+  images (the same count, scored the same way);
+- the booster's realness AUC on it: how well the joint network tells these samples from held-out real
+  images (0.5: not at all);
+- the change of FID and KID that each method makes, with its paired-bootstrap std (the same images
+  resampled before and after): joint PGD at several radii (no early stop, so each edit reaches its
+  radius), joint SGLD, classifier-only BIGRoC and the unsharp-mask control with the settings the shipped
+  tune file chose for CT 1-step, and the cheapest alternative, one more generator step (the same seed,
+  so image i starts from the same noise: paired too);
+- `cmboost tune`'s answer for that generator: a committee tune of a small grid on other (validation)
+  samples, against training statistics, with its choose-half / confirm-half rule.
+One booster boosts every generator, the shipped `jcd-robust-1.5-ect` (trained on ECT and CD-long
+samples): a gain that changes across generators is then the generator's doing, not the booster's.
+
+    python recipes/gain_map.py --train-refs DIR --heldout HELDOUT.npz --out runs/gain-map
+
+Features and edits of every set are cached in --out, so a rerun resumes. Writes map.json, map.md and
+gain-vs-quality.png there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmboost.atomic import atomic_write_text
+from cmboost.boost_job import trained_realness_kind
+from cmboost.cm.sample import generate_samples
+from cmboost.data import FMNIST_HELD_OUT_START, load_dataset
+from cmboost.demo import ASSETS, choose_panel, load_judge_check, load_shipped_reference
+from cmboost.diagnostic import rank_auc, realness_and_prob
+from cmboost.jcd import load_joint_model
+from cmboost.metrics.evaluate import prepared_statistics
+from cmboost.metrics.features import load_feature_extractor
+from cmboost.metrics.judge_check import pool_features
+from cmboost.metrics.reference import load_reference
+from cmboost.metrics.stats import feature_statistics
+from cmboost.report import markdown_table
+from cmboost.samples import load_samples, save_samples, to_float
+from cmboost.tuning import run_method, tune
+
+BOOSTER = "jcd-robust-1.5-ect.safetensors"
+CLASSIFIER = "jcd-ce.safetensors"       # BIGRoC's classifier, as in the demo
+TUNED = "tuned-ct1.json"                # SGLD, BIGRoC and unsharp settings: the shipped choice for CT 1-step
+PGD_RADII = (0.5, 1.0, 1.5, 2.0)
+PGD_STEPS = 10
+BOOTSTRAP = 30                          # paired-bootstrap resamples per change (1280-d judges make each costly)
+COMMITTEE = ("fmnist-tune-allconv", "fmnist-tune-resnet")
+# name: (checkpoint, steps, the next step's schedule or None for the default, what it is)
+GENERATORS = {
+    "ECT 1-step": ("ect.safetensors", 1, None, "shipped CT (ECT-style), 1 step"),
+    "CD-long 1-step": ("cd-long.safetensors", 1, None, "shipped CD, 1 step"),
+    "ECT 2-step": ("ect.safetensors", 2, {"ts": [0, 20, 28, 39], "N": 40}, "shipped CT (ECT-style), 2 steps"),
+    "CD-long 2-step": ("cd-long.safetensors", 2, {"ts": [0, 6, 12, 17], "N": 18}, "shipped CD, 2 steps"),
+    "old CT 1-step": ("ct.safetensors", 1, None, "the first CT (350 iterations), 1 step"),
+    "old CD 1-step": ("cd.safetensors", 1, None, "the first CD (250 iterations), 1 step"),
+}
+SEED = 501          # the map's samples: seeds 501-506, one per generator (the recipe's other seeds are below 500)
+VALIDATION_SEED = 601  # the map's tune samples: seeds 601-606
+
+
+def cached(path: Path, make):
+    """np.load(path), or make() saved there first (atomically)."""
+    if path.is_file():
+        return np.load(path)
+    value = np.asarray(make())
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, value)
+    tmp.replace(path)
+    return value
+
+
+def samples(out: Path, name: str, checkpoint: str, steps: int, seed: int, num: int, schedule: dict | None = None):
+    path = out / "samples" / f"{name.replace(' ', '_')}-{steps}step-seed{seed}-{num}.npz"
+    if not path.is_file():
+        generate_samples(ASSETS / checkpoint, path, num, steps, seed, (schedule or {}).get("ts"),
+                         (schedule or {}).get("N"), batch_size=250, device="cpu", precision="fp32", progress=False,
+                         block_size=250)
+    return load_samples(path)
+
+
+def scores(prepared, features: np.ndarray, real_features: np.ndarray) -> dict:
+    mu, sigma = feature_statistics(features)
+    knn = prepared.knn_metrics(features, 3)
+    real_precision = prepared.knn_metrics(real_features, 3)["precision"]
+    return {"fid": prepared.fid(mu, sigma, rows=features if len(features) <= features.shape[1] else None),
+            "kid": prepared.kid(features)[0], "precision": knn["precision"], "recall": knn["recall"],
+            "precision_deficit": real_precision - knn["precision"]}
+
+
+def change(prepared, base_features: np.ndarray, features: np.ndarray, base: dict) -> dict:
+    paired = prepared.paired_bootstrap(base_features, features, BOOTSTRAP, seed=0)
+    return {metric: {"change": paired[metric]["change"], "std": paired[metric]["std"],
+                     "relative": paired[metric]["change"] / abs(base[metric]),
+                     "relative_std": paired[metric]["std"] / abs(base[metric]),
+                     "beyond_noise": abs(paired[metric]["change"]) > 2 * paired[metric]["std"]}
+            for metric in ("fid", "kid")}
+
+
+def tune_answer(out: Path, name: str, checkpoint: str, steps: int, seed: int, model, classifier, tuned: dict,
+                train_refs: Path) -> dict:
+    """`cmboost tune` (the library function) for this generator: a committee, a small grid, 500 validation samples."""
+    path = out / "tune" / f"{name.replace(' ', '_')}.json"
+    if path.is_file():
+        settings = json.loads(path.read_text())
+    else:
+        validation = out / "samples" / f"{name.replace(' ', '_')}-val-seed{seed}.npz"
+        if not validation.is_file():
+            generate_samples(ASSETS / checkpoint, validation, 500, steps, seed, batch_size=250, device="cpu",
+                             precision="fp32", progress=False, block_size=250)
+        judges = [load_feature_extractor(j, "cpu") for j in COMMITTEE]
+        refs = [load_reference(train_refs / f"train-ref-{j}.npz") for j in COMMITTEE]
+        grid = [("pgd", {"eps": eps, "steps": PGD_STEPS, "threshold": None}) for eps in (0.5, 1.0, 1.5)]
+        grid += [(m, tuned["methods"][m]["hyper"]) for m in ("sgld", "bigroc", "unsharp")]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = tune(validation, model, refs, judges, path, classifier=classifier, grid=grid, progress=False,
+                        realness_kind=trained_realness_kind(ASSETS / BOOSTER), robust_radius=2.0)
+    return {"best": settings["best"], "choice": settings["choice"], "reason": settings["decision"]["reason"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num", type=int, default=1000, help="images per generator")
+    p.add_argument("--train-refs", required=True, help="folder of train-ref-<judge>.npz for the tuning committee")
+    p.add_argument("--out", required=True)
+    p.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated, from: " + ", ".join(GENERATORS))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    for sub in ("samples", "features", "tune"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    check = load_judge_check()
+    tuned = json.loads((ASSETS / TUNED).read_text())
+    panel = choose_panel(check, list(COMMITTEE) + [check["attacker"]["name"]])
+    extractors = {j: load_feature_extractor(j, "cpu") for j in panel}
+    prepared = {j: prepared_statistics(ref, ref.features) for j in panel
+                for ref in [load_shipped_reference(j, extractors[j])]}
+    model, classifier = load_joint_model(ASSETS / BOOSTER), load_joint_model(ASSETS / CLASSIFIER)
+    kind = trained_realness_kind(ASSETS / BOOSTER)
+    train, train_labels, _ = load_dataset("fmnist", "train", image_size=32)
+    real = train[FMNIST_HELD_OUT_START:FMNIST_HELD_OUT_START + args.num]
+    real_labels = train_labels[FMNIST_HELD_OUT_START:FMNIST_HELD_OUT_START + args.num]
+    real_features = {j: cached(out / "features" / f"real-{args.num}-{j}.npy",
+                               lambda j=j: pool_features(extractors[j], real)) for j in panel}
+    real_d, _ = realness_and_prob(model, to_float(real), torch.as_tensor(real_labels), kind)
+    methods = [(f"joint PGD eps {eps:g}", "pgd", {"eps": eps, "steps": PGD_STEPS, "threshold": None,
+                                                  "realness_kind": kind}) for eps in PGD_RADII]
+    methods += [("joint SGLD (tuned)", "sgld", tuned["methods"]["sgld"]["hyper"]),
+                ("BIGRoC (tuned)", "bigroc", tuned["methods"]["bigroc"]["hyper"]),
+                ("unsharp mask (tuned control)", "unsharp", tuned["methods"]["unsharp"]["hyper"])]
+
+    rows = []
+    for i, name in enumerate(args.generators.split(",")):
+        checkpoint, steps, next_schedule, about = GENERATORS[name]
+        tag = name.replace(" ", "_")
+        images, labels = samples(out, name, checkpoint, steps, SEED + i, args.num)
+        base_features = {j: cached(out / "features" / f"{tag}-none-{j}.npy",
+                                   lambda j=j: pool_features(extractors[j], images)) for j in panel}
+        base = {j: scores(prepared[j], base_features[j], real_features[j]) for j in panel}
+        fake_d, _ = realness_and_prob(model, to_float(images), torch.as_tensor(labels), kind)
+        row = {"generator": name, "about": about, "checkpoint": checkpoint, "steps": steps, "seed": SEED + i,
+               "realness_auc": rank_auc(real_d, fake_d), "base": base, "methods": {}}
+        for label, method, hyper in methods:
+            key = f"{tag}-{method}-" + "-".join(f"{k}{v}" for k, v in sorted(hyper.items()) if k != "realness_kind")
+            feats, l2 = {}, out / "features" / f"{key}-l2.npy"
+            if all((out / "features" / f"{key}-{j}.npy").is_file() for j in panel) and l2.is_file():
+                edited = None
+            else:
+                edited, norms = run_method(method, hyper, None if method == "bigroc" else model,
+                                           classifier if method == "bigroc" else None, images, labels, "cpu")
+                np.save(l2, norms)
+            for j in panel:
+                feats[j] = cached(out / "features" / f"{key}-{j}.npy", lambda j=j: pool_features(extractors[j], edited))
+            row["methods"][label] = {"method": method, "hyper": hyper, "mean_l2_change": float(np.load(l2).mean()),
+                                     "judges": {j: change(prepared[j], base_features[j], feats[j], base[j])
+                                                for j in panel}}
+        more, _ = samples(out, name, checkpoint, steps + 1, SEED + i, args.num, next_schedule)
+        route = {j: cached(out / "features" / f"{tag}-route-{j}.npy", lambda j=j: pool_features(extractors[j], more))
+                 for j in panel}
+        row["methods"][f"one more generator step ({steps + 1} steps)"] = {
+            "method": "generator", "hyper": {"steps": steps + 1, **(next_schedule or {})},
+            "judges": {j: change(prepared[j], base_features[j], route[j], base[j]) for j in panel}}
+        row["tune"] = tune_answer(out, name, checkpoint, steps, VALIDATION_SEED + i, model, classifier, tuned,
+                                  Path(args.train_refs))
+        rows.append(row)
+        print(f"{name}: AUC {row['realness_auc']:.2f}; tune: {row['tune']['best']}; " + "; ".join(
+            f"{j} FID {base[j]['fid']:.1f}" for j in panel), flush=True)
+
+    result = {"format": "cmboost.gain-map/1", "panel": panel, "num": args.num, "booster": BOOSTER,
+              "classifier": CLASSIFIER, "tuned_settings_from": TUNED, "pgd_steps": PGD_STEPS, "bootstrap": BOOTSTRAP,
+              "reference": "Fashion-MNIST test split (shipped statistics, cmboost/assets/fmnist/ref-test-*.npz)",
+              "real": f"held-out training images train[{FMNIST_HELD_OUT_START}:+{args.num}]",
+              "tuning_committee": list(COMMITTEE), "rows": rows}
+    atomic_write_text(out / "map.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out / "map.md", render(result))
+    plot(result, out / "gain-vs-quality.png")
+    print(render(result))
+    return 0
+
+
+def render(result: dict) -> str:
+    panel = result["panel"]
+    lines = [f"{result['num']} images per generator; change of FID against the unboosted images, in %, ± "
+             f"paired-bootstrap std ({result['bootstrap']} resamples), * beyond 2 std; reference "
+             f"{result['reference']}. Booster {result['booster']} for every generator. Judges: "
+             f"{', '.join(panel)} (the validated panel).\n"]
+    header = ["generator", "booster AUC", "tune's answer"] + [f"{j}: FID, precision deficit" for j in panel]
+    body = [[r["generator"], f"{r['realness_auc']:.2f}", r["tune"]["best"]]
+            + [f"{r['base'][j]['fid']:.1f}, {r['base'][j]['precision_deficit']:+.3f}" for j in panel]
+            for r in result["rows"]]
+    lines.append(markdown_table([dict(zip(header, cells)) for cells in body], header))
+    lines.append("")
+    header = ["generator", "method"] + [f"{j} FID" for j in panel] + [f"{j} KID" for j in panel]
+
+    def shown(c: dict) -> str:
+        return f"{100 * c['relative']:+.1f} ± {100 * c['relative_std']:.1f}{'*' if c['beyond_noise'] else ''}"
+
+    body = [[r["generator"], label] + [shown(m["judges"][j]["fid"]) for j in panel]
+            + [shown(m["judges"][j]["kid"]) for j in panel]
+            for r in result["rows"] for label, m in r["methods"].items()]
+    lines.append(markdown_table([dict(zip(header, cells)) for cells in body], header))
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panel, rows = result["panel"], result["rows"]
+    labels = list(rows[0]["methods"])
+    colours = plt.cm.tab10(np.linspace(0, 1, 10))
+    fig, axes = plt.subplots(2, len(panel), figsize=(5 * len(panel), 8), squeeze=False)
+    for col, judge in enumerate(panel):
+        for row_index, (what, xlabel) in enumerate((("fid", f"generator's FID ({judge})"),
+                                                    ("precision_deficit", f"precision deficit vs real ({judge})"))):
+            ax = axes[row_index][col]
+            for k, label in enumerate(labels):
+                xs = [r["base"][judge][what] for r in rows if label in r["methods"]]
+                ys = [100 * r["methods"][label]["judges"][judge]["fid"]["relative"] for r in rows if label in r["methods"]]
+                es = [100 * r["methods"][label]["judges"][judge]["fid"]["relative_std"] for r in rows
+                      if label in r["methods"]]
+                ax.errorbar(xs, ys, yerr=es, fmt="o", color=colours[k % 10], label=label, capsize=2, alpha=0.85)
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"FID change, % ({judge})")
+            ax.set_title(f"judge: {judge}")
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Where boosting pays: FID change (± paired-bootstrap std) against generator quality, "
+                 f"{result['num']} images per generator, booster {result['booster']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
