@@ -196,6 +196,18 @@ def write_shipped_references(judge_names, out_dir: str | os.PathLike = ASSETS, n
     return written
 
 
+def tune_answer(settings: dict) -> dict:
+    """What a shipped tune file answers to "should I boost these samples?": the method confirmed on the
+    committee's confirming half with its changes there, or "none" with the reason."""
+    decision = settings.get("decision")
+    if decision is None:
+        return {"best": settings["best"], "reason": "tuned before tune confirmed its choice on held-back samples",
+                "judges": {}}
+    return {"best": decision["best"], "reason": decision["reason"],
+            "judges": {name: {metric: judge[metric] for metric in ("fid", "kid")}
+                       for name, judge in decision["judges"].items()}}
+
+
 def choose_panel(check: dict, excluded: list[str]) -> list[str]:
     """The reporting candidates that passed, less the tuning judge(s) and the attacker."""
     return [name for name in passing(check, excluded) if name in REPORTING_JUDGES]
@@ -534,6 +546,7 @@ class _Demo:
                   "booster_radius": trained_radius(ASSETS / settings["checkpoints"][self.booster]),
                   "booster_choice": settings["booster_choice"], "generators": settings["generators"],
                   "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},
+                  "answers": {f"{NAMES[g[:2]]} {g[2:]}-step": tune_answer(t) for g, t in tuned.items()},
                   "seconds": round(time.perf_counter() - started, 1)}
         report["verdicts"] = verdicts(report)
         report["panel_verdicts"] = panel_verdicts(report)

@@ -222,6 +222,7 @@ def render_markdown(report: dict) -> str:
              + report["booster_choice"] + ".",
              "",
              *_judge_check_section(report),
+             *_answer_section(report),
              "## Bars: real images\n",
              markdown_table([{"images": name, **{f"{j} FID": r["judges"][j]["fid"] for j in judges},
                               **{f"{j} KID×1e3": _pm(r["judges"][j]["kid"], r["judges"][j]["kid_std"], 1e3)
@@ -288,6 +289,27 @@ def render_markdown(report: dict) -> str:
               f"Tuned settings: `{json.dumps(report['tuned'])}`\n",
               f"Ran in {report['seconds']} s.\n"]
     return "\n".join(parts)
+
+
+def _answer_section(report: dict) -> list[str]:
+    """Per generator, the tuning committee's answer to "should I boost?" (its confirming half)."""
+    answers = report.get("answers")
+    if not answers:
+        return []
+    lines = ["## Should you boost? The tuning committee's answer per generator\n",
+             "`cmboost tune` chose on half of the validation samples and kept a choice only if, on the other "
+             "half, it lowered FID and KID under every tuning judge by more than 2 paired-bootstrap stds "
+             "(judges and samples that take no part in the report below).\n"]
+    for generator, answer in answers.items():
+        if answer["best"] == "none":
+            lines.append(f"- **{generator}**: tuning found no setting that helps. {answer['reason']}.")
+            continue
+        changes = "; ".join(f"{name} FID {100 * c['fid']['relative']:+.1f}% ± {100 * c['fid']['relative_std']:.1f}%, "
+                            f"KID {100 * c['kid']['relative']:+.1f}% ± {100 * c['kid']['relative_std']:.1f}%"
+                            for name, c in answer["judges"].items())
+        lines.append(f"- **{generator}**: boost with {answer['best']}; confirmed change {changes}." if changes else
+                     f"- **{generator}**: {answer['best']} ({answer['reason']}).")
+    return lines + [""]
 
 
 def _judge_check_section(report: dict) -> list[str]:

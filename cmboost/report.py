@@ -116,7 +116,7 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | os.P
     if len(xs) <= 12:
         ax.xaxis.set_major_locator(FixedLocator(xs))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))  # 0.601, not 0.601432
     ax.set_title(title, fontsize=13)
     ax.set_xlabel(xlabel, fontsize=12)
     ax.set_ylabel(ylabel, fontsize=12)

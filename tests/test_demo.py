@@ -257,3 +257,20 @@ def test_torn_report_bad_threads_and_unreadable_markdown_are_one_line(tmp_path, 
         err = capsys.readouterr().err
         assert f"--threads {threads}: must be >= 0" in err and err.count("\n") == 1
     assert not (tmp_path / "t").exists()
+
+
+def test_the_report_says_per_generator_whether_to_boost():
+    from cmboost.demo import tune_answer
+    from cmboost.demo_report import _answer_section
+
+    change = {"change": -0.2, "std": 0.05, "base": 20.0, "relative": -0.01, "relative_std": 0.0025, "beyond_noise": True}
+    confirmed = {"best": "sgld", "decision": {"best": "sgld", "reason": "sgld {...}, chosen ..., confirmed",
+                                              "judges": {"t1": {"fid": change, "kid": change, "confirmed": True}}}}
+    refused = {"best": "none", "decision": {"best": "none", "reason": "pgd {...} is not confirmed on the other half: "
+                                                                       "t1 FID +1.0%", "judges": {}}}
+    answers = {"CT 1-step": tune_answer(confirmed), "CD 1-step": tune_answer(refused)}
+    lines = _answer_section({"answers": answers})
+    assert lines[0].startswith("## Should you boost?")
+    assert "- **CT 1-step**: boost with sgld; confirmed change t1 FID -1.0% ± 0.2%, KID -1.0% ± 0.2%." in lines
+    assert any(line.startswith("- **CD 1-step**: tuning found no setting that helps. pgd") for line in lines)
+    assert _answer_section({}) == []
