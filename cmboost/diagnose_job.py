@@ -44,7 +44,7 @@ def boost_choices(run: DiagnoseRun, count: int) -> list[tuple[str, dict]]:
     from cmboost.boost_config import make_hyper
     from cmboost.boost_job import DEFAULT_METHOD, given_hyper
     from cmboost.errors import UserInputError
-    from cmboost.tuning import load_settings_file, tuned_hyper
+    from cmboost.tuning import do_not_boost, load_settings_file, tuned_hyper
 
     if not run.settings_files:
         method = run.method or DEFAULT_METHOD
@@ -59,7 +59,11 @@ def boost_choices(run: DiagnoseRun, count: int) -> list[tuple[str, dict]]:
     choices = []
     files = run.settings_files if len(run.settings_files) == count else run.settings_files * count
     for path in files:
-        method, tuned = tuned_hyper(load_settings_file(path), run.method, path)
+        settings = load_settings_file(path)
+        # A file that answers "do not boost" still names the candidate its choosing half preferred: the
+        # diagnostic measures what that edit does (it judges no image quality, so it needs no confirmation).
+        chosen = run.method or (settings.get("choice") if do_not_boost(settings) else None)
+        method, tuned = tuned_hyper(settings, chosen, path)
         if run.hyper.get("threshold") is not None:
             tuned.pop("threshold", None)
         flags = given_hyper(method, run.hyper, run.numbers.seed)

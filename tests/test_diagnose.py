@@ -271,3 +271,19 @@ def test_an_existing_report_is_kept_without_overwrite(tmp_path, capsys):
     code, _, err = run_cli(capsys, ["diagnose", "--model", JCD, *TINY, "--out", out])
     assert code == 2 and "already exists" in err and err.count("\n") == 1, err
     assert (out / JSON_NAME).read_text() == "mine\n" and sorted(p.name for p in out.iterdir()) == [JSON_NAME]
+
+
+def test_a_do_not_boost_settings_file_is_diagnosed_with_its_choosing_halfs_candidate(tmp_path):
+    """The diagnostic needs an edit to measure; a file whose choice was not confirmed still names one."""
+    from cmboost.diagnose_job import DiagnoseRun, boost_choices
+
+    settings = json.loads((ASSETS / "tuned-ct1.json").read_text())
+    settings.update(best="none", choice="pgd", decision={"best": "none", "reason": "pgd: not confirmed"})
+    path = tmp_path / "none.json"
+    path.write_text(json.dumps(settings))
+    run = DiagnoseRun(model=str(JCD), out=str(tmp_path / "d"), samples=(("ct1", "x.npz"),), settings_files=(str(path),))
+    [(method, hyper)] = boost_choices(run, 1)
+    assert method == "pgd" and hyper["eps"] == settings["methods"]["pgd"]["hyper"]["eps"]
+    named = DiagnoseRun(model=str(JCD), out=str(tmp_path / "d"), samples=(("ct1", "x.npz"),),
+                        settings_files=(str(path),), method="sgld")
+    assert boost_choices(named, 1)[0][0] == "sgld"
