@@ -47,7 +47,7 @@ from cmboost.metrics.judge_check import pool_features
 from cmboost.metrics.reference import load_reference
 from cmboost.metrics.stats import feature_statistics
 from cmboost.report import markdown_table
-from cmboost.samples import load_samples, save_samples, to_float
+from cmboost.samples import load_samples, to_float
 from cmboost.tuning import run_method, tune
 
 BOOSTER = "jcd-robust-1.5-ect.safetensors"

@@ -1,0 +1,47 @@
+"""The shipped domain nets' recorded test accuracy, checked on this machine's CPU (tests/test_shipped_*.py)."""
+
+import copy
+import os
+
+import numpy as np
+import torch
+
+from cmboost.data import fashion_mnist
+from cmboost.metrics.domain_net import DomainNet, prepare_images
+
+# Another CPU's float32 kernels sum in another order. How far that can move a logit is bounded from
+# this machine's own float32 error (float32 against the same net in float64): another float32 kernel
+# is taken to err at most ROUNDING_FACTOR times as much. A prediction can only change where the top-2
+# margin is below the sum of both errors, twice (both logits move).
+ROUNDING_FACTOR = 10.0
+
+
+def accuracy_and_near_ties(net: DomainNet, images_u8: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """Top-1 accuracy in float32, and how many images another CPU's rounding could reclassify. Runs
+    on every core (the suite's default is one thread): two passes over the 10,000 test images, one
+    in float64, are the suite's largest convolutions, and nothing else runs beside them."""
+    x = prepare_images(torch.from_numpy(images_u8), net.config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        return _accuracy_and_near_ties(net, x, labels)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _accuracy_and_near_ties(net: DomainNet, x: torch.Tensor, labels: np.ndarray) -> tuple[float, int]:
+    with torch.no_grad():
+        logits32 = torch.cat([net.eval()(b)[1] for b in x.split(500)]).double()
+        exact_net = copy.deepcopy(net).double()
+        logits64 = torch.cat([exact_net(b.double())[1] for b in x.split(500)])
+    own_error = (logits32 - logits64).abs().amax(1)
+    reach = 2 * (1 + ROUNDING_FACTOR) * own_error
+    top2 = logits64.topk(2, dim=1).values
+    near_ties = int((top2[:, 0] - top2[:, 1] <= reach).sum())
+    accuracy = float((logits32.argmax(1).numpy() == labels).mean())
+    return accuracy, near_ties
+
+
+def fmnist_test_split():
+    images, labels = fashion_mnist("test")
+    return images[:, None], labels
