@@ -160,6 +160,7 @@ class BoostRun:
     seed: int = 0                      # SGLD's noise: sample i uses stream (seed, i)
     batch_size: int = 256              # images per part file; the output does not depend on it
     block_size: int | None = None      # None: the block the settings file was scored with, else BLOCK_SIZE
+    allow_other_network: bool = False  # use a settings file tuned for another network (the mismatch is printed)
     device: str = "auto"
     precision: str = "auto"
     overwrite: bool = False
@@ -185,12 +186,14 @@ class ResolvedBoost:
     device: torch.device
     precision: str
     model: object
+    other_network: str | None = None  # the settings file was tuned for another network (--allow-other-network)
 
     def describe(self, run: BoostRun) -> dict:
-        return {"samples": run.samples, "model": run.model, "out": run.out, "method": self.method,
-                "hyper": dataclasses.asdict(self.record), "labels": run.labels, "device": str(self.device),
-                "precision": self.precision, "batch_size": run.batch_size, "block_size": self.block_size,
-                "compile": run.compile}
+        described = {"samples": run.samples, "model": run.model, "out": run.out, "method": self.method,
+                     "hyper": dataclasses.asdict(self.record), "labels": run.labels, "device": str(self.device),
+                     "precision": self.precision, "batch_size": run.batch_size, "block_size": self.block_size,
+                     "compile": run.compile}
+        return described if self.other_network is None else {**described, "other_network": self.other_network}
 
 
 def given_hyper(method: str, given: dict, seed: int) -> dict:
@@ -211,7 +214,7 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
     from cmboost.boost_config import METHODS, make_hyper
     from cmboost.jcd import load_joint_model
 
-    hyper, method, block_size = dict(run.hyper), run.method, run.block_size
+    hyper, method, block_size, settings = dict(run.hyper), run.method, run.block_size, None
     if method is not None and method not in METHODS:
         raise UserInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if run.settings:
@@ -235,7 +238,14 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
     refuse_output_inside_inputs(run.out, [("the samples", run.samples)])
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
-    model = load_joint_model(run.model, arch=run.arch).to(device)
+    model = load_joint_model(run.model, arch=run.arch)
+    other_network = None
+    if settings is not None:  # the weights as loaded: torch.compile renames them
+        from cmboost.tuning import check_settings_network
+
+        other_network = check_settings_network(settings, run.settings, run.model, weights_digest(model),
+                                               run.allow_other_network)
+    model = model.to(device)
     if run.compile:
         model.backbone = torch.compile(model.backbone)
     if method == "pgd":
@@ -244,7 +254,7 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
                                                                        or record.realness_kind)
         threshold = resolve_threshold(model, record.threshold, run.threshold_from, kind, device, precision)
         record = dataclasses.replace(record, realness_kind=kind, threshold=threshold)
-    return ResolvedBoost(method, record, block_size, device, precision, model)
+    return ResolvedBoost(method, record, block_size, device, precision, model, other_network)
 
 
 def boost(run: BoostRun) -> Path:
@@ -257,6 +267,10 @@ def boost(run: BoostRun) -> Path:
         if reason is not None:
             return copy_unchanged(run, reason)
     resolved = resolve_boost(run)
+    if resolved.other_network is not None:
+        from cmboost.runtime import print0
+
+        print0(f"{resolved.other_network}; used all the same (--allow-other-network)")
     return boost_file(run.samples, resolved.model, run.out, resolved.method, resolved.record,
                       batch_size=run.batch_size, device=str(resolved.device), precision=resolved.precision,
                       label_source=run.labels, overwrite=run.overwrite, grid=run.grid, progress=run.progress,

@@ -27,6 +27,7 @@ class DiagnoseRun:
     numbers: DiagnoseSettings = DiagnoseSettings()
     device: str = "auto"
     precision: str = "fp32"             # the diagnostic's numbers compare across machines in fp32
+    allow_other_network: bool = False   # settings files tuned for another network (recorded in the provenance)
     overwrite: bool = False
 
     def __post_init__(self):
@@ -91,6 +92,7 @@ def diagnose_files(run: DiagnoseRun) -> dict:
     from cmboost.jobs import file_digest
     from cmboost.runtime import resolve_device, resolve_precision
     from cmboost.samples import load_samples
+    from cmboost.tuning import check_settings_network, load_settings_file
 
     started = time.perf_counter()
     settings = run.numbers
@@ -109,7 +111,16 @@ def diagnose_files(run: DiagnoseRun) -> dict:
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
-    model = load_joint_model(run.model).to(device)
+    model = load_joint_model(run.model)
+    model_digest = weights_digest(model)
+    other_network = {}  # settings file -> the network it was tuned for, where that is not --model
+    for path in dict.fromkeys(run.settings_files):
+        tuned = load_settings_file(path)
+        line = check_settings_network(tuned, path, run.model, model_digest, run.allow_other_network)
+        if line is not None:
+            other_network[str(path)] = tuned["fingerprint"]["model"]
+            print(f"{line}; used all the same (--allow-other-network)")
+    model = model.to(device)
     kind = run.realness or trained_realness_kind(run.model) or DEFAULT_REALNESS
     shape = (model.in_channels, model.image_size, model.image_size)
     score = load_teacher_score(run.teacher, device, precision, shape, model.num_classes) if run.teacher else None
@@ -143,12 +154,12 @@ def diagnose_files(run: DiagnoseRun) -> dict:
     report, grid = diagnose(model, real, real_labels, samples, score, settings, kind, device, precision,
                             model.num_classes, real_ids=offset + chosen)
     report["provenance"] = {
-        "model": str(run.model), "model_digest": weights_digest(model),
+        "model": str(run.model), "model_digest": model_digest,
         "teacher": str(run.teacher) if run.teacher else None,
         "teacher_digest": file_digest(run.teacher) if run.teacher else None,
         "real": real_source, "real_digest": file_digest(run.real) if run.real else None,
         "samples": {name: {"path": str(path), "digest": file_digest(path)} for name, path in generators},
-        "settings_files": list(run.settings_files)}
+        "settings_files": list(run.settings_files), "settings_tuned_for_other_network": other_network}
     json_path, png_path = write_diagnosis(run.out, report, grid, overwrite=run.overwrite)
     print(format_summary(report))
     if score is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from cmboost.atomic import refuse_existing
+from cmboost.atomic import refuse_existing, refuse_output_inside_inputs
 from cmboost.errors import UserInputError
 from cmboost.metrics.judges import TUNING_JUDGE
 from cmboost.tuning import TuneSettings, check_classifier, check_grid, check_radius, read_grid, tune
@@ -73,6 +73,7 @@ def tune_files(run: TuneRun) -> dict:
         grid = read_grid(run.grid)
         check_radius(check_grid(grid, run.classifier is not None, source=f"--grid {run.grid}"), choice)
     refuse_existing(run.out, run.overwrite)
+    refuse_output_inside_inputs(run.out, [("the samples", run.samples), ("--threshold-from", run.threshold_from)])
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     judges = [load_feature_extractor(name, device) for name in run.judges]

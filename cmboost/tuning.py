@@ -740,6 +740,9 @@ def load_settings_file(path: str | os.PathLike) -> dict:
     if not isinstance(block, int) or isinstance(block, bool) or block < 1:
         raise UserInputError(f"{where}: fingerprint.batch_size {json_text(block)}: the compute block tune boosted "
                              f"with must be a whole number >= 1")
+    if "model" in fingerprint and not isinstance(fingerprint["model"], str):
+        raise UserInputError(f"{where}: fingerprint.model {json_text(fingerprint['model'])}: the weights digest of "
+                             f"the network tune was run for must be a string")
     best = settings.get("best")
     if best == DO_NOT_BOOST:
         reason = settings.get("decision", {}).get("reason") if isinstance(settings.get("decision"), dict) else None
@@ -762,6 +765,23 @@ def settings_block(settings: dict) -> int:
     for the files written before tune recorded it): `boost --settings` boosts with it, so that it
     writes the very images tune scored."""
     return settings.get("fingerprint", {}).get("batch_size", LEGACY_BLOCK)
+
+
+def check_settings_network(settings: dict, source: str | os.PathLike, model_path: str | os.PathLike,
+                           model_digest: str, allowed: bool) -> str | None:
+    """None when the settings file was tuned for the network of `model_digest` (its weights as loaded,
+    before any torch.compile renames them), or is older than the record of it (fingerprint.model);
+    else one line saying so: refused unless `allowed` (--allow-other-network), since values tuned for
+    one network's gradients need not suit another's."""
+    tuned_for = settings.get("fingerprint", {}).get("model")
+    if tuned_for is None or tuned_for == model_digest:
+        return None
+    line = (f"--settings {source} was tuned for the network with weights digest {tuned_for}, but --model "
+            f"{model_path} has {model_digest}")
+    if not allowed:
+        raise UserInputError(f"{line}: its values may not suit this network; tune for it ('cmboost tune') or pass "
+                             f"--allow-other-network to use them all the same")
+    return line
 
 
 def tuned_hyper(settings: dict, method: str | None, source: str) -> tuple[str, dict]:

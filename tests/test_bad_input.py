@@ -521,6 +521,8 @@ OUTPUT_INSIDE_INPUT = [
      "--samples"),
     ("check-judges", lambda w: ["check-judges", "--samples", w / "png", "--judges", "fmnist-allconv",
                                 "--out", w / "png" / "j.json"], "--samples"),
+    ("tune", lambda w: ["tune", w / "png", "--model", JCD, "--ref", w / "ref.npz", "--out", w / "png" / "t.json"],
+     "png/t.json"),
 ]
 
 
@@ -580,3 +582,71 @@ def test_tune_refuses_too_few_samples_to_choose_on_one_half_and_confirm_on_the_o
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert str(tmp_path / "few.npz") in err and "at least 16" in err and "confirm" in err
     assert not (tmp_path / "t.json").exists() and not (tmp_path / "t.json.job").exists()
+
+
+# ----------------------------------------------------------------------------- a settings file of another network
+
+TUNED = ASSETS / "tuned-ct1.json"  # tuned for jcd-robust-1.5-ect, not for JCD
+
+
+def test_boost_refuses_a_settings_file_tuned_for_another_network_naming_both(files, tmp_path, capsys):
+    out = tmp_path / "out.npz"
+    code, err = _run(capsys, ["boost", files / "good.npz", "--model", JCD, "--settings", TUNED, "--out", out,
+                              "--device", "cpu"])
+    _assert_clean_refusal(code, err, f"--settings {TUNED}", out)
+    assert f"--model {JCD}" in err and "--allow-other-network" in err, err
+
+
+def test_diagnose_refuses_a_settings_file_tuned_for_another_network_naming_both(files, tmp_path, capsys):
+    out = tmp_path / "diag"
+    code, err = _run(capsys, ["diagnose", "--model", JCD, "--samples", f"x={files / 'good.npz'}", "--settings", TUNED,
+                              "--device", "cpu", "--out", out])
+    _assert_clean_refusal(code, err, f"--settings {TUNED}", out)
+    assert f"--model {JCD}" in err and "--allow-other-network" in err, err
+
+
+def test_boost_with_allow_other_network_says_so_in_one_line(files, tmp_path, capsys):
+    out = tmp_path / "out.npz"
+    argv = ["boost", files / "good.npz", "--model", JCD, "--settings", TUNED, "--allow-other-network", "--steps", "1",
+            "--device", "cpu", "--no-grid", "--out", out]
+    assert cli_main([str(a) for a in argv + ["--dry-run"]]) == 0
+    tuned_for = json.loads(TUNED.read_text())["fingerprint"]["model"]
+    assert tuned_for in json.loads(capsys.readouterr().out)["other_network"]
+    code = cli_main([str(a) for a in argv])
+    said = [line for line in capsys.readouterr().out.splitlines() if "tuned for the network" in line]
+    assert code == 0 and out.is_file()
+    assert len(said) == 1 and tuned_for in said[0] and str(JCD) in said[0] and "--allow-other-network" in said[0]
+
+
+def test_a_settings_file_of_its_own_network_or_without_a_fingerprint_model_is_used(files, tmp_path, capsys):
+    booster = ASSETS / "jcd-robust-1.5-ect.safetensors"  # the network the shipped file was tuned for
+    argv = ["boost", files / "good.npz", "--out", tmp_path / "o.npz", "--dry-run", "--device", "cpu", "--settings"]
+    assert cli_main([str(a) for a in argv + [TUNED, "--model", booster]]) == 0
+    assert "other_network" not in json.loads(capsys.readouterr().out)
+    older = json.loads(TUNED.read_text())
+    del older["fingerprint"]["model"]  # files written before tune recorded the network
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert cli_main([str(a) for a in argv + [tmp_path / "older.json", "--model", JCD]]) == 0
+    assert "other_network" not in json.loads(capsys.readouterr().out)
+    older["fingerprint"]["model"] = 7
+    (tmp_path / "bad.json").write_text(json.dumps(older))
+    code, err = _run(capsys, argv + [tmp_path / "bad.json", "--model", JCD])
+    _assert_clean_refusal(code, err, f"--settings {tmp_path / 'bad.json'}: fingerprint.model 7", tmp_path / "o.npz")
+
+
+def test_evaluate_refuses_reference_images_of_another_size_naming_both(files, tmp_path, capsys):
+    """A reference that keeps its images (arr_0) shows what it measured: 30x30 crops against 32x32
+    samples are other data, even where the stored features let the metrics be computed. 28x28
+    Fashion-MNIST, as evaluate-ref --data fmnist stores it, is not: a domain net zero-pads it to 32x32
+    as the samples were padded (test_too_few_images_for_the_feature_dimension_warn_in_one_line)."""
+    from cmboost.metrics.reference import reference_stats, save_reference
+
+    images, _ = load_samples(files / "good.npz")
+    ref = reference_stats(images, "fmnist-allconv", source="crops")
+    ref.images = np.ascontiguousarray(ref.images[:, :, 1:31, 1:31])
+    save_reference(tmp_path / "crops.npz", ref)
+    out = tmp_path / "m.json"
+    code, err = _run(capsys, ["evaluate", files / "good.npz", "--ref", tmp_path / "crops.npz", "--features",
+                              "fmnist-allconv", "--device", "cpu", "--json", out])
+    _assert_clean_refusal(code, err, f"--ref {tmp_path / 'crops.npz'} images (arr_0) are 1x30x30", out)
+    assert f"{files / 'good.npz'}: images are 1x32x32" in err, err

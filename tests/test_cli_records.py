@@ -137,11 +137,14 @@ def _verb_records():
     """(verb, record type, fields the verb's flags set under the field's own name, field -> dest)."""
     from cmboost.boost_job import BoostRun
     from cmboost.demo import DemoOptions
+    from cmboost.diagnose_job import DiagnoseRun
     from cmboost.feature_training import FeatureTraining
     from cmboost.tune_job import TuneRun
 
     return [("boost", BoostRun, ("labels", "seed", "batch_size", "device", "precision", "method", "settings",
-                                 "threshold_from", "arch", "block_size"), {}),
+                                 "threshold_from", "arch", "block_size", "allow_other_network"), {}),
+            ("diagnose", DiagnoseRun, ("method", "realness", "teacher", "real", "device", "precision",
+                                       "allow_other_network"), {}),
             ("tune", TuneRun, ("classifier", "threshold_from", "grid", "device", "precision"), {"judges": "judge"}),
             ("train-features", FeatureTraining, ("arch", "data_dir", "limit", "threads", "device", "precision"), {}),
             ("demo", DemoOptions, ("out_dir", "device", "threads"), {})]

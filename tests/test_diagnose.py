@@ -204,12 +204,16 @@ def run_cli(capsys, argv):
 
 
 def test_cli_on_the_shipped_networks_writes_the_report_and_picture(inputs, tmp_path, capsys):
+    # the shipped settings were tuned for the demo's booster: used for JCD all the same, and recorded so
     base = ["diagnose", "--model", JCD, "--samples", f"ct1={inputs['samples']}", "--teacher", inputs["teacher"],
-            "--settings", ASSETS / "tuned-ct1.json", *TINY]
+            "--settings", ASSETS / "tuned-ct1.json", "--allow-other-network", *TINY]
     code, out, err = run_cli(capsys, base + ["--out", tmp_path / "a"])
     assert code == 0, err
     report = json.loads((tmp_path / "a" / JSON_NAME).read_text())
     assert list(report) == list(REPORT_KEYS)
+    tuned_for = json.loads((ASSETS / "tuned-ct1.json").read_text())["fingerprint"]["model"]
+    assert report["provenance"]["settings_tuned_for_other_network"] == {str(ASSETS / "tuned-ct1.json"): tuned_for}
+    assert sum("tuned for the network" in line for line in out.splitlines()) == 1
     assert set(report["accuracy"]) == {"clean", "robust", "attack"}
     assert [row["eps"] for row in report["accuracy"]["robust"]] == [0.5, 2.0]
     gen = report["realness"]["generators"]["ct1"]

@@ -198,7 +198,8 @@ def test_settings_files_without_a_recorded_block_boost_with_tunes_old_block(caps
     shipped = load_settings_file(ASSETS / "tuned-ct1.json")
     assert settings_block(shipped) == shipped["fingerprint"]["batch_size"]
     args = [str(LEGACY_SETTINGS), "--out", "never.npz", "--dry-run", "--device", "cpu"]
-    base = ["boost", "x.npz", "--model", str(ASSETS / "jcd-joint.safetensors"), "--settings"]
+    # the network the legacy file was tuned for (its fingerprint.model)
+    base = ["boost", "x.npz", "--model", str(ASSETS / "jcd-joint-w24.safetensors"), "--settings"]
     assert cli_main(base + args) == 0
     assert json.loads(capsys.readouterr().out)["block_size"] == LEGACY_BLOCK
     assert cli_main(base + args + ["--block-size", "64"]) == 0  # given explicitly, the flag wins

@@ -67,6 +67,10 @@ def add_parser(verbs) -> None:
     p.add_argument("--settings", default=None,
                    help="settings file from 'cmboost tune': its chosen method (or --method's) and tuned values; "
                         "flags given explicitly override them")
+    p.add_argument("--allow-other-network", action="store_true",
+                   default=field_default(BoostRun, "allow_other_network"),
+                   help="use a --settings file tuned for another network than --model (refused otherwise; "
+                        "the mismatch is printed)")
     pgd, sgld, bigroc = PGDBoost(), SGLDBoost(), BIGRoCBoost()  # defaults live in the records only
     p.add_argument("--steps", type=int, default=None,
                    help=f"number of refinement steps (default: pgd {pgd.steps}, sgld {sgld.steps}, bigroc {bigroc.steps})")

@@ -49,6 +49,7 @@ def add_parser(verbs) -> None:
     from cmboost.boost_config import PGD_STEP_FACTOR
     from cmboost.diagnose_job import DiagnoseRun
     from cmboost.diagnostic import JSON_NAME, PNG_NAME, DiagnoseSettings
+    from cmboost.records import field_default
 
     p = verbs.add_parser(
         "diagnose", help="judge-free diagnostics of a joint network: robustness, realness AUC, score alignment, PAGs",
@@ -71,6 +72,10 @@ def add_parser(verbs) -> None:
                         f"the network's size)")
     p.add_argument("--settings", action="append", default=[],
                    help="settings file from 'cmboost tune': once for every --samples, or once per --samples in order")
+    p.add_argument("--allow-other-network", action="store_true",
+                   default=field_default(DiagnoseRun, "allow_other_network"),
+                   help="use --settings files tuned for another network than --model (refused otherwise; the "
+                        "mismatch is recorded in the report's provenance)")
     p.add_argument("--method", default=None, choices=list(METHODS),
                    help="boosting method (default: pgd, or the method chosen in --settings)")
     p.add_argument("--steps", type=int, default=None, help="boosting steps, as in 'cmboost boost'")

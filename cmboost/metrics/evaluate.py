@@ -51,6 +51,12 @@ def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, b
     for each in extractors:
         each.check_images(source.shape, source.name)
     ref = reference_for(refs, extractor)
+    # Reference images of another size or channel count are other data, though a resizing network takes
+    # both; only the zero padding of a domain net (28x28 Fashion-MNIST to 32x32) makes them the same.
+    if ref.images is not None and extractor.padded_shape(ref.images.shape[1:]) != extractor.padded_shape(source.shape):
+        raise UserInputError(f"{source.name}: images are {'x'.join(map(str, source.shape))} (CxHxW), but the "
+                             f"--ref {ref.source} images (arr_0) are {'x'.join(map(str, ref.images.shape[1:]))}; "
+                             f"compare with a reference of images the samples' size")
     if len(source) <= PR_NEIGHBOURS:
         raise UserInputError(f"{source.name}: {len(source)} images; need more than {PR_NEIGHBOURS} "
                              "(k-NN precision/recall)")

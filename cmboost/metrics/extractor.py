@@ -23,6 +23,11 @@ class FeatureExtractor:
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
         raise NotImplementedError
 
+    def padded_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """CxHxW `shape` after the zero padding the network gives its input first: images of two shapes
+        that pad alike are the same data to it. Most networks pad nothing."""
+        return tuple(int(v) for v in shape)
+
     def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
         raise NotImplementedError
 

@@ -294,6 +294,11 @@ class DomainFeatures(FeatureExtractor):
 
         check_input_shape(tuple(shape), self.net.config, source, self.name)
 
+    def padded_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        c, h, w = (int(v) for v in shape)
+        config = self.net.config  # pad_from-sized images are zero-padded to image_size (prepare_images)
+        return (c, config.image_size, config.image_size) if h == w == config.pad_from else (c, h, w)
+
     @torch.no_grad()
     def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
         from cmboost.metrics.domain_net import prepare_images
