@@ -241,6 +241,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panel, rows = result["panel"], result["rows"]
+    # one series per method; the generator route's label names its step count, which differs by generator
+    series = lambda label: label.split(" (")[0] if label.startswith("one more generator step") else label  # noqa: E731
+    rows = [dict(r, methods={series(label): m for label, m in r["methods"].items()}) for r in rows]
     labels = list(rows[0]["methods"])
     colours = plt.cm.tab10(np.linspace(0, 1, 10))
     fig, axes = plt.subplots(2, len(panel), figsize=(5 * len(panel), 8), squeeze=False)
