@@ -257,15 +257,22 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
     return ResolvedBoost(method, record, block_size, device, precision, model, other_network)
 
 
+def unchanged_reason(run: BoostRun) -> str | None:
+    """Why `run` writes its images unchanged: its settings file answers "do not boost" and no
+    --method overrides it; None when it boosts."""
+    if not run.settings or run.method is not None:
+        return None
+    from cmboost.tuning import do_not_boost, load_settings_file
+
+    return do_not_boost(load_settings_file(run.settings))
+
+
 def boost(run: BoostRun) -> Path:
     """Boosts the sample file of `run` into its output (resumable); returns the output's path. With a
     settings file that answers "do not boost" (and no --method), the images are written unchanged."""
-    if run.settings and run.method is None:
-        from cmboost.tuning import do_not_boost, load_settings_file
-
-        reason = do_not_boost(load_settings_file(run.settings))
-        if reason is not None:
-            return copy_unchanged(run, reason)
+    reason = unchanged_reason(run)
+    if reason is not None:
+        return copy_unchanged(run, reason)
     resolved = resolve_boost(run)
     if resolved.other_network is not None:
         from cmboost.runtime import print0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from typing import Iterator, Sequence
@@ -111,7 +112,6 @@ def statistics_threads(threads: int | None = None) -> Iterator[None]:
 
 def on_statistics_threads(function):
     """Decorator: `function` runs under statistics_threads()."""
-    import functools
 
     @functools.wraps(function)
     def wrapped(*args, **kwargs):

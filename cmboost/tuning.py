@@ -569,28 +569,27 @@ def _check_metrics(metrics, where: str, fresh: str) -> None:
         raise UserInputError(f"{where}: expected numbers for {', '.join(METRIC_KEYS)}; {fresh}")
 
 
+def _check_half(half: dict, where: str, fresh: str, names: list[str] | None) -> None:
+    """One half's scores in a row: its lead judge's metrics, and with a committee each judge's."""
+    _check_metrics(half.get("metrics"), f"{where}: metrics", fresh)
+    if names is not None:
+        per = half.get("judges")
+        if not isinstance(per, dict) or set(per) != set(names):
+            raise UserInputError(f"{where}: judges: expected the metrics of each of {', '.join(names)}; {fresh}")
+        for name in names:
+            _check_metrics(per[name], f"{where}: judges[{json_text(name)}]", fresh)
+
+
 def _check_row(row, where: str, fresh: str, names: list[str] | None = None) -> None:
     if not isinstance(row, dict):
         raise UserInputError(f"{where}: expected an object, got {json_kind(row)}; {fresh}")
     if not isinstance(row.get("method"), str) or not isinstance(row.get("hyper"), dict):
         raise UserInputError(f"{where}: needs a method (string) and hyper (object); {fresh}")
-    _check_metrics(row.get("metrics"), f"{where}: metrics", fresh)
-    if names is not None:
-        per = row.get("judges")
-        if not isinstance(per, dict) or set(per) != set(names):
-            raise UserInputError(f"{where}: judges: expected the metrics of each of {', '.join(names)}; {fresh}")
-        for name in names:
-            _check_metrics(per[name], f"{where}: judges[{json_text(name)}]", fresh)
+    _check_half(row, where, fresh, names)
     confirm = row.get("confirm")
     if not isinstance(confirm, dict):
         raise UserInputError(f"{where}: confirm: expected the confirming half's metrics; {fresh}")
-    _check_metrics(confirm.get("metrics"), f"{where}: confirm: metrics", fresh)
-    if names is not None:
-        per = confirm.get("judges")
-        if not isinstance(per, dict) or set(per) != set(names):
-            raise UserInputError(f"{where}: confirm: judges: expected the metrics of each of {', '.join(names)}; {fresh}")
-        for name in names:
-            _check_metrics(per[name], f"{where}: confirm: judges[{json_text(name)}]", fresh)
+    _check_half(confirm, f"{where}: confirm", fresh, names)
     if not isinstance(row.get("mean_l2_change"), (int, float)) or isinstance(row.get("mean_l2_change"), bool):
         raise UserInputError(f"{where}: mean_l2_change: expected a number; {fresh}")
 

@@ -90,10 +90,10 @@ def samples(out: Path, name: str, checkpoint: str, steps: int, seed: int, num: i
     return load_samples(path)
 
 
-def scores(prepared, features: np.ndarray, real_features: np.ndarray) -> dict:
+def scores(prepared, features: np.ndarray, real_precision: float) -> dict:
+    """A generator's own metrics, and its precision deficit against held-out real images' `real_precision`."""
     mu, sigma = feature_statistics(features)
     knn = prepared.knn_metrics(features, 3)
-    real_precision = prepared.knn_metrics(real_features, 3)["precision"]
     return {"fid": prepared.fid(mu, sigma, rows=features if len(features) <= features.shape[1] else None),
             "kid": prepared.kid(features)[0], "precision": knn["precision"], "recall": knn["recall"],
             "precision_deficit": real_precision - knn["precision"]}
@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     real_labels = train_labels[FMNIST_HELD_OUT_START:FMNIST_HELD_OUT_START + args.num]
     real_features = {j: cached(out / "features" / f"real-{args.num}-{j}.npy",
                                lambda j=j: pool_features(extractors[j], real)) for j in panel}
+    real_precision = {j: prepared[j].knn_metrics(real_features[j], 3)["precision"] for j in panel}
     real_d, _ = realness_and_prob(model, to_float(real), torch.as_tensor(real_labels), kind)
     methods = [(f"joint PGD eps {eps:g}", "pgd", {"eps": eps, "steps": PGD_STEPS, "threshold": None,
                                                   "realness_kind": kind}) for eps in PGD_RADII]
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
         images, labels = samples(out, name, checkpoint, steps, SEED + i, args.num)
         base_features = {j: cached(out / "features" / f"{tag}-none-{j}.npy",
                                    lambda j=j: pool_features(extractors[j], images)) for j in panel}
-        base = {j: scores(prepared[j], base_features[j], real_features[j]) for j in panel}
+        base = {j: scores(prepared[j], base_features[j], real_precision[j]) for j in panel}
         fake_d, _ = realness_and_prob(model, to_float(images), torch.as_tensor(labels), kind)
         row = {"generator": name, "about": about, "checkpoint": checkpoint, "steps": steps, "seed": SEED + i,
                "realness_auc": rank_auc(real_d, fake_d), "base": base, "methods": {}}

@@ -1,13 +1,14 @@
 """The shipped domain nets' recorded test accuracy, checked on this machine's CPU (tests/test_shipped_*.py)."""
 
 import copy
+import json
 import os
 
 import numpy as np
 import torch
 
 from cmboost.data import fashion_mnist
-from cmboost.metrics.domain_net import DomainNet, prepare_images
+from cmboost.metrics.domain_net import SHIPPED, DomainNet, load_domain_net, prepare_images
 
 # Another CPU's float32 kernels sum in another order. How far that can move a logit is bounded from
 # this machine's own float32 error (float32 against the same net in float64): another float32 kernel
@@ -45,3 +46,16 @@ def _accuracy_and_near_ties(net: DomainNet, x: torch.Tensor, labels: np.ndarray)
 def fmnist_test_split():
     images, labels = fashion_mnist("test")
     return images[:, None], labels
+
+
+def check_shipped_candidate(name: str, arch: str, seed: int, images: np.ndarray, labels: np.ndarray) -> None:
+    """A shipped tuning candidate is what the recipe trained: its architecture, seed and command, and
+    the test accuracy it records (ours up to the images rounding could reclassify), as the assets
+    README states it."""
+    net, meta = load_domain_net(name)
+    assert net.config.arch == arch and json.loads(meta["settings"])["seed"] == seed
+    assert f"--arch {arch}" in meta["command"] and f"--seed {seed}" in meta["command"]
+    accuracy, near_ties = accuracy_and_near_ties(net, images, labels)
+    assert abs(accuracy - float(meta["test_accuracy"])) <= near_ties / len(images) + 1e-12
+    # the assets README states each one's accuracy (the file's own record, rounded)
+    assert f"| {float(meta['test_accuracy']):.4f} |" in (SHIPPED[name].parent / "README.md").read_text()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from _shipped_nets import accuracy_and_near_ties, fmnist_test_split
+from _shipped_nets import accuracy_and_near_ties, check_shipped_candidate, fmnist_test_split
 from cmboost.metrics.domain_net import SHIPPED, TrainSettings, classify_accuracy, load_domain_net
 from cmboost.metrics.features import load_feature_extractor
 
@@ -36,11 +36,4 @@ def test_shipped_allconv_net_is_an_independent_documented_judge(fmnist_test):
 
 @pytest.mark.parametrize("name, arch, seed", [("fmnist-shallow", "shallow", 3131), ("fmnist-mixer", "mixer", 5353)])
 def test_shipped_tuning_candidates_are_what_the_recipe_trained(name, arch, seed, fmnist_test):
-    net, meta = load_domain_net(name)
-    assert net.config.arch == arch and json.loads(meta["settings"])["seed"] == seed
-    assert f"--arch {arch}" in meta["command"] and f"--seed {seed}" in meta["command"]
-    images, labels = fmnist_test
-    accuracy, near_ties = accuracy_and_near_ties(net, images, labels)
-    assert abs(accuracy - float(meta["test_accuracy"])) <= near_ties / len(images) + 1e-12
-    # the assets README states each one's accuracy (the file's own record, rounded)
-    assert f"| {float(meta['test_accuracy']):.4f} |" in (SHIPPED[name].parent / "README.md").read_text()
+    check_shipped_candidate(name, arch, seed, *fmnist_test)

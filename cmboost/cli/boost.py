@@ -31,18 +31,15 @@ def record_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.boost_job import boost, resolve_boost
+    from cmboost.boost_job import boost, resolve_boost, unchanged_reason
     from cmboost.runtime import print0
 
     record = record_from(args)
     if args.dry_run:
-        if record.settings and record.method is None:
-            from cmboost.tuning import do_not_boost, load_settings_file
-
-            reason = do_not_boost(load_settings_file(record.settings))
-            if reason is not None:  # what boost would do: write the images unchanged
-                print0(json.dumps({"method": "none", "settings": record.settings, "reason": reason}, indent=2))
-                return 0
+        reason = unchanged_reason(record)
+        if reason is not None:  # what boost would do: write the images unchanged
+            print0(json.dumps({"method": "none", "settings": record.settings, "reason": reason}, indent=2))
+            return 0
         print0(json.dumps(resolve_boost(record).describe(record), indent=2))
         return 0
     print0(f"wrote {boost(record)}")
