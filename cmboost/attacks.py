@@ -1,7 +1,9 @@
 """Projected gradient ascent on the input (PGD), L2 and Linf, for any per-example objective.
 
 PGD knows nothing about the model: the caller passes `objective(x) -> [B]` values to maximise
-(closures carry the labels; negate to minimise) and an optional `stop(x) -> bool [B]`.
+(closures carry the labels; negate to minimise) and an optional `stop(x) -> bool [B]`. A caller that
+passes `labels` gets `objective(x, labels)` and `stop(x, labels)` instead, for any subset of rows: with
+a stop rule, PGD then runs both on the rows still moving only, so stopped rows cost nothing.
 Gradients come from `torch.autograd.grad` with respect to the input only, with the parameters'
 requires_grad switched off for the duration, so no parameter gradient is computed or touched.
 """
@@ -16,8 +18,8 @@ from cmboost.errors import UserInputError
 from cmboost.runtime import PRECISIONS, autocast, randn_per_sample
 
 NORMS = ("l2", "linf")
-Objective = Callable[[torch.Tensor], torch.Tensor]
-StopRule = Callable[[torch.Tensor], "torch.Tensor | None"]
+Objective = Callable[..., torch.Tensor]              # (x) or, with labels, (x, labels) -> [B]
+StopRule = Callable[..., "torch.Tensor | None"]      # the same arguments -> bool [B], or None
 
 
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
@@ -99,11 +101,12 @@ class PGD:
             delta = (2 * u - 1) * self.eps
         return (x0 + delta.to(x0.dtype)).clamp(*self.bounds)
 
-    def _stopped(self, stop: StopRule | None, x: torch.Tensor) -> torch.Tensor | None:
+    def _stopped(self, stop: StopRule | None, x: torch.Tensor, labels: torch.Tensor | None = None
+                 ) -> torch.Tensor | None:
         if stop is None:
             return None
         with torch.no_grad(), autocast(x.device, self.precision):
-            flags = stop(self._format(x))
+            flags = stop(self._format(x)) if labels is None else stop(self._format(x), labels)
         if flags is None:
             return None
         flags = torch.as_tensor(flags, device=x.device).bool().view(-1)
@@ -111,11 +114,25 @@ class PGD:
             raise ValueError(f"stop() returned {flags.numel()} flags for a batch of {x.shape[0]}")
         return flags
 
-    def _grad(self, objective: Objective, x: torch.Tensor) -> torch.Tensor:
+    def _still_active(self, stop: StopRule, x: torch.Tensor, active: torch.Tensor,
+                      labels: torch.Tensor | None) -> torch.Tensor:
+        """`active` less the rows the stop rule flags; with labels, only the active rows are checked."""
+        if labels is None:
+            stopped = self._stopped(stop, x)
+            return active if stopped is None else active & ~stopped
+        rows = active.nonzero().squeeze(1)
+        stopped = self._stopped(stop, x[rows], labels[rows])
+        if stopped is None:
+            return active
+        active = active.clone()
+        active[rows] = ~stopped
+        return active
+
+    def _grad(self, objective: Objective, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self._format(x.detach()).requires_grad_(True)
         with torch.enable_grad():
             with autocast(x.device, self.precision):
-                values = objective(x)
+                values = objective(x) if labels is None else objective(x, labels)
             if values.dim() != 1 or values.shape[0] != x.shape[0]:
                 raise ValueError(f"objective() must return one value per example [{x.shape[0]}], "
                                  f"got shape {tuple(values.shape)}")
@@ -123,6 +140,12 @@ class PGD:
             scale = 1024.0 if self.precision == "fp16" else 1.0
             (grad,) = torch.autograd.grad(values.float().sum() * scale, x)
         return grad.float()
+
+    def _step(self, objective: Objective, x: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor | None
+              ) -> torch.Tensor:
+        """One ascent step of rows x (started at x0): up the gradient, into the bounds, into the ball."""
+        moved = (x + self.step_size * self._direction(self._grad(objective, x, labels))).clamp(*self.bounds)
+        return self._project(moved, x0)
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
         if self.norm == "l2":
@@ -132,10 +155,17 @@ class PGD:
     # ------------------------------------------------------------------ the attack
 
     def __call__(self, model: torch.nn.Module, objective: Objective, x: torch.Tensor,
-                 stop: StopRule | None = None, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """Returns the detached adversarial x (same dtype as x)."""
+                 stop: StopRule | None = None, generators: Sequence[torch.Generator] | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns the detached adversarial x (same dtype as x). With `labels` ([B]), objective and
+        stop take (x, labels) of the same rows."""
         if generators is not None and len(generators) != x.shape[0]:
             raise ValueError(f"{len(generators)} generators for a batch of {x.shape[0]}")
+        if labels is not None and labels.shape[:1] != x.shape[:1]:
+            raise ValueError(f"{tuple(labels.shape)} labels for a batch of {x.shape[0]}")
+        # Each row's step depends on that row alone (per-example gradient, direction and projection),
+        # so with labels the stopped rows can leave the batch: the rows still moving are computed alone.
+        compact = labels is not None and stop is not None
         x0 = x.detach().float()
         batch = x0.shape[0]
         steps_taken = torch.zeros(batch, dtype=torch.long, device=x0.device)
@@ -146,7 +176,7 @@ class PGD:
             for p, _ in flags:
                 p.requires_grad_(False)
             active = torch.ones(batch, dtype=torch.bool, device=x0.device)
-            stopped = self._stopped(stop, x0)
+            stopped = self._stopped(stop, x0, labels)
             if stopped is not None:
                 active &= ~stopped
             x_adv = x0.clone()
@@ -158,15 +188,16 @@ class PGD:
                 if stop is not None and not bool(active.any()):
                     break
                 if stop is not None and (step > 0 or self.random_start):  # else x_adv == x0, checked above
-                    stopped = self._stopped(stop, x_adv)
-                    if stopped is not None:
-                        active &= ~stopped  # once stopped, frozen for good
+                    active = self._still_active(stop, x_adv, active, labels)  # once stopped, frozen for good
                     if not bool(active.any()):
                         break
-                grad = self._grad(objective, x_adv)
-                moved = (x_adv + self.step_size * self._direction(grad)).clamp(*self.bounds)
-                moved = self._project(moved, x0)
-                x_adv = torch.where(active.view(-1, *([1] * (x0.dim() - 1))), moved, x_adv)
+                if compact:
+                    rows = active.nonzero().squeeze(1)
+                    moved = self._step(objective, x_adv[rows], x0[rows], labels[rows])
+                    x_adv = x_adv.index_copy(0, rows, moved)
+                else:
+                    moved = self._step(objective, x_adv, x0, labels)
+                    x_adv = torch.where(active.view(-1, *([1] * (x0.dim() - 1))), moved, x_adv)
                 steps_taken += active.long()
         finally:
             for p, requires in flags:

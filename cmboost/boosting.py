@@ -107,13 +107,14 @@ def _pgd(model, images, labels, hyper: PGDBoost, precision, channels_last):
     attack = PGD(norm="l2", eps=hyper.eps, step_size=hyper.step, steps=hyper.steps, random_start=False,
                  bounds=(0.0, 1.0), precision=precision, channels_last=channels_last)
 
-    def objective(x):
-        return joint_score(model.logits(x), labels, hyper.objective, hyper.realness_kind)
+    def objective(x, y):  # y: the labels of the rows x holds (PGD drops the rows that stopped)
+        return joint_score(model.logits(x), y, hyper.objective, hyper.realness_kind)
 
-    def real_enough(x):  # PGD evaluates it under no_grad and the same autocast
-        return realness(model.logits(x), labels, hyper.realness_kind) >= hyper.threshold
+    def real_enough(x, y):  # PGD evaluates it under no_grad and the same autocast
+        return realness(model.logits(x), y, hyper.realness_kind) >= hyper.threshold
 
-    return attack(model, objective, images, stop=real_enough if hyper.threshold is not None else None)
+    return attack(model, objective, images, stop=real_enough if hyper.threshold is not None else None,
+                  labels=labels)
 
 
 def _bigroc(model, images, labels, hyper: BIGRoCBoost, precision, channels_last):

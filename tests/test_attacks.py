@@ -134,6 +134,37 @@ def test_early_stopped_examples_are_frozen():
     assert len(calls) == 4  # checked before each step
 
 
+def test_with_labels_stopped_rows_leave_the_batch(model):
+    """With labels, objective and stop see only the rows still moving, with their own labels, and the
+    result is the whole-batch attack's (each row's step depends on that row alone)."""
+    torch.manual_seed(2)
+    x, y = torch.rand(6, 1, 16, 16), torch.tensor([3, 1, 4, 1, 5, 9])
+    threshold = [None]
+    seen = []
+
+    def score(z, labels):
+        return torch.log_softmax(model(z), 1).gather(1, labels[:, None]).squeeze(1)
+
+    def stop(z, labels):
+        seen.append(labels.tolist())
+        values = score(z, labels)
+        if threshold[0] is None:  # stops about half the rows at once, the others later or never
+            threshold[0] = values.median().item()
+        return values >= threshold[0]
+
+    attack = PGD("l2", eps=2.0, step_size=0.2, steps=6)
+    compact = attack(model, score, x, stop=stop, labels=y)
+    steps = attack.last_steps.clone()
+    assert seen[0] == y.tolist() and len(seen[1]) < 6  # the first check sees all, later ones fewer
+    assert all(set(labels) <= set(y.tolist()) for labels in seen)
+    whole = PGD("l2", eps=2.0, step_size=0.2, steps=6)(
+        model, lambda z: score(z, y), x, stop=lambda z: score(z, y) >= threshold[0])
+    torch.testing.assert_close(compact, whole, rtol=0, atol=1e-6)
+    assert 0 < int((steps == 0).sum()) < 6
+    with pytest.raises(ValueError, match="labels for a batch"):
+        attack(model, score, x, stop=stop, labels=y[:3])
+
+
 def test_all_stopped_ends_early():
     model = Linear()
     count = []

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cmboost.errors import UserInputError
-from cmboost.runtime import (DistInfo, autocast, batches, gather, randn_per_sample, resolve_device,
-                             resolve_precision, sample_generators, sample_seed, shard)
+from cmboost.runtime import (CPU_CHUNK, DistInfo, autocast, batches, gather, in_cpu_chunks, randn_per_sample,
+                             resolve_device, resolve_precision, sample_generators, sample_seed, shard)
 
 
 def test_device_and_precision_defaults():
@@ -32,6 +32,42 @@ def test_per_sample_noise_does_not_depend_on_batching():
     other_seed = randn_per_sample(sample_generators(8, range(10)), (3, 4))
     assert not torch.equal(whole, other_seed)
     assert sample_seed(7, 3) == sample_seed(7, 3) != sample_seed(7, 4)
+
+
+def test_cpu_chunks_are_fixed_slices_in_order():
+    rows = 2 * CPU_CHUNK + 7
+    x, y = torch.randn(rows, 3), torch.arange(rows)
+    seen = []
+
+    def forward(x_, y_, none):
+        assert none is None
+        seen.append(y_.tolist())
+        return {"double": 2 * x_, "label": y_ + 1, "absent": None}
+
+    out = in_cpu_chunks(forward, torch.device("cpu"), x, y, None)
+    # slices of CPU_CHUNK rows from the block's start, then the rest; outputs back in row order
+    assert seen == [list(range(s, min(s + CPU_CHUNK, rows))) for s in range(0, rows, CPU_CHUNK)]
+    assert torch.equal(out["double"], 2 * x) and torch.equal(out["label"], y + 1) and out["absent"] is None
+    assert torch.equal(in_cpu_chunks(lambda a: a * 3, "cpu", x), x * 3)  # a plain tensor output
+
+
+def test_cpu_chunks_only_on_a_cpu():
+    calls = []
+    x = torch.zeros(3 * CPU_CHUNK, 2)
+    in_cpu_chunks(lambda a: calls.append(len(a)) or a, torch.device("cuda", 0), x)  # never touches the GPU
+    in_cpu_chunks(lambda a: calls.append(len(a)) or a, "cpu", x[:CPU_CHUNK])
+    assert calls == [3 * CPU_CHUNK, CPU_CHUNK]
+
+
+def test_chunked_networks_match_one_call():
+    """A conv net and a linear head give the same outputs in chunks as in one call (to float32 rounding:
+    a kernel may block a matmul differently by batch size)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 32 * 32, 10)).eval()
+    x = torch.rand(CPU_CHUNK * 2 + 3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(in_cpu_chunks(net, "cpu", x), net(x), rtol=1e-5, atol=1e-5)
 
 
 def test_shard_and_gather_without_a_process_group():

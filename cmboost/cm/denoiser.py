@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from cmboost.runtime import autocast, randn_per_sample
+from cmboost.runtime import autocast, in_cpu_chunks, randn_per_sample
 
 SIGMA_DATA, SIGMA_MIN, SIGMA_MAX, RHO = 0.5, 0.002, 80.0, 7.0
 KINDS = ("cd", "ct", "edm")
@@ -91,8 +91,11 @@ class Denoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None) -> torch.Tensor:
-        with autocast(self.device, self.precision):
-            return denoise(self.net, x, sigma, labels, self.precond, clip=self.clip)
+        def chunk(x_, sigma_, labels_):
+            return denoise(self.net, x_, sigma_, labels_, self.precond, clip=self.clip)
+
+        with autocast(self.device, self.precision):  # on a CPU in cache-sized slices (runtime.CPU_CHUNK)
+            return in_cpu_chunks(chunk, x.device, x, _per_sample(sigma, x), labels)
 
 
 def karras_sigma(index: float | torch.Tensor, num_levels: int, sigma_min: float = SIGMA_MIN,

@@ -11,7 +11,7 @@ import torch
 from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor
 from cmboost.metrics.stats import RunningStats
-from cmboost.runtime import dist_info, gather
+from cmboost.runtime import dist_info, gather, in_cpu_chunks
 from cmboost.samples import ImageSource
 
 
@@ -51,7 +51,8 @@ def extract_features(source: ImageSource, extractor: FeatureExtractor, batch_siz
             if index % info.world_size != info.rank:
                 bar.update(len(batch))
                 continue
-            out = extractor(torch.from_numpy(batch))
+            # on a CPU in cache-sized slices (runtime.CPU_CHUNK): faster, and the same features
+            out = in_cpu_chunks(extractor, extractor.device, torch.from_numpy(batch))
             pool = out["pool"].cpu()
             pool_stats.update(pool)
             if spatial_stats is not None:

@@ -35,7 +35,7 @@ from cmboost.controls import gaussian_blur, move_to_norm, random_perturbation
 from cmboost.errors import UserInputError
 from cmboost.jobs import Job
 from cmboost.metrics.stats import ReferenceStatistics, feature_statistics
-from cmboost.runtime import sample_generators, randn_per_sample
+from cmboost.runtime import in_cpu_chunks, randn_per_sample, sample_generators
 
 FORMAT_VERSION = 1
 
@@ -156,7 +156,9 @@ def attacker_edit(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
 
 def pool_features(extractor, images_u8: np.ndarray, batch_size: int = 250) -> np.ndarray:
     """The judge's pooled features of uint8 NCHW images, in image order, float64."""
-    parts = [extractor(torch.from_numpy(images_u8[i:i + batch_size]))["pool"].double().cpu().numpy()
+    device = getattr(extractor, "device", "cpu")  # a judge without one is a plain callable on CPU tensors
+    parts = [in_cpu_chunks(extractor, device, torch.from_numpy(images_u8[i:i + batch_size]))["pool"]
+             .double().cpu().numpy()
              for i in range(0, len(images_u8), batch_size)]
     return np.concatenate(parts)
 
