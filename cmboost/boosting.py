@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from cmboost.attacks import PGD
+from cmboost.attacks import FROM_OBJECTIVE, PGD
 from cmboost.errors import UserInputError
 from cmboost.boost_config import BIGRoCBoost, PGDBoost, SGLDBoost, make_hyper
 from cmboost.jcd import log_prob_from_logits, log_realness_from_logits, realness_from_logits
@@ -108,12 +108,14 @@ def _pgd(model, images, labels, hyper: PGDBoost, precision, channels_last):
                  bounds=(0.0, 1.0), precision=precision, channels_last=channels_last)
 
     def objective(x, y):  # y: the labels of the rows x holds (PGD drops the rows that stopped)
-        return joint_score(model.logits(x), y, hyper.objective, hyper.realness_kind)
+        logits = model.logits(x)
+        score = joint_score(logits, y, hyper.objective, hyper.realness_kind)
+        if hyper.threshold is None:
+            return score
+        # early stop, read off the same forward pass: a row already real enough at x_t takes no step
+        return score, realness(logits.detach(), y, hyper.realness_kind) >= hyper.threshold
 
-    def real_enough(x, y):  # PGD evaluates it under no_grad and the same autocast
-        return realness(model.logits(x), y, hyper.realness_kind) >= hyper.threshold
-
-    return attack(model, objective, images, stop=real_enough if hyper.threshold is not None else None,
+    return attack(model, objective, images, stop=FROM_OBJECTIVE if hyper.threshold is not None else None,
                   labels=labels)
 
 

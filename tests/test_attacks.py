@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cmboost.attacks import PGD
+from cmboost.attacks import FROM_OBJECTIVE, PGD
 from cmboost.errors import UserInputError
 from cmboost.jcd import build_joint_model
 from cmboost.runtime import sample_generators
@@ -163,6 +163,38 @@ def test_with_labels_stopped_rows_leave_the_batch(model):
     assert 0 < int((steps == 0).sum()) < 6
     with pytest.raises(ValueError, match="labels for a batch"):
         attack(model, score, x, stop=stop, labels=y[:3])
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("random_start", [False, True])
+def test_stop_read_off_the_objective_equals_a_separate_stop_rule(model, with_labels, random_start):
+    """stop=FROM_OBJECTIVE: the done flags come with the objective's own forward pass; every row stops
+    where a separate rule would stop it, with the same steps and images."""
+    torch.manual_seed(3)
+    x, y = torch.rand(8, 1, 16, 16), torch.arange(8) % 10
+    gens = sample_generators(5, range(8)) if random_start else None
+
+    def score(z, labels):
+        return torch.log_softmax(model(z), 1).gather(1, labels[:, None]).squeeze(1)
+
+    threshold = score(x, y).median().item() + 0.3  # some rows start done, others get there or never
+    settings = dict(norm="l2", eps=2.0, step_size=0.25, steps=8, random_start=random_start)
+    separate, shared = PGD(**settings), PGD(**settings)
+    if with_labels:
+        a = separate(model, score, x, stop=lambda z, l: score(z, l) >= threshold, labels=y, generators=gens)
+        b = shared(model, lambda z, l: (score(z, l), score(z, l) >= threshold), x, stop=FROM_OBJECTIVE, labels=y,
+                   generators=sample_generators(5, range(8)) if random_start else None)
+    else:
+        a = separate(model, lambda z: score(z, y), x, stop=lambda z: score(z, y) >= threshold, generators=gens)
+        b = shared(model, lambda z: (score(z, y), score(z, y) >= threshold), x, stop=FROM_OBJECTIVE,
+                   generators=sample_generators(5, range(8)) if random_start else None)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert torch.equal(shared.last_steps, separate.last_steps)
+    assert 0 < int((separate.last_steps < 8).sum()) < 8  # the rule stopped some rows, not all
+    with pytest.raises(ValueError, match=r"\(values, done\)"):
+        PGD(steps=1)(model, lambda z: score(z, y), x, stop=FROM_OBJECTIVE)
+    with pytest.raises(ValueError, match="FROM_OBJECTIVE"):
+        PGD(steps=1)(model, lambda z: score(z, y), x, stop="from the objective")
 
 
 def test_all_stopped_ends_early():
