@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cmboost.records import field_default
-from cmboost.report import line_plot, markdown_table
+from cmboost.report import DIFFERENCE_GAIN, line_plot, markdown_table
 from cmboost.tuning import TuneSettings
 
 JOINT_METHODS = ("joint (PGD)", "joint (SGLD)")
@@ -23,8 +23,9 @@ FRONTIER_ROUTES = ("generator steps", "1 step + joint PGD")
 
 
 def summarise(headline: list[dict]) -> list[dict]:
-    """One row per (generator, boost): each reporting judge's FID and KID as mean and std over the
-    sample seeds (ddof 1), precision and recall as means, and the mean L2 change per image."""
+    """One row per (generator, boost): each reporting judge's FID, KID, IS, precision and recall as
+    mean and std over the sample seeds (ddof 1), and the mean L2 change per image. IS is None under a
+    judge without a classifier head."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in headline:
         groups.setdefault((row["generator"], row["boost"]), []).append(row)
@@ -34,7 +35,8 @@ def summarise(headline: list[dict]) -> list[dict]:
                  "mean_l2_change": float(np.mean([r["mean_l2_change"] for r in rows])), "judges": {}}
         for judge in rows[0]["judges"]:
             values = {k: np.array([r["judges"][judge][k] for r in rows], dtype=float)
-                      for k in ("fid", "kid", "precision", "recall")}
+                      for k in ("fid", "kid", "precision", "recall")
+                      + (("is",) if all(r["judges"][judge].get("is") is not None for r in rows) else ())}
             entry["judges"][judge] = {
                 **{f"{k}_mean": float(v.mean()) for k, v in values.items()},
                 **{f"{k}_std": float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}}
@@ -226,9 +228,11 @@ def render_markdown(report: dict) -> str:
              "## Bars: real images\n",
              markdown_table([{"images": name, **{f"{j} FID": r["judges"][j]["fid"] for j in judges},
                               **{f"{j} KID×1e3": _pm(r["judges"][j]["kid"], r["judges"][j]["kid_std"], 1e3)
-                                 for j in judges}}
+                                 for j in judges},
+                              **{f"{j} IS": _is_text(r["judges"][j]) for j in judges}}
                              for name, r in report["bars"].items()],
-                            ["images"] + [f"{j} FID" for j in judges] + [f"{j} KID×1e3" for j in judges], "{:.2f}"),
+                            ["images"] + [f"{j} FID" for j in judges] + [f"{j} KID×1e3" for j in judges]
+                            + [f"{j} IS" for j in judges], "{:.2f}"),
              "",
              f"## Table 1: boosting 1-step samples (mean ± std over {report['seeds']} seeds)\n"]
     rows = []
@@ -238,9 +242,11 @@ def render_markdown(report: dict) -> str:
             m = s["judges"][j]
             row[f"{j} FID"] = _pm(m["fid_mean"], m["fid_std"])
             row[f"{j} KID×1e3"] = _pm(m["kid_mean"], m["kid_std"], 1e3)
+            row[f"{j} IS"] = _pm(m["is_mean"], m["is_std"]) if "is_mean" in m else "–"
             row[f"{j} P / R"] = f"{m['precision_mean']:.2f} / {m['recall_mean']:.2f}"
         rows.append(row)
-    columns = ["generator", "boost"] + [f"{j} {k}" for j in judges for k in ("FID", "KID×1e3", "P / R")] + ["L2 change"]
+    columns = ["generator", "boost"] + [f"{j} {k}" for j in judges for k in ("FID", "KID×1e3", "IS", "P / R")] + \
+        ["L2 change"]
     parts += [markdown_table(rows, columns), "",
               "L2 change: mean per-image L2 norm of the edit, images in [0, 1]. The random control moves each "
               "image along a random direction by the L2 norm of its joint-PGD edit; the plain-classifier control "
@@ -285,7 +291,8 @@ def render_markdown(report: dict) -> str:
               f"\n![FID vs operations per image](fid-vs-nfe.png)\n",
               "## Grids\n",
               *[f"![{g} before/after](grid-{g}.png)" for g in report["grids"]],
-              "\nLeft: samples, 8 per class; right: the same after joint-network PGD.\n",
+              "\nLeft: samples, 8 per class; middle: the same after joint-network PGD; right: what the edit "
+              f"changed, |after − before| × {DIFFERENCE_GAIN} (black: unchanged).\n",
               f"Tuned settings: `{json.dumps(report['tuned'])}`\n",
               f"Ran in {report['seconds']} s.\n"]
     return "\n".join(parts)
@@ -382,12 +389,19 @@ def _diagnostic_section(report: dict) -> list[str]:
     return lines
 
 
+def _is_text(metrics: dict) -> str:
+    return "–" if metrics.get("is") is None else f"{metrics['is']:.2f}"
+
+
 def _judge_table(rows: list[dict], keys: list[str], judges: list[str]) -> str:
+    """One-seed rows: each judge's FID, KID (± over its subsets), IS, precision / recall."""
     flat = [{**{k: r[k] for k in keys}, **{f"{j} FID": r["judges"][j]["fid"] for j in judges},
              **{f"{j} KID×1e3": _pm(r["judges"][j]["kid"], r["judges"][j]["kid_std"], 1e3) for j in judges},
+             **{f"{j} IS": _is_text(r["judges"][j]) for j in judges},
+             **{f"{j} P / R": f"{r['judges'][j]['precision']:.2f} / {r['judges'][j]['recall']:.2f}" for j in judges},
              "L2 change": r["mean_l2_change"]} for r in rows]
-    return markdown_table(flat, keys + [f"{j} {m}" for j in judges for m in ("FID", "KID×1e3")] + ["L2 change"],
-                          "{:.2f}")
+    return markdown_table(flat, keys + [f"{j} {m}" for j in judges for m in ("FID", "KID×1e3", "IS", "P / R")]
+                          + ["L2 change"], "{:.2f}")
 
 
 def _misses(found: list[dict]) -> list[str]:

@@ -143,13 +143,25 @@ def _fitting_font(draw, texts: Sequence[str], width: int, largest: int = 20, sma
     return _font(smallest)
 
 
+# The third panel of a labelled grid: |after - before| times this gain, so that an edit of a few grey
+# levels per pixel (a boost's typical L2 change of 0.3 over 1024 pixels is about 2.5 levels) shows.
+DIFFERENCE_GAIN = 8
+
+
+def amplified_difference(before: np.ndarray, after: np.ndarray, gain: int = DIFFERENCE_GAIN) -> np.ndarray:
+    """uint8 |after - before| x gain, clipped to 255: black where the edit changed nothing."""
+    difference = np.abs(after.astype(np.int32) - before.astype(np.int32)) * int(gain)
+    return np.minimum(difference, 255).astype(np.uint8)
+
+
 def save_labelled_grid(before: np.ndarray, after: np.ndarray, labels: np.ndarray, path: str | os.PathLike,
                        class_names: Sequence[str] | None = None, classes: int = 10, per_class: int = 8,
-                       scale: int | None = None, overwrite: bool = False) -> Path:
-    """Before (left) and after (right) panels, side by side: one column per class, its name under the
-    column, the first `per_class` samples of that class down the column (blank where a class has
-    fewer). uint8 NCHW images with their labels; `scale` (nearest upscaling) defaults to tiles of at
-    least MIN_TILE pixels."""
+                       scale: int | None = None, overwrite: bool = False, gain: int = DIFFERENCE_GAIN) -> Path:
+    """Before (left), after (middle) and the amplified difference |after - before| x gain (right,
+    the gain in its title) side by side: one column per class, its name under the column, the first
+    `per_class` samples of that class down the column (blank where a class has fewer). uint8 NCHW
+    images with their labels; `scale` (nearest upscaling) defaults to tiles of at least MIN_TILE
+    pixels."""
     from PIL import Image, ImageDraw
 
     from cmboost.data import FMNIST_CLASSES
@@ -173,16 +185,19 @@ def save_labelled_grid(before: np.ndarray, after: np.ndarray, labels: np.ndarray
                 tiles.append(images[where[row]] if row < len(where) else blank)
         return image_grid(upscale(np.stack(tiles), scale), columns=len(chosen), pad=pad)
 
-    left, right = panel(before), panel(after)
+    panels = (("before", panel(before)), ("after", panel(after)),
+              (f"|after - before| x {gain}", panel(amplified_difference(before, after, gain))))
+    left = panels[0][1]
     gap, column = 6 * pad, w * scale + pad
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))  # measures text before the canvas size is known
     name_font = _fitting_font(probe, [names[cls] for cls in chosen], column - 4)
     title_font = _font(24)
     header, footer = 36, int(name_font.size * 1.6)
     canvas = Image.new("L" if left.ndim == 2 else "RGB",
-                       (2 * left.shape[1] + gap, header + left.shape[0] + footer), 255)
+                       (len(panels) * (left.shape[1] + gap) - gap, header + left.shape[0] + footer), 255)
     draw = ImageDraw.Draw(canvas)
-    for offset, title, image in ((0, "before", left), (left.shape[1] + gap, "after", right)):
+    for index, (title, image) in enumerate(panels):
+        offset = index * (left.shape[1] + gap)
         canvas.paste(Image.fromarray(image), (offset, header))
         draw.text((offset + pad, 4), title, fill=0, font=title_font)
         for i, cls in enumerate(chosen):

@@ -6,7 +6,7 @@ from PIL import Image
 
 from cmboost.demo_report import frontier_series
 from cmboost.errors import OutputExistsError, UserInputError
-from cmboost.report import image_grid, line_plot, save_before_after_grid, save_labelled_grid, save_png
+from cmboost.report import DIFFERENCE_GAIN, amplified_difference, image_grid, line_plot, save_before_after_grid, save_labelled_grid, save_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -65,6 +65,15 @@ def test_labelled_grid_puts_classes_in_columns_samples_in_rows_and_before_left_o
         assert boxes[0, 1, after_panel][1] == boxes[0, 0, after_panel][1]
     assert max(x for (_, _, a), (_, x) in boxes.items() if not a) < min(x for (_, _, a), (_, x) in boxes.items() if a)
     assert all(boxes[c, r, False][0] == boxes[c, r, True][0] for c, r, _ in boxes)
+    # right of "after": the amplified difference of each tile, in the same place of its own panel
+    shift = boxes[0, 0, True][1] - boxes[0, 0, False][1]
+    for (cls, row, after_panel), (y, x) in boxes.items():
+        if not after_panel:
+            continue
+        i = next(i for i in range(len(labels)) if labels[i] == cls and rows_of[i] == row)
+        expected = np.minimum(np.abs(after[i, :, 0, 0].astype(int) - before[i, :, 0, 0].astype(int)) * DIFFERENCE_GAIN,
+                              255)
+        assert (image[y: y + 12, x + shift: x + shift + 12] == expected).all(), (cls, row)
 
     # class 1 has one sample: its second row is blank; below the last row, each column carries its name
     row_step = boxes[0, 1, False][0] - boxes[0, 0, False][0]
@@ -84,7 +93,7 @@ def test_labelled_grid_upscales_small_images_to_be_seen(tmp_path):
     images = np.zeros((80, 1, 28, 28), np.uint8)
     path = save_labelled_grid(images, images, labels, tmp_path / "grid.png")
     width, height = Image.open(path).size
-    assert width >= 2 * 10 * 96 and height >= 8 * 96  # 10 classes x 8 samples, tiles of >= 96 px, two panels
+    assert width >= 3 * 10 * 96 and height >= 8 * 96  # 10 classes x 8 samples, tiles of >= 96 px, three panels
 
 
 def test_before_after_grid_and_save_png_refuse_to_overwrite(tmp_path):
@@ -149,3 +158,10 @@ def test_frontier_series_starts_the_boosting_route_at_the_one_step_sample():
                        frontier_point("1 step + joint PGD", 3, 45.0)]}
     assert frontier_series(frontier, "j") == {"CT: generator steps": [(1, 50.0), (2, 40.0)],
                                               "CT: 1 step + joint PGD": [(1, 50.0), (3, 45.0)]}
+
+
+def test_amplified_difference_is_black_where_nothing_changed_and_clips():
+    before = np.array([[[[10, 200, 0, 255]]]], np.uint8)
+    after = np.array([[[[10, 190, 3, 0]]]], np.uint8)
+    assert amplified_difference(before, after, gain=8).tolist() == [[[[0, 80, 24, 255]]]]
+    assert amplified_difference(after, before, gain=8).tolist() == [[[[0, 80, 24, 255]]]]  # symmetric, no wrap
