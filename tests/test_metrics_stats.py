@@ -308,3 +308,25 @@ def test_the_paired_bootstrap_measures_the_change_and_its_noise_on_the_same_imag
     assert paired == prepared.paired_bootstrap(before, after, resamples=50, seed=3)  # seeded
     unchanged = prepared.paired_bootstrap(before, before, resamples=20)
     assert all(unchanged[m] == {"change": 0.0, "std": 0.0} for m in ("fid", "kid"))  # paired: no noise at all
+
+
+@pytest.mark.parametrize("dims, rows", [(16, 120), (200, 120)])  # fewer / more dimensions than distinct rows
+def test_each_bootstrap_resample_is_the_fid_and_kid_of_its_rows(dims, rows):
+    """bootstrap() reads each resample's FID off precomputed products and KID off resampled kernels; each
+    equals the plain FID and KID of the resampled rows (duplicates and all)."""
+    from cmboost.metrics.stats import ReferenceStatistics
+
+    rng = np.random.default_rng(5)
+    prepared = ReferenceStatistics.of(_gaussian(rng, 600, dims).astype(np.float32))
+    fake = (_gaussian(rng, rows, dims) * 1.2 + 0.3).astype(np.float32)
+    result = prepared.bootstrap(fake, resamples=6, seed=2)
+    draws = np.random.default_rng(2)
+    draws = [draws.integers(0, rows, rows) for _ in range(6)]
+    # FID to 1e-7: with no more rows than dimensions, the zero eigenvalue that centring leaves rounds to
+    # about 1e-15 in either computation, and its square root to about 3e-8
+    assert result["fid"]["all"] == pytest.approx(prepared.fid(*feature_statistics(fake)), rel=1e-7)
+    assert result["kid"]["all"] == pytest.approx(prepared.kid(fake)[0], rel=1e-9)
+    for i, picked in enumerate(draws):
+        resampled = fake[picked]
+        assert result["fid"]["resampled"][i] == pytest.approx(prepared.fid(*feature_statistics(resampled)), rel=1e-7)
+        assert result["kid"]["resampled"][i] == pytest.approx(prepared.kid(resampled)[0], rel=1e-9)

@@ -519,47 +519,91 @@ class ReferenceStatistics:
         return _kid_values(within, polynomial_kernel(fake, fake), polynomial_kernel(real, fake), draws, size)
 
     @on_statistics_threads
+    def bootstrap(self, features, resamples: int = 100, seed: int = 0) -> dict:
+        """FID and KID of one generated set against this reference: on all its rows ("all") and on
+        `resamples` resamplings of its rows with replacement ("resampled", an array), the rows drawn by
+        np.random.default_rng(seed). Two sets of the same size draw the same rows, so the differences of
+        their resampled values are a paired bootstrap (paired_bootstrap). {"fid": {"all", "resampled"},
+        "kid": {...}}.
+
+        FID per resample without a D x D covariance: with W W^T = sigma_ref (its Cholesky factor or
+        root) and Y = X W computed once, the cross term tr((sigma_ref S)^(1/2)) of a resample is the sum
+        of the square roots of the eigenvalues of (D^(1/2) Yc)(D^(1/2) Yc)^T / (N - 1) over its distinct
+        rows, D their multiplicities and Yc = Y less the resample's mean: a U x U problem for U (about
+        0.63 N) distinct rows, read off the set's N x N Gram matrix of Y (or, with fewer dimensions than
+        distinct rows, the D x D matrix W^T S W). KID's kernels are computed once and resampled by index."""
+        x = _as_float32_tensor(features, "cpu")
+        if x.ndim != 2 or x.shape[1] != self.mu.shape[0] or len(x) < 4:
+            raise ValueError(f"bootstrap: {tuple(x.shape)} feature rows for {self.mu.shape[0]}-d statistics "
+                             "(and at least 4 rows)")
+        if resamples < 2:
+            raise ValueError(f"bootstrap: {resamples} resamples; need at least 2")
+        n = len(x)
+        rng = np.random.default_rng(seed)
+        draws = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(resamples)]
+        # FID. Everything a resample needs is precomputed over the set's rows (centred on the set's
+        # mean, which keeps the expanded Gram matrix well conditioned): a resample then costs a few
+        # N-vectors and its U x U eigenvalue problem.
+        x64 = x.double()
+        _, root = self.fid_route()  # either way root @ root.T == sigma_ref
+        centre = x64.mean(0)
+        xc = x64 - centre
+        y = xc @ root
+        gram_y = None  # y @ y.T, made when a resample takes the U x U route
+        sq_norms = (xc ** 2).sum(1)
+        offset = centre - torch.from_numpy(self.mu)
+        trace_ref = float(np.trace(self.sigma))
+        fids = []
+        for rows in draws:
+            counts = torch.from_numpy(np.bincount(rows, minlength=n)).double()
+            unique = torch.nonzero(counts).squeeze(1)
+            weights = counts[unique]
+            mean_x = counts @ xc / n  # the resample's mean less the set's
+            trace_g = (float(counts @ sq_norms) - n * float(mean_x @ mean_x)) / (n - 1)
+            mean_y = counts @ y / n
+            if len(unique) <= y.shape[1]:  # the U x U problem
+                gram_y = y @ y.T if gram_y is None else gram_y
+                projection = y[unique] @ mean_y  # <y_i, mean_y> for the distinct rows
+                inner = gram_y[unique][:, unique] - projection[:, None] - projection[None, :] + float(mean_y @ mean_y)
+                root_w = weights.sqrt() / math.sqrt(n - 1)
+                inner = root_w[:, None] * inner * root_w[None, :]
+            else:  # fewer dimensions than distinct rows: the D x D one, W^T S W, with no rank-deficient noise
+                inner = (y.T @ (counts[:, None] * y) - n * torch.outer(mean_y, mean_y)) / (n - 1)
+            values, _ = _psd_eigenvalues((inner + inner.T) / 2, "sigma1 sigma2", 1e-6)
+            diff = offset + mean_x
+            fids.append(float(diff @ diff) + trace_g + trace_ref - 2.0 * float(values.sqrt().sum()))
+        # KID: the set's own kernel, and the real subsets' sums against each of its rows
+        real, (size, kid_draws_, within) = self._kid_side(x, KID_SUBSETS, None, 0)
+        fake_marks = _indicators(kid_draws_, 1, n)
+        gram = polynomial_kernel(x, x)
+        real_sums = _indicators(kid_draws_, 0, real.shape[0]) @ polynomial_kernel(real, x)
+        kids = []
+        for rows in draws:
+            index = torch.from_numpy(rows)
+            picked = gram[index][:, index]
+            fake_all = ((fake_marks @ picked) * fake_marks).sum(dim=1) - fake_marks @ picked.diagonal()
+            cross = (real_sums[:, index] * fake_marks).sum(dim=1)
+            kids.append(float(((within + fake_all) / (size * (size - 1)) - 2.0 * cross / (size * size)).mean()))
+        return {"fid": {"all": fids[0], "resampled": np.array(fids[1:])},
+                "kid": {"all": kids[0], "resampled": np.array(kids[1:])}}
+
     def paired_bootstrap(self, before, after, resamples: int = 100, seed: int = 0) -> dict:
         """How FID and KID change from `before` to `after`, feature rows of the same images before and
         after an edit (row i is image i in both), with the standard deviation of each change over
         `resamples` resamplings of the images: the same resampled rows for both sets, so that the
-        noise they share cancels (a paired bootstrap). {"fid": {"change", "std"}, "kid": {...}}.
-        KID's kernels are computed once per set and resampled by index, not recomputed."""
-        before = _as_float32_tensor(before, "cpu")
-        after = _as_float32_tensor(after, "cpu")
-        if before.shape != after.shape or before.ndim != 2 or len(before) < 4:
-            raise ValueError(f"paired bootstrap: {tuple(before.shape)} and {tuple(after.shape)} rows must be the "
-                             f"same images (and at least 4)")
-        if resamples < 2:
-            raise ValueError(f"paired bootstrap: {resamples} resamples; need at least 2")
-        real, (size, draws, within) = self._kid_side(after, KID_SUBSETS, None, 0)
-        real_marks = _indicators(draws, 0, real.shape[0])
-        fake_marks = _indicators(draws, 1, after.shape[0])
-        # per set: its own kernel, and the real subsets' sums against each of its rows
-        sides = [(polynomial_kernel(x, x), real_marks @ polynomial_kernel(real, x)) for x in (before, after)]
+        noise they share cancels (a paired bootstrap). {"fid": {"change", "std"}, "kid": {...}}."""
+        if np.shape(before) != np.shape(after):
+            raise ValueError(f"paired bootstrap: {tuple(np.shape(before))} and {tuple(np.shape(after))} rows must "
+                             "be the same images")
+        return paired_change(self.bootstrap(before, resamples, seed), self.bootstrap(after, resamples, seed))
 
-        def kid_of(side, rows: torch.Tensor) -> float:
-            gram, real_sums = side
-            gram = gram[rows][:, rows]
-            fake_all = ((fake_marks @ gram) * fake_marks).sum(dim=1) - fake_marks @ gram.diagonal()
-            cross = (real_sums[:, rows] * fake_marks).sum(dim=1)
-            return float(((within + fake_all) / (size * (size - 1)) - 2.0 * cross / (size * size)).mean())
 
-        def fid_of(x: torch.Tensor, rows: torch.Tensor) -> float:
-            picked = x[rows].double().numpy()
-            mu, sigma = feature_statistics(picked)
-            return self.fid(mu, sigma, rows=picked)
-
-        everything = torch.arange(len(before))
-        change = {"fid": fid_of(after, everything) - fid_of(before, everything),
-                  "kid": kid_of(sides[1], everything) - kid_of(sides[0], everything)}
-        rng = np.random.default_rng(seed)
-        diffs = {"fid": [], "kid": []}
-        for _ in range(resamples):
-            rows = torch.from_numpy(rng.integers(0, len(before), len(before)))
-            diffs["fid"].append(fid_of(after, rows) - fid_of(before, rows))
-            diffs["kid"].append(kid_of(sides[1], rows) - kid_of(sides[0], rows))
-        return {key: {"change": float(change[key]), "std": float(np.std(diffs[key], ddof=1))} for key in change}
+def paired_change(before: dict, after: dict) -> dict:
+    """The change from one set's `ReferenceStatistics.bootstrap` to another's (the same images, drawn
+    alike): {"fid": {"change", "std"}, "kid": {...}}, std over the resamples (ddof 1)."""
+    return {key: {"change": float(after[key]["all"] - before[key]["all"]),
+                  "std": float(np.std(after[key]["resampled"] - before[key]["resampled"], ddof=1))}
+            for key in ("fid", "kid")}
 
 
 # ----------------------------------------------------------------------------- helpers
