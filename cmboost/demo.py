@@ -35,8 +35,8 @@ from cmboost.cm.sample import generate_samples
 from cmboost.controls import gaussian_blur, l2_change, random_perturbation
 from cmboost.data import FMNIST_HELD_OUT_START, load_dataset
 from cmboost.samples import load_samples, to_float, to_uint8
-from cmboost.demo_report import (panel_verdicts, plot_frontier, render_markdown, summarise, summarise_check,
-                                  verdicts)
+from cmboost.demo_report import (paired_changes, panel_verdicts, plot_frontier, render_markdown, summarise,
+                                  summarise_check, verdicts)
 from cmboost.errors import UserInputError
 from cmboost.flops import booster_step_flops, generator_step_flops
 from cmboost.jobs import Job
@@ -62,6 +62,10 @@ STANDARD_UNSHARP = {"amount": 1.0, "sigma": 1.0}
 # the attacker's class evidence (a plain classifier's adversarial edit, PGD with this many steps).
 CONTROL_EDITS = ("random", "plain")
 PLAIN_CONTROL_STEPS = 10
+# The panel's verdict pairs each method's images with the same images unboosted (and with the plain
+# control's): FID and KID on this many resamplings of the images, the same rows for every set of one
+# seed (ReferenceStatistics.bootstrap). 50 resamples estimate a std to about 10%.
+PAIRED_RESAMPLES = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,19 +103,20 @@ class Method:
     tuned_as: str | None = None
     control: bool = False   # a control: not repeated on the 2-step generators
     grid: bool = False      # the labelled before/after grid of the first seed
+    paired: bool = False    # its headline rows keep the bootstrap the panel's paired verdict reads
 
 
 # The headline's methods, in the report's order. The random and plain-classifier controls edit each
 # image by the L2 norm of its joint-PGD edit, so they take PGD's tuned hyperparameters.
 METHODS = (
-    Method("none", None, None, None),
+    Method("none", None, None, None, paired=True),
     Method("unsharp mask, tuned (control)", None, "unsharp", "tuned control", "unsharp", control=True),
     Method("unsharp mask, amount 1 (control)", None, "unsharp", "standard", control=True),
     Method("random, PGD's L2 (control)", "booster", "random", "tuned", "pgd", control=True),
-    Method("plain classifier, PGD's L2 (control)", "booster", "plain", "tuned", "pgd", control=True),
+    Method("plain classifier, PGD's L2 (control)", "booster", "plain", "tuned", "pgd", control=True, paired=True),
     Method("classifier-only (BIGRoC)", "jcd-ce", "bigroc", "tuned", "bigroc"),
-    Method("joint (PGD)", "booster", "pgd", "tuned", "pgd", grid=True),
-    Method("joint (SGLD)", "booster", "sgld", "tuned", "sgld"),
+    Method("joint (PGD)", "booster", "pgd", "tuned", "pgd", grid=True, paired=True),
+    Method("joint (SGLD)", "booster", "sgld", "tuned", "sgld", paired=True),
 )
 OBJECTIVE_NETWORKS = ("ce", "bce", "ce+bce", "joint")  # the paper's Table 2: jcd-<objective>, width 16
 FRONTIER_STEPS = (1, 2, 3)  # generator steps on the frontier
@@ -325,6 +330,7 @@ class _Demo:
     def config(self) -> dict:
         """What every cached row depends on."""
         return {"settings": self.settings, "mode": self.mode, "torch": torch.__version__,
+                "paired_resamples": PAIRED_RESAMPLES,
                 "judges": {n: j.identity for n, j in self.judges.items()}, "attacker": self.check["attacker"],
                 "tuned": {g: t["methods"] for g, t in self.tuned.items()}}
 
@@ -400,30 +406,37 @@ class _Demo:
                                             exact_norm=True))
         return images, labels, edited, l2_change(x, to_float(edited).to(self.device)).cpu().numpy()
 
-    def judge_all(self, images) -> dict:
+    def judge_all(self, images, bootstrap: int = 0) -> dict:
+        """Every judge's METRICS of the images, and with `bootstrap` > 0 their resampled FID and KID."""
         from cmboost.metrics.evaluate import evaluate_images
 
-        results = {name: evaluate_images(images, self.reference(name), judge) for name, judge in self.judges.items()}
-        return {name: {k: result[k] for k in METRICS} for name, result in results.items()}
+        results = {name: evaluate_images(images, self.reference(name), judge, bootstrap=bootstrap)
+                   for name, judge in self.judges.items()}
+        return {name: {k: result[k] for k in METRICS + (("bootstrap",) if bootstrap else ())}
+                for name, result in results.items()}
 
     def measure(self, gen: str, seed: int, net: str | None = None, method: str | None = None,
-                hyper: dict | None = None, grid: str | None = None, label: str = "none") -> dict:
-        """Metrics of one generator's samples, boosted or not, under every reporting judge; cached."""
+                hyper: dict | None = None, grid: str | None = None, label: str = "none", paired: bool = False) -> dict:
+        """Metrics of one generator's samples, boosted or not, under every reporting judge; cached.
+        `paired`: the row also keeps each judge's bootstrap (PAIRED_RESAMPLES), for the paired verdict."""
         key = json.dumps([gen, seed, net, method, hyper], sort_keys=True)
-        if self.job.row(key) is None:
+        cached = self.job.row(key)
+        if cached is None or (paired and any("bootstrap" not in j for j in cached["judges"].values())):
             t0 = time.perf_counter()
             images, labels, edited, change = self.edited(gen, seed, net, method, hyper)
             if grid:
                 save_labelled_grid(images, edited, labels, self.out / grid, overwrite=True)
-            row = self.job.put_row(key, {"judges": self.judge_all(edited), "mean_l2_change": float(change.mean()),
+            row = self.job.put_row(key, {"judges": self.judge_all(edited, PAIRED_RESAMPLES if paired else 0),
+                                         "mean_l2_change": float(change.mean()),
                                          "seconds": round(time.perf_counter() - t0, 2)})
             self.say(f"  row {len(self.job.rows)}: {gen} seed {seed} {label}: {self.lead} FID "
                      f"{row['judges'][self.lead]['fid']:.2f}, L2 change {row['mean_l2_change']:.2f} "
                      f"({row['seconds']:.1f} s)")
         return self.job.row(key)
 
-    def measure_method(self, m: Method, gen: str, seed: int, grid: str | None = None) -> dict:
-        return self.measure(gen, seed, self.network(m.network), m.method, self.hyper(m, gen), grid, label=m.label)
+    def measure_method(self, m: Method, gen: str, seed: int, grid: str | None = None, paired: bool = False) -> dict:
+        return self.measure(gen, seed, self.network(m.network), m.method, self.hyper(m, gen), grid, label=m.label,
+                            paired=paired)
 
     # -- sections of the report
     def bars(self) -> dict:
@@ -448,7 +461,7 @@ class _Demo:
                 for m in METHODS:
                     grid = f"grid-{gen}.png" if (m.grid and i == 0) else None
                     rows.append(dict(generator=f"{NAMES[gen[:2]]} {gen[2:]}-step", gen=gen, seed=seed, boost=m.label,
-                                     **self.measure_method(m, gen, seed, grid)))
+                                     **self.measure_method(m, gen, seed, grid, paired=m.paired)))
                 self.say(f"  {gen} seed {seed} ({self.lead}): " + "  ".join(
                     f"{r['boost'].split(' (')[0]} {r['judges'][self.lead]['fid']:.2f}" for r in rows[-len(METHODS):]))
         return rows
@@ -518,9 +531,11 @@ class _Demo:
     def report(self, bars, headline, two_step, objectives, frontier, flops, plot, started) -> dict:
         panel, settings, tuned, mode = self.panel, self.settings, self.tuned, self.mode
 
-        def shown(rows_: list[dict]) -> list[dict]:  # the panel's numbers of each row
-            return [dict(r, judges={n: r["judges"][n] for n in panel}) for r in rows_]
+        def shown(rows_: list[dict]) -> list[dict]:  # the panel's numbers of each row, without the resamples
+            return [dict(r, judges={n: {k: v for k, v in r["judges"][n].items() if k != "bootstrap"} for n in panel})
+                    for r in rows_]
 
+        paired = paired_changes(headline, panel)  # reads the resamples, which the report does not keep
         headline, two_step, objectives = shown(headline), shown(two_step), shown(objectives)
         bars = {name: shown([r])[0] for name, r in bars.items()}
         frontier = {name: shown(points) for name, points in frontier.items()}
@@ -547,6 +562,7 @@ class _Demo:
                   "booster_choice": settings["booster_choice"], "generators": settings["generators"],
                   "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},
                   "answers": {f"{NAMES[g[:2]]} {g[2:]}-step": tune_answer(t) for g, t in tuned.items()},
+                  "paired": paired, "paired_resamples": PAIRED_RESAMPLES,
                   "seconds": round(time.perf_counter() - started, 1)}
         report["verdicts"] = verdicts(report)
         report["panel_verdicts"] = panel_verdicts(report)

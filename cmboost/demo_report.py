@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cmboost.metrics.stats import paired_change
 from cmboost.records import field_default
 from cmboost.report import DIFFERENCE_GAIN, line_plot, markdown_table
-from cmboost.tuning import TuneSettings
+from cmboost.tuning import ERROR_BARS, TuneSettings
 
 JOINT_METHODS = ("joint (PGD)", "joint (SGLD)")
 PLAIN_CONTROL = "plain classifier, PGD's L2 (control)"
@@ -98,33 +99,88 @@ def _worse(a: dict, b: dict, key: str) -> bool:
     return a[f"{key}_mean"] - a[f"{key}_std"] > b[f"{key}_mean"] + b[f"{key}_std"]
 
 
+def paired_changes(headline: list[dict], judges: list[str]) -> list[dict]:
+    """Per joint method, headline generator and judge: how the method changes FID and KID against the
+    same images unboosted ("fid", "kid") and against the plain-classifier control's edit of them
+    ("vs_plain"), each a paired difference with its paired-bootstrap std, pooled over the seeds (the
+    mean change, std sqrt(sum of the seeds' variances) / seeds), and relative to the unboosted mean.
+    Paired differences resolve changes of a few percent that the spread between seeds hides. Reads
+    the rows' "bootstrap" (the demo's paired rows)."""
+    rows = {(r["generator"], r["seed"], r["boost"]): r for r in headline}
+    generators = list(dict.fromkeys(r["generator"] for r in headline))
+    found = []
+    for generator in generators:
+        seeds = list(dict.fromkeys(r["seed"] for r in headline if r["generator"] == generator))
+        for method in JOINT_METHODS:
+            if (generator, seeds[0], method) not in rows:
+                continue
+            for judge in judges:
+                def pooled(rival: str) -> dict:
+                    changes = [paired_change(rows[generator, seed, rival]["judges"][judge]["bootstrap"],
+                                             rows[generator, seed, method]["judges"][judge]["bootstrap"])
+                               for seed in seeds]
+                    return {metric: {"change": float(np.mean([c[metric]["change"] for c in changes])),
+                                     "std": float(np.sqrt(sum(c[metric]["std"] ** 2 for c in changes)) / len(changes))}
+                            for metric in ("fid", "kid")}
+
+                entry = {"generator": generator, "method": method, "judge": judge, "seeds": len(seeds),
+                         **pooled("none"),
+                         "vs_plain": pooled(PLAIN_CONTROL) if (generator, seeds[0], PLAIN_CONTROL) in rows else None}
+                for metric in ("fid", "kid"):
+                    base = float(np.mean([rows[generator, seed, "none"]["judges"][judge][metric] for seed in seeds]))
+                    entry[metric].update(base=base, relative=entry[metric]["change"] / base,
+                                         relative_std=entry[metric]["std"] / base)
+                found.append(entry)
+    return found
+
+
+def _below(change: dict) -> bool:
+    return change["change"] < -ERROR_BARS * change["std"]
+
+
+def _above(change: dict) -> bool:
+    return change["change"] > ERROR_BARS * change["std"]
+
+
 def panel_verdicts(report: dict) -> list[dict]:
     """For each joint method on each headline generator, how many panel judges are for it, against it,
-    or neither. A judge is *for* when FID and KID fall beyond the error bars and the method also beats the
-    plain-classifier control in FID and KID (else the gain is one an adversarial edit also gets); *against*
-    when FID and KID rise beyond the error bars."""
-    by = {(s["generator"], s["boost"]): s for s in report["summary"]}
+    or neither, from the paired changes (`paired_changes`). A judge is *for* when FID and KID fall by
+    more than ERROR_BARS paired-bootstrap stds and the method also beats the plain-classifier control
+    on the same images by as much (else the gain is one an adversarial edit also gets); *against* when
+    FID and KID rise by more than ERROR_BARS stds."""
+    grouped: dict[tuple[str, str], dict[str, str]] = {}
+    for p in report["paired"]:
+        gain = _below(p["fid"]) and _below(p["kid"])
+        beyond_control = p["vs_plain"] is None or (_below(p["vs_plain"]["fid"]) and _below(p["vs_plain"]["kid"]))
+        if gain and beyond_control:
+            vote = "for"
+        elif _above(p["fid"]) and _above(p["kid"]):
+            vote = "against"
+        else:
+            vote = "gain no better than the plain-classifier control" if gain else "neither"
+        grouped.setdefault((p["generator"], p["method"]), {})[p["judge"]] = vote
     found = []
-    for (generator, boost), entry in by.items():
-        if boost not in JOINT_METHODS:
-            continue
-        base, plain = by[(generator, "none")], by.get((generator, PLAIN_CONTROL))
-        votes = {}
-        for judge, m in entry["judges"].items():
-            b = base["judges"][judge]
-            gain = _beats(m, b, "fid") and _beats(m, b, "kid")
-            beyond_control = plain is None or (_beats(m, plain["judges"][judge], "fid")
-                                               and _beats(m, plain["judges"][judge], "kid"))
-            if gain and beyond_control:
-                votes[judge] = "for"
-            elif _worse(m, b, "fid") and _worse(m, b, "kid"):
-                votes[judge] = "against"
-            else:
-                votes[judge] = "gain no better than the plain-classifier control" if gain else "neither"
+    for (generator, method), votes in grouped.items():
         count = {k: sum(v == k for v in votes.values()) for k in ("for", "against")}
-        found.append({"generator": generator, "method": boost, "votes": votes, "for": count["for"],
+        found.append({"generator": generator, "method": method, "votes": votes, "for": count["for"],
                       "against": count["against"], "judges": len(votes)})
     return found
+
+
+def paired_table(report: dict) -> str:
+    """The paired changes behind the panel's verdict, in percent of the unboosted mean."""
+    votes = {(v["generator"], v["method"], judge): vote for v in report["panel_verdicts"]
+             for judge, vote in v["votes"].items()}
+
+    def pct(change: dict, base: float) -> str:
+        return f"{100 * change['change'] / base:+.1f}% ± {100 * change['std'] / base:.1f}"
+
+    rows = [{"generator": p["generator"], "method": p["method"], "judge": p["judge"],
+             "FID change": pct(p["fid"], p["fid"]["base"]), "KID change": pct(p["kid"], p["kid"]["base"]),
+             "FID vs plain control": "–" if p["vs_plain"] is None else pct(p["vs_plain"]["fid"], p["fid"]["base"]),
+             "KID vs plain control": "–" if p["vs_plain"] is None else pct(p["vs_plain"]["kid"], p["kid"]["base"]),
+             "vote": votes[p["generator"], p["method"], p["judge"]]} for p in report["paired"]]
+    return markdown_table(rows, list(rows[0])) if rows else ""
 
 
 def panel_sentence(v: dict) -> str:
@@ -262,8 +318,13 @@ def render_markdown(report: dict) -> str:
     if vrows:
         parts.append(markdown_table(vrows, list(vrows[0])))
     parts += ["", "## The panel's verdict\n",
-              "A panel judge is *for* a method when FID and KID fall beyond the error bars (mean ± std over seeds) "
-              "and the method also beats the plain-classifier control; *against* when both rise beyond them.\n",
+              "Each change is a paired difference: the same images before and after the edit (and after the "
+              "plain-classifier control's edit of them), with its paired-bootstrap std "
+              f"({report['paired_resamples']} resamplings of the images, the same for both sets), pooled over "
+              f"the {report['seeds']} seeds, in percent of the unboosted mean. A panel judge is *for* a method "
+              f"when FID and KID fall by more than {ERROR_BARS:g} stds and the method also beats the "
+              f"plain-classifier control by as much; *against* when both rise by more than {ERROR_BARS:g} stds.\n",
+              paired_table(report), "",
               *[f"- {panel_sentence(v)}" for v in report["panel_verdicts"]], ""]
     met = [v for v in report["verdicts"] if v["met"]]
     parts += ["", f"**{len(met)} of {len(report['verdicts'])} (generator, method, judge) combinations meet every "

@@ -3,6 +3,7 @@ import shutil
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cmboost.cli import main as cli_main
@@ -136,24 +137,55 @@ def test_the_panel_is_the_reporting_candidates_that_passed():
     assert choose_panel(check, ["fmnist", ATTACKER]) == ["fmnist-allconv", "effnet-lite0@224"]
 
 
-def _summary_row(generator, boost, fid, kid, std=1.0):
-    judge = {"fid_mean": fid, "fid_std": std, "kid_mean": kid, "kid_std": std * 1e-3,
-             "precision_mean": 0.5, "recall_mean": 0.5}
-    return {"generator": generator, "boost": boost, "judges": {"a": judge, "b": dict(judge)}}
+def _paired(method, judge, fid, kid, vs_plain=None, std=1.0):
+    change = lambda value, scale: {"change": value, "std": std * scale, "base": 50 * scale}  # noqa: E731
+    return {"generator": "CT 1-step", "method": method, "judge": judge, "seeds": 2, "fid": change(fid, 1),
+            "kid": change(kid, 1e-3), "vs_plain": vs_plain}
 
 
 def test_panel_verdicts_count_judges_for_and_against_and_need_the_plain_control_beaten():
-    from cmboost.demo_report import PLAIN_CONTROL, panel_sentence, panel_verdicts
+    from cmboost.demo_report import panel_sentence, panel_verdicts
 
-    summary = [_summary_row("CT 1-step", "none", 50, 0.05), _summary_row("CT 1-step", PLAIN_CONTROL, 45, 0.04),
-               _summary_row("CT 1-step", "joint (PGD)", 30, 0.02), _summary_row("CT 1-step", "joint (SGLD)", 48, 0.045)]
-    summary[2]["judges"]["b"].update(fid_mean=70, kid_mean=0.08)  # judge b: against
-    (pgd, sgld) = panel_verdicts({"summary": summary})
+    beaten = {"fid": {"change": -5.0, "std": 1.0}, "kid": {"change": -5e-3, "std": 1e-3}}
+    paired = [_paired("joint (PGD)", "a", -20, -20e-3, beaten), _paired("joint (PGD)", "b", 20, 20e-3, beaten),
+              _paired("joint (SGLD)", "a", -1.9, -30e-3, beaten), _paired("joint (SGLD)", "b", 1, 1e-3, beaten)]
+    (pgd, sgld) = panel_verdicts({"paired": paired})
     assert pgd["votes"] == {"a": "for", "b": "against"} and (pgd["for"], pgd["against"]) == (1, 1)
     assert "both directions" in panel_sentence(pgd)
+    # FID down by 1.9 stds only: within the noise, whatever KID does
     assert sgld["votes"] == {"a": "neither", "b": "neither"} and "no difference" in panel_sentence(sgld)
-    summary[1]["judges"]["a"].update(fid_mean=29, kid_mean=0.019)  # the plain control does as well
-    assert panel_verdicts({"summary": summary})[0]["votes"]["a"] == "gain no better than the plain-classifier control"
+    paired[0]["vs_plain"] = {"fid": {"change": -1.0, "std": 1.0}, "kid": {"change": -5e-3, "std": 1e-3}}
+    assert panel_verdicts({"paired": paired})[0]["votes"]["a"] == "gain no better than the plain-classifier control"
+
+
+def test_paired_changes_pool_the_seeds_paired_differences():
+    """Per seed, the change against the same images unboosted (and against the plain control's edit of
+    them) is the difference of their bootstraps, resample by resample; the seeds pool as a mean with
+    std sqrt(sum of variances) / seeds, in the judge's units and relative to the unboosted mean."""
+    from cmboost.demo_report import PLAIN_CONTROL, paired_changes
+
+    rng = np.random.default_rng(0)
+
+    def row(seed, boost, fid, kid):
+        boot = {"fid": {"all": fid, "resampled": list(fid + rng.normal(0, 1, 20))},
+                "kid": {"all": kid, "resampled": list(kid + rng.normal(0, 1e-3, 20))}}
+        return {"generator": "CD 1-step", "seed": seed, "boost": boost,
+                "judges": {"j": {"fid": fid, "kid": kid, "bootstrap": boot}}}
+
+    headline = [row(1, "none", 40.0, 0.04), row(1, PLAIN_CONTROL, 39.0, 0.05), row(1, "joint (PGD)", 36.0, 0.03),
+                row(2, "none", 44.0, 0.06), row(2, PLAIN_CONTROL, 45.0, 0.05), row(2, "joint (PGD)", 42.0, 0.05)]
+    (entry,) = paired_changes(headline, ["j"])
+    assert (entry["method"], entry["judge"], entry["seeds"]) == ("joint (PGD)", "j", 2)
+    by = {(r["seed"], r["boost"]): r["judges"]["j"]["bootstrap"] for r in headline}
+    for metric, rival, key in (("fid", "none", None), ("kid", "none", None), ("fid", PLAIN_CONTROL, "vs_plain")):
+        stds = [np.std(np.subtract(by[s, "joint (PGD)"][metric]["resampled"], by[s, rival][metric]["resampled"]), ddof=1)
+                for s in (1, 2)]
+        changes = [by[s, "joint (PGD)"][metric]["all"] - by[s, rival][metric]["all"] for s in (1, 2)]
+        got = entry[metric] if key is None else entry[key][metric]
+        assert got["change"] == pytest.approx(np.mean(changes))
+        assert got["std"] == pytest.approx(np.sqrt(stds[0] ** 2 + stds[1] ** 2) / 2)
+    assert entry["fid"]["relative"] == pytest.approx(-3.0 / 42.0)  # -4 and -2 against a mean of 42
+    assert paired_changes([r for r in headline if r["boost"] == "none"], ["j"]) == []  # no method rows, nothing
 
 
 def test_quick_demo_is_deterministic_on_one_machine(quick_report, tmp_path):

@@ -40,11 +40,13 @@ PR_NEIGHBOURS = 3      # k of the k-NN manifolds
 def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, batch_size: int = 256,
                     device: torch.device | str | None = None, precision: str = FEATURE_PRECISION,
                     inception_weights: str | os.PathLike | None = None, progress: bool = False,
-                    dinov2_weights: str | os.PathLike | None = None) -> dict:
+                    dinov2_weights: str | os.PathLike | None = None, bootstrap: int = 0) -> dict:
     """FID, sFID, IS, precision, recall, KID, density and coverage of the images in `source` against
     `reference` (a Reference, a path, or several: see reference.load_references), in the features of
     the first of `features` (an extractor, a spec, "inception,dinov2", or a list); with several,
-    also the Frechet distance in each network's features (fd_<name>) against the reference made with it."""
+    also the Frechet distance in each network's features (fd_<name>) against the reference made with it.
+    `bootstrap` > 0 adds "bootstrap": FID and KID on that many seeded resamplings of the images
+    (ReferenceStatistics.bootstrap, lists), which two evaluations of the same images pair."""
     refs = load_references(reference)
     extractors = extractors_for(features, device, precision, inception_weights, dinov2_weights)
     extractor = extractors[0]
@@ -116,6 +118,11 @@ def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, b
         result = {key: result[key] for key in METRIC_KEYS + KID_KEYS + DC_KEYS + tuple(fd_keys)}
         if fd_keys:
             result["fd_feature_nets"] = fd_keys
+        if bootstrap > 0:
+            if ref_features is None:
+                raise UserInputError(f"{ref.source}: a bootstrap of KID needs reference features")
+            result["bootstrap"] = {metric: {"all": values["all"], "resampled": values["resampled"].tolist()}
+                                   for metric, values in prepared.bootstrap(samples.pool, bootstrap).items()}
         result.update(notes={k: v for k, v in notes.items()}, num_samples=samples.count,
                       num_reference=None if ref_features is None else int(len(ref_features)),
                       reference_count=ref.count, feature_net=extractor.identity, features=extractor.name,
@@ -142,10 +149,10 @@ def evaluate_images(images_u8: np.ndarray, reference: Reference | str | os.PathL
                     features: FeatureExtractor | str = DEFAULT_FEATURES, batch_size: int = 256,
                     device: torch.device | str | None = None, precision: str = FEATURE_PRECISION,
                     inception_weights: str | os.PathLike | None = None, progress: bool = False,
-                    dinov2_weights: str | os.PathLike | None = None) -> dict:
+                    dinov2_weights: str | os.PathLike | None = None, bootstrap: int = 0) -> dict:
     """Metrics of in-memory uint8 NCHW images against a reference (a Reference or a .npz/.pkl path)."""
     return evaluate_source(ArraySource(np.asarray(images_u8), "images"), reference, features, batch_size,
-                           device, precision, inception_weights, progress, dinov2_weights)
+                           device, precision, inception_weights, progress, dinov2_weights, bootstrap)
 
 
 def evaluate_file(samples: str | os.PathLike, reference: Reference | str | os.PathLike,

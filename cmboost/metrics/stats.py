@@ -602,7 +602,8 @@ def paired_change(before: dict, after: dict) -> dict:
     """The change from one set's `ReferenceStatistics.bootstrap` to another's (the same images, drawn
     alike): {"fid": {"change", "std"}, "kid": {...}}, std over the resamples (ddof 1)."""
     return {key: {"change": float(after[key]["all"] - before[key]["all"]),
-                  "std": float(np.std(after[key]["resampled"] - before[key]["resampled"], ddof=1))}
+                  "std": float(np.std(np.asarray(after[key]["resampled"]) - np.asarray(before[key]["resampled"]),
+                                      ddof=1))}
             for key in ("fid", "kid")}
 
 
