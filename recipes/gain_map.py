@@ -52,6 +52,13 @@ from cmboost.tuning import run_method, tune
 
 BOOSTER = "jcd-robust-1.5-ect.safetensors"
 CLASSIFIER = "jcd-ce.safetensors"       # BIGRoC's classifier, as in the demo
+# Other networks, for the levers of recipes/README.md ("A booster built to win"): the old booster, and a
+# network whose realness head is a sigmoid D(x, y), the only kind for which a realness-only edit differs
+# from joint PGD (with the softmax head of the shipped booster, log D(x, y) = log p(y|x), and the joint
+# score is twice that: L2-normalised steps make realness-only, classifier-only and joint PGD one edit).
+OLD_BOOSTER = "jcd-joint-w24.safetensors"
+SIGMOID_NET = "jcd-ce+bce.safetensors"
+LEVER_RADIUS = 1.0
 TUNED = "tuned-ct1.json"                # SGLD, BIGRoC and unsharp settings: the shipped choice for CT 1-step
 PGD_RADII = (0.5, 1.0, 1.5, 2.0)
 PGD_STEPS = 10
@@ -156,11 +163,20 @@ def main(argv=None) -> int:
                                lambda j=j: pool_features(extractors[j], real)) for j in panel}
     real_precision = {j: prepared[j].knn_metrics(real_features[j], 3)["precision"] for j in panel}
     real_d, _ = realness_and_prob(model, to_float(real), torch.as_tensor(real_labels), kind)
+    # (label, method, hyperparameters, the network's checkpoint; None: the booster, or BIGRoC's classifier)
     methods = [(f"joint PGD eps {eps:g}", "pgd", {"eps": eps, "steps": PGD_STEPS, "threshold": None,
-                                                  "realness_kind": kind}) for eps in PGD_RADII]
-    methods += [("joint SGLD (tuned)", "sgld", tuned["methods"]["sgld"]["hyper"]),
-                ("BIGRoC (tuned)", "bigroc", tuned["methods"]["bigroc"]["hyper"]),
-                ("unsharp mask (tuned control)", "unsharp", tuned["methods"]["unsharp"]["hyper"])]
+                                                  "realness_kind": kind}, None) for eps in PGD_RADII]
+    methods += [("joint SGLD (tuned)", "sgld", tuned["methods"]["sgld"]["hyper"], None),
+                ("BIGRoC (tuned)", "bigroc", tuned["methods"]["bigroc"]["hyper"], None),
+                ("unsharp mask (tuned control)", "unsharp", tuned["methods"]["unsharp"]["hyper"], None)]
+    lever = {"eps": LEVER_RADIUS, "steps": PGD_STEPS, "threshold": None}
+    methods += [(f"old booster joint-w24, PGD eps {LEVER_RADIUS:g}", "pgd",
+                 {**lever, "realness_kind": trained_realness_kind(ASSETS / OLD_BOOSTER)}, OLD_BOOSTER)]
+    sigmoid_kind = trained_realness_kind(ASSETS / SIGMOID_NET)
+    methods += [(f"{SIGMOID_NET.split('.safetensors')[0]} {what}, PGD eps {LEVER_RADIUS:g}", "pgd",
+                 {**lever, "objective": objective, "realness_kind": sigmoid_kind}, SIGMOID_NET)
+                for what, objective in (("realness only", "realness"), ("joint", "both"))]
+    networks = {name: load_joint_model(ASSETS / name) for name in {m[3] for m in methods if m[3]}}
 
     rows = []
     for i, name in enumerate(args.generators.split(",")):
@@ -173,18 +189,22 @@ def main(argv=None) -> int:
         fake_d, _ = realness_and_prob(model, to_float(images), torch.as_tensor(labels), kind)
         row = {"generator": name, "about": about, "checkpoint": checkpoint, "steps": steps, "seed": SEED + i,
                "realness_auc": rank_auc(real_d, fake_d), "base": base, "methods": {}}
-        for label, method, hyper in methods:
+        for label, method, hyper, network in methods:
             key = f"{tag}-{method}-" + "-".join(f"{k}{v}" for k, v in sorted(hyper.items()) if k != "realness_kind")
+            key += f"-{network.split('.safetensors')[0]}" if network else ""  # the booster's keys stay as they were
             feats, l2 = {}, out / "features" / f"{key}-l2.npy"
             if all((out / "features" / f"{key}-{j}.npy").is_file() for j in panel) and l2.is_file():
                 edited = None
             else:
-                edited, norms = run_method(method, hyper, None if method == "bigroc" else model,
+                net = networks[network] if network else model
+                edited, norms = run_method(method, hyper, None if method == "bigroc" else net,
                                            classifier if method == "bigroc" else None, images, labels, "cpu")
                 np.save(l2, norms)
             for j in panel:
                 feats[j] = cached(out / "features" / f"{key}-{j}.npy", lambda j=j: pool_features(extractors[j], edited))
-            row["methods"][label] = {"method": method, "hyper": hyper, "mean_l2_change": float(np.load(l2).mean()),
+            row["methods"][label] = {"method": method, "hyper": hyper, "network": network or
+                                     (CLASSIFIER if method == "bigroc" else BOOSTER),
+                                     "mean_l2_change": float(np.load(l2).mean()),
                                      "judges": {j: change(prepared[j], base_features[j], feats[j], base[j])
                                                 for j in panel}}
         more, _ = samples(out, name, checkpoint, steps + 1, SEED + i, args.num, next_schedule)
@@ -246,7 +266,7 @@ def plot(result: dict, path: Path) -> None:
     series = lambda label: label.split(" (")[0] if label.startswith("one more generator step") else label  # noqa: E731
     rows = [dict(r, methods={series(label): m for label, m in r["methods"].items()}) for r in rows]
     labels = list(rows[0]["methods"])
-    colours = plt.cm.tab10(np.linspace(0, 1, 10))
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))
     fig, axes = plt.subplots(2, len(panel), figsize=(5 * len(panel), 8), squeeze=False)
     for col, judge in enumerate(panel):
         for row_index, (what, xlabel) in enumerate((("fid", f"generator's FID ({judge})"),
@@ -257,7 +277,7 @@ def plot(result: dict, path: Path) -> None:
                 ys = [100 * r["methods"][label]["judges"][judge]["fid"]["relative"] for r in rows if label in r["methods"]]
                 es = [100 * r["methods"][label]["judges"][judge]["fid"]["relative_std"] for r in rows
                       if label in r["methods"]]
-                ax.errorbar(xs, ys, yerr=es, fmt="o", color=colours[k % 10], label=label, capsize=2, alpha=0.85)
+                ax.errorbar(xs, ys, yerr=es, fmt="o", color=colours[k % 20], label=label, capsize=2, alpha=0.85)
             ax.axhline(0.0, color="grey", linewidth=0.8)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"FID change, % ({judge})")

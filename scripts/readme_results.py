@@ -6,7 +6,7 @@
 import json
 import sys
 
-from cmboost.demo_report import _judge_check_section, generator_bar, panel_sentence
+from cmboost.demo_report import _judge_check_section, generator_bar, paired_table, panel_sentence
 from cmboost.report import markdown_table
 
 
@@ -14,6 +14,7 @@ def main(path: str) -> None:
     report = json.loads(open(path).read())
     judges = list(report["reporting_judges"])
     print("\n".join(_judge_check_section(report)[2:]))
+    print(paired_table(report) + "\n")
     for v in report["panel_verdicts"]:
         print(f"- {panel_sentence(v)}")
     print()
