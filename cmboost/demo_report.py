@@ -325,7 +325,8 @@ def render_markdown(report: dict) -> str:
               f"when FID and KID fall by more than {ERROR_BARS:g} stds and the method also beats the "
               f"plain-classifier control by as much; *against* when both rise by more than {ERROR_BARS:g} stds.\n",
               paired_table(report), "",
-              *[f"- {panel_sentence(v)}" for v in report["panel_verdicts"]], ""]
+              *[f"- {panel_sentence(v)}" for v in report["panel_verdicts"]], "",
+              *answers_beside_verdict(report)]
     met = [v for v in report["verdicts"] if v["met"]]
     parts += ["", f"**{len(met)} of {len(report['verdicts'])} (generator, method, judge) combinations meet every "
               "target.** " + " ".join(_misses(report["verdicts"])), ""]
@@ -378,6 +379,26 @@ def _answer_section(report: dict) -> list[str]:
         lines.append(f"- **{generator}**: boost with {answer['best']}; confirmed change {changes}." if changes else
                      f"- **{generator}**: {answer['best']} ({answer['reason']}).")
     return lines + [""]
+
+
+BOOSTING_LABELS = {"pgd": "joint (PGD)", "sgld": "joint (SGLD)"}  # the tune file's methods in the headline
+
+
+def answers_beside_verdict(report: dict) -> list[str]:
+    """Per headline generator, the tuning committee's answer next to what the panel says of it."""
+    votes = {(v["generator"], v["method"]): v for v in report["panel_verdicts"]}
+    lines = []
+    for generator, answer in (report.get("answers") or {}).items():
+        if answer["best"] == "none":
+            panel = [v for (g, _), v in votes.items() if g == generator]
+            seen = "; ".join(f"{v['method']} {v['for']} for, {v['against']} against" for v in panel)
+            lines.append(f"- {generator}: tuning found no setting that helps" + (f"; the panel: {seen}." if seen else "."))
+        elif (generator, BOOSTING_LABELS.get(answer["best"])) in votes:
+            v = votes[generator, BOOSTING_LABELS[answer["best"]]]
+            lines.append(f"- {generator}: tuning says boost with {answer['best']}; the panel: {v['for']} of "
+                         f"{v['judges']} judges for it, {v['against']} against.")
+    return (["Tuning's answer beside the panel's (the tuning judges chose; the panel did not):\n", *lines, ""]
+            if lines else [])
 
 
 def _judge_check_section(report: dict) -> list[str]:

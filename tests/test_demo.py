@@ -306,3 +306,16 @@ def test_the_report_says_per_generator_whether_to_boost():
     assert "- **CT 1-step**: boost with sgld; confirmed change t1 FID -1.0% ± 0.2%, KID -1.0% ± 0.2%." in lines
     assert any(line.startswith("- **CD 1-step**: tuning found no setting that helps. pgd") for line in lines)
     assert _answer_section({}) == []
+
+
+def test_the_tuning_answer_sits_beside_the_panels_verdict():
+    from cmboost.demo_report import answers_beside_verdict
+
+    votes = [{"generator": "CT 1-step", "method": "joint (SGLD)", "for": 2, "against": 0, "judges": 3},
+             {"generator": "CD 1-step", "method": "joint (PGD)", "for": 0, "against": 1, "judges": 3}]
+    answers = {"CT 1-step": {"best": "sgld"}, "CD 1-step": {"best": "none"}, "CT 2-step": {"best": "sgld"}}
+    lines = answers_beside_verdict({"panel_verdicts": votes, "answers": answers})
+    assert "- CT 1-step: tuning says boost with sgld; the panel: 2 of 3 judges for it, 0 against." in lines
+    assert "- CD 1-step: tuning found no setting that helps; the panel: joint (PGD) 0 for, 1 against." in lines
+    assert not any("2-step" in line for line in lines)  # no panel verdict on the 2-step rows
+    assert answers_beside_verdict({"panel_verdicts": votes}) == []
