@@ -335,7 +335,9 @@ fi
 #     with joint PGD at eps 0.5-2, SGLD, BIGRoC and the unsharp control (the settings tuned for CT 1-step),
 #     beside one more generator step; every change with a paired-bootstrap std under each panel judge, the
 #     booster's realness AUC per generator, and tune's answer per generator (committee, validation seeds
-#     601-606). Its report and gain-vs-quality.png are committed in recipes/fmnist-report/full/map/.
+#     601-606); and the levers of recipes/README.md at eps 1: the old booster jcd-joint-w24, and the
+#     sigmoid-realness jcd-ce+bce with the realness-only and the joint objective. Its report and
+#     gain-vs-quality.png are committed in recipes/fmnist-report/full/map/.
 if want gain-map; then
   .venv/bin/python recipes/gain_map.py --train-refs "$S" --out "$RUNS/gain-map"
   mkdir -p recipes/fmnist-report/full/map

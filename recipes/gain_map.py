@@ -18,7 +18,7 @@ passed `cmboost check-judges`), against the test split's shipped statistics, mea
 One booster boosts every generator, the shipped `jcd-robust-1.5-ect` (trained on ECT and CD-long
 samples): a gain that changes across generators is then the generator's doing, not the booster's.
 
-    python recipes/gain_map.py --train-refs DIR --heldout HELDOUT.npz --out runs/gain-map
+    python recipes/gain_map.py --train-refs DIR --out runs/gain-map
 
 Features and edits of every set are cached in --out, so a rerun resumes. Writes map.json, map.md and
 gain-vs-quality.png there.
