@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect cm-cd-long ect-bar cm-ct cm-cd samples jcd jcd-variants jcd-robust jcd-robust-ect tune tune-variants judges judges-more judges-tuning judges-check diagnose diagnose-robust robust-study gain-map ship-judges demo-refs ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect cm-cd-long ect-bar cm-ct cm-cd samples jcd jcd-variants jcd-robust jcd-robust-ect tune tune-variants judges judges-more judges-tuning judges-check diagnose diagnose-robust robust-study lever-strength gain-map ship-judges demo-refs ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -338,8 +338,21 @@ fi
 #     601-606); and the levers of recipes/README.md at eps 1: the old booster jcd-joint-w24, and the
 #     sigmoid-realness jcd-ce+bce with the realness-only and the joint objective. Its report and
 #     gain-vs-quality.png are committed in recipes/fmnist-report/full/map/.
+# 4g'. Lever 1 of recipes/README.md (realness strength): the booster fine-tuned 4000 more iterations on
+#      20,000 fresh ECT 1-step samples (seed 105) only, the generator it is to boost; gain-map adds its rows.
+if want lever-strength; then
+  [ -f "$S/train-ect1-20k.npz" ] || $CMB sample --model cmboost/assets/fmnist/ect.safetensors --steps 1 --num 20000 \
+      --seed 105 --out "$S/train-ect1-20k.npz" --device cpu --no-progress
+  $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" --generated "$S/train-ect1-20k.npz" \
+      --init cmboost/assets/fmnist/jcd-robust-1.5-ect.safetensors --objective joint --iters 4000 --batch-size 32 \
+      --lr 3e-4 --milestones 3200 --real-eps 1.5 --real-steps 7 --real-step-size 0.5357 --gen-step-size 0.3 \
+      --gen-steps 7 --gen-steps-every 0 --device cpu --seed 11 --run-dir "$RUNS/fmnist-jcd-strong-ect"
+fi
+
 if want gain-map; then
-  .venv/bin/python recipes/gain_map.py --train-refs "$S" --out "$RUNS/gain-map"
+  LEVER=()
+  [ -f "$RUNS/fmnist-jcd-strong-ect/model.safetensors" ] && LEVER=(--lever-booster "$RUNS/fmnist-jcd-strong-ect/model.safetensors")
+  .venv/bin/python recipes/gain_map.py --train-refs "$S" --out "$RUNS/gain-map" "${LEVER[@]}"
   mkdir -p recipes/fmnist-report/full/map
   cp "$RUNS/gain-map/map.json" "$RUNS/gain-map/map.md" "$RUNS/gain-map/gain-vs-quality.png" recipes/fmnist-report/full/map/
 fi

@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-refs", required=True, help="folder of train-ref-<judge>.npz for the tuning committee")
     p.add_argument("--out", required=True)
     p.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated, from: " + ", ".join(GENERATORS))
+    p.add_argument("--lever-booster", default=None, help="a joint network to add as a lever (recipes/README.md): "
+                   f"its joint PGD at eps {LEVER_RADIUS:g} and the tuned SGLD, beside the shipped booster's")
     args = p.parse_args(argv)
     out = Path(args.out)
     for sub in ("samples", "features", "tune"):
@@ -176,6 +178,13 @@ def main(argv=None) -> int:
     methods += [(f"{SIGMOID_NET.split('.safetensors')[0]} {what}, PGD eps {LEVER_RADIUS:g}", "pgd",
                  {**lever, "objective": objective, "realness_kind": sigmoid_kind}, SIGMOID_NET)
                 for what, objective in (("realness only", "realness"), ("joint", "both"))]
+    if args.lever_booster:
+        lever_path = Path(args.lever_booster).resolve()
+        lever_kind = trained_realness_kind(lever_path)
+        methods += [(f"lever {lever_path.parent.name}, PGD eps {LEVER_RADIUS:g}", "pgd",
+                     {**lever, "realness_kind": lever_kind}, str(lever_path)),
+                    (f"lever {lever_path.parent.name}, SGLD (tuned)", "sgld", tuned["methods"]["sgld"]["hyper"],
+                     str(lever_path))]
     networks = {name: load_joint_model(ASSETS / name) for name in {m[3] for m in methods if m[3]}}
 
     rows = []
@@ -191,7 +200,8 @@ def main(argv=None) -> int:
                "realness_auc": rank_auc(real_d, fake_d), "base": base, "methods": {}}
         for label, method, hyper, network in methods:
             key = f"{tag}-{method}-" + "-".join(f"{k}{v}" for k, v in sorted(hyper.items()) if k != "realness_kind")
-            key += f"-{network.split('.safetensors')[0]}" if network else ""  # the booster's keys stay as they were
+            if network:  # the booster's keys stay as they were
+                key += "-" + (Path(network).parent.name if "/" in network else network.split(".safetensors")[0])
             feats, l2 = {}, out / "features" / f"{key}-l2.npy"
             if all((out / "features" / f"{key}-{j}.npy").is_file() for j in panel) and l2.is_file():
                 edited = None
