@@ -339,19 +339,28 @@ fi
 #     sigmoid-realness jcd-ce+bce with the realness-only and the joint objective. Its report and
 #     gain-vs-quality.png are committed in recipes/fmnist-report/full/map/.
 # 4g'. Lever 1 of recipes/README.md (realness strength): the booster fine-tuned 4000 more iterations on
-#      20,000 fresh ECT 1-step samples (seed 105) only, the generator it is to boost; gain-map adds its rows.
+#      20,000 fresh ECT 1-step samples (seed 105) only, the generator it is to boost, with its own joint
+#      objective (softmax realness) and with ce+bce (a sigmoid realness head); gain-map adds their rows.
 if want lever-strength; then
   [ -f "$S/train-ect1-20k.npz" ] || $CMB sample --model cmboost/assets/fmnist/ect.safetensors --steps 1 --num 20000 \
       --seed 105 --out "$S/train-ect1-20k.npz" --device cpu --no-progress
-  $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" --generated "$S/train-ect1-20k.npz" \
-      --init cmboost/assets/fmnist/jcd-robust-1.5-ect.safetensors --objective joint --iters 4000 --batch-size 32 \
-      --lr 3e-4 --milestones 3200 --real-eps 1.5 --real-steps 7 --real-step-size 0.5357 --gen-step-size 0.3 \
-      --gen-steps 7 --gen-steps-every 0 --device cpu --seed 11 --run-dir "$RUNS/fmnist-jcd-strong-ect"
+  for variant in "joint 11 strong-ect" "ce+bce 12 strong-ect-bce"; do
+    set -- $variant
+    $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" --generated "$S/train-ect1-20k.npz" \
+        --init cmboost/assets/fmnist/jcd-robust-1.5-ect.safetensors --objective "$1" --iters 4000 --batch-size 32 \
+        --lr 3e-4 --milestones 3200 --real-eps 1.5 --real-steps 7 --real-step-size 0.5357 --gen-step-size 0.3 \
+        --gen-steps 7 --gen-steps-every 0 --device cpu --seed "$2" --run-dir "$RUNS/fmnist-jcd-$3"
+  done
 fi
 
 if want gain-map; then
   LEVER=()
-  [ -f "$RUNS/fmnist-jcd-strong-ect/model.safetensors" ] && LEVER=(--lever-booster "$RUNS/fmnist-jcd-strong-ect/model.safetensors")
+  for variant in strong-ect strong-ect-bce; do
+    if [ -f "$RUNS/fmnist-jcd-$variant/model.safetensors" ]; then
+      LEVER+=("$RUNS/fmnist-jcd-$variant/model.safetensors")
+    fi
+  done
+  if [ ${#LEVER[@]} -gt 0 ]; then LEVER=(--lever-booster "${LEVER[@]}"); fi
   .venv/bin/python recipes/gain_map.py --train-refs "$S" --out "$RUNS/gain-map" "${LEVER[@]}"
   mkdir -p recipes/fmnist-report/full/map
   cp "$RUNS/gain-map/map.json" "$RUNS/gain-map/map.md" "$RUNS/gain-map/gain-vs-quality.png" recipes/fmnist-report/full/map/

@@ -142,8 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-refs", required=True, help="folder of train-ref-<judge>.npz for the tuning committee")
     p.add_argument("--out", required=True)
     p.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated, from: " + ", ".join(GENERATORS))
-    p.add_argument("--lever-booster", default=None, help="a joint network to add as a lever (recipes/README.md): "
-                   f"its joint PGD at eps {LEVER_RADIUS:g} and the tuned SGLD, beside the shipped booster's")
+    p.add_argument("--lever-booster", nargs="+", default=[], metavar="PATH",
+                   help="joint networks to add as levers (recipes/README.md): each one's joint PGD at eps "
+                        f"{LEVER_RADIUS:g} and the tuned SGLD, beside the shipped booster's")
     args = p.parse_args(argv)
     out = Path(args.out)
     for sub in ("samples", "features", "tune"):
@@ -178,11 +179,9 @@ def main(argv=None) -> int:
     methods += [(f"{SIGMOID_NET.split('.safetensors')[0]} {what}, PGD eps {LEVER_RADIUS:g}", "pgd",
                  {**lever, "objective": objective, "realness_kind": sigmoid_kind}, SIGMOID_NET)
                 for what, objective in (("realness only", "realness"), ("joint", "both"))]
-    if args.lever_booster:
-        lever_path = Path(args.lever_booster).resolve()
-        lever_kind = trained_realness_kind(lever_path)
+    for lever_path in (Path(p).resolve() for p in args.lever_booster):
         methods += [(f"lever {lever_path.parent.name}, PGD eps {LEVER_RADIUS:g}", "pgd",
-                     {**lever, "realness_kind": lever_kind}, str(lever_path)),
+                     {**lever, "realness_kind": trained_realness_kind(lever_path)}, str(lever_path)),
                     (f"lever {lever_path.parent.name}, SGLD (tuned)", "sgld", tuned["methods"]["sgld"]["hyper"],
                      str(lever_path))]
     networks = {name: load_joint_model(ASSETS / name) for name in {m[3] for m in methods if m[3]}}
