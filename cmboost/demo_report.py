@@ -94,38 +94,33 @@ def summarise_check(check: dict, panel: list[str], committee: list[str] = ()) ->
     return {"attacker": check["attacker"], "data": check["data"], "panel": panel, "judges": rows}
 
 
-def _worse(a: dict, b: dict, key: str) -> bool:
-    """a is higher than b beyond both error bars."""
-    return a[f"{key}_mean"] - a[f"{key}_std"] > b[f"{key}_mean"] + b[f"{key}_std"]
+def _pooled(rows: dict, generator: str, seeds: list, method: str, rival: str, judge: str) -> dict:
+    """The paired change of `method` against `rival` on the same images, pooled over the seeds: the mean
+    change, with std sqrt(sum of the seeds' variances) / seeds."""
+    changes = [paired_change(rows[generator, seed, rival]["judges"][judge]["bootstrap"],
+                             rows[generator, seed, method]["judges"][judge]["bootstrap"]) for seed in seeds]
+    return {metric: {"change": float(np.mean([c[metric]["change"] for c in changes])),
+                     "std": float(np.sqrt(sum(c[metric]["std"] ** 2 for c in changes)) / len(changes))}
+            for metric in ("fid", "kid")}
 
 
 def paired_changes(headline: list[dict], judges: list[str]) -> list[dict]:
     """Per joint method, headline generator and judge: how the method changes FID and KID against the
     same images unboosted ("fid", "kid") and against the plain-classifier control's edit of them
-    ("vs_plain"), each a paired difference with its paired-bootstrap std, pooled over the seeds (the
-    mean change, std sqrt(sum of the seeds' variances) / seeds), and relative to the unboosted mean.
-    Paired differences resolve changes of a few percent that the spread between seeds hides. Reads
-    the rows' "bootstrap" (the demo's paired rows)."""
+    ("vs_plain"), each a paired difference with its paired-bootstrap std, pooled over the seeds
+    (`_pooled`), and relative to the unboosted mean. Paired differences resolve changes of a few
+    percent that the spread between seeds hides. Reads the rows' "bootstrap" (the demo's paired rows)."""
     rows = {(r["generator"], r["seed"], r["boost"]): r for r in headline}
-    generators = list(dict.fromkeys(r["generator"] for r in headline))
     found = []
-    for generator in generators:
+    for generator in dict.fromkeys(r["generator"] for r in headline):
         seeds = list(dict.fromkeys(r["seed"] for r in headline if r["generator"] == generator))
-        for method in JOINT_METHODS:
-            if (generator, seeds[0], method) not in rows:
-                continue
+        with_plain = (generator, seeds[0], PLAIN_CONTROL) in rows
+        for method in (m for m in JOINT_METHODS if (generator, seeds[0], m) in rows):
             for judge in judges:
-                def pooled(rival: str) -> dict:
-                    changes = [paired_change(rows[generator, seed, rival]["judges"][judge]["bootstrap"],
-                                             rows[generator, seed, method]["judges"][judge]["bootstrap"])
-                               for seed in seeds]
-                    return {metric: {"change": float(np.mean([c[metric]["change"] for c in changes])),
-                                     "std": float(np.sqrt(sum(c[metric]["std"] ** 2 for c in changes)) / len(changes))}
-                            for metric in ("fid", "kid")}
-
                 entry = {"generator": generator, "method": method, "judge": judge, "seeds": len(seeds),
-                         **pooled("none"),
-                         "vs_plain": pooled(PLAIN_CONTROL) if (generator, seeds[0], PLAIN_CONTROL) in rows else None}
+                         **_pooled(rows, generator, seeds, method, "none", judge),
+                         "vs_plain": _pooled(rows, generator, seeds, method, PLAIN_CONTROL, judge) if with_plain
+                         else None}
                 for metric in ("fid", "kid"):
                     base = float(np.mean([rows[generator, seed, "none"]["judges"][judge][metric] for seed in seeds]))
                     entry[metric].update(base=base, relative=entry[metric]["change"] / base,
@@ -367,7 +362,7 @@ def _answer_section(report: dict) -> list[str]:
         return []
     lines = ["## Should you boost? The tuning committee's answer per generator\n",
              "`cmboost tune` chose on half of the validation samples and kept a choice only if, on the other "
-             "half, it lowered FID and KID under every tuning judge by more than 2 paired-bootstrap stds "
+             f"half, it lowered FID and KID under every tuning judge by more than {ERROR_BARS:g} paired-bootstrap stds "
              "(judges and samples that take no part in the report below).\n"]
     for generator, answer in answers.items():
         if answer["best"] == "none":

@@ -195,6 +195,7 @@ def in_cpu_chunks(forward, device: torch.device, *inputs):
                 for key, value in parts[0].items()}
     return torch.cat(parts)
 
+
 @contextlib.contextmanager
 def deterministic_kernels(device: torch.device) -> Iterator[None]:
     """For the duration, cuDNN picks one deterministic algorithm per shape instead of timing
