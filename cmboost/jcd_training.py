@@ -29,7 +29,7 @@ from cmboost.errors import UserInputError
 from cmboost.jobs import MODEL_FILE, Job, module_tensors, optimizer_tensors
 from cmboost.jcd import (build_joint_model, load_joint_model, log_realness_from_logits,
                          save_joint_model)
-from cmboost.losses import get_objective
+from cmboost.losses import GradientAlignment, get_objective
 from cmboost.train_jcd_config import TrainConfig, load_training_data
 from cmboost.runtime import (autocast, barrier, init_distributed, print0, resolve_device, resolve_precision,
                              all_finite, on_every_rank, sample_generators, seed_sequence)
@@ -111,11 +111,12 @@ def training_step(model: torch.nn.Module, objective, optimizer: torch.optim.Opti
                   y_gen: torch.Tensor | None, precision: str = "fp32", grad_clip: float = 1.0,
                   attack_mode: str = "eval", train_model: torch.nn.Module | None = None,
                   scaler: torch.amp.GradScaler | None = None, real_generators=None,
-                  gen_generators=None) -> StepResult:
+                  gen_generators=None, alignment: GradientAlignment | None = None) -> StepResult:
     """One iteration (docs/method.md §3): attack the real batch towards "fake" and the generated batch
     towards "real" (input gradients only), then one forward on cat(x_adv, xh_adv), backward,
     gradient-norm clip and optimizer step. `train_model` is the DDP wrapper when there is one;
-    the attacks always use the bare `model` so no gradient hooks fire. No scheduler step here."""
+    the attacks always use the bare `model` so no gradient hooks fire. With `alignment`, the clean real
+    batch joins the same forward for the gradient-alignment term. No scheduler step here."""
     train_model = train_model if train_model is not None else model
     device = x_real.device
     model.train(attack_mode == "train")  # the attacks' mode; PGD itself never changes it
@@ -125,10 +126,12 @@ def training_step(model: torch.nn.Module, objective, optimizer: torch.optim.Opti
     if gen_attack is not None and objective.uses_generated and x_gen is not None:
         x_gen_adv = gen_attack(model, lambda x: objective.gen_attack(model(x), y_gen), x_gen,
                                generators=gen_generators)
+    aligned = alignment.batch(x_real, y_real) if alignment is not None else None
     train_model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, precision):
-        loss, terms, logits_real, logits_gen = objective.forward(train_model, x_real_adv, y_real, x_gen_adv, y_gen)
+        loss, terms, logits_real, logits_gen = objective.forward(train_model, x_real_adv, y_real, x_gen_adv, y_gen,
+                                                                 aligned)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
         if grad_clip > 0:
@@ -171,6 +174,13 @@ def train_jcd(config: TrainConfig) -> Path:
 
     # Inputs first: every mismatch is reported before any work.
     real, real_y, gen, gen_y, num_classes = load_training_data(c)
+    alignment = None
+    if c.align_teacher is not None:
+        from cmboost.diagnostic import load_teacher_score
+
+        score = load_teacher_score(c.align_teacher, device, precision, image_shape=tuple(real.shape[1:]),
+                                   num_classes=num_classes, flag="--align-teacher")
+        alignment = GradientAlignment(score, c.align_sigma, c.align_weight)
     gen_batch = c.gen_batch_size or c.batch_size
     real_share = rank_share(c.batch_size, info.rank, info.world_size)
     gen_share = rank_share(gen_batch, info.rank, info.world_size)
@@ -283,7 +293,7 @@ def train_jcd(config: TrainConfig) -> Path:
                 precision=precision, grad_clip=c.grad_clip, attack_mode=c.attack_mode, train_model=train_model,
                 scaler=scaler, real_generators=sample_generators(c.seed, 2 * positions) if c.real_random_start else None,
                 gen_generators=sample_generators(c.seed, 2 * gen_positions + 1) if uses_gen and c.gen_random_start
-                else None)
+                else None, alignment=alignment)
             loss, terms, logits_real, logits_gen = result.loss, result.terms, result.logits_real, result.logits_gen
             scheduler.step()
             done = step + 1
@@ -331,7 +341,7 @@ def _format_record(r: dict, iters: int) -> str:
     for group in ("real", "real_adv", "gen", "gen_adv"):
         if f"acc_{group}" in r:
             parts.append(f"{group} acc {r[f'acc_{group}']:.3f} D {r[f'realness_{group}']:.3f}")
-    terms = [k for k in r if k.startswith(("ce_", "bce_", "joint_"))]
+    terms = [k for k in r if k.startswith(("ce_", "bce_", "joint_", "align"))]
     parts += [f"{k} {r[k]:.4f}" for k in terms]
     parts.append(f"lr {r['lr']:.2e}")
     parts.append(f"{r['images_per_s']:.1f} img/s")

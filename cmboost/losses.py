@@ -12,9 +12,15 @@ concatenated. Each objective also names:
   bce     BCE(f_y(x_adv), 1) + BCE(f_yh(xh_adv), 0)        sigmoid(f_y) discriminator
   ce+bce  bce + CE(f(x_adv), y) + CE(f(xh_adv), yh)        the released code's sum, every term training
   joint   -log p(y|x_adv) - log(1 - p(yh|xh_adv))          softmax discriminator (the paper's proposal)
+
+Any objective may add the gradient-alignment term (`GradientAlignment`): on the clean real batch,
+weight * mean(1 - cos(grad_x log p(y|x), s(x, sigma, y))), where s is a class-conditional diffusion
+teacher's score, the perceptually-aligned-gradients loss of Ganz, Kawar & Elad (ICML 2023).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -88,15 +94,26 @@ class TrainingObjective:
         return loss, {k: v.detach() for k, v in terms.items()}
 
     def forward(self, model: torch.nn.Module, x_real: torch.Tensor, y_real: torch.Tensor,
-                x_gen: torch.Tensor | None, y_gen: torch.Tensor | None):
-        """One forward on cat(real, generated). Returns (loss, terms, logits_real, logits_gen)."""
+                x_gen: torch.Tensor | None, y_gen: torch.Tensor | None, aligned: "AlignmentBatch | None" = None):
+        """One forward on cat(real, generated[, the alignment's clean images]): one pass, so that DDP
+        sees one forward per backward. Returns (loss, terms, logits_real, logits_gen)."""
+        parts = [x_real]
         if self.uses_generated and x_gen is not None:
-            logits = model(torch.cat([x_real, x_gen.to(x_real.dtype)]))
-            logits_real, logits_gen = logits[: x_real.shape[0]], logits[x_real.shape[0]:]
-        else:
-            logits_real, logits_gen = model(x_real), None
+            parts.append(x_gen.to(x_real.dtype))
+        if aligned is not None:
+            parts.append(aligned.images.to(x_real.dtype))
+        logits = model(torch.cat(parts)) if len(parts) > 1 else model(x_real)
+        logits_real, rest = logits[: len(x_real)], logits[len(x_real):]
+        logits_gen = None
+        if self.uses_generated and x_gen is not None:
+            logits_gen, rest = rest[: len(x_gen)], rest[len(x_gen):]
         loss, terms = self(logits_real, y_real, logits_gen if self.uses_generated else None,
                            y_gen if self.uses_generated else None)
+        if aligned is not None:
+            term = aligned.loss(rest)
+            loss = loss + term
+            terms["align"] = term.detach()
+            terms["align_cos"] = aligned.last_cosine
         return loss, terms, logits_real, logits_gen
 
     def __repr__(self) -> str:
@@ -163,6 +180,43 @@ class JointObjective(TrainingObjective):
     def loss_terms(self, logits_real, y_real, logits_gen, y_gen):
         return {"joint_real": ce_per_example(logits_real, y_real).mean(),
                 "joint_gen": joint_fake_per_example(logits_gen, y_gen).mean()}
+
+
+# ----------------------------------------------------------------------------- gradient alignment
+
+@dataclasses.dataclass
+class AlignmentBatch:
+    """One iteration's alignment inputs: clean images that require grad, their labels, the teacher's
+    score at them (the target direction) and the term's weight."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    target: torch.Tensor
+    weight: float
+    last_cosine: torch.Tensor | None = None
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """weight * mean(1 - cos(grad_x log p(y|x), target)), differentiable in the network's weights
+        (create_graph): the input gradient is itself trained. Rows where either vector is zero count as
+        cosine 0."""
+        (grad,) = torch.autograd.grad(log_prob_from_logits(logits, self.labels).sum(), self.images,
+                                      create_graph=True)
+        cos = F.cosine_similarity(grad.flatten(1).float(), self.target.flatten(1).float(), dim=1, eps=1e-12)
+        self.last_cosine = cos.detach().mean()
+        return self.weight * (1.0 - cos).mean()
+
+
+class GradientAlignment:
+    """The alignment term's fixed parts: a score s(x, sigma, y) in the network's [0, 1] pixels (for
+    example cmboost.diagnostic.DenoiserScore of an EDM teacher), the noise level and the weight."""
+
+    def __init__(self, score, sigma: float, weight: float):
+        self.score, self.sigma, self.weight = score, float(sigma), float(weight)
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor) -> AlignmentBatch:
+        with torch.no_grad():
+            target = self.score(images, self.sigma, labels).float()
+        return AlignmentBatch(images.detach().clone().requires_grad_(True), labels, target, self.weight)
 
 
 TRAINING_OBJECTIVES = {"ce": CEObjective, "bce": BCEObjective, "ce+bce": CEPlusBCEObjective, "joint": JointObjective}

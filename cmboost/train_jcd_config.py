@@ -57,6 +57,10 @@ class TrainConfig:
     gen_steps_every: int = 1000            # one more generated-attack step every N iterations; 0: never
     gen_max_steps: int | None = None
     attack_mode: str = "eval"              # model mode during attacks: "eval" or "train"
+    # The gradient-alignment term (cmboost.losses.GradientAlignment): off without a teacher.
+    align_teacher: str | None = None       # an EDM teacher .safetensors (train-cm --mode edm): its score is the target
+    align_weight: float = 1.0              # weight of mean(1 - cos(grad_x log p(y|x), score))
+    align_sigma: float = 0.5               # the score's noise level, in the teacher's [-1, 1] units
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -72,6 +76,9 @@ class TrainConfig:
         out["betas"] = list(self.betas)
         out["milestones"] = list(self.milestones)
         out["generated"] = [str(g) for g in self.generated]
+        if self.align_teacher is None:  # runs from before the term existed resume with the same record
+            for name in ("align_teacher", "align_weight", "align_sigma"):
+                del out[name]
         return out
 
 
@@ -88,7 +95,7 @@ def _check(c: TrainConfig) -> None:
     check_at_least(c, 0, ("iters", "real_eps", "real_step_size", "gen_eps", "gen_step_size", "weight_decay",
                           "grad_clip", "real_steps", "gen_steps", "gen_steps_every", "gen_max_steps", "milestones"))
     check_at_least(c, 1, ("batch_size", "gen_batch_size", "image_size", "real_limit", "log_every", "ckpt_every"))
-    check_above(c, 0, ("lr", "gamma"))
+    check_above(c, 0, ("lr", "gamma", "align_weight", "align_sigma"))
     if len(c.betas) != 2:
         raise UserInputError(f"--betas {shown(c.betas)}: give two numbers, B1 B2")
     check_fraction(c, ("betas",))

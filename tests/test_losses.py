@@ -113,3 +113,61 @@ def test_tables_and_names():
         get_objective("hinge")
     with pytest.raises(ValueError, match="needs generated"):
         get_objective("bce")(torch.tensor(REAL), torch.tensor(Y_REAL))
+
+
+# ----------------------------------------------------------------------------- gradient alignment
+
+def test_alignment_term_is_one_minus_the_cosine_and_trains_the_input_gradient():
+    """The term equals weight * mean(1 - cos) of the input gradient it computes by hand, and a few Adam
+    steps on it alone turn grad_x log p(y|x) of a small network toward a fixed target field."""
+    from cmboost.jcd import log_prob_from_logits
+    from cmboost.losses import GradientAlignment
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    # one direction per class (the gradients of all classes' log-probabilities, weighted by p, sum to zero,
+    # so no network aligns them all with a single direction)
+    directions = torch.randn(3, 1, 4, 4)
+    alignment = GradientAlignment(lambda x, sigma, y: directions[y] * sigma, sigma=0.5, weight=2.0)
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 3, (64,))
+
+    batch = alignment.batch(x, y)
+    term = batch.loss(net(batch.images))
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(log_prob_from_logits(net(xg), y).sum(), xg)
+    cos = torch.nn.functional.cosine_similarity(g.flatten(1), directions[y].flatten(1), dim=1)
+    torch.testing.assert_close(term, 2.0 * (1 - cos).mean())
+    torch.testing.assert_close(batch.last_cosine, cos.mean())
+
+    before = float(cos.mean())
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(100):
+        batch = alignment.batch(x, y)
+        optimizer.zero_grad()
+        batch.loss(net(batch.images)).backward()
+        optimizer.step()
+    assert float(batch.last_cosine) > max(0.8, before + 0.5), (before, float(batch.last_cosine))
+
+
+def test_alignment_joins_the_objective_in_one_forward():
+    """With an alignment batch, forward adds the term to the loss and leaves the objective's own terms as
+    they are without it; the network is called once."""
+    from cmboost.losses import GradientAlignment
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    calls = []
+    net.register_forward_hook(lambda *args: calls.append(1))
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    xg, yg = torch.rand(4, 1, 4, 4), torch.tensor([1, 1, 0, 2])
+    objective = get_objective("joint")
+    plain, plain_terms, _, _ = objective.forward(net, x, y, xg, yg)
+    aligned = GradientAlignment(lambda z, s, l: torch.ones_like(z), 0.5, 1.0).batch(x, y)
+    calls.clear()
+    loss, terms, logits_real, logits_gen = objective.forward(net, x, y, xg, yg, aligned)
+    assert len(calls) == 1
+    assert set(terms) == set(plain_terms) | {"align", "align_cos"}
+    for k in plain_terms:
+        torch.testing.assert_close(terms[k], plain_terms[k])
+    torch.testing.assert_close(loss, plain + terms["align"])
+    assert logits_real.shape == logits_gen.shape == (4, 3)

@@ -148,9 +148,11 @@ def _free_port():
 
 
 def test_two_processes_match_one(tmp_path, tiny, repo_root):
-    assert cli_main(tiny_args(tiny, tmp_path / "one", 3)) == 0
+    # with the gradient-alignment term, whose input gradient (create_graph) runs inside DDP's one forward
+    align = ["--align-teacher", str(_tiny_teacher(tmp_path / "edm.safetensors", 2)), "--align-weight", "5"]
+    assert cli_main(tiny_args(tiny, tmp_path / "one", 3, *align)) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(repo_root / "tests" / "_torchrun_train_jcd.py"), *tiny_args(tiny, tmp_path / "two", 3)]
+           str(repo_root / "tests" / "_torchrun_train_jcd.py"), *tiny_args(tiny, tmp_path / "two", 3, *align)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
@@ -172,6 +174,61 @@ def test_init_weights_are_the_starting_point(tmp_path, tiny):
     with pytest.raises(UserInputError, match="the model has 5 classes, --data folder:.* has 2"):
         train_jcd(TrainConfig(data=f"folder:{tiny / 'data'}", generated=[str(tiny / "gen.npz")],
                               run_dir=str(tmp_path / "r2"), iters=1, init=str(tmp_path / "five.safetensors")))
+
+
+def _tiny_teacher(path, num_classes, channels=3, size=16):
+    """A random-weight class-conditional EDM denoiser of the tiny data's shape."""
+    from cmboost.cm.checkpoint import save_model
+    from cmboost.cm.denoiser import EDM_PRECOND
+    from cmboost.cm.unet import UNetModel
+
+    unet = dict(image_size=size, in_channels=channels, model_channels=8, out_channels=channels, num_res_blocks=1,
+                attention_resolutions=[], channel_mult=[1, 2], num_classes=num_classes, num_head_channels=8,
+                use_scale_shift_norm=True, resblock_updown=True)
+    torch.manual_seed(0)
+    net = UNetModel(**unet)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_model(path, net, "edm", unet, EDM_PRECOND)
+
+
+def test_alignment_term_trains_logs_and_resumes(tmp_path, tiny, capsys):
+    """--align-teacher adds the term (logged as align and align_cos), changes the weights against the same
+    run without it, resumes exactly, and is part of the run's record (a rerun without it is refused)."""
+    teacher = _tiny_teacher(tmp_path / "edm.safetensors", 2)
+    align = ["--align-teacher", str(teacher), "--align-weight", "5", "--align-sigma", "0.25"]
+    assert cli_main(tiny_args(tiny, tmp_path / "plain", 2)) == 0
+    assert cli_main(tiny_args(tiny, tmp_path / "straight", 4, *align)) == 0
+    assert cli_main(tiny_args(tiny, tmp_path / "split", 2, *align)) == 0
+    assert cli_main(tiny_args(tiny, tmp_path / "split", 4, *align)) == 0
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert all(-1 <= r["align_cos"] <= 1 and r["align"] > 0 for r in log)
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
+    assert "align" not in plain[0] and plain[0]["loss"] != log[0]["loss"]
+    capsys.readouterr()
+    assert cli_main(tiny_args(tiny, tmp_path / "split", 4)) == 2
+    assert "--align-" in capsys.readouterr().err
+
+
+def test_bad_alignment_teachers_give_one_line(tmp_path, tiny, capsys):
+    three = _tiny_teacher(tmp_path / "three.safetensors", 3)
+    gray = _tiny_teacher(tmp_path / "gray.safetensors", 2, channels=1)
+    save_joint_model(build_joint_model("resnet_small", 2, 3, 16), tmp_path / "jcd.safetensors")
+    cases = [(["--align-teacher", str(three)], "has 3 classes"),
+             (["--align-teacher", str(gray)], "makes 1x16x16 images"),
+             (["--align-teacher", str(tmp_path / "jcd.safetensors")], "--align-teacher"),
+             (["--align-teacher", str(tmp_path / "missing.safetensors")], "file not found"),
+             (["--align-teacher", str(three), "--align-weight", "0"], "--align-weight 0"),
+             (["--align-teacher", str(three), "--align-sigma", "-1"], "--align-sigma -1")]
+    for i, (extra, message) in enumerate(cases):
+        run_dir = tmp_path / f"run{i}"
+        assert cli_main(tiny_args(tiny, run_dir, 1, *extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--align" in err and message in err, (message, err)
+        assert not run_dir.exists()
 
 
 # ----------------------------------------------------------------------------- bad input

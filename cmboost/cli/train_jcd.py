@@ -78,6 +78,10 @@ def add_parser(verbs) -> None:
                    help="start the generated attack at a random point of the ball (default: at x)")
     field("gen_steps_every", "one more generated-attack step every N iterations (0: never)", type=int)
     field("gen_max_steps", "cap on the generated-attack steps (default: none)", type=int)
+    field("align_teacher", "add the gradient-alignment term: cosine of grad_x log p(y|x) with this EDM teacher's "
+          "score on the clean real batch (default: off)", metavar="PATH")
+    field("align_weight", "weight of the alignment term", type=float)
+    field("align_sigma", "noise level of the teacher's score, in its [-1, 1] units", type=float)
     field("attack_mode", "model mode during the attacks (matters for BatchNorm backbones)", choices=ATTACK_MODES)
     channels_last = field_default(TrainConfig, "channels_last")
     p.add_argument("--channels-last", choices=list(CHANNELS_LAST),
