@@ -3,7 +3,7 @@
 # setting comes from these commands. Each stage resumes when rerun; a finished stage is skipped.
 #
 #   RUNS=runs bash recipes/fmnist.sh            # all stages
-#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect cm-cd-long ect-bar cm-ct cm-cd samples jcd jcd-variants jcd-robust jcd-robust-ect tune tune-variants judges judges-more judges-tuning judges-check diagnose diagnose-robust robust-study lever-strength gain-map ship-judges demo-refs ship
+#   RUNS=runs bash recipes/fmnist.sh jcd        # one stage: cm-edm cm-ect cm-cd-long ect-bar cm-ct cm-cd samples jcd jcd-variants jcd-robust jcd-robust-ect tune tune-variants judges judges-more judges-tuning judges-check diagnose diagnose-robust robust-study lever-strength lever-align gain-map ship-judges demo-refs ship
 #   OBJECTIVES="joint ce" RUNS=runs bash recipes/fmnist.sh jcd   # some of the joint networks (to run two at once)
 #
 # Seeds: CM training 0; samples that train the joint networks 101-104; validation samples used to
@@ -353,9 +353,32 @@ if want lever-strength; then
   done
 fi
 
+# 4g''. Lever 2 of recipes/README.md (gradient alignment): an EDM teacher of 1500 iterations (the cm-edm
+#       command stopped there; the 6000-iteration teacher is not kept), then the booster fine-tuned 800
+#       iterations on lever-strength's ECT samples with the joint objective plus the alignment term
+#       (weight 2, sigma 0.5); the diagnostic of the shipped booster and of the lever against that teacher,
+#       on the gain map's held-out samples (ECT seed 501, CD-long seed 502, made by gain-map).
+if want lever-align; then
+  [ -f "$S/train-ect1-20k.npz" ] || { echo "lever-align needs stage lever-strength's samples first" >&2; exit 1; }
+  $CMB train-cm --mode edm --data fmnist --run-dir "$RUNS/fmnist-edm-1500" --iters 1500 --batch-size 64 --lr 1e-3 \
+      --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 --no-progress
+  T1500="$RUNS/fmnist-edm-1500/model.safetensors"
+  $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" --generated "$S/train-ect1-20k.npz" \
+      --init cmboost/assets/fmnist/jcd-robust-1.5-ect.safetensors --objective joint --iters 800 --batch-size 32 \
+      --lr 3e-4 --milestones 640 --real-eps 1.5 --real-steps 7 --real-step-size 0.5357 --gen-step-size 0.3 \
+      --gen-steps 7 --gen-steps-every 0 --align-teacher "$T1500" --align-weight 2 --align-sigma 0.5 \
+      --device cpu --seed 13 --run-dir "$RUNS/fmnist-jcd-align-ect"
+  G="$RUNS/gain-map/samples"
+  for net in shipped:cmboost/assets/fmnist/jcd-robust-1.5-ect.safetensors align-ect:$RUNS/fmnist-jcd-align-ect/model.safetensors; do
+    [ -f "$RUNS/diagnose/lever-${net%%:*}/diagnose.json" ] || $CMB diagnose --model "${net#*:}" \
+        --samples "ect1=$G/ECT_1-step-1step-seed501-1000.npz" --samples "cd1=$G/CD-long_1-step-1step-seed502-1000.npz" --teacher "$T1500" \
+        --attack-eps 1 1.5 2 --num-real 1000 --num-samples 1000 --device cpu --out "$RUNS/diagnose/lever-${net%%:*}"
+  done
+fi
+
 if want gain-map; then
   LEVER=()
-  for variant in strong-ect strong-ect-bce; do
+  for variant in strong-ect strong-ect-bce align-ect; do
     if [ -f "$RUNS/fmnist-jcd-$variant/model.safetensors" ]; then
       LEVER+=("$RUNS/fmnist-jcd-$variant/model.safetensors")
     fi
