@@ -52,6 +52,8 @@ SETTINGS_FILE = ASSETS / "demo.json"
 JUDGE_CHECK_FILE = ASSETS / "judges.json"  # `cmboost check-judges` on the candidates (recipes/fmnist.sh)
 REFERENCE_FILE = "ref-test-{judge}.npz"  # the test split's statistics per judge (recipes/fmnist.sh demo-refs)
 DIAGNOSE_FILE = "diagnose-{booster}.json"  # `cmboost diagnose` of the booster (recipes/fmnist.sh), in ASSETS
+GAIN_MAP_FILE = "gain-map.json"  # the summary of the recipe's gain map (recipes/gain_map.py, stage gain-map), in ASSETS
+GAIN_MAP_FORMAT = "cmboost.gain-map-summary/1"
 HEADLINE = ("ct1", "cd1")
 NAMES = {"ct": "CT", "cd": "CD"}
 METRICS = ("fid", "kid", "kid_std", "is", "precision", "recall")
@@ -167,6 +169,20 @@ def load_diagnostic(booster: str) -> dict | None:
         return json.loads(path.read_text())
     except ValueError as err:
         raise UserInputError(f"{path}: unreadable diagnostic ({err})") from None
+
+
+def load_gain_map() -> dict | None:
+    """The shipped summary of where boosting pays (the recipe's gain map), or None where none was shipped."""
+    path = ASSETS / GAIN_MAP_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserInputError(f"{path}: unreadable gain map ({err})") from None
+    if not isinstance(summary, dict) or summary.get("format") != GAIN_MAP_FORMAT:
+        raise UserInputError(f"{path}: not a {GAIN_MAP_FORMAT} file (recipes/gain_map.py writes it)")
+    return summary
 
 
 def load_shipped_reference(name: str, judge):
@@ -558,6 +574,7 @@ class _Demo:
                   "objectives": objectives, "frontier": frontier, "plot": str(plot),
                   "grids": {gen: str(self.out / f"grid-{gen}.png") for gen in HEADLINE},
                   "booster": self.booster, "diagnostic": load_diagnostic(self.booster),
+                  "gain_map": load_gain_map(),
                   "booster_radius": trained_radius(ASSETS / settings["checkpoints"][self.booster]),
                   "booster_choice": settings["booster_choice"], "generators": settings["generators"],
                   "tuned": {g: {m: t["methods"][m]["hyper"] for m in t["methods"]} for g, t in tuned.items()},

@@ -258,6 +258,53 @@ def committee_agreement(agreement: dict) -> list[str]:
     return lines
 
 
+def _route(label: str) -> bool:
+    return label.startswith("one more generator step")
+
+
+def _gain_map_section(report: dict) -> list[str]:
+    """Where boosting pays, from the shipped summary of the recipe's gain map (the demo does not run it)."""
+    g = report.get("gain_map")
+    head = "## Where boosting pays: the recipe's gain map (not run by the demo)\n"
+    if not g:
+        return [head, "No gain map was shipped (recipes/fmnist.sh, stage gain-map).\n"]
+    panel = g["panel"]
+    fid, fid_std = g["edit_columns"].index("fid_relative"), g["edit_columns"].index("fid_relative_std")
+
+    def shown(cells: list[float]) -> str:
+        return f"{100 * cells[fid]:+.1f} ± {100 * cells[fid_std]:.1f}%"
+
+    rows = []
+    for gen in g["generators"]:
+        edits = {label: e for label, e in gen["edits"].items() if not _route(label) and
+                 not label.startswith(("unsharp", "BIGRoC"))}
+        best = min(edits, key=lambda label: sum(edits[label][j][fid] for j in panel))
+        route = next(label for label in gen["edits"] if _route(label))
+        row = {"generator": gen["generator"], "booster AUC": f"{gen['realness_auc']:.2f}", "tune's answer": gen["tune"],
+               "best boost (panel mean)": best}
+        for j in panel:
+            row[f"{j}: FID, best boost, one more step"] = (f"{gen['base_fid'][j]:.1f}; {shown(edits[best][j])}; "
+                                                            f"{shown(gen['edits'][route][j])}")
+        rows.append(row)
+    lines = [head, f"`recipes/gain_map.py` (its summary ships as `cmboost/assets/fmnist/gain-map.json`): "
+                   f"{g['num']} images per generator, booster `{g['booster']}`, the booster's realness AUC on "
+                   f"each generator, tune's answer, and the relative FID change of the best boosting edit and of "
+                   f"one more generator step under each panel judge, ± paired-bootstrap std ({g['bootstrap']} "
+                   "resamples).\n", markdown_table(rows, list(rows[0])), ""]
+    judged = [(gen["generator"], label, verdict, gen["edits"][label]) for gen in g["generators"]
+              for label, verdict in gen["rule"].items()]
+    met = [(gen, label) for gen, label, verdict, _ in judged if verdict["met"]]
+    lines.append(f"Boosters built to win on the shipped 1-step generators, the levers of `recipes/README.md` "
+                 f"among them, judged by its rule ({g['rule']}): **{len(met)} of {len(judged)} edits meet it**"
+                 + (": " + "; ".join(f"{label} on {gen}" for gen, label in met) if met else "") + ".\n")
+    table = [{"generator": gen, "edit": label, **{f"{j} FID": shown(cells[j]) for j in panel},
+              "judges for / against": f"{len(verdict['judges_for'])} / {len(verdict['judges_against'])}"}
+             for gen, label, verdict, cells in judged]
+    if table:
+        lines += [markdown_table(table, list(table[0])), ""]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     judges = list(report["reporting_judges"])
     parts = [f"# cmboost demo: Fashion-MNIST ({report['mode']}, {report['num_samples']} samples per row, "
@@ -329,6 +376,7 @@ def render_markdown(report: dict) -> str:
         parts += ["What the misses come from, as measured:\n", *[f"{i}. {c}" for i, c in
                                                               enumerate(miss_causes(report), 1)], ""]
     parts += _diagnostic_section(report)
+    parts += _gain_map_section(report)
     parts += ["## Generators against the blur bar\n",
               "Target: unboosted 1-step samples at least as good as real held-out images blurred with sigma 1.\n",
               *[f"- {name}: {text}" for name, text in report.get("generators", {}).items()], "",

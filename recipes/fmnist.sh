@@ -387,6 +387,7 @@ if want gain-map; then
   .venv/bin/python recipes/gain_map.py --train-refs "$S" --out "$RUNS/gain-map" "${LEVER[@]}"
   mkdir -p recipes/fmnist-report/full/map
   cp "$RUNS/gain-map/map.json" "$RUNS/gain-map/map.md" "$RUNS/gain-map/gain-vs-quality.png" recipes/fmnist-report/full/map/
+  cp "$RUNS/gain-map/summary.json" cmboost/assets/fmnist/gain-map.json  # what the demo's report shows
 fi
 
 # 5a. Ship the candidate judges and the attacker (each only once it is trained).

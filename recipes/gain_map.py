@@ -73,6 +73,14 @@ GENERATORS = {
     "old CT 1-step": ("ct.safetensors", 1, None, "the first CT (350 iterations), 1 step"),
     "old CD 1-step": ("cd.safetensors", 1, None, "the first CD (250 iterations), 1 step"),
 }
+# The rule of recipes/README.md ("A booster built to win"), on the shipped 1-step generators.
+RULE_GENERATORS = ("ECT 1-step", "CD-long 1-step")
+RULE_DROP = 0.10    # FID and KID each fall by at least 10% ...
+RULE_JUDGES = 2     # ... beyond 2 paired-bootstrap stds under at least this many panel judges
+RULE = ("FID and KID fall by at least 10% and beyond 2 paired-bootstrap stds under at least 2 of the 3 panel "
+        "judges, below the tuned unsharp mask's and BIGRoC's FID change under those judges, and no panel judge "
+        "sees both rise beyond 2 stds")
+SUMMARY_FORMAT = "cmboost.gain-map-summary/1"
 SEED = 501          # the map's samples: seeds 501-506, one per generator (the recipe's other seeds are below 500)
 VALIDATION_SEED = 601  # the map's tune samples: seeds 601-606
 
@@ -142,11 +150,17 @@ def main(argv=None) -> int:
     p.add_argument("--train-refs", required=True, help="folder of train-ref-<judge>.npz for the tuning committee")
     p.add_argument("--out", required=True)
     p.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated, from: " + ", ".join(GENERATORS))
+    p.add_argument("--summary-only", action="store_true",
+                   help="only rewrite OUT/summary.json (what the demo's report shows) from OUT/map.json")
     p.add_argument("--lever-booster", nargs="+", default=[], metavar="PATH",
                    help="joint networks to add as levers (recipes/README.md): each one's joint PGD at eps "
                         f"{LEVER_RADIUS:g} and the tuned SGLD, beside the shipped booster's")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.summary_only:
+        atomic_write_text(out / "summary.json", json.dumps(summary(json.loads((out / "map.json").read_text())),
+                                                           indent=1) + "\n")
+        return 0
     for sub in ("samples", "features", "tune"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -235,9 +249,52 @@ def main(argv=None) -> int:
               "tuning_committee": list(COMMITTEE), "rows": rows}
     atomic_write_text(out / "map.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(out / "map.md", render(result))
+    atomic_write_text(out / "summary.json", json.dumps(summary(result), indent=1) + "\n")
     plot(result, out / "gain-vs-quality.png")
     print(render(result))
     return 0
+
+
+def meets_rule(row: dict, label: str, panel: list[str]) -> dict:
+    """RULE for one edit on one generator: {"met", "judges_for", "judges_against"}."""
+    judged = row["methods"][label]["judges"]
+    controls = [name for name in row["methods"] if name.startswith(("unsharp", "BIGRoC"))]
+
+    def falls(j: str) -> bool:
+        return all(c["relative"] <= -RULE_DROP and c["beyond_noise"] for c in (judged[j]["fid"], judged[j]["kid"]))
+
+    def beats_controls(j: str) -> bool:
+        return all(judged[j]["fid"]["relative"] < row["methods"][c]["judges"][j]["fid"]["relative"] for c in controls)
+
+    def rises(j: str) -> bool:
+        return all(c["change"] > 0 and c["beyond_noise"] for c in (judged[j]["fid"], judged[j]["kid"]))
+
+    judges_for = [j for j in panel if falls(j) and beats_controls(j)]
+    judges_against = [j for j in panel if rises(j)]
+    return {"met": len(judges_for) >= RULE_JUDGES and not judges_against, "judges_for": judges_for,
+            "judges_against": judges_against}
+
+
+def summary(result: dict) -> dict:
+    """What the demo's report shows of the map (cmboost/assets/fmnist/gain-map.json): per generator its
+    base FID, the booster's AUC, tune's answer, each edit's relative FID and KID change ± std per judge, and
+    RULE's verdict for every boosting edit on the shipped 1-step generators."""
+    panel = result["panel"]
+    generators = []
+    for row in result["rows"]:
+        edits = {label: {j: [round(m["judges"][j][k][v], 5) for k in ("fid", "kid") for v in ("relative", "relative_std")]
+                         for j in panel} for label, m in row["methods"].items()}
+        rule = {}
+        if row["generator"] in RULE_GENERATORS:
+            rule = {label: meets_rule(row, label, panel) for label, m in row["methods"].items()
+                    if m["method"] in ("pgd", "sgld")}
+        generators.append({"generator": row["generator"], "realness_auc": round(row["realness_auc"], 4),
+                           "tune": row["tune"]["best"], "base_fid": {j: round(row["base"][j]["fid"], 3) for j in panel},
+                           "edits": edits, "rule": rule})
+    return {"format": SUMMARY_FORMAT, "panel": panel, "num": result["num"], "booster": result["booster"],
+            "bootstrap": result["bootstrap"], "edit_columns": ["fid_relative", "fid_relative_std", "kid_relative",
+                                                              "kid_relative_std"],
+            "rule": RULE, "generators": generators}
 
 
 def render(result: dict) -> str:

@@ -319,3 +319,59 @@ def test_the_tuning_answer_sits_beside_the_panels_verdict():
     assert "- CD 1-step: tuning found no setting that helps; the panel: joint (PGD) 0 for, 1 against." in lines
     assert not any("2-step" in line for line in lines)  # no panel verdict on the 2-step rows
     assert answers_beside_verdict({"panel_verdicts": votes}) == []
+
+
+def _gain_map_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "recipes" / "gain_map.py"
+    spec = importlib.util.spec_from_file_location("gain_map", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _judged(fid: float, kid: float, std: float = 0.01) -> dict:
+    return {name: {"change": value, "std": std, "relative": value, "relative_std": std,
+                   "beyond_noise": abs(value) > 2 * std} for name, value in (("fid", fid), ("kid", kid))}
+
+
+def test_the_levers_rule_needs_two_judges_the_controls_beaten_and_none_against():
+    gain_map = _gain_map_module()
+    panel = ["a", "b", "c"]
+    controls = {"unsharp mask (tuned control)": {"judges": {j: _judged(-0.12, -0.12) for j in panel}},
+                "BIGRoC (tuned)": {"judges": {j: _judged(0.0, 0.0) for j in panel}}}
+
+    def verdict(**judges):
+        row = {"methods": {"edit": {"judges": judges}, **controls}}
+        return gain_map.meets_rule(row, "edit", panel)
+
+    wins = verdict(a=_judged(-0.2, -0.3), b=_judged(-0.15, -0.2), c=_judged(0.0, 0.0))
+    assert wins == {"met": True, "judges_for": ["a", "b"], "judges_against": []}
+    assert not verdict(a=_judged(-0.2, -0.3), b=_judged(-0.15, -0.2), c=_judged(0.1, 0.1))["met"]  # one against
+    assert not verdict(a=_judged(-0.2, -0.3), b=_judged(-0.11, -0.2), c=_judged(0.0, 0.0))["met"]  # unsharp wins b
+    assert not verdict(a=_judged(-0.2, -0.05), b=_judged(-0.15, -0.2), c=_judged(0.0, 0.0))["met"]  # KID short of 10%
+    noisy = {j: _judged(-0.2, -0.2, std=0.15) for j in panel}
+    assert not verdict(**noisy)["met"]  # inside 2 stds
+
+
+def test_the_full_report_shows_the_shipped_gain_map_and_counts_the_levers(tmp_path, monkeypatch):
+    import cmboost.demo as demo
+    from cmboost.demo_report import _gain_map_section
+    from cmboost.errors import UserInputError
+
+    summary = demo.load_gain_map()
+    assert summary is not None, "the recipe's gain map summary is shipped"
+    text = "\n".join(_gain_map_section({"gain_map": summary}))
+    judged = sum(len(g["rule"]) for g in summary["generators"])
+    met = sum(v["met"] for g in summary["generators"] for v in g["rule"].values())
+    assert judged >= 2 and f"**{met} of {judged} edits meet it**" in text
+    for judge in summary["panel"]:
+        assert f"{judge} FID" in text  # every figure names its judge
+    for gen in summary["generators"]:
+        assert f"| {gen['generator']} | {gen['realness_auc']:.2f} | {gen['tune']} |" in text
+    assert "No gain map was shipped" in "\n".join(_gain_map_section({}))
+    (tmp_path / demo.GAIN_MAP_FILE).write_text(json.dumps({"format": "other"}))
+    monkeypatch.setattr(demo, "ASSETS", tmp_path)
+    with pytest.raises(UserInputError, match="gain-map.json: not a cmboost.gain-map-summary/1 file"):
+        demo.load_gain_map()
