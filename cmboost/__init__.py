@@ -8,6 +8,19 @@ files. The demo is `cmboost.demo.run_demo`.
 
 __version__ = "0.1.0"
 
+import os as _os
+import sys as _sys
+
+# OpenMP's idle workers sleep instead of spinning (libgomp reads this once, when torch loads it, so it is
+# set before anything imports torch; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins). Spinning
+# workers are fast on an idle machine but collapse beside any other busy process: on a 2-core CPU with
+# one core busy, EfficientNet-Lite0's features of 250 images took 4.39 s spinning against 0.46 s
+# sleeping, while idle they cost 0.25 s against 0.35 s (benchmarks/README.md). Results are the same
+# either way; only the waiting differs.
+OPENMP_WAIT_POLICY = "PASSIVE"
+if "torch" not in _sys.modules and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)
+
 from cmboost.api import (asset, boost, check_judges, diagnose, evaluate, evaluate_ref, sample,  # noqa: E402
                          train_cm, train_features, train_jcd, tune)
 

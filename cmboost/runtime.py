@@ -65,8 +65,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 # OpenBLAS's workers spin-wait for each other between them: on this 2-core CPU an eigvalsh of a
 # 256x256 matrix took 2.4 ms on two threads idle but 235 ms beside one busy process, against 4 ms on
 # one thread; only large Gram matrices gain from a second thread, and those are computed once per
-# reference. benchmarks/scoring_speed.py measures both choices side by side. Convolutions are not
-# affected: they keep torch's thread count.
+# reference. benchmarks/scoring_speed.py measures both choices side by side. Convolutions keep
+# torch's thread count; that their workers sleep rather than spin between operations is set where the
+# package is first imported (cmboost.OPENMP_WAIT_POLICY), before torch starts its OpenMP pool.
 STATISTICS_THREADS = 1
 
 _blas_controller = None

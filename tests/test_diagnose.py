@@ -23,11 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cmboost
+from _edm_teacher import random_edm_teacher
 from cmboost.attacks import PGD
 from cmboost.cli import main as cli_main
-from cmboost.cm.checkpoint import save_model
 from cmboost.cm.denoiser import EDM_PRECOND, SIGMA_DATA
-from cmboost.cm.unet import UNetModel
 from cmboost.diagnostic import (JSON_NAME, PNG_NAME, REPORT_KEYS, DenoiserScore, DiagnoseSettings,
                               gradient_score_cosines, rank_auc, robust_accuracy, summary)
 from cmboost.jcd import log_prob_from_logits
@@ -183,15 +182,7 @@ def inputs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("diagnose")
     samples = generate_samples(ASSETS / "ct.safetensors", root / "ct.npz", 8, progress=False)
-    unet = dict(image_size=32, in_channels=1, model_channels=8, out_channels=1, num_res_blocks=1,
-                attention_resolutions=[], channel_mult=[1, 2], num_classes=10, num_head_channels=8,
-                use_scale_shift_norm=True, resblock_updown=True)
-    torch.manual_seed(0)
-    net = UNetModel(**unet)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    teacher = save_model(root / "edm.safetensors", net, "edm", unet, EDM_PRECOND)
+    teacher = random_edm_teacher(root / "edm.safetensors", num_classes=10, channels=1, size=32)
     with np.load(samples) as f:
         unlabelled = save_samples(root / "unlabelled.npz", f["arr_0"].transpose(0, 3, 1, 2).copy())
     return {"samples": samples, "teacher": teacher, "unlabelled": unlabelled}

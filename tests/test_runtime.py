@@ -97,3 +97,24 @@ def test_torchrun_two_processes_equal_one(tmp_path, repo_root):
         outputs[nproc] = np.load(out)
     assert outputs[1].shape == (13, 3)
     np.testing.assert_array_equal(outputs[1], outputs[2])
+
+
+def test_openmp_workers_sleep_unless_the_user_chose_or_torch_came_first():
+    """Importing cmboost before torch sets OMP_WAIT_POLICY=PASSIVE; a user's own setting (or
+    GOMP_SPINCOUNT) is kept; after torch was imported, the variable would come too late and is not set."""
+    import os
+    import subprocess
+    import sys
+
+    import cmboost
+
+    def policy(code: str, **extra) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        done = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                              env={**env, **extra}, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    assert policy("import cmboost") == cmboost.OPENMP_WAIT_POLICY == "PASSIVE"
+    assert policy("import cmboost", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert policy("import cmboost", GOMP_SPINCOUNT="1000") == "None"
+    assert policy("import torch; import cmboost") == "None"

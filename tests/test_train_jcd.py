@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+from _edm_teacher import random_edm_teacher
 from cmboost.cli import main as cli_main
 from cmboost.data import load_dataset
 from cmboost.samples import save_samples
@@ -176,21 +177,8 @@ def test_init_weights_are_the_starting_point(tmp_path, tiny):
                               run_dir=str(tmp_path / "r2"), iters=1, init=str(tmp_path / "five.safetensors")))
 
 
-def _tiny_teacher(path, num_classes, channels=3, size=16):
-    """A random-weight class-conditional EDM denoiser of the tiny data's shape."""
-    from cmboost.cm.checkpoint import save_model
-    from cmboost.cm.denoiser import EDM_PRECOND
-    from cmboost.cm.unet import UNetModel
-
-    unet = dict(image_size=size, in_channels=channels, model_channels=8, out_channels=channels, num_res_blocks=1,
-                attention_resolutions=[], channel_mult=[1, 2], num_classes=num_classes, num_head_channels=8,
-                use_scale_shift_norm=True, resblock_updown=True)
-    torch.manual_seed(0)
-    net = UNetModel(**unet)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_model(path, net, "edm", unet, EDM_PRECOND)
+def _tiny_teacher(path, num_classes, channels=3):
+    return random_edm_teacher(path, num_classes, channels, size=16)
 
 
 def test_alignment_term_trains_logs_and_resumes(tmp_path, tiny, capsys):
