@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cmboost.attacks import PGD
+from cmboost.diagnostic import load_teacher_score
 from cmboost.samples import to_float
 from cmboost.errors import UserInputError
 from cmboost.jobs import MODEL_FILE, Job, module_tensors, optimizer_tensors
@@ -176,8 +177,6 @@ def train_jcd(config: TrainConfig) -> Path:
     real, real_y, gen, gen_y, num_classes = load_training_data(c)
     alignment = None
     if c.align_teacher is not None:
-        from cmboost.diagnostic import load_teacher_score
-
         score = load_teacher_score(c.align_teacher, device, precision, image_shape=tuple(real.shape[1:]),
                                    num_classes=num_classes, flag="--align-teacher")
         alignment = GradientAlignment(score, c.align_sigma, c.align_weight)
