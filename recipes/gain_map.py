@@ -147,7 +147,8 @@ def tune_answer(out: Path, name: str, checkpoint: str, steps: int, seed: int, mo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num", type=int, default=1000, help="images per generator")
-    p.add_argument("--train-refs", required=True, help="folder of train-ref-<judge>.npz for the tuning committee")
+    p.add_argument("--train-refs", help="folder of train-ref-<judge>.npz for the tuning committee (required "
+                                        "unless --summary-only)")
     p.add_argument("--out", required=True)
     p.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated, from: " + ", ".join(GENERATORS))
     p.add_argument("--summary-only", action="store_true",
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
         atomic_write_text(out / "summary.json", json.dumps(summary(json.loads((out / "map.json").read_text())),
                                                            indent=1) + "\n")
         return 0
+    if not args.train_refs:
+        p.error("--train-refs: required to make the map")
     for sub in ("samples", "features", "tune"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
