@@ -363,13 +363,17 @@ if want lever-align; then
   $CMB train-cm --mode edm --data fmnist --run-dir "$RUNS/fmnist-edm-1500" --iters 1500 --batch-size 64 --lr 1e-3 \
       --warmup 50 --save-every 100 --log-every 20 --device cpu --seed 0 --no-progress
   T1500="$RUNS/fmnist-edm-1500/model.safetensors"
-  $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" --generated "$S/train-ect1-20k.npz" \
-      --init cmboost/assets/fmnist/jcd-robust-1.5-ect.safetensors --objective joint --iters 800 --batch-size 32 \
-      --lr 3e-4 --milestones 640 --real-eps 1.5 --real-steps 7 --real-step-size 0.5357 --gen-step-size 0.3 \
-      --gen-steps 7 --gen-steps-every 0 --align-teacher "$T1500" --align-weight 2 --align-sigma 0.5 \
-      --device cpu --seed 13 --run-dir "$RUNS/fmnist-jcd-align-ect"
+  for variant in "0.5 align-ect" "0.1 align-ect-s0.1"; do  # sigma 0.1: the follow-up of recipes/README.md
+    set -- $variant
+    $CMB train-jcd --data fmnist --image-size 32 --real-limit "$HELD_OUT" --generated "$S/train-ect1-20k.npz" \
+        --init cmboost/assets/fmnist/jcd-robust-1.5-ect.safetensors --objective joint --iters 800 --batch-size 32 \
+        --lr 3e-4 --milestones 640 --real-eps 1.5 --real-steps 7 --real-step-size 0.5357 --gen-step-size 0.3 \
+        --gen-steps 7 --gen-steps-every 0 --align-teacher "$T1500" --align-weight 2 --align-sigma "$1" \
+        --device cpu --seed 13 --run-dir "$RUNS/fmnist-jcd-$2"
+  done
   G="$RUNS/gain-map/samples"
-  for net in shipped:cmboost/assets/fmnist/jcd-robust-1.5-ect.safetensors align-ect:$RUNS/fmnist-jcd-align-ect/model.safetensors; do
+  for net in shipped:cmboost/assets/fmnist/jcd-robust-1.5-ect.safetensors align-ect:$RUNS/fmnist-jcd-align-ect/model.safetensors \
+             align-ect-s0.1:$RUNS/fmnist-jcd-align-ect-s0.1/model.safetensors; do
     [ -f "$RUNS/diagnose/lever-${net%%:*}/diagnose.json" ] || $CMB diagnose --model "${net#*:}" \
         --samples "ect1=$G/ECT_1-step-1step-seed501-1000.npz" --samples "cd1=$G/CD-long_1-step-1step-seed502-1000.npz" --teacher "$T1500" \
         --attack-eps 1 1.5 2 --num-real 1000 --num-samples 1000 --device cpu --out "$RUNS/diagnose/lever-${net%%:*}"
@@ -378,7 +382,7 @@ fi
 
 if want gain-map; then
   LEVER=()
-  for variant in strong-ect strong-ect-bce align-ect; do
+  for variant in strong-ect strong-ect-bce align-ect align-ect-s0.1; do
     if [ -f "$RUNS/fmnist-jcd-$variant/model.safetensors" ]; then
       LEVER+=("$RUNS/fmnist-jcd-$variant/model.safetensors")
     fi
