@@ -45,7 +45,7 @@ from cmboost.metrics.evaluate import prepared_statistics
 from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.judge_check import pool_features
 from cmboost.metrics.reference import load_reference
-from cmboost.metrics.stats import feature_statistics
+from cmboost.metrics.stats import feature_statistics, paired_change
 from cmboost.report import markdown_table
 from cmboost.samples import load_samples, to_float
 from cmboost.tuning import run_method, tune
@@ -114,8 +114,10 @@ def scores(prepared, features: np.ndarray, real_precision: float) -> dict:
             "precision_deficit": real_precision - knn["precision"]}
 
 
-def change(prepared, base_features: np.ndarray, features: np.ndarray, base: dict) -> dict:
-    paired = prepared.paired_bootstrap(base_features, features, BOOTSTRAP, seed=0)
+def change(prepared, base_bootstrap: dict, features: np.ndarray, base: dict) -> dict:
+    """The paired change from the unboosted set (its bootstrap, made once per generator and judge) to
+    `features`, drawn alike (seed 0): what prepared.paired_bootstrap(base_features, features) gives."""
+    paired = paired_change(base_bootstrap, prepared.bootstrap(features, BOOTSTRAP, seed=0))
     return {metric: {"change": paired[metric]["change"], "std": paired[metric]["std"],
                      "relative": paired[metric]["change"] / abs(base[metric]),
                      "relative_std": paired[metric]["std"] / abs(base[metric]),
@@ -211,6 +213,7 @@ def main(argv=None) -> int:
         base_features = {j: cached(out / "features" / f"{tag}-none-{j}.npy",
                                    lambda j=j: pool_features(extractors[j], images)) for j in panel}
         base = {j: scores(prepared[j], base_features[j], real_precision[j]) for j in panel}
+        base_bootstrap = {j: prepared[j].bootstrap(base_features[j], BOOTSTRAP, seed=0) for j in panel}
         fake_d, _ = realness_and_prob(model, to_float(images), torch.as_tensor(labels), kind)
         row = {"generator": name, "about": about, "checkpoint": checkpoint, "steps": steps, "seed": SEED + i,
                "realness_auc": rank_auc(real_d, fake_d), "base": base, "methods": {}}
@@ -231,14 +234,14 @@ def main(argv=None) -> int:
             row["methods"][label] = {"method": method, "hyper": hyper, "network": network or
                                      (CLASSIFIER if method == "bigroc" else BOOSTER),
                                      "mean_l2_change": float(np.load(l2).mean()),
-                                     "judges": {j: change(prepared[j], base_features[j], feats[j], base[j])
+                                     "judges": {j: change(prepared[j], base_bootstrap[j], feats[j], base[j])
                                                 for j in panel}}
         more, _ = samples(out, name, checkpoint, steps + 1, SEED + i, args.num, next_schedule)
         route = {j: cached(out / "features" / f"{tag}-route-{j}.npy", lambda j=j: pool_features(extractors[j], more))
                  for j in panel}
         row["methods"][f"one more generator step ({steps + 1} steps)"] = {
             "method": "generator", "hyper": {"steps": steps + 1, **(next_schedule or {})},
-            "judges": {j: change(prepared[j], base_features[j], route[j], base[j]) for j in panel}}
+            "judges": {j: change(prepared[j], base_bootstrap[j], route[j], base[j]) for j in panel}}
         row["tune"] = tune_answer(out, name, checkpoint, steps, VALIDATION_SEED + i, model, classifier, tuned,
                                   Path(args.train_refs))
         rows.append(row)
