@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from cmboost.boost_job import boost_file
+from cmboost.boosting.boost import boost_file
 from cmboost.cm.sample import generate_samples
-from cmboost.jcd import load_joint_model
+from cmboost.jcd.model import load_joint_model
 from cmboost.runtime import resolve_device
 
 ASSETS = Path(__file__).resolve().parent.parent / "cmboost" / "assets" / "fmnist"

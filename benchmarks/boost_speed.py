@@ -2,7 +2,7 @@
 
 (a) baseline, written like the released code: batch 100, fp32, autograd.grad of the batch-mean
     gathered logit with retain_graph, parameters left trainable;
-(b) ours: cmboost.boosting SGLD (same arithmetic, per-image step), frozen parameters, bf16 autocast
+(b) ours: cmboost.boosting.methods SGLD (same arithmetic, per-image step), frozen parameters, bf16 autocast
     and channels-last on GPU, large batches, optional torch.compile.
 Prints images/s for both, the ratio, and the fraction of the bf16 FLOP floor (FLOPs counted with
 torch.utils.flop_counter). Random weights: speed does not depend on them.
@@ -22,8 +22,8 @@ import torch
 from figures import Figures, profile_table, repo_on_path
 
 repo_on_path()
-from cmboost.boosting import boost  # noqa: E402
-from cmboost.jcd import build_joint_model  # noqa: E402
+from cmboost.boosting.methods import boost  # noqa: E402
+from cmboost.jcd.model import build_joint_model  # noqa: E402
 from cmboost.runtime import randn_per_sample, resolve_device, resolve_precision, sample_generators  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def flops_per_image_step(model, image_size, channels, device):
     """FLOPs of one forward plus the backward to the input, per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cmboost.boosting import frozen
+    from cmboost.boosting.methods import frozen
 
     x = torch.rand(2, channels, image_size, image_size, device=device, requires_grad=True)
     # FlopCounterMode's module hooks do not support autograd.grad; with frozen parameters

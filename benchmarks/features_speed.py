@@ -103,7 +103,7 @@ def inception_part(args) -> None:
 def _fid_sets(args) -> tuple[list[np.ndarray], str]:
     """Two uint8 NCHW image sets: the --fid-images files, or uniform noise against the same noise blurred."""
     if args.fid_images:
-        from cmboost.samples import load_samples
+        from cmboost.files.samples import load_samples
 
         sets = [load_samples(path)[0][: args.fid_num] for path in args.fid_images]
         sets = [np.repeat(s, 3, axis=1) if s.shape[1] == 1 else s for s in sets]  # torch-fidelity takes RGB
@@ -150,10 +150,10 @@ def fid_part(args, theirs, ours, ours_fp32, device, figures) -> None:
 
 
 def fmnist_part(args) -> None:
-    from cmboost.data import fashion_mnist
+    from cmboost.files.datasets import fashion_mnist
     from cmboost.metrics.domain_net import load_domain_net, prepare_images
     from cmboost.metrics.evaluate import extract_features
-    from cmboost.samples import ArraySource
+    from cmboost.files.samples import ArraySource
     from cmboost.metrics.features import InceptionFeatures, load_feature_extractor
 
     torch.set_num_threads(args.threads)

@@ -6,7 +6,7 @@ generated batch (5 steps), then the update on the ce+bce loss (Adam, gradient cl
 (a) baseline, written like the released loop: fp32, NCHW, attacks that call loss.backward()
     (so every step also computes and accumulates parameter gradients, zeroed afterwards), and a
     separate forward for each of the four loss terms;
-(b) ours: cmboost.jcd_training.training_step: parameters frozen during the attacks (input
+(b) ours: cmboost.jcd.training.training_step: parameters frozen during the attacks (input
     gradients only, via autograd.grad), bf16 autocast and channels-last on GPU, one forward
     on cat(real, generated).
 images/s counts real + generated images per iteration. Random weights and random images:
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from figures import Figures, profile_table, repo_on_path
 
 repo_on_path()
-from cmboost.attacks import PGD  # noqa: E402
-from cmboost.jcd import build_joint_model  # noqa: E402
-from cmboost.losses import get_objective  # noqa: E402
+from cmboost.jcd.attacks import PGD  # noqa: E402
+from cmboost.jcd.model import build_joint_model  # noqa: E402
+from cmboost.jcd.losses import get_objective  # noqa: E402
 from cmboost.runtime import resolve_device, resolve_precision  # noqa: E402
-from cmboost.jcd_training import training_step  # noqa: E402
+from cmboost.jcd.training import training_step  # noqa: E402
 
 
 def sync(device):

@@ -3,7 +3,7 @@
 The Python API mirrors the command line, one function per verb (cmboost/api.py, docs/api.md):
 `cmboost.sample`, `cmboost.boost`, `cmboost.tune`, `cmboost.evaluate`, `cmboost.evaluate_ref`,
 `cmboost.check_judges`, `cmboost.diagnose`, `cmboost.train_jcd`, `cmboost.train_cm`, `cmboost.train_features`, and `cmboost.asset` for the shipped
-files. The demo is `cmboost.demo.run_demo`.
+files. The demo is `cmboost.demo.run.run_demo`.
 """
 
 __version__ = "0.1.0"

@@ -143,7 +143,7 @@ def _as_file(samples, folder: str, name: str) -> str:
         return str(samples)
     import numpy as np
 
-    from cmboost.samples import save_samples
+    from cmboost.files.samples import save_samples
 
     images, labels = samples
     return str(save_samples(Path(folder) / name, np.asarray(images), None if labels is None else np.asarray(labels)))
@@ -151,7 +151,7 @@ def _as_file(samples, folder: str, name: str) -> str:
 
 def asset(name: str) -> Path:
     """A file shipped with cmboost (cmboost/assets/fmnist/): checkpoints, tune settings, references."""
-    from cmboost.demo import ASSETS
+    from cmboost.demo.run import ASSETS
     from cmboost.errors import UserInputError
 
     name = os.fspath(_path_argument("name", name))
@@ -168,7 +168,7 @@ def sample(model: str | os.PathLike, num: int, out: str | os.PathLike | None = N
     `fields`: cm.sample.generate_samples' keywords (steps, seed, ts, num_levels, class_labels, kind,
     batch_size, block_size, device, precision, overwrite, progress)."""
     from cmboost.cm.sample import generate_samples
-    from cmboost.samples import load_samples
+    from cmboost.files.samples import load_samples
 
     _path_argument("model", model)
     _path_argument("out", out, optional=True)
@@ -188,8 +188,8 @@ def boost(samples=None, model: str | os.PathLike | None = None, out: str | os.Pa
     network `model`. Writes `out` and returns its path; without `out`, returns (images, labels).
     `fields` are boost_job.BoostRun's (method, hyper, settings, threshold_from, labels, seed,
     block_size, device, precision, ...); or pass the whole `run`, a BoostRun."""
-    from cmboost.boost_job import BoostRun, boost as boost_run
-    from cmboost.samples import load_samples
+    from cmboost.boosting.boost import BoostRun, boost as boost_run
+    from cmboost.files.samples import load_samples
 
     if run is not None:
         if samples is not None or model is not None or out is not None or fields:
@@ -211,7 +211,7 @@ def tune(run=None, /, **fields: Any) -> dict:
     """`cmboost tune`: chooses the boosting method and settings on validation samples with tuning
     judges; writes the settings file (`out`) and returns it. `run`: a tune_job.TuneRun; else its fields
     (samples, model, refs, out, judges, classifier, threshold_from, grid, choice: a TuneSettings, ...)."""
-    from cmboost.tune_job import TuneRun, tune_files
+    from cmboost.tuning.tune import TuneRun, tune_files
 
     return tune_files(_record(TuneRun, run, fields))  # refs and judges: lists or tuples, paths as str
 
@@ -226,7 +226,7 @@ def evaluate(samples, reference, features=None, batch_size: int | None = None, *
 
     from cmboost.metrics.evaluate import evaluate_images, evaluate_source
     from cmboost.metrics.judges import DEFAULT_FEATURES
-    from cmboost.samples import open_samples
+    from cmboost.files.samples import open_samples
 
     from cmboost.records import param_default
 
@@ -266,7 +266,7 @@ def check_judges(run=None, /, **fields: Any) -> dict:
     """`cmboost check-judges`: puts candidate judges through the degradation ladder and the
     adversarial-transfer test; writes the report (`out`) and returns it. `run`: a
     metrics.judge_check_job.JudgeCheckRun; else its fields (samples, out, judges, attacker, data, ...)."""
-    from cmboost.metrics.judge_check_job import JudgeCheckRun, check_judges as check
+    from cmboost.metrics.check_judges import JudgeCheckRun, check_judges as check
 
     return check(_record(JudgeCheckRun, run, fields))
 
@@ -276,7 +276,7 @@ def diagnose(run=None, /, **fields: Any) -> dict:
     gradient-score alignment, the PAG picture); writes OUT/diagnose.json and OUT/pag.png and returns
     the report. `run`: a diagnose_job.DiagnoseRun; else its fields (model, out, samples as (name,
     path) pairs, teacher, real, settings_files, method, hyper, numbers: a DiagnoseSettings, ...)."""
-    from cmboost.diagnose_job import DiagnoseRun, diagnose_files
+    from cmboost.diagnostic.diagnose import DiagnoseRun, diagnose_files
 
     for name in ("samples", "settings_files"):
         if isinstance(fields.get(name), (list, tuple)):  # anything else is refused by _record, naming it
@@ -288,8 +288,8 @@ def train_jcd(config=None, /, **fields: Any) -> Path:
     """`cmboost train-jcd`: adversarial training of the joint classifier-discriminator; returns the
     final model's path. `config`: a train_jcd_config.TrainConfig; else its fields (data, run_dir,
     iters, generated, objective, ...). A rerun of the same configuration resumes."""
-    from cmboost.jcd_training import train_jcd as train
-    from cmboost.train_jcd_config import TrainConfig
+    from cmboost.jcd.training import train_jcd as train
+    from cmboost.jcd.config import TrainConfig
 
     return train(_record(TrainConfig, config, fields))
 
@@ -321,6 +321,6 @@ def train_features(run=None, /, **fields: Any) -> Path:
     """`cmboost train-features`: a domain feature network (a judge for FID and the like) trained on a
     dataset's train split; returns the saved net's path. `run`: a feature_training.FeatureTraining;
     else its fields (data, out, settings, arch, ...). A rerun resumes per epoch."""
-    from cmboost.feature_training import FeatureTraining, train_features as train
+    from cmboost.metrics.train_features import FeatureTraining, train_features as train
 
     return train(_record(FeatureTraining, run, fields))

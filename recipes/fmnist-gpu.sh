@@ -29,7 +29,7 @@ fi
 if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-HELD_OUT=$($PY -c "from cmboost.data import FMNIST_HELD_OUT_START as s; print(s)")  # train[HELD_OUT:] is held out
+HELD_OUT=$($PY -c "from cmboost.files.datasets import FMNIST_HELD_OUT_START as s; print(s)")  # train[HELD_OUT:] is held out
 export TQDM_DISABLE=${TQDM_DISABLE:-1}   # no progress bars in the logs (tqdm >= 4.66 reads it)
 DATA=()
 [ -n "${DATA_DIR:-}" ] && DATA=(--data-dir "$DATA_DIR") && export CMBOOST_FMNIST_DIR="$DATA_DIR"

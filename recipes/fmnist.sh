@@ -15,8 +15,8 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 CMB=${CMB:-.venv/bin/cmboost}
 PY=${PY:-.venv/bin/python}
-# Fashion-MNIST train[HELD_OUT:] is held out: no joint network trains on it (cmboost.data states the value).
-HELD_OUT=$($PY -c "from cmboost.data import FMNIST_HELD_OUT_START as s; print(s)")
+# Fashion-MNIST train[HELD_OUT:] is held out: no joint network trains on it (cmboost.files.datasets states the value).
+HELD_OUT=$($PY -c "from cmboost.files.datasets import FMNIST_HELD_OUT_START as s; print(s)")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$RUNS"
 stage=${1:-all}
@@ -410,7 +410,7 @@ fi
 # 5b. The test split's statistics under each panel judge, shipped so that the standard demo computes none.
 if want demo-refs; then
   .venv/bin/python -c "
-import json; from cmboost.demo import ASSETS, choose_panel, write_shipped_references
+import json; from cmboost.demo.run import ASSETS, choose_panel, write_shipped_references
 check = json.loads((ASSETS / 'judges.json').read_text())
 for path in write_shipped_references(choose_panel(check, ['fmnist', check['attacker']['name']]), overwrite=True):
     print(path, path.stat().st_size)"

@@ -34,21 +34,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_write_text
-from cmboost.boost_job import trained_realness_kind
+from cmboost.files.atomic import atomic_write_text
+from cmboost.boosting.boost import trained_realness_kind
 from cmboost.cm.sample import generate_samples
-from cmboost.data import FMNIST_HELD_OUT_START, load_dataset
-from cmboost.demo import ASSETS, choose_panel, load_judge_check, load_shipped_reference
-from cmboost.diagnostic import rank_auc, realness_and_prob
-from cmboost.jcd import load_joint_model
+from cmboost.files.datasets import FMNIST_HELD_OUT_START, load_dataset
+from cmboost.demo.run import ASSETS, choose_panel, load_judge_check, load_shipped_reference
+from cmboost.diagnostic.measures import rank_auc, realness_and_prob
+from cmboost.jcd.model import load_joint_model
 from cmboost.metrics.evaluate import prepared_statistics
 from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.judge_check import pool_features
 from cmboost.metrics.reference import load_reference
 from cmboost.metrics.stats import feature_statistics, paired_change
-from cmboost.report import markdown_table
-from cmboost.samples import load_samples, to_float
-from cmboost.tuning import run_method, tune
+from cmboost.files.report import markdown_table
+from cmboost.files.samples import load_samples, to_float
+from cmboost.tuning.choose import run_method, tune
 
 BOOSTER = "jcd-robust-1.5-ect.safetensors"
 CLASSIFIER = "jcd-ce.safetensors"       # BIGRoC's classifier, as in the demo

@@ -25,17 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_write_text
-from cmboost.controls import random_perturbation
-from cmboost.data import load_dataset
-from cmboost.jcd import load_joint_model
+from cmboost.files.atomic import atomic_write_text
+from cmboost.boosting.controls import random_perturbation
+from cmboost.files.datasets import load_dataset
+from cmboost.jcd.model import load_joint_model
 from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.stats import ReferenceStatistics
 from cmboost.metrics.judge_check import fid_kid, paired_bootstrap_std, passing, pool_features
 from cmboost.metrics.judges import REPORTING_JUDGES
-from cmboost.report import markdown_table
-from cmboost.samples import load_samples, to_float, to_uint8
-from cmboost.tuning import run_method
+from cmboost.files.report import markdown_table
+from cmboost.files.samples import load_samples, to_float, to_uint8
+from cmboost.tuning.choose import run_method
 
 JUDGE_CHECK = Path(__file__).resolve().parent.parent / "cmboost" / "assets" / "fmnist" / "judges.json"
 PGD_STEPS = 10            # the tuned grid's step count; the step size is the default 2.5 eps / steps

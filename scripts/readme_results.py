@@ -6,8 +6,8 @@
 import json
 import sys
 
-from cmboost.demo_report import _judge_check_section, generator_bar, paired_table, panel_sentence
-from cmboost.report import markdown_table
+from cmboost.demo.report import _judge_check_section, generator_bar, paired_table, panel_sentence
+from cmboost.files.report import markdown_table
 
 
 def main(path: str) -> None:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from cmboost.data import fashion_mnist
+from cmboost.files.datasets import fashion_mnist
 from cmboost.metrics.domain_net import SHIPPED, DomainNet, load_domain_net, prepare_images
 
 # Another CPU's float32 kernels sum in another order. How far that can move a logit is bounded from

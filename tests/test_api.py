@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cmboost
-from cmboost.boost_job import BoostRun
+from cmboost.boosting.boost import BoostRun
 from cmboost.errors import UserInputError
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
@@ -37,14 +37,15 @@ def test_every_verb_function_is_exported():
                  "train_cm", "train_features"):
         assert callable(getattr(cmboost, name)), name
     import importlib
+    import pkgutil
 
-    for module in ("boosting", "tuning", "jcd_training", "feature_training", "demo"):
-        importlib.import_module(f"cmboost.{module}")  # importing a module sets an attribute of the package
+    for module in pkgutil.walk_packages(cmboost.__path__, "cmboost."):
+        importlib.import_module(module.name)  # importing a module sets an attribute of its package
     assert callable(cmboost.boost) and callable(cmboost.tune) and callable(cmboost.train_jcd)  # not shadowed
 
 
 def test_a_record_and_keywords_together_or_an_unknown_keyword_are_refused(tmp_path):
-    from cmboost.train_jcd_config import TrainConfig
+    from cmboost.jcd.config import TrainConfig
 
     config = TrainConfig(data="fmnist", run_dir=str(tmp_path / "run"), iters=1, arch="resnet_small", objective="ce")
     with pytest.raises(TypeError, match="not both"):
@@ -65,7 +66,7 @@ def test_boosting_arrays_gives_the_images_of_the_file(tmp_path):
     booster = cmboost.asset("jcd-joint-w24.safetensors")
     hyper = {"eps": 0.5, "steps": 2}
     boosted, kept = cmboost.boost((images, labels), booster, hyper=hyper, device="cpu", progress=False)
-    from cmboost.samples import load_samples, save_samples
+    from cmboost.files.samples import load_samples, save_samples
 
     save_samples(tmp_path / "in.npz", images, labels)
     path = cmboost.boost(tmp_path / "in.npz", booster, tmp_path / "out.npz", hyper=hyper, device="cpu",
@@ -130,7 +131,7 @@ def test_asset_accepts_only_names_of_shipped_files(name):
 
 def test_paths_may_be_given_as_path_objects_where_a_record_takes_strings(tmp_path):
     from cmboost.api import _checked_arguments
-    from cmboost.tune_job import TuneRun
+    from cmboost.tuning.tune import TuneRun
 
     checked = _checked_arguments(TuneRun, {"refs": [tmp_path / "a.npz", "b.npz"], "samples": tmp_path / "v.npz"})
     assert checked == {"refs": (str(tmp_path / "a.npz"), "b.npz"), "samples": str(tmp_path / "v.npz")}

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from cmboost.atomic import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
+from cmboost.files.atomic import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def _usual_mode() -> int:

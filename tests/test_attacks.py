@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from cmboost.attacks import FROM_OBJECTIVE, PGD
+from cmboost.jcd.attacks import FROM_OBJECTIVE, PGD
 from cmboost.errors import UserInputError
-from cmboost.jcd import build_joint_model
+from cmboost.jcd.model import build_joint_model
 from cmboost.runtime import sample_generators
 
 

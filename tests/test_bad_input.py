@@ -15,8 +15,8 @@ import torch
 
 import cmboost
 from cmboost.cli import main as cli_main
-from cmboost.jcd import load_joint_model, save_joint_model
-from cmboost.samples import load_samples, save_samples
+from cmboost.jcd.model import load_joint_model, save_joint_model
+from cmboost.files.samples import load_samples, save_samples
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
 JCD = ASSETS / "jcd-joint-w24.safetensors"
@@ -266,7 +266,7 @@ def test_a_fortran_order_sample_file_is_valid(files, tmp_path, capsys):
 
 
 def test_too_few_images_for_the_feature_dimension_warn_in_one_line(files, tmp_path, capsys):
-    from cmboost.data import fashion_mnist
+    from cmboost.files.datasets import fashion_mnist
     from cmboost.metrics.features import load_feature_extractor
     from cmboost.metrics.reference import reference_stats, save_reference
 
@@ -325,7 +325,7 @@ def _strict_json_lines(path):
 
 
 def test_train_jcd_stops_at_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    from cmboost.checkpoints import read_safetensors
+    from cmboost.files.checkpoints import read_safetensors
 
     run_dir = tmp_path / "run"
     code, err = _run(capsys, _tiny_jcd(run_dir, "--lr", "1e30"))
@@ -338,7 +338,7 @@ def test_train_jcd_stops_at_a_non_finite_loss_and_keeps_the_last_good_checkpoint
 
 
 def test_train_cm_stops_at_a_non_finite_loss_and_keeps_the_last_good_state(tmp_path, capsys):
-    from cmboost.checkpoints import read_safetensors
+    from cmboost.files.checkpoints import read_safetensors
 
     run_dir = tmp_path / "run"
     code, err = _run(capsys, ["train-cm", "--mode", "edm", "--iters", "4", "--run-dir", run_dir, "--device", "cpu",
@@ -355,7 +355,7 @@ def test_train_cm_stops_at_a_non_finite_loss_and_keeps_the_last_good_state(tmp_p
 @pytest.fixture(scope="module")
 def tuning(tmp_path_factory):
     """Validation samples and a training-data reference of the tuning judge, as small as tune takes."""
-    from cmboost.data import load_dataset
+    from cmboost.files.datasets import load_dataset
     from cmboost.metrics.features import load_feature_extractor
     from cmboost.metrics.judges import TUNING_JUDGE
     from cmboost.metrics.reference import reference_stats, save_reference
@@ -380,7 +380,7 @@ def test_a_malformed_tune_job_is_one_line_naming_it(tuning, tmp_path, capsys, ro
     out = tmp_path / "tuned.json"
     job = tmp_path / "tuned.json.job"  # a job of the same configuration (recorded by a killed run) ...
     with pytest.MonkeyPatch.context() as m:
-        import cmboost.tuning as tune_module
+        import cmboost.tuning.choose as tune_module
 
         m.setattr(tune_module, "run_method", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         assert _run(capsys, _tune_argv(tuning, out))[0] == 130
@@ -394,7 +394,7 @@ def test_a_malformed_tune_job_is_one_line_naming_it(tuning, tmp_path, capsys, ro
 def test_tune_writes_the_same_bytes_on_every_run_and_after_a_kill(tuning, tmp_path, capsys, monkeypatch):
     """The settings file holds no timings: two runs, and a run killed after its first candidate then
     rerun, write byte-identical files."""
-    import cmboost.tuning as tune_module
+    import cmboost.tuning.choose as tune_module
 
     for name in ("a.json", "b.json"):
         assert _run(capsys, _tune_argv(tuning, tmp_path / name))[0] == 0
@@ -468,7 +468,7 @@ def test_a_folder_where_a_file_goes_is_refused_before_any_work(row, files, tmp_p
 
 
 def test_a_classifier_with_other_classes_is_named_not_the_samples(tuning, tmp_path, capsys):
-    from cmboost.jcd import build_joint_model
+    from cmboost.jcd.model import build_joint_model
 
     five = tmp_path / "five.safetensors"
     save_joint_model(build_joint_model("resnet_small", 5, 1, 32, width=4), five)
@@ -572,7 +572,7 @@ def test_a_path_with_a_newline_is_escaped_so_the_error_stays_one_line(tmp_path, 
 
 
 def test_tune_refuses_too_few_samples_to_choose_on_one_half_and_confirm_on_the_other(tuning, tmp_path, capsys):
-    from cmboost.samples import load_samples
+    from cmboost.files.samples import load_samples
 
     images, labels = load_samples(tuning / "val.npz")
     save_samples(tmp_path / "few.npz", images[:10], labels[:10])

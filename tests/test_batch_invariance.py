@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmboost import jobs
+from cmboost.jobs import job as jobs
 from cmboost.cli import main
 from cmboost.errors import UserInputError
 

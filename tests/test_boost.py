@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost import boosting as boost_mod
-from cmboost.boosting import boost, joint_score, make_hyper, realness
-from cmboost.boost_job import boost_file
+from cmboost.boosting import methods as boost_mod
+from cmboost.boosting.methods import boost, joint_score, make_hyper, realness
+from cmboost.boosting.boost import boost_file
 from cmboost.cli import main as cli_main
-from cmboost.data import fashion_mnist, pad_to
-from cmboost.samples import load_samples, save_samples, to_float
+from cmboost.files.datasets import fashion_mnist, pad_to
+from cmboost.files.samples import load_samples, save_samples, to_float
 from cmboost.errors import UserInputError
 
 
@@ -142,7 +142,7 @@ def test_bf16_matches_fp32_within_stated_tolerance(trained_tiny):
 
 @pytest.fixture(scope="module")
 def small_model_file(tmp_path_factory):
-    from cmboost.jcd import build_joint_model, save_joint_model
+    from cmboost.jcd.model import build_joint_model, save_joint_model
 
     torch.manual_seed(0)
     model = build_joint_model("resnet_small", num_classes=10, in_channels=1, image_size=32)
@@ -201,7 +201,7 @@ def test_cli_boost_dry_run_and_input_checks(tmp_path, small_model_file, capsys):
 
 
 def test_resume_after_a_crash_is_bit_identical(tmp_path, small_model_file, sample_file, monkeypatch):
-    from cmboost.jcd import load_joint_model
+    from cmboost.jcd.model import load_joint_model
 
     model = load_joint_model(small_model_file)
     hyper = {"eps": 2.0, "steps": 3}
@@ -216,12 +216,12 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, small_model_file, sampl
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("cmboost.boost_job.boost_with", crash_on_third_batch)
+    monkeypatch.setattr("cmboost.boosting.boost.boost_with", crash_on_third_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         boost_file(sample_file, model, tmp_path / "out.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
     assert not (tmp_path / "out.npz").exists()
     assert len(list((tmp_path / "out.npz.job").glob("part-*.npz"))) == 2
-    monkeypatch.setattr("cmboost.boost_job.boost_with", real)
+    monkeypatch.setattr("cmboost.boosting.boost.boost_with", real)
     with pytest.raises(UserInputError, match="another configuration"):
         boost_file(sample_file, model, tmp_path / "out.npz", "pgd", {"eps": 1.0, "steps": 3}, batch_size=4,
                    block_size=4, progress=False)
@@ -272,7 +272,7 @@ def test_two_processes_give_the_same_file_as_one(tmp_path, small_model_file, sam
 
 
 def test_cli_pgd_reads_the_realness_kind_the_network_was_trained_with(tmp_path, sample_file, capsys):
-    from cmboost.jcd import build_joint_model, save_joint_model
+    from cmboost.jcd.model import build_joint_model, save_joint_model
 
     path = tmp_path / "bce.safetensors"
     save_joint_model(build_joint_model("resnet_small", 10, 1, 32), path, extra={"realness_kind": "sigmoid"})
@@ -283,7 +283,7 @@ def test_cli_pgd_reads_the_realness_kind_the_network_was_trained_with(tmp_path, 
 
 
 def test_cli_pgd_boosts_at_the_radius_the_network_was_trained_robust_at(tmp_path, sample_file, capsys):
-    from cmboost.jcd import build_joint_model, save_joint_model
+    from cmboost.jcd.model import build_joint_model, save_joint_model
 
     def eps_of(model, *extra):
         args = ["boost", str(sample_file), "--model", str(model), "--out", str(tmp_path / "o.npz"), "--method", "pgd",

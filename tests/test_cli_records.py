@@ -21,12 +21,12 @@ from cmboost.cli.train_features import UNFLAGGED as FEATURES_UNFLAGGED
 from cmboost.cli.train_jcd import CHANNELS_LAST
 from cmboost.cm.sample import SampleSettings
 from cmboost.cm.training import MODES, LoopSettings, TrainSettings as CMSettings, UNetShape, mode_default
-from cmboost.diagnostic import DiagnoseSettings
+from cmboost.diagnostic.measures import DiagnoseSettings
 from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings as FeatureSettings
 from cmboost.metrics.reference import reference_stats
 from cmboost.records import field_default, param_default, shown
-from cmboost.train_jcd_config import TrainConfig
-from cmboost.tuning import TuneSettings
+from cmboost.jcd.config import TrainConfig
+from cmboost.tuning.choose import TuneSettings
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
 VERBS = ("boost", "sample", "tune", "evaluate", "evaluate-ref", "train-cm", "train-jcd", "train-features", "diagnose")
@@ -135,11 +135,11 @@ def test_evaluate_verbs_share_the_reference_defaults():
 
 def _verb_records():
     """(verb, record type, fields the verb's flags set under the field's own name, field -> dest)."""
-    from cmboost.boost_job import BoostRun
-    from cmboost.demo import DemoOptions
-    from cmboost.diagnose_job import DiagnoseRun
-    from cmboost.feature_training import FeatureTraining
-    from cmboost.tune_job import TuneRun
+    from cmboost.boosting.boost import BoostRun
+    from cmboost.demo.run import DemoOptions
+    from cmboost.diagnostic.diagnose import DiagnoseRun
+    from cmboost.metrics.train_features import FeatureTraining
+    from cmboost.tuning.tune import TuneRun
 
     return [("boost", BoostRun, ("labels", "seed", "batch_size", "device", "precision", "method", "settings",
                                  "threshold_from", "arch", "block_size", "allow_other_network"), {}),
@@ -175,7 +175,7 @@ def test_no_cli_module_states_a_default_of_its_own():
 
     root = Path(cmboost.__file__).parent
     sources = {p: p.read_text() for p in root.rglob("*.py")}
-    patterns = {r"\b2\.5 \* ": "boost_config.py", r"\b55000\b": "data.py", r"= 0\.03\b": "tuning.py",
+    patterns = {r"\b2\.5 \* ": "boosting/config.py", r"\b55000\b": "files/datasets.py", r"= 0\.03\b": "tuning/choose.py",
                 r"realness_kind: str = \"": None, r"num_features < 4": None}
     for pattern, home in patterns.items():
         found = sorted(str(p.relative_to(root)) for p, text in sources.items() if re.search(pattern, text))

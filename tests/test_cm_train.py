@@ -192,7 +192,7 @@ def test_resume_is_exact_and_settings_are_checked(data, unet, tmp_path):
     train(settings(4), tmp_path / "straight", *data, CPU, save_every=2, progress=False)
     train(settings(2), tmp_path / "resumed", *data, CPU, save_every=2, progress=False)
     train(settings(4), tmp_path / "resumed", *data, CPU, save_every=2, progress=False)  # rerun, longer
-    from cmboost.checkpoints import read_safetensors
+    from cmboost.files.checkpoints import read_safetensors
     a, meta_a = read_safetensors(tmp_path / "straight" / "state.safetensors")
     b, meta_b = read_safetensors(tmp_path / "resumed" / "state.safetensors")
     assert meta_a["step"] == meta_b["step"] == "4"
@@ -273,7 +273,7 @@ def _fake_clock(minutes_per_read=1.0):
 
 
 def test_max_minutes_stops_at_an_iteration_boundary_and_resumes_exactly(data, unet, tmp_path, capsys):
-    from cmboost.checkpoints import read_safetensors
+    from cmboost.files.checkpoints import read_safetensors
     from cmboost.cm.checkpoint import read_config
 
     def settings():
@@ -302,7 +302,7 @@ def test_max_minutes_stops_at_an_iteration_boundary_and_resumes_exactly(data, un
 
 
 def test_max_minutes_never_stops_a_run_before_its_first_iteration_nor_after_its_last(data, unet, tmp_path, capsys):
-    from cmboost.checkpoints import read_safetensors
+    from cmboost.files.checkpoints import read_safetensors
 
     settings = TrainSettings(mode="edm", iters=2, unet=dict(unet), batch_size=4, lr=1e-3, warmup=2)
     train(settings, tmp_path / "a", *data, CPU, progress=False, max_minutes=1e-9, clock=_fake_clock())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cmboost.controls import UnsharpControl, gaussian_blur, l2_change, random_perturbation, unsharp_mask
+from cmboost.boosting.controls import UnsharpControl, gaussian_blur, l2_change, random_perturbation, unsharp_mask
 from cmboost.errors import UserInputError
 
 

@@ -66,7 +66,7 @@ def device():
 @pytest.fixture(scope="module")
 def joint(device):
     """The shipped joint network, channels-last (as `cmboost boost` puts it on a GPU)."""
-    from cmboost.jcd import load_joint_model
+    from cmboost.jcd.model import load_joint_model
 
     return load_joint_model(ASSETS / "jcd-joint.safetensors").to(device).to(memory_format=torch.channels_last)
 
@@ -95,7 +95,7 @@ def sample_file(tmp_path_factory):
 
 
 def _realness(model, x, y):
-    from cmboost.boosting import realness
+    from cmboost.boosting.methods import realness
 
     with torch.no_grad():
         return realness(model.logits(x), y, "softmax").float()
@@ -103,7 +103,7 @@ def _realness(model, x, y):
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] as the uint8 levels written to files, as int16 for differences."""
-    from cmboost.samples import to_uint8
+    from cmboost.files.samples import to_uint8
 
     return torch.from_numpy(to_uint8(x.float().cpu()).astype(np.int16))
 
@@ -118,7 +118,7 @@ METHODS = {"pgd": {}, "sgld": {}, "bigroc": {}}
 def test_low_precision_boost_stays_close_to_fp32(joint, samples, method, precision):
     """Same images, same hyperparameters: the bf16/fp16 result is finite, in range, moves the images about
     as far and raises their realness about as much as fp32 does; the pixel differences are recorded."""
-    from cmboost.boosting import boost
+    from cmboost.boosting.methods import boost
 
     x, y = samples
     ref = boost(joint, x, y, method, precision="fp32", channels_last=True, **METHODS[method])
@@ -143,7 +143,7 @@ def test_low_precision_boost_stays_close_to_fp32(joint, samples, method, precisi
 def test_pgd_early_stop_still_fires_in_low_precision(joint, samples, precision, monkeypatch):
     """The threshold is the median realness the fp32 run reaches: under every precision a share of the
     images stops before the last step, about the same share as in fp32."""
-    import cmboost.boosting as boost_module
+    import cmboost.boosting.methods as boost_module
 
     steps_taken = []
 
@@ -172,7 +172,7 @@ def test_pgd_early_stop_still_fires_in_low_precision(joint, samples, precision, 
 def test_channels_last_matches_contiguous(joint, samples):
     import copy
 
-    from cmboost.boosting import boost
+    from cmboost.boosting.methods import boost
 
     x, y = samples
     flat = copy.deepcopy(joint).to(memory_format=torch.contiguous_format)
@@ -197,7 +197,7 @@ def tiny(tmp_path_factory):
     """A 2-class folder dataset of 16x16 RGB PNGs and 20 generated images (as tests/test_train_jcd.py)."""
     from PIL import Image
 
-    from cmboost.samples import save_samples
+    from cmboost.files.samples import save_samples
 
     root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)
@@ -223,8 +223,8 @@ def test_train_jcd_twenty_iterations_with_amp(tmp_path, tiny, precision):
     from safetensors.torch import load_file
 
     from cmboost.cli import main
-    from cmboost.jcd import build_joint_model
-    from cmboost.jcd_training import STATE_FILE, _load_state
+    from cmboost.jcd.model import build_joint_model
+    from cmboost.jcd.training import STATE_FILE, _load_state
 
     run = tmp_path / "run"
     assert main(jcd_args(tiny, run, 20, "--arch", "resnet_small", "--precision", precision)) == 0
@@ -351,7 +351,7 @@ def test_compile_matches_eager(joint, samples):
     """`cmboost boost --compile` compiles the backbone: logits and a PGD run match eager."""
     import copy
 
-    from cmboost.boosting import boost
+    from cmboost.boosting.methods import boost
 
     x, y = samples
     compiled = copy.deepcopy(joint)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost import data, samples
+from cmboost.files import datasets as data, samples
 from cmboost.cli import main as cli_main
 from cmboost.errors import OutputExistsError, UserInputError
 

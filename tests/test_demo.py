@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from cmboost.cli import main as cli_main
-from cmboost.demo import ASSETS, SETTINGS_FILE, choose_panel, load_judge_check
+from cmboost.demo.run import ASSETS, SETTINGS_FILE, choose_panel, load_judge_check
 from cmboost.metrics.judges import ATTACKER, REPORTING_JUDGES
-from cmboost.tuning import tuning_judges
+from cmboost.tuning.choose import tuning_judges
 
 COMMITTED_QUICK = Path(__file__).resolve().parent.parent / "recipes" / "fmnist-report" / "quick.json"
 # Another CPU rounds the convolutions differently (oneDNN/MKL code paths), and PGD and SGLD turn a
@@ -144,7 +144,7 @@ def _paired(method, judge, fid, kid, vs_plain=None, std=1.0):
 
 
 def test_panel_verdicts_count_judges_for_and_against_and_need_the_plain_control_beaten():
-    from cmboost.demo_report import panel_sentence, panel_verdicts
+    from cmboost.demo.report import panel_sentence, panel_verdicts
 
     beaten = {"fid": {"change": -5.0, "std": 1.0}, "kid": {"change": -5e-3, "std": 1e-3}}
     paired = [_paired("joint (PGD)", "a", -20, -20e-3, beaten), _paired("joint (PGD)", "b", 20, 20e-3, beaten),
@@ -162,7 +162,7 @@ def test_paired_changes_pool_the_seeds_paired_differences():
     """Per seed, the change against the same images unboosted (and against the plain control's edit of
     them) is the difference of their bootstraps, resample by resample; the seeds pool as a mean with
     std sqrt(sum of variances) / seeds, in the judge's units and relative to the unboosted mean."""
-    from cmboost.demo_report import PLAIN_CONTROL, paired_changes
+    from cmboost.demo.report import PLAIN_CONTROL, paired_changes
 
     rng = np.random.default_rng(0)
 
@@ -292,8 +292,8 @@ def test_torn_report_bad_threads_and_unreadable_markdown_are_one_line(tmp_path, 
 
 
 def test_the_report_says_per_generator_whether_to_boost():
-    from cmboost.demo import tune_answer
-    from cmboost.demo_report import _answer_section
+    from cmboost.demo.run import tune_answer
+    from cmboost.demo.report import _answer_section
 
     change = {"change": -0.2, "std": 0.05, "base": 20.0, "relative": -0.01, "relative_std": 0.0025, "beyond_noise": True}
     confirmed = {"best": "sgld", "decision": {"best": "sgld", "reason": "sgld {...}, chosen ..., confirmed",
@@ -309,7 +309,7 @@ def test_the_report_says_per_generator_whether_to_boost():
 
 
 def test_the_tuning_answer_sits_beside_the_panels_verdict():
-    from cmboost.demo_report import answers_beside_verdict
+    from cmboost.demo.report import answers_beside_verdict
 
     votes = [{"generator": "CT 1-step", "method": "joint (SGLD)", "for": 2, "against": 0, "judges": 3},
              {"generator": "CD 1-step", "method": "joint (PGD)", "for": 0, "against": 1, "judges": 3}]
@@ -356,8 +356,8 @@ def test_the_levers_rule_needs_two_judges_the_controls_beaten_and_none_against()
 
 
 def test_the_full_report_shows_the_shipped_gain_map_and_counts_the_levers(tmp_path, monkeypatch):
-    import cmboost.demo as demo
-    from cmboost.demo_report import _gain_map_section
+    import cmboost.demo.run as demo
+    from cmboost.demo.report import _gain_map_section
     from cmboost.errors import UserInputError
 
     summary = demo.load_gain_map()

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 import cmboost
 from _edm_teacher import random_edm_teacher
-from cmboost.attacks import PGD
+from cmboost.jcd.attacks import PGD
 from cmboost.cli import main as cli_main
 from cmboost.cm.denoiser import EDM_PRECOND, SIGMA_DATA
-from cmboost.diagnostic import (JSON_NAME, PNG_NAME, REPORT_KEYS, DenoiserScore, DiagnoseSettings,
+from cmboost.diagnostic.measures import (JSON_NAME, PNG_NAME, REPORT_KEYS, DenoiserScore, DiagnoseSettings,
                               gradient_score_cosines, rank_auc, robust_accuracy, summary)
-from cmboost.jcd import log_prob_from_logits
-from cmboost.samples import save_samples
+from cmboost.jcd.model import log_prob_from_logits
+from cmboost.files.samples import save_samples
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
 JCD = ASSETS / "jcd-joint-w24.safetensors"
@@ -270,7 +270,7 @@ def test_an_existing_report_is_kept_without_overwrite(tmp_path, capsys):
 
 def test_a_do_not_boost_settings_file_is_diagnosed_with_its_choosing_halfs_candidate(tmp_path):
     """The diagnostic needs an edit to measure; a file whose choice was not confirmed still names one."""
-    from cmboost.diagnose_job import DiagnoseRun, boost_choices
+    from cmboost.diagnostic.diagnose import DiagnoseRun, boost_choices
 
     settings = json.loads((ASSETS / "tuned-ct1.json").read_text())
     settings.update(best="none", choice="pgd", decision={"best": "none", "reason": "pgd: not confirmed"})

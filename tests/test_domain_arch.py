@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 from cmboost.cli import main
-from cmboost.data import fashion_mnist
+from cmboost.files.datasets import fashion_mnist
 from cmboost.errors import UserInputError
-from cmboost.checkpoints import read_safetensors, weights_digest
+from cmboost.files.checkpoints import read_safetensors, weights_digest
 from cmboost.metrics.domain_net import (SHIPPED, DomainNet, DomainNetConfig, TrainSettings,
                                         config_for_data, load_domain_net, save_domain_net, train_domain_net)
 from cmboost.metrics.features import load_feature_extractor

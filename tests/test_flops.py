@@ -1,6 +1,6 @@
 import torch
 
-from cmboost.flops import booster_step_flops, count_flops
+from cmboost.demo.flops import booster_step_flops, count_flops
 
 
 def test_a_booster_step_counts_the_forward_and_the_backward_to_the_image_only():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cmboost.errors import OutputExistsError, UserInputError
-from cmboost.jcd import (IMAGENET_MEAN, IMAGENET_STD, JointModel, _infer_arch, build_joint_model,
+from cmboost.jcd.model import (IMAGENET_MEAN, IMAGENET_STD, JointModel, _infer_arch, build_joint_model,
                          load_joint_model, log_realness_from_logits, read_metadata, save_joint_model)
 
 
@@ -39,7 +39,7 @@ def test_scores_follow_their_definitions():
 
 
 def test_log_realness_is_stable_for_large_logits():
-    from cmboost.jcd import log_not_prob_from_logits, log_realness_from_logits
+    from cmboost.jcd.model import log_not_prob_from_logits, log_realness_from_logits
 
     logits = torch.tensor([[80.0, -80.0, 0.0]])
     y = torch.tensor([1])
@@ -184,7 +184,7 @@ def test_unreadable_and_missing_files(tmp_path):
 
 
 def test_resnet_small_width_round_trips_through_the_weights(tmp_path):
-    from cmboost.jcd import build_joint_model, load_joint_model, save_joint_model
+    from cmboost.jcd.model import build_joint_model, load_joint_model, save_joint_model
 
     wide = build_joint_model("resnet_small", 10, 1, 32, width=24)
     path = save_joint_model(wide, tmp_path / "wide.safetensors")

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 import cmboost
-from cmboost import jobs
-from cmboost.boost_job import boost_file
+from cmboost.jobs import job as jobs
+from cmboost.boosting.boost import boost_file
 from cmboost.cli import main as cli_main
 from cmboost.cm.sample import generate_samples
 from cmboost.errors import UserInputError
-from cmboost.jcd import load_joint_model
-from cmboost.samples import save_samples
+from cmboost.jcd.model import load_joint_model
+from cmboost.files.samples import save_samples
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
 JCD = ASSETS / "jcd-joint-w24.safetensors"
@@ -331,7 +331,7 @@ def test_removing_a_job_folder_keeps_what_cmboost_did_not_write(tmp_path):
 
 @pytest.fixture(scope="module")
 def judge_check_inputs():
-    from cmboost.data import load_dataset
+    from cmboost.files.datasets import load_dataset
     from cmboost.metrics.judge_check import CheckSettings
 
     real, _, _ = load_dataset("fmnist", "test", image_size=32)
@@ -394,7 +394,7 @@ def test_a_damaged_check_judges_row_is_named_with_its_file_and_key(tmp_path, mon
 def _foreign_state(path, meta):
     import torch
 
-    from cmboost.checkpoints import save_safetensors
+    from cmboost.files.checkpoints import save_safetensors
 
     save_safetensors(path, {"model.other.weight": torch.zeros(3, 3)},
                      {"format": jobs.STATE_FORMAT, "step": "1", "meta": json.dumps(meta)})
@@ -423,7 +423,7 @@ def test_a_training_state_without_its_meta_is_named_with_the_file_and_key(tmp_pa
 
 
 def test_a_damaged_demo_row_is_named_with_rows_json_and_its_key(tmp_path):
-    from cmboost.demo import METRICS, demo_row_problem
+    from cmboost.demo.run import METRICS, demo_row_problem
 
     good = {"judges": {"fmnist-allconv": {k: 1.0 for k in METRICS}}, "mean_l2_change": 0.0}
     out = tmp_path / "demo"

@@ -9,13 +9,13 @@ import torch
 
 from cmboost.cli import main
 from cmboost.cm.sample import generate_samples
-from cmboost.data import load_dataset
+from cmboost.files.datasets import load_dataset
 from cmboost.errors import UserInputError
 from cmboost.metrics.domain_net import load_domain_net
 from cmboost.metrics.features import DomainFeatures, load_feature_extractor
 from cmboost.metrics.judge_check import (CheckSettings, attacker_edit, check_judge, jpeg, ladders,
                                          make_transfer_edits, mix)
-from cmboost.samples import load_samples
+from cmboost.files.samples import load_samples
 from pathlib import Path
 
 import cmboost

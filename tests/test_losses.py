@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cmboost.errors import UserInputError
-from cmboost.losses import TRAINING_OBJECTIVES, REALNESS_KIND, TRAINS_DISCRIMINATOR, get_objective
+from cmboost.jcd.losses import TRAINING_OBJECTIVES, REALNESS_KIND, TRAINS_DISCRIMINATOR, get_objective
 
 REAL = [[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]
 Y_REAL = [0, 2]
@@ -120,8 +120,8 @@ def test_tables_and_names():
 def test_alignment_term_is_one_minus_the_cosine_and_trains_the_input_gradient():
     """The term equals weight * mean(1 - cos) of the input gradient it computes by hand, and a few Adam
     steps on it alone turn grad_x log p(y|x) of a small network toward a fixed target field."""
-    from cmboost.jcd import log_prob_from_logits
-    from cmboost.losses import GradientAlignment
+    from cmboost.jcd.model import log_prob_from_logits
+    from cmboost.jcd.losses import GradientAlignment
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
@@ -152,7 +152,7 @@ def test_alignment_term_is_one_minus_the_cosine_and_trains_the_input_gradient():
 def test_alignment_joins_the_objective_in_one_forward():
     """With an alignment batch, forward adds the term to the loss and leaves the objective's own terms as
     they are without it; the network is called once."""
-    from cmboost.losses import GradientAlignment
+    from cmboost.jcd.losses import GradientAlignment
 
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost.data import load_dataset
+from cmboost.files.datasets import load_dataset
 from cmboost.errors import UserInputError
 from cmboost.metrics.effnet import (EFFNET_FILE, EffNetLite0Features, EfficientNetLite0, load_effnet,
                                     resolve_effnet_weights)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from cmboost.cli import main
-from cmboost.data import fashion_mnist, pad_to
-from cmboost.samples import load_samples, save_samples
+from cmboost.files.datasets import fashion_mnist, pad_to
+from cmboost.files.samples import load_samples, save_samples
 from cmboost.errors import UserInputError
 from cmboost.metrics.domain_net import DomainNet, DomainNetConfig, save_domain_net
 from cmboost.metrics.evaluate import METRIC_KEYS, evaluate_file, evaluate_images
-from cmboost.samples import NpzSource
+from cmboost.files.samples import NpzSource
 from cmboost.metrics.features import FeatureExtractor, InceptionFeatures, load_feature_extractor
 from cmboost.metrics.reference import Reference, load_reference, reference_stats, save_reference
 from cmboost.metrics.stats import frechet_distance

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from cmboost.cli import main
-from cmboost.data import fashion_mnist
-from cmboost.samples import save_samples
+from cmboost.files.datasets import fashion_mnist
+from cmboost.files.samples import save_samples
 from cmboost.errors import UserInputError
 from cmboost.metrics.domain_net import DomainNet, DomainNetConfig, save_domain_net
 from cmboost.metrics.dinov2 import DINOV2_FILE, ViTConfig, random_dinov2
 from cmboost.metrics.evaluate import DC_KEYS, KID_KEYS, METRIC_KEYS, evaluate_images, extract_features
-from cmboost.samples import ArraySource
+from cmboost.files.samples import ArraySource
 from cmboost.metrics.features import DinoV2Features, load_feature_extractor
 from cmboost.metrics.ref_pickle import save_pickled_references
 from cmboost.metrics.reference import reference_stats

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from cmboost.data import fashion_mnist, pad_to
+from cmboost.files.datasets import fashion_mnist, pad_to
 from cmboost.errors import UserInputError
 from cmboost.metrics.domain_net import (DomainNetConfig, TrainSettings, load_domain_net, save_domain_net,
                                         train_domain_net, classify_accuracy)

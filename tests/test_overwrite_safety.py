@@ -15,7 +15,7 @@ import pytest
 
 import cmboost
 from cmboost.cli import main as cli_main
-from cmboost.samples import SAMPLES_MARKER, load_samples, save_samples
+from cmboost.files.samples import SAMPLES_MARKER, load_samples, save_samples
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
 JCD = ASSETS / "jcd-joint-w24.safetensors"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmboost.demo_report import frontier_series
+from cmboost.demo.report import frontier_series
 from cmboost.errors import OutputExistsError, UserInputError
-from cmboost.report import DIFFERENCE_GAIN, amplified_difference, image_grid, line_plot, save_before_after_grid, save_labelled_grid, save_png
+from cmboost.files.report import DIFFERENCE_GAIN, amplified_difference, image_grid, line_plot, save_before_after_grid, save_labelled_grid, save_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from _edm_teacher import random_edm_teacher
 from cmboost.cli import main as cli_main
-from cmboost.data import load_dataset
-from cmboost.samples import save_samples
+from cmboost.files.datasets import load_dataset
+from cmboost.files.samples import save_samples
 from cmboost.errors import UserInputError
-from cmboost.jcd import build_joint_model, load_joint_model, save_joint_model
-from cmboost.jcd_training import IndexStream, TrainConfig, gen_steps_at, rank_share, train_jcd
+from cmboost.jcd.model import build_joint_model, load_joint_model, save_joint_model
+from cmboost.jcd.training import IndexStream, TrainConfig, gen_steps_at, rank_share, train_jcd
 
 
 def degrade(x: torch.Tensor, seed: int) -> torch.Tensor:

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from cmboost.cli import main as cli_main
-from cmboost.controls import gaussian_blur
-from cmboost.data import load_dataset
-from cmboost.samples import save_samples, to_float, to_uint8
-from cmboost.demo import ASSETS
+from cmboost.boosting.controls import gaussian_blur
+from cmboost.files.datasets import load_dataset
+from cmboost.files.samples import save_samples, to_float, to_uint8
+from cmboost.demo.run import ASSETS
 from cmboost.errors import UserInputError
-from cmboost.jcd import build_joint_model, load_joint_model, save_joint_model
+from cmboost.jcd.model import build_joint_model, load_joint_model, save_joint_model
 from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.judges import REPORTING_JUDGES, TUNING_JUDGE, check_tuning_judge
 from cmboost.metrics.reference import reference_stats, save_reference
-from cmboost.tuning import BOOST_METHODS, tune
+from cmboost.tuning.choose import BOOST_METHODS, tune
 
 LEGACY_SETTINGS = Path(__file__).resolve().parent / "data" / "legacy-tuned-ct1.json"
 
@@ -66,7 +66,7 @@ def test_tune_writes_the_best_settings_with_the_tuning_judge_recorded(setup):
 def test_tune_resumes_after_an_interruption(setup, monkeypatch):
     root, judge, ref = setup
     model, classifier = models()
-    import cmboost.tuning as tune_module
+    import cmboost.tuning.choose as tune_module
 
     real_run = tune_module.run_method
     calls = {"n": 0}
@@ -156,10 +156,10 @@ def test_boost_settings_writes_the_images_tune_scored(many, monkeypatch, block):
     default block and with the 250 of the shipped files (PGD turns a last-bit difference between two
     blocks into other pixels)."""
     root, judge, ref = many
-    import cmboost.tuning as tune_module
+    import cmboost.tuning.choose as tune_module
     from cmboost.runtime import BLOCK_SIZE
-    from cmboost.samples import load_samples
-    from cmboost.tuning import TuneSettings, settings_block
+    from cmboost.files.samples import load_samples
+    from cmboost.tuning.choose import TuneSettings, settings_block
 
     assert TuneSettings().batch_size == BLOCK_SIZE  # one default for the compute block
     scored = {}
@@ -190,7 +190,7 @@ def test_boost_settings_writes_the_images_tune_scored(many, monkeypatch, block):
 def test_settings_files_without_a_recorded_block_boost_with_tunes_old_block(capsys):
     """Settings files written before tune recorded its block (tests/data/legacy-tuned-ct1.json, the
     shipped file of that time) were tuned with blocks of 250; the shipped files now record theirs."""
-    from cmboost.tuning import LEGACY_BLOCK, load_settings_file, settings_block
+    from cmboost.tuning.choose import LEGACY_BLOCK, load_settings_file, settings_block
 
     assert LEGACY_BLOCK == 250
     legacy = load_settings_file(LEGACY_SETTINGS)
@@ -267,7 +267,7 @@ def _expected_choice(saved: dict, names: list[str], drop: float, radius=None, al
 def test_a_committee_chooses_the_best_worst_case_and_records_every_judge(committee):
     from scipy.stats import spearmanr
 
-    from cmboost.tuning import format_table, tuning_judges
+    from cmboost.tuning.choose import format_table, tuning_judges
 
     root, folder, judges, refs, _ = committee
     model, classifier = models()
@@ -316,7 +316,7 @@ def test_one_judge_keeps_the_settings_file_layout(setup):
     mine = json.loads((root / "tuned.json").read_text())
     # the old layout, with the choosing half's winner and the confirmed answer after "best"
     assert list(mine) == list(shipped)[:2] + ["choice", "decision"] + list(shipped)[2:]
-    from cmboost.tuning import tuning_judges
+    from cmboost.tuning.choose import tuning_judges
 
     assert tuning_judges(shipped) == [shipped["judge"]]
     assert list(mine["fingerprint"]) == list(shipped["fingerprint"]) + ["batch_size", "halves"]
@@ -329,7 +329,7 @@ def test_one_judge_keeps_the_settings_file_layout(setup):
 
 
 def test_candidates_beyond_the_robust_radius_are_marked_and_not_chosen(committee):
-    from cmboost.tuning import format_table
+    from cmboost.tuning.choose import format_table
 
     root, folder, judges, refs, _ = committee
     model, classifier = models()
@@ -369,7 +369,7 @@ def test_candidates_beyond_the_robust_radius_are_marked_and_not_chosen(committee
 def test_a_committee_resumes_to_the_same_bytes_and_refuses_another_committees_progress(committee, monkeypatch):
     root, folder, judges, refs, _ = committee
     model, _ = models()
-    import cmboost.tuning as tune_module
+    import cmboost.tuning.choose as tune_module
 
     grid = GRID[:3]
     tune(root / "val.npz", model, refs[:2], judges[:2], folder / "straight.json", grid=grid, progress=False)
@@ -491,7 +491,7 @@ class _no_raise:
 def test_spearman_handles_ties_and_says_when_it_is_undefined():
     from scipy.stats import spearmanr
 
-    from cmboost.tuning import spearman
+    from cmboost.tuning.choose import spearman
 
     a, b = [1.0, 2.0, 2.0, 5.0, 3.0], [2.0, 1.0, 4.0, 4.0, 9.0]
     assert spearman(a, b) == pytest.approx(spearmanr(a, b)[0])
@@ -500,7 +500,7 @@ def test_spearman_handles_ties_and_says_when_it_is_undefined():
 
 
 def test_sgld_is_beyond_the_radius_by_its_measured_edit():
-    from cmboost.tuning import beyond_radius
+    from cmboost.tuning.choose import beyond_radius
 
     assert beyond_radius("sgld", {"steps": 15, "step": 1.0}, 1.5, mean_l2_change=3.8)
     assert not beyond_radius("sgld", {"steps": 15, "step": 0.01}, 1.5, mean_l2_change=0.2)
@@ -530,7 +530,7 @@ def answers(setup):
 
 
 def test_real_images_get_do_not_boost_with_the_reason_and_both_halves_numbers(answers, setup):
-    from cmboost.tuning import format_table
+    from cmboost.tuning.choose import format_table
 
     root, _, _ = setup
     real = json.loads((root / "answer-real-test.json").read_text())
@@ -559,7 +559,7 @@ def test_a_gain_beyond_the_noise_is_chosen_and_confirmed(answers):
 
 def test_boost_with_a_do_not_boost_file_writes_the_images_unchanged(answers, setup, tmp_path, capsys):
     from cmboost import api
-    from cmboost.samples import load_samples
+    from cmboost.files.samples import load_samples
 
     root, _, _ = setup
     settings, samples = root / "answer-real-test.json", root / "real-test.npz"

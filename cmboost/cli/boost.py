@@ -10,7 +10,7 @@ from cmboost.cli.common import (BLOCK_HELP, PART_HELP, add_output_flags, add_run
 
 def hyper_from_args(args: argparse.Namespace) -> dict:
     """The hyperparameter flags given on the command line (each checked against the method later)."""
-    from cmboost.boost_config import FLAGS
+    from cmboost.boosting.config import FLAGS
 
     hyper = {}
     for name in FLAGS:
@@ -24,14 +24,14 @@ def hyper_from_args(args: argparse.Namespace) -> dict:
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.boost_job import BoostRun
+    from cmboost.boosting.boost import BoostRun
 
     return record_from_args(BoostRun, args, {"hyper": hyper_from_args(args), "grid": not args.no_grid,
                                              "progress": True})
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.boost_job import boost, resolve_boost, unchanged_reason
+    from cmboost.boosting.boost import boost, resolve_boost, unchanged_reason
     from cmboost.runtime import print0
 
     record = record_from(args)
@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.boost_config import (BIGROC_STEP_FACTOR, METHODS, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS,
+    from cmboost.boosting.config import (BIGROC_STEP_FACTOR, METHODS, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS,
                                       BIGRoCBoost, PGDBoost, SGLDBoost)
-    from cmboost.boost_job import DEFAULT_METHOD, BoostRun
+    from cmboost.boosting.boost import DEFAULT_METHOD, BoostRun
     from cmboost.records import field_default
     from cmboost.runtime import BLOCK_SIZE
 

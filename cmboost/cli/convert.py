@@ -9,7 +9,7 @@ from cmboost.cli.common import add_output_flags
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from cmboost.samples import convert_samples
+    from cmboost.files.samples import convert_samples
 
     images, labels = convert_samples(args.samples, args.out, args.overwrite)
     n_labels = "no labels" if labels is None else f"labels {labels.min()}..{labels.max()}"
@@ -18,7 +18,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from cmboost.data import export_data
+    from cmboost.files.datasets import export_data
 
     path = export_data(args.data, args.split, args.out, args.start, args.stop, args.image_size, args.data_dir,
                        args.overwrite)

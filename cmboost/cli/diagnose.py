@@ -27,8 +27,8 @@ def parse_generators(specs: list[str]) -> list[tuple[str, str]]:
 
 def record_from(args: argparse.Namespace):
     from cmboost.cli.boost import hyper_from_args
-    from cmboost.diagnose_job import DiagnoseRun
-    from cmboost.diagnostic import DiagnoseSettings
+    from cmboost.diagnostic.diagnose import DiagnoseRun
+    from cmboost.diagnostic.measures import DiagnoseSettings
 
     numbers = record_from_args(DiagnoseSettings, args, {})  # bad numbers fail before anything is read
     return record_from_args(DiagnoseRun, args, {"samples": tuple(parse_generators(args.samples)),
@@ -37,18 +37,18 @@ def record_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.diagnose_job import diagnose_files
+    from cmboost.diagnostic.diagnose import diagnose_files
 
     diagnose_files(record_from(args))
     return 0
 
 
 def add_parser(verbs) -> None:
-    from cmboost.data import FMNIST_HELD_OUT_START
-    from cmboost.boost_config import METHODS, PGD_SCORES, REALNESS_KINDS
-    from cmboost.boost_config import PGD_STEP_FACTOR
-    from cmboost.diagnose_job import DiagnoseRun
-    from cmboost.diagnostic import JSON_NAME, PNG_NAME, DiagnoseSettings
+    from cmboost.files.datasets import FMNIST_HELD_OUT_START
+    from cmboost.boosting.config import METHODS, PGD_SCORES, REALNESS_KINDS
+    from cmboost.boosting.config import PGD_STEP_FACTOR
+    from cmboost.diagnostic.diagnose import DiagnoseRun
+    from cmboost.diagnostic.measures import JSON_NAME, PNG_NAME, DiagnoseSettings
     from cmboost.records import field_default
 
     p = verbs.add_parser(

@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_samples(args: argparse.Namespace) -> int:
-    from cmboost.atomic import refuse_existing
+    from cmboost.files.atomic import refuse_existing
     from cmboost.metrics.evaluate import evaluate_source, format_table, write_json
-    from cmboost.samples import open_samples
+    from cmboost.files.samples import open_samples
     from cmboost.metrics.reference import load_references
     from cmboost.runtime import dist_info
 

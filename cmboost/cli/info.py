@@ -29,7 +29,7 @@ def collect_info(data_dir: str | None = None) -> dict:
     import torch
     import torchvision
 
-    from cmboost.data import fashion_mnist, find_fashion_mnist
+    from cmboost.files.datasets import fashion_mnist, find_fashion_mnist
     from cmboost.errors import UserInputError
     from cmboost.runtime import resolve_device, resolve_precision
 
@@ -66,7 +66,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from cmboost.data import download_fashion_mnist
+    from cmboost.files.datasets import download_fashion_mnist
 
     folder = download_fashion_mnist(args.dest, base_url=args.url)
     print(f"Fashion-MNIST in {folder}")

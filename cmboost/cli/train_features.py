@@ -15,14 +15,14 @@ UNFLAGGED = ("weight_decay", "warmup_steps", "max_shift")
 
 def record_from(args: argparse.Namespace):
     from cmboost.metrics.domain_net import TrainSettings
-    from cmboost.feature_training import FeatureTraining
+    from cmboost.metrics.train_features import FeatureTraining
 
     settings = record_from_args(TrainSettings, args, {}, keep_defaults=UNFLAGGED)
     return record_from_args(FeatureTraining, args, {"settings": settings})
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.feature_training import train_features
+    from cmboost.metrics.train_features import train_features
 
     train_features(record_from(args))
     return 0
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(verbs) -> None:
     from cmboost.metrics.domain_net import ARCHS, TrainSettings
-    from cmboost.feature_training import FeatureTraining
+    from cmboost.metrics.train_features import FeatureTraining
 
     p = verbs.add_parser("train-features",
                          help="train a domain feature network (FID/IS/PR features for small datasets) on a "

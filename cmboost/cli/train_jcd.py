@@ -1,6 +1,6 @@
 """`cmboost train-jcd`: adversarial training of the joint classifier-discriminator.
 
-A thin layer over cmboost.jcd_training.train_jcd; the defaults are TrainConfig's, the released hyperparameters.
+A thin layer over cmboost.jcd.training.train_jcd; the defaults are TrainConfig's, the released hyperparameters.
 Works under torchrun (DDP; gloo on CPU, nccl on GPU). Rerunning the same command resumes.
 """
 
@@ -17,7 +17,7 @@ CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 
 def config_from_args(args: argparse.Namespace):
     """The one TrainConfig of this run, checked as it is built: bad values fail before any file is read."""
-    from cmboost.train_jcd_config import TrainConfig
+    from cmboost.jcd.config import TrainConfig
 
     return record_from_args(TrainConfig, args, {
         "generated": list(args.generated or []), "betas": tuple(args.betas), "milestones": tuple(args.milestones),
@@ -25,18 +25,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.jcd_training import train_jcd
+    from cmboost.jcd.training import train_jcd
 
     train_jcd(config_from_args(args))
     return 0
 
 
 def add_parser(verbs) -> None:
-    from cmboost.attacks import NORMS
-    from cmboost.jcd import ARCHS, SMALL_WIDTH
-    from cmboost.losses import TRAINING_OBJECTIVES
+    from cmboost.jcd.attacks import NORMS
+    from cmboost.jcd.model import ARCHS, SMALL_WIDTH
+    from cmboost.jcd.losses import TRAINING_OBJECTIVES
     from cmboost.records import field_default
-    from cmboost.train_jcd_config import ATTACK_MODES, FLAGS, TrainConfig
+    from cmboost.jcd.config import ATTACK_MODES, FLAGS, TrainConfig
 
     p = verbs.add_parser(
         "train-jcd", help="adversarially train the joint classifier-discriminator",

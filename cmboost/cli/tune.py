@@ -18,8 +18,8 @@ def split_list(value: str, flag: str) -> list[str]:
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.tune_job import TuneRun
-    from cmboost.tuning import TuneSettings
+    from cmboost.tuning.tune import TuneRun
+    from cmboost.tuning.choose import TuneSettings
 
     names = tuple(split_list(args.judge, "--judge"))
     refs = tuple(ref for value in args.ref for ref in split_list(value, "--ref"))
@@ -30,8 +30,8 @@ def record_from(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from cmboost.runtime import print0
-    from cmboost.tune_job import tune_files
-    from cmboost.tuning import format_table
+    from cmboost.tuning.tune import tune_files
+    from cmboost.tuning.choose import format_table
 
     record = record_from(args)
     settings = tune_files(record)
@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.tune_job import TuneRun
+    from cmboost.tuning.tune import TuneRun
     from cmboost.records import field_default
-    from cmboost.tuning import CRITERIA, TuneSettings
+    from cmboost.tuning.choose import CRITERIA, TuneSettings
 
     p = verbs.add_parser(
         "tune", help="choose the boosting method and settings with a tuning judge",

@@ -1,6 +1,6 @@
 """Consistency-model checkpoints: OpenAI's .pt files, ours (cmboost checkpoints), diffusers.
 
-Ours: a cmboost checkpoint (cmboost/checkpoints.py, format "cm") holding the (EMA) UNet weights;
+Ours: a cmboost checkpoint (cmboost/files/checkpoints.py, format "cm") holding the (EMA) UNet weights;
 its config is {"kind": "cd"|"ct"|"edm", "unet": {UNetModel kwargs}, "precond": {sigma_data,
 sigma_min, sigma_max, boundary}, "sampler": {"ts": [...], "N": n}, "image_size", "in_channels",
 "num_classes"} and its info how it was trained, so `cmboost sample` needs only the file.
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from cmboost.checkpoints import (Checkpoint, check_fits, find_state_dict, read_checkpoint, save_checkpoint,
+from cmboost.files.checkpoints import (Checkpoint, check_fits, find_state_dict, read_checkpoint, save_checkpoint,
                                  torch_load)
 from cmboost.cm.denoiser import DEFAULT_TS, KINDS, Preconditioning, precond_for_kind
 from cmboost.cm.unet import IMAGENET64_CONFIG, UNetModel
 from cmboost.errors import UserInputError
 
-FORMAT, FORMAT_VERSION = "cm", 2  # version 1: the single "cmboost" JSON header before cmboost.checkpoints
+FORMAT, FORMAT_VERSION = "cm", 2  # version 1: the single "cmboost" JSON header before cmboost.files.checkpoints
 OPENAI_HINT = ("the OpenAI ImageNet-64 checkpoints (cd_imagenet64_l2.pt, cd_imagenet64_lpips.pt, ct_imagenet64.pt) "
                "are linked from the README of github.com/openai/consistency_models "
                "(https://openaipublic.blob.core.windows.net/consistency/<name>.pt)")

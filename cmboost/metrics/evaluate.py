@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_open
+from cmboost.files.atomic import atomic_open
 from cmboost.errors import UserInputError
 from cmboost.metrics.extract import extract_features
 from cmboost.metrics.feature_nets import extractors_for, fd_results, reference_for
@@ -25,7 +25,7 @@ from cmboost.records import FEATURE_PRECISION
 from cmboost.metrics.reference import Reference, load_references
 from cmboost.metrics.stats import ReferenceStatistics, frechet_distance, inception_score
 from cmboost.runtime import dist_info
-from cmboost.samples import ArraySource, ImageSource, open_samples
+from cmboost.files.samples import ArraySource, ImageSource, open_samples
 
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
 KID_KEYS = ("kid", "kid_std")  # unbiased KID and its std over subsets; they follow METRIC_KEYS in every result
@@ -191,7 +191,7 @@ def format_table(result: dict) -> str:
 
 def write_json(path: str | os.PathLike, result: dict, overwrite: bool = False) -> Path:
     """Atomic JSON write (no NaN: missing metrics are null with a note)."""
-    from cmboost.atomic import refuse_existing
+    from cmboost.files.atomic import refuse_existing
 
     path = Path(path)
     refuse_existing(path, overwrite)

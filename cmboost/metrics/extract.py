@@ -12,7 +12,7 @@ from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor
 from cmboost.metrics.stats import RunningStats
 from cmboost.runtime import dist_info, gather, in_cpu_chunks
-from cmboost.samples import ImageSource
+from cmboost.files.samples import ImageSource
 
 
 @dataclasses.dataclass

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from cmboost.atomic import atomic_open
-from cmboost.checkpoints import torch_load, weights_digest
+from cmboost.files.atomic import atomic_open
+from cmboost.files.checkpoints import torch_load, weights_digest
 from cmboost.errors import UserInputError
 from cmboost.metrics.extractor import FeatureExtractor, check_resizable  # noqa: F401 (the registry's base)
 from cmboost.metrics.judges import DEFAULT_FEATURES

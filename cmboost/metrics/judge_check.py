@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmboost.boost_config import step_length
-from cmboost.controls import gaussian_blur, move_to_norm, random_perturbation
+from cmboost.boosting.config import step_length
+from cmboost.boosting.controls import gaussian_blur, move_to_norm, random_perturbation
 from cmboost.errors import UserInputError
-from cmboost.jobs import Job
+from cmboost.jobs.job import Job
 from cmboost.metrics.stats import ReferenceStatistics, feature_statistics
 from cmboost.runtime import in_cpu_chunks, randn_per_sample, sample_generators
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmboost.atomic import atomic_open
+from cmboost.files.atomic import atomic_open
 from cmboost.errors import UserInputError
 from cmboost.records import param_default
 from cmboost.metrics.ref_pickle import DINOV2_KEY, INCEPTION_KEY, pickled_statistics, read_pickle
@@ -178,7 +178,7 @@ def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = Fa
     """Atomic .npz write in the layout described above (images stored NHWC, like OpenAI's). `compact`
     stores the covariances in float32 and the features in float16, half the size or less (for files
     that ship in the package); they are read back as float64 and float32 all the same."""
-    from cmboost.atomic import refuse_existing
+    from cmboost.files.atomic import refuse_existing
 
     path = Path(path)
     refuse_existing(path, overwrite)
@@ -214,7 +214,7 @@ def reference_stats(images_u8, extractor, batch_size: int = 256, num_features: i
     (a FeatureExtractor or a spec like "fmnist"/"inception"): mu/sigma (and mu_s/sigma_s) over all
     images, plus the images and pool features of up to `num_features` of them for precision/recall."""
     from cmboost.metrics.extract import extract_features
-    from cmboost.samples import ArraySource, ImageSource
+    from cmboost.files.samples import ArraySource, ImageSource
     from cmboost.metrics.features import load_feature_extractor
 
     extractor = load_feature_extractor(extractor)
@@ -302,12 +302,12 @@ def make_reference_file(data: str, split: str, out: str | os.PathLike, extractor
     """`cmboost evaluate-ref`: the statistics of a dataset split written to `out`, cmboost's .npz (the
     first network, with the features of `num_features` images for precision/recall) or an EDM2-style
     .pkl (mu and sigma per network). Returns a summary on rank 0, None on the other ranks."""
-    from cmboost.atomic import refuse_existing
-    from cmboost.data import load_dataset
+    from cmboost.files.atomic import refuse_existing
+    from cmboost.files.datasets import load_dataset
     from cmboost.metrics.evaluate import extract_features
     from cmboost.metrics.ref_pickle import save_pickled_references
     from cmboost.runtime import dist_info
-    from cmboost.samples import ArraySource
+    from cmboost.files.samples import ArraySource
 
     kind = check_reference_request(out, len(extractors), num_features)
     refuse_existing(out, overwrite)

@@ -5,7 +5,7 @@ generated for. PGD pushes the real images towards "fake" (L2, eps 1, 2 steps of 
 start) and the generated ones towards "real" (L2, eps 100, 5 steps of 0.1, one more step every
 1000 iterations); then one forward on cat(x_adv, xh_adv) gives the objective's loss, and Adam
 (lr 1e-5, MultiStepLR x0.1 at 4000, gradient-norm clip 1.0) takes a step. The values an
-attack maximises come from the objective (see cmboost.losses).
+attack maximises come from the objective (see cmboost.jcd.losses).
 
 Everything random is a function of (seed, step, sample position), so a run resumes exactly and
 DDP under torchrun gives the same updates as one process with the same global batch: the global
@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.attacks import PGD
-from cmboost.diagnostic import load_teacher_score
-from cmboost.samples import to_float
+from cmboost.jcd.attacks import PGD
+from cmboost.diagnostic.measures import load_teacher_score
+from cmboost.files.samples import to_float
 from cmboost.errors import UserInputError
-from cmboost.jobs import MODEL_FILE, Job, module_tensors, optimizer_tensors
-from cmboost.jcd import (build_joint_model, load_joint_model, log_realness_from_logits,
+from cmboost.jobs.job import MODEL_FILE, Job, module_tensors, optimizer_tensors
+from cmboost.jcd.model import (build_joint_model, load_joint_model, log_realness_from_logits,
                          save_joint_model)
-from cmboost.losses import GradientAlignment, get_objective
-from cmboost.train_jcd_config import TrainConfig, load_training_data
+from cmboost.jcd.losses import GradientAlignment, get_objective
+from cmboost.jcd.config import TrainConfig, load_training_data
 from cmboost.runtime import (autocast, barrier, init_distributed, print0, resolve_device, resolve_precision,
                              all_finite, on_every_rank, sample_generators, seed_sequence)
 

@@ -35,14 +35,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_write_text
-from cmboost.boosting import boost_with
-from cmboost.boost_config import hyper_in_file, json_kind, json_text, make_hyper
-from cmboost.controls import UnsharpControl, l2_change, unsharp_mask
-from cmboost.samples import load_samples, to_float, to_uint8
-from cmboost.atomic import refuse_existing
+from cmboost.files.atomic import atomic_write_text
+from cmboost.boosting.methods import boost_with
+from cmboost.boosting.config import hyper_in_file, json_kind, json_text, make_hyper
+from cmboost.boosting.controls import UnsharpControl, l2_change, unsharp_mask
+from cmboost.files.samples import load_samples, to_float, to_uint8
+from cmboost.files.atomic import refuse_existing
 from cmboost.errors import UserInputError
-from cmboost.jobs import ROWS_FILE, Job, job_dir
+from cmboost.jobs.job import ROWS_FILE, Job, job_dir
 from cmboost.metrics.stats import feature_statistics
 from cmboost.records import check_above, check_at_least, check_choice, check_finite, field_default
 from cmboost.runtime import BLOCK_SIZE
@@ -322,8 +322,8 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     (vs the unboosted samples, per judge) of FID and KID across the committee is lowest, among those
     that keep recall under every judge; each judge's metrics of every candidate are recorded, with
     the judges' agreement on the ranking (`ranking_agreement`)."""
-    from cmboost.boost_job import check_fits_model
-    from cmboost.checkpoints import weights_digest
+    from cmboost.boosting.boost import check_fits_model
+    from cmboost.files.checkpoints import weights_digest
     from cmboost.metrics.judges import check_tuning_committee
 
     choice = TuneSettings(criterion, max_recall_drop, batch_size, robust_radius, allow_beyond_radius)

@@ -32,15 +32,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_write_text, refuse_existing, refuse_unsafe_output
-from cmboost.attacks import PGD
-from cmboost.boosting import boost_with, frozen
-from cmboost.boost_config import DEFAULT_REALNESS, PGD_STEP_FACTOR, step_length
+from cmboost.files.atomic import atomic_write_text, refuse_existing, refuse_unsafe_output
+from cmboost.jcd.attacks import PGD
+from cmboost.boosting.methods import boost_with, frozen
+from cmboost.boosting.config import DEFAULT_REALNESS, PGD_STEP_FACTOR, step_length
 from cmboost.errors import UserInputError
-from cmboost.jcd import log_prob_from_logits, realness_from_logits
+from cmboost.jcd.model import log_prob_from_logits, realness_from_logits
 from cmboost.records import check_at_least, check_finite, check_seed, flag_of, shown
 from cmboost.runtime import BLOCK_SIZE, autocast
-from cmboost.samples import to_float, to_uint8
+from cmboost.files.samples import to_float, to_uint8
 
 FORMAT = "cmboost.diagnose/1"
 JSON_NAME, PNG_NAME = "diagnose.json", "pag.png"
@@ -270,7 +270,7 @@ def pag_targets(model, starts: torch.Tensor, num_classes: int, eps: float, steps
 def pag_grid(starts: torch.Tensor, targeted: torch.Tensor) -> np.ndarray:
     """One row per start: the start, then its image pushed toward class 0, 1, ..., K-1 (uint8 HW or HWC),
     upscaled so that single pixels show as squares."""
-    from cmboost.report import auto_scale, image_grid, upscale
+    from cmboost.files.report import auto_scale, image_grid, upscale
 
     rows, k = targeted.shape[:2]
     tiles = torch.cat([starts[:, None], targeted], dim=1).flatten(0, 1)
@@ -448,7 +448,7 @@ def _json_safe(value):
 
 def write_diagnosis(out_dir: str | os.PathLike, report: dict, grid: np.ndarray, overwrite: bool = False) -> tuple[Path, Path]:
     """pag.png, then diagnose.json (last: its presence means both are whole). Each atomic."""
-    from cmboost.report import save_png
+    from cmboost.files.report import save_png
 
     json_path, png_path = output_paths(out_dir)
     check_outputs(out_dir, overwrite)

@@ -57,9 +57,9 @@ def train_features(run: FeatureTraining) -> Path:
     from its job folder (`<out>.job`)."""
     import torch
 
-    from cmboost.atomic import refuse_existing, refuse_output_inside_inputs
-    from cmboost.data import evaluation_split, load_dataset
-    from cmboost.jobs import check_job_folder, job_dir, remove_job_folder
+    from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
+    from cmboost.files.datasets import evaluation_split, load_dataset
+    from cmboost.jobs.job import check_job_folder, job_dir, remove_job_folder
     from cmboost.metrics.domain_net import classify_accuracy, config_for_data, save_domain_net, train_domain_net
     from cmboost.runtime import resolve_device, resolve_precision
 

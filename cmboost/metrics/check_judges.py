@@ -96,12 +96,12 @@ def check_judges(run: JudgeCheckRun) -> dict:
     run takes the judges it finished from its job folder (`<out>.job`)."""
     import torch
 
-    from cmboost.atomic import atomic_write_text, refuse_existing, refuse_output_inside_inputs
-    from cmboost.data import load_dataset
-    from cmboost.jobs import check_job_folder, job_dir, remove_job_folder
+    from cmboost.files.atomic import atomic_write_text, refuse_existing, refuse_output_inside_inputs
+    from cmboost.files.datasets import load_dataset
+    from cmboost.jobs.job import check_job_folder, job_dir, remove_job_folder
     from cmboost.metrics.judge_check import format_table, run_judge_check
     from cmboost.runtime import resolve_device
-    from cmboost.samples import load_samples
+    from cmboost.files.samples import load_samples
 
     refuse_existing(run.out, run.overwrite)
     check_job_folder(job_dir(run.out))  # one cmboost did not make is refused before any work

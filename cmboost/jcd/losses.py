@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cmboost.errors import UserInputError
-from cmboost.jcd import log_not_prob_from_logits, log_prob_from_logits
+from cmboost.jcd.model import log_not_prob_from_logits, log_prob_from_logits
 
 # Which realness reading each objective trains: boost with the matching one. "ce" trains a
 # classifier only (no discriminator); its natural score is the classifier's p(y|x).
@@ -208,7 +208,7 @@ class AlignmentBatch:
 
 class GradientAlignment:
     """The alignment term's fixed parts: a score s(x, sigma, y) in the network's [0, 1] pixels (for
-    example cmboost.diagnostic.DenoiserScore of an EDM teacher), the noise level and the weight."""
+    example cmboost.diagnostic.measures.DenoiserScore of an EDM teacher), the noise level and the weight."""
 
     def __init__(self, score, sigma: float, weight: float):
         self.score, self.sigma, self.weight = score, float(sigma), float(weight)

@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_open, check_writable, refuse_output_inside_inputs, refuse_unsafe_output
+from cmboost.files.atomic import atomic_open, check_writable, refuse_output_inside_inputs, refuse_unsafe_output
 from cmboost.errors import OutputExistsError, UserInputError
 
 __all__ = ["to_float", "to_uint8", "check_samples", "load_samples", "map_samples", "open_samples",

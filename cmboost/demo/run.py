@@ -27,27 +27,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.atomic import atomic_write_text
-from cmboost.boost_config import PGDBoost, make_hyper
-from cmboost.boost_job import trained_radius
+from cmboost.files.atomic import atomic_write_text
+from cmboost.boosting.config import PGDBoost, make_hyper
+from cmboost.boosting.boost import trained_radius
 from cmboost.cm.checkpoint import load_model as load_cm_model
 from cmboost.cm.sample import generate_samples
-from cmboost.controls import gaussian_blur, l2_change, random_perturbation
-from cmboost.data import FMNIST_HELD_OUT_START, load_dataset
-from cmboost.samples import load_samples, to_float, to_uint8
-from cmboost.demo_report import (paired_changes, panel_verdicts, plot_frontier, render_markdown, summarise,
+from cmboost.boosting.controls import gaussian_blur, l2_change, random_perturbation
+from cmboost.files.datasets import FMNIST_HELD_OUT_START, load_dataset
+from cmboost.files.samples import load_samples, to_float, to_uint8
+from cmboost.demo.report import (paired_changes, panel_verdicts, plot_frontier, render_markdown, summarise,
                                   summarise_check, verdicts)
 from cmboost.errors import UserInputError
-from cmboost.flops import booster_step_flops, generator_step_flops
-from cmboost.jobs import Job
-from cmboost.jcd import load_joint_model, read_metadata
+from cmboost.demo.flops import booster_step_flops, generator_step_flops
+from cmboost.jobs.job import Job
+from cmboost.jcd.model import load_joint_model, read_metadata
 from cmboost.metrics.judge_check import attacker_edit, passing
 from cmboost.metrics.judges import JUDGES, REPORTING_JUDGES, describe
 from cmboost.records import field_default
-from cmboost.report import require_matplotlib, save_labelled_grid
-from cmboost.tuning import load_settings_file, run_method, settings_block, tuned_hyper, tuning_judges
+from cmboost.files.report import require_matplotlib, save_labelled_grid
+from cmboost.tuning.choose import load_settings_file, run_method, settings_block, tuned_hyper, tuning_judges
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "fmnist"
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "fmnist"
 SETTINGS_FILE = ASSETS / "demo.json"
 JUDGE_CHECK_FILE = ASSETS / "judges.json"  # `cmboost check-judges` on the candidates (recipes/fmnist.sh)
 REFERENCE_FILE = "ref-test-{judge}.npz"  # the test split's statistics per judge (recipes/fmnist.sh demo-refs)

@@ -31,7 +31,7 @@ from typing import Mapping
 
 import torch
 
-from cmboost.atomic import atomic_open
+from cmboost.files.atomic import atomic_open
 from cmboost.errors import OutputExistsError, UserInputError
 
 FORMAT_KEY, VERSION_KEY, CONFIG_KEY, INFO_KEY = "cmboost.format", "cmboost.version", "cmboost.config", "cmboost.info"

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.boosting import boost_with, mean_realness, predicted_labels
-from cmboost.boost_config import as_record
-from cmboost.samples import load_samples, map_samples, to_float, to_uint8
-from cmboost.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
-from cmboost.atomic import refuse_existing, refuse_output_inside_inputs
+from cmboost.boosting.methods import boost_with, mean_realness, predicted_labels
+from cmboost.boosting.config import as_record
+from cmboost.files.samples import load_samples, map_samples, to_float, to_uint8
+from cmboost.files.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
+from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
 from cmboost.errors import UserInputError
-from cmboost.jobs import file_digest, refuse_finished, run_parts
+from cmboost.jobs.job import file_digest, refuse_finished, run_parts
 from cmboost.records import check_seed
 from cmboost.runtime import (BLOCK_SIZE, deterministic_kernels, dist_info, init_distributed, resolve_device,
                              resolve_precision)
@@ -56,7 +56,7 @@ def trained_realness_kind(model_path: str | os.PathLike) -> str | None:
     """The reading of realness a train-jcd network was trained with (in its metadata), if recorded."""
     if not str(model_path).endswith(".safetensors"):
         return None
-    from cmboost.jcd import read_metadata
+    from cmboost.jcd.model import read_metadata
 
     return read_metadata(model_path).get("extra", {}).get("realness_kind")
 
@@ -67,7 +67,7 @@ def trained_radius(model_path: str | os.PathLike) -> float | None:
     (`cmboost diagnose` measures how robust it is there)."""
     if not str(model_path).endswith(".safetensors"):
         return None
-    from cmboost.jcd import read_metadata
+    from cmboost.jcd.model import read_metadata
 
     trained = read_metadata(model_path).get("extra", {}).get("train_jcd", {})
     if trained.get("attack_norm") != "l2" or not trained.get("real_eps"):
@@ -128,7 +128,7 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
         path = run_parts(out, len(images), batch_size, process, config, may_change=("batch_size",),
                          overwrite=overwrite, progress=progress, desc=f"boost {method}", block_size=block_size)
     if grid and dist_info().is_main:
-        from cmboost.report import save_before_after_grid
+        from cmboost.files.report import save_before_after_grid
 
         save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"), overwrite=overwrite)
     return path
@@ -199,7 +199,7 @@ class ResolvedBoost:
 def given_hyper(method: str, given: dict, seed: int) -> dict:
     """The hyperparameters given explicitly for `method` (one the method lacks is an error naming its
     flag), with the run's seed for SGLD's noise."""
-    from cmboost.boost_config import FLAGS, METHODS
+    from cmboost.boosting.config import FLAGS, METHODS
 
     fields = {f.name for f in dataclasses.fields(METHODS[method])}
     for name in given:
@@ -211,14 +211,14 @@ def given_hyper(method: str, given: dict, seed: int) -> dict:
 def resolve_boost(run: BoostRun) -> ResolvedBoost:
     """The method, its checked hyperparameters and the loaded network of `run`; bad values fail
     before the network is loaded, and an existing output before it is read."""
-    from cmboost.boost_config import METHODS, make_hyper
-    from cmboost.jcd import load_joint_model
+    from cmboost.boosting.config import METHODS, make_hyper
+    from cmboost.jcd.model import load_joint_model
 
     hyper, method, block_size, settings = dict(run.hyper), run.method, run.block_size, None
     if method is not None and method not in METHODS:
         raise UserInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if run.settings:
-        from cmboost.tuning import load_settings_file, settings_block, tuned_hyper
+        from cmboost.tuning.choose import load_settings_file, settings_block, tuned_hyper
 
         settings = load_settings_file(run.settings)
         method, tuned = tuned_hyper(settings, method, run.settings)
@@ -241,7 +241,7 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
     model = load_joint_model(run.model, arch=run.arch)
     other_network = None
     if settings is not None:  # the weights as loaded: torch.compile renames them
-        from cmboost.tuning import check_settings_network
+        from cmboost.tuning.choose import check_settings_network
 
         other_network = check_settings_network(settings, run.settings, run.model, weights_digest(model),
                                                run.allow_other_network)
@@ -262,7 +262,7 @@ def unchanged_reason(run: BoostRun) -> str | None:
     --method overrides it; None when it boosts."""
     if not run.settings or run.method is not None:
         return None
-    from cmboost.tuning import do_not_boost, load_settings_file
+    from cmboost.tuning.choose import do_not_boost, load_settings_file
 
     return do_not_boost(load_settings_file(run.settings))
 
@@ -288,7 +288,7 @@ def copy_unchanged(run: BoostRun, reason: str) -> Path:
     """The samples written to run.out as they are (the same image and label bytes), with one line
     that says why: the settings file's answer was "do not boost"."""
     from cmboost.runtime import print0
-    from cmboost.samples import save_samples
+    from cmboost.files.samples import save_samples
 
     refuse_finished(run.out, run.overwrite)
     refuse_output_inside_inputs(run.out, [("the samples", run.samples)])

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmboost.atomic import atomic_write_bytes
+from cmboost.files.atomic import atomic_write_bytes
 from cmboost.errors import UserInputError
-from cmboost.samples import npy_member, open_zip, read_member
+from cmboost.files.samples import npy_member, open_zip, read_member
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
@@ -286,7 +286,7 @@ def load_dataset(spec: str, split: str = "train", data_dir: str | os.PathLike | 
 def export_data(spec: str, split: str, out: str, start: int = 0, stop: int | None = None,
                 image_size: int | None = None, data_dir: str | None = None, overwrite: bool = False):
     """Writes images [start, stop) of a dataset split as an OpenAI-layout sample file."""
-    from cmboost.samples import check_sample_output, save_samples
+    from cmboost.files.samples import check_sample_output, save_samples
 
     check_sample_output(out, overwrite)
     # Fashion-MNIST is padded after slicing: only the images written are padded (and counted against memory).

@@ -7,14 +7,14 @@ import dataclasses
 import numpy as np
 import torch
 
-from cmboost.attacks import NORMS
-from cmboost.data import load_dataset
+from cmboost.jcd.attacks import NORMS
+from cmboost.files.datasets import load_dataset
 from cmboost.errors import UserInputError
-from cmboost.jcd import ARCHS
-from cmboost.losses import TRAINING_OBJECTIVES
+from cmboost.jcd.model import ARCHS
+from cmboost.jcd.losses import TRAINING_OBJECTIVES
 from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
                              shown)
-from cmboost.samples import load_samples
+from cmboost.files.samples import load_samples
 
 ATTACK_MODES = ("eval", "train")
 # The flags whose name is not --field-name; every message names the flag.
@@ -57,7 +57,7 @@ class TrainConfig:
     gen_steps_every: int = 1000            # one more generated-attack step every N iterations; 0: never
     gen_max_steps: int | None = None
     attack_mode: str = "eval"              # model mode during attacks: "eval" or "train"
-    # The gradient-alignment term (cmboost.losses.GradientAlignment): off without a teacher.
+    # The gradient-alignment term (cmboost.jcd.losses.GradientAlignment): off without a teacher.
     align_teacher: str | None = None       # an EDM teacher .safetensors (train-cm --mode edm): its score is the target
     align_weight: float = 1.0              # weight of mean(1 - cos(grad_x log p(y|x), score))
     align_sigma: float = 0.5               # the score's noise level, in the teacher's [-1, 1] units

@@ -7,7 +7,7 @@
 Inputs are images in [0, 1], NCHW; the mean/std normalisation lives inside the model so
 attacks and boosting work in pixel space.
 
-Checkpoints: our own format is a cmboost checkpoint (cmboost/checkpoints.py, format "jcd") holding
+Checkpoints: our own format is a cmboost checkpoint (cmboost/files/checkpoints.py, format "jcd") holding
 the backbone's state_dict (torchvision key names) with the model config, enough to rebuild the
 model from the file alone. `load_joint_model` also imports the released checkpoints (keys under
 `model.` + `dummy`), robustness-library checkpoints (`module.model.*`, `module.attacker.model.*`,
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cmboost.boost_config import REALNESS_KINDS
-from cmboost.checkpoints import (check_fits, describe_keys, find_state_dict, read_checkpoint, save_checkpoint,
+from cmboost.boosting.config import REALNESS_KINDS
+from cmboost.files.checkpoints import (check_fits, describe_keys, find_state_dict, read_checkpoint, save_checkpoint,
                                  strip_layout, torch_load)
 from cmboost.errors import UserInputError
 
@@ -34,7 +34,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # resnet_small is trained from scratch on [0, 1] images: centre them on 0.5.
 SMALL_MEAN, SMALL_STD = 0.5, 0.5
-FORMAT, FORMAT_VERSION = "jcd", 2  # version 1: the header before cmboost.checkpoints
+FORMAT, FORMAT_VERSION = "jcd", 2  # version 1: the header before cmboost.files.checkpoints
 
 
 # ----------------------------------------------------------------------------- logits -> scores

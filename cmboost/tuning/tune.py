@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from cmboost.atomic import refuse_existing, refuse_output_inside_inputs
+from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
 from cmboost.errors import UserInputError
 from cmboost.metrics.judges import TUNING_JUDGE
-from cmboost.tuning import TuneSettings, check_classifier, check_grid, check_radius, read_grid, tune
+from cmboost.tuning.choose import TuneSettings, check_classifier, check_grid, check_radius, read_grid, tune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class TuneRun:
 
     def resolved_choice(self) -> tuple[TuneSettings, str | None]:
         """How the winner is chosen, with the robust radius resolved, and where that radius came from."""
-        from cmboost.boost_job import trained_radius
+        from cmboost.boosting.boost import trained_radius
 
         choice, radius_from = self.choice, "--robust-radius" if self.choice.robust_radius is not None else None
         if radius_from is None and Path(self.model).is_file():
@@ -60,9 +60,9 @@ class TuneRun:
 
 def tune_files(run: TuneRun) -> dict:
     """Tunes from files (the settings file is written to run.out and returned); a rerun resumes."""
-    from cmboost.boost_job import resolve_threshold, trained_realness_kind
-    from cmboost.boost_config import DEFAULT_REALNESS
-    from cmboost.jcd import load_joint_model
+    from cmboost.boosting.boost import resolve_threshold, trained_realness_kind
+    from cmboost.boosting.config import DEFAULT_REALNESS
+    from cmboost.jcd.model import load_joint_model
     from cmboost.metrics.features import load_feature_extractor
     from cmboost.metrics.reference import load_reference
     from cmboost.runtime import resolve_device, resolve_precision
