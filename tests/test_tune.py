@@ -15,7 +15,8 @@ from cmboost.demo.run import ASSETS
 from cmboost.errors import UserInputError
 from cmboost.jcd.model import build_joint_model, load_joint_model, save_joint_model
 from cmboost.metrics.features import load_feature_extractor
-from cmboost.metrics.judges import REPORTING_JUDGES, TUNING_JUDGE, check_tuning_judge
+from cmboost.metrics.judges import REPORTING_JUDGES, TUNING_JUDGE
+from cmboost.metrics.separation import check_tuning_judge
 from cmboost.metrics.reference import reference_stats, save_reference
 from cmboost.tuning.choose import BOOST_METHODS, tune
 
@@ -97,9 +98,9 @@ def test_reporting_judges_are_refused_by_name_and_by_weights(setup, monkeypatch)
         impostor = type("J", (), {"name": name, "identity": "x", "device": torch.device("cpu")})()
         with pytest.raises(UserInputError, match="reporting judge"):
             check_tuning_judge(impostor)
-    import cmboost.metrics.judges as judges
+    import cmboost.metrics.separation as separation
 
-    monkeypatch.setattr(judges, "reporting_identities", lambda device="cpu": {judge.identity: "fmnist-allconv"})
+    monkeypatch.setattr(separation, "reporting_identities", lambda device="cpu": {judge.identity: "fmnist-allconv"})
     with pytest.raises(UserInputError, match="same weights as the reporting judge fmnist-allconv"):
         check_tuning_judge(judge)
 

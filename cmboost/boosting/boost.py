@@ -19,6 +19,12 @@ from cmboost.jobs.job import file_digest, refuse_finished, run_parts
 from cmboost.records import check_seed
 from cmboost.runtime import (BLOCK_SIZE, deterministic_kernels, dist_info, init_distributed, resolve_device,
                              resolve_precision)
+from cmboost.boosting.config import FLAGS, METHODS, make_hyper
+from cmboost.files.report import save_before_after_grid
+from cmboost.files.samples import save_samples
+from cmboost.jcd.model import load_joint_model, read_metadata
+from cmboost.runtime import print0
+from cmboost.tuning.choose import check_settings_network, do_not_boost, load_settings_file, settings_block, tuned_hyper
 
 
 def check_fits_model(images: np.ndarray, labels: np.ndarray | None, model, source: str) -> None:
@@ -56,7 +62,6 @@ def trained_realness_kind(model_path: str | os.PathLike) -> str | None:
     """The reading of realness a train-jcd network was trained with (in its metadata), if recorded."""
     if not str(model_path).endswith(".safetensors"):
         return None
-    from cmboost.jcd.model import read_metadata
 
     return read_metadata(model_path).get("extra", {}).get("realness_kind")
 
@@ -67,7 +72,6 @@ def trained_radius(model_path: str | os.PathLike) -> float | None:
     (`cmboost diagnose` measures how robust it is there)."""
     if not str(model_path).endswith(".safetensors"):
         return None
-    from cmboost.jcd.model import read_metadata
 
     trained = read_metadata(model_path).get("extra", {}).get("train_jcd", {})
     if trained.get("attack_norm") != "l2" or not trained.get("real_eps"):
@@ -128,7 +132,6 @@ def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method
         path = run_parts(out, len(images), batch_size, process, config, may_change=("batch_size",),
                          overwrite=overwrite, progress=progress, desc=f"boost {method}", block_size=block_size)
     if grid and dist_info().is_main:
-        from cmboost.files.report import save_before_after_grid
 
         save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"), overwrite=overwrite)
     return path
@@ -199,7 +202,6 @@ class ResolvedBoost:
 def given_hyper(method: str, given: dict, seed: int) -> dict:
     """The hyperparameters given explicitly for `method` (one the method lacks is an error naming its
     flag), with the run's seed for SGLD's noise."""
-    from cmboost.boosting.config import FLAGS, METHODS
 
     fields = {f.name for f in dataclasses.fields(METHODS[method])}
     for name in given:
@@ -211,14 +213,11 @@ def given_hyper(method: str, given: dict, seed: int) -> dict:
 def resolve_boost(run: BoostRun) -> ResolvedBoost:
     """The method, its checked hyperparameters and the loaded network of `run`; bad values fail
     before the network is loaded, and an existing output before it is read."""
-    from cmboost.boosting.config import METHODS, make_hyper
-    from cmboost.jcd.model import load_joint_model
 
     hyper, method, block_size, settings = dict(run.hyper), run.method, run.block_size, None
     if method is not None and method not in METHODS:
         raise UserInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if run.settings:
-        from cmboost.tuning.choose import load_settings_file, settings_block, tuned_hyper
 
         settings = load_settings_file(run.settings)
         method, tuned = tuned_hyper(settings, method, run.settings)
@@ -241,7 +240,6 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
     model = load_joint_model(run.model, arch=run.arch)
     other_network = None
     if settings is not None:  # the weights as loaded: torch.compile renames them
-        from cmboost.tuning.choose import check_settings_network
 
         other_network = check_settings_network(settings, run.settings, run.model, weights_digest(model),
                                                run.allow_other_network)
@@ -262,7 +260,6 @@ def unchanged_reason(run: BoostRun) -> str | None:
     --method overrides it; None when it boosts."""
     if not run.settings or run.method is not None:
         return None
-    from cmboost.tuning.choose import do_not_boost, load_settings_file
 
     return do_not_boost(load_settings_file(run.settings))
 
@@ -275,7 +272,6 @@ def boost(run: BoostRun) -> Path:
         return copy_unchanged(run, reason)
     resolved = resolve_boost(run)
     if resolved.other_network is not None:
-        from cmboost.runtime import print0
 
         print0(f"{resolved.other_network}; used all the same (--allow-other-network)")
     return boost_file(run.samples, resolved.model, run.out, resolved.method, resolved.record,
@@ -287,8 +283,6 @@ def boost(run: BoostRun) -> Path:
 def copy_unchanged(run: BoostRun, reason: str) -> Path:
     """The samples written to run.out as they are (the same image and label bytes), with one line
     that says why: the settings file's answer was "do not boost"."""
-    from cmboost.runtime import print0
-    from cmboost.files.samples import save_samples
 
     refuse_finished(run.out, run.overwrite)
     refuse_output_inside_inputs(run.out, [("the samples", run.samples)])

@@ -7,10 +7,13 @@ import json
 
 from cmboost.cli.common import (BLOCK_HELP, PART_HELP, add_output_flags, add_runtime_flags, record_from_args,
                                 set_record_defaults)
+from cmboost.boosting.boost import BoostRun, DEFAULT_METHOD, boost, resolve_boost, unchanged_reason
+from cmboost.boosting.config import BIGROC_STEP_FACTOR, BIGRoCBoost, FLAGS, METHODS, PGDBoost, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS, SGLDBoost
+from cmboost.records import field_default
+from cmboost.runtime import BLOCK_SIZE, print0
 
 def hyper_from_args(args: argparse.Namespace) -> dict:
     """The hyperparameter flags given on the command line (each checked against the method later)."""
-    from cmboost.boosting.config import FLAGS
 
     hyper = {}
     for name in FLAGS:
@@ -24,15 +27,12 @@ def hyper_from_args(args: argparse.Namespace) -> dict:
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.boosting.boost import BoostRun
 
     return record_from_args(BoostRun, args, {"hyper": hyper_from_args(args), "grid": not args.no_grid,
                                              "progress": True})
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.boosting.boost import boost, resolve_boost, unchanged_reason
-    from cmboost.runtime import print0
 
     record = record_from(args)
     if args.dry_run:
@@ -47,11 +47,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.boosting.config import (BIGROC_STEP_FACTOR, METHODS, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS,
-                                      BIGRoCBoost, PGDBoost, SGLDBoost)
-    from cmboost.boosting.boost import DEFAULT_METHOD, BoostRun
-    from cmboost.records import field_default
-    from cmboost.runtime import BLOCK_SIZE
 
     p = verbs.add_parser("boost", help="refine generated samples with the joint classifier-discriminator",
                          description="Refine samples (.npz, OpenAI layout) with PGD (paper), SGLD (release) "

@@ -6,11 +6,12 @@ import argparse
 import functools
 
 from cmboost.cli.common import add_field_flag, add_output_flags, record_from_args
+from cmboost.metrics.check_judges import JudgeCheckRun, check_judges
+from cmboost.metrics.judge_check import CheckSettings
+from cmboost.records import field_default
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.metrics.judge_check import CheckSettings
-    from cmboost.metrics.check_judges import JudgeCheckRun
 
     settings = CheckSettings(seed=args.seed, bootstrap=args.bootstrap)
     judges = tuple(j.strip() for j in args.judges.split(",") if j.strip())
@@ -18,7 +19,6 @@ def record_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.metrics.check_judges import check_judges
 
     record = record_from(args)
     check_judges(record)
@@ -27,9 +27,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.metrics.judge_check import CheckSettings
-    from cmboost.metrics.check_judges import JudgeCheckRun
-    from cmboost.records import field_default
 
     p = verbs.add_parser(
         "check-judges", help="validate candidate judges: a degradation ladder and an adversarial-transfer test",

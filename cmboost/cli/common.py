@@ -7,6 +7,11 @@ import dataclasses
 from typing import Iterable
 
 from cmboost.records import FEATURE_PRECISION, field_default, shown
+from cmboost.errors import UserInputError
+from cmboost.metrics.feature_nets import extractors_for
+from cmboost.metrics.judges import DEFAULT_FEATURES
+from cmboost.records import SEED_LIMIT
+from cmboost.runtime import init_distributed, resolve_device
 
 # Help texts show %(default)s, not a number of their own: a verb's set_defaults (from its record)
 # then shows in --help as well.
@@ -69,7 +74,6 @@ def add_output_flags(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 def add_feature_flags(p: argparse.ArgumentParser) -> None:
     """--features and the weights files, threads, progress and the runtime flags, shared with evaluate-ref."""
-    from cmboost.metrics.judges import DEFAULT_FEATURES
 
     p.add_argument("--features", default=DEFAULT_FEATURES,
                    help="feature network(s), comma-separated, the first one for FID/sFID/IS/PR/KID/density/"
@@ -90,7 +94,6 @@ def add_feature_flags(p: argparse.ArgumentParser) -> None:
 
 def check_feature_flags(args: argparse.Namespace) -> None:
     """The number flags of add_feature_flags that no record checks (evaluate has none)."""
-    from cmboost.errors import UserInputError
 
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size {args.batch_size}: must be >= 1")
@@ -101,8 +104,6 @@ def check_feature_flags(args: argparse.Namespace) -> None:
 
 def check_seed_flag(args: argparse.Namespace) -> None:
     """--seed in [0, 2^63), the seeds every stream takes, for the verbs whose record does not check it."""
-    from cmboost.errors import UserInputError
-    from cmboost.records import SEED_LIMIT
 
     if not 0 <= args.seed < SEED_LIMIT:
         raise UserInputError(f"--seed {args.seed}: must be in [0, 2^63)")
@@ -110,8 +111,6 @@ def check_seed_flag(args: argparse.Namespace) -> None:
 
 def extractors(args) -> list:
     """The feature extractors of --features (comma-separated), on --device, set up for torchrun."""
-    from cmboost.metrics.feature_nets import extractors_for
-    from cmboost.runtime import init_distributed, resolve_device
 
     device = resolve_device(args.device)
     init_distributed(device)
@@ -120,7 +119,6 @@ def extractors(args) -> list:
 
 def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
     """A comma-separated list of integers given to `flag`, None when the flag is absent."""
-    from cmboost.errors import UserInputError
 
     if text is None:
         return None

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 
 from cmboost.cli.common import add_output_flags
+from cmboost.files.datasets import export_data
+from cmboost.files.samples import convert_samples
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from cmboost.files.samples import convert_samples
 
     images, labels = convert_samples(args.samples, args.out, args.overwrite)
     n_labels = "no labels" if labels is None else f"labels {labels.min()}..{labels.max()}"
@@ -18,7 +19,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from cmboost.files.datasets import export_data
 
     path = export_data(args.data, args.split, args.out, args.start, args.stop, args.image_size, args.data_dir,
                        args.overwrite)

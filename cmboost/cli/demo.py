@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from cmboost.demo.run import DemoOptions, run_demo
+from cmboost.records import field_default
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.demo.run import DemoOptions, run_demo
 
     run_demo(DemoOptions(out_dir=args.out_dir, quick=args.quick, full=args.full, device=args.device, threads=args.threads,
                          overwrite=args.overwrite, progress=not args.quiet))
@@ -20,8 +21,6 @@ def add_parser(verbs) -> None:
                                      "baseline; unsharp-mask and norm-matched random controls), and reports FID and "
                                      "KID +- std with reporting judges that took no part in the tuning. Writes "
                                      "OUT_DIR/report.md, report.json, labelled grids and the compute-frontier plot.")
-    from cmboost.demo.run import DemoOptions
-    from cmboost.records import field_default
 
     p.add_argument("--out-dir", default=field_default(DemoOptions, "out_dir"), help="where the report, grids, plot "
                    "and the cache of finished rows go (default: %(default)s)")

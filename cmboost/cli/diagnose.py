@@ -6,11 +6,17 @@ import argparse
 from pathlib import Path
 
 from cmboost.cli.common import add_device_flags, add_field_flag, record_from_args, set_record_defaults
+from cmboost.boosting.config import METHODS, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS
+from cmboost.cli.boost import hyper_from_args
+from cmboost.diagnostic.diagnose import DiagnoseRun, diagnose_files
+from cmboost.diagnostic.measures import DiagnoseSettings, JSON_NAME, PNG_NAME
+from cmboost.errors import UserInputError
+from cmboost.files.datasets import FMNIST_HELD_OUT_START
+from cmboost.records import field_default
 
 
 def parse_generators(specs: list[str]) -> list[tuple[str, str]]:
     """--samples NAME=PATH or PATH (named by the file's stem): (name, path) pairs, names unique."""
-    from cmboost.errors import UserInputError
 
     pairs = []
     for spec in specs:
@@ -26,9 +32,6 @@ def parse_generators(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.cli.boost import hyper_from_args
-    from cmboost.diagnostic.diagnose import DiagnoseRun
-    from cmboost.diagnostic.measures import DiagnoseSettings
 
     numbers = record_from_args(DiagnoseSettings, args, {})  # bad numbers fail before anything is read
     return record_from_args(DiagnoseRun, args, {"samples": tuple(parse_generators(args.samples)),
@@ -37,19 +40,12 @@ def record_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.diagnostic.diagnose import diagnose_files
 
     diagnose_files(record_from(args))
     return 0
 
 
 def add_parser(verbs) -> None:
-    from cmboost.files.datasets import FMNIST_HELD_OUT_START
-    from cmboost.boosting.config import METHODS, PGD_SCORES, REALNESS_KINDS
-    from cmboost.boosting.config import PGD_STEP_FACTOR
-    from cmboost.diagnostic.diagnose import DiagnoseRun
-    from cmboost.diagnostic.measures import JSON_NAME, PNG_NAME, DiagnoseSettings
-    from cmboost.records import field_default
 
     p = verbs.add_parser(
         "diagnose", help="judge-free diagnostics of a joint network: robustness, realness AUC, score alignment, PAGs",

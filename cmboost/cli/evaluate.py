@@ -10,6 +10,12 @@ import sys
 from cmboost.cli.common import add_feature_flags, check_feature_flags, extractors
 from cmboost.cli.evaluate_ref import add_reference_flags
 from cmboost.errors import UserInputError
+from cmboost.cli.evaluate_ref import run_reference
+from cmboost.files.atomic import refuse_existing
+from cmboost.files.samples import open_samples
+from cmboost.metrics.evaluate import evaluate_source, format_table, write_json
+from cmboost.metrics.reference import load_references
+from cmboost.runtime import dist_info
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,18 +25,12 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     if args.samples == "ref":
-        from cmboost.cli.evaluate_ref import run_reference
 
         return run_reference(args)
     return run_samples(args)
 
 
 def run_samples(args: argparse.Namespace) -> int:
-    from cmboost.files.atomic import refuse_existing
-    from cmboost.metrics.evaluate import evaluate_source, format_table, write_json
-    from cmboost.files.samples import open_samples
-    from cmboost.metrics.reference import load_references
-    from cmboost.runtime import dist_info
 
     if not args.ref:
         raise UserInputError("--ref REF.npz is required (make one with 'cmboost evaluate-ref')")

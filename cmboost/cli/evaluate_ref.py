@@ -9,6 +9,8 @@ import json
 from cmboost.cli.common import check_feature_flags
 from cmboost.errors import UserInputError
 from cmboost.records import param_default
+from cmboost.cli.common import add_feature_flags, extractors
+from cmboost.metrics.reference import check_reference_request, make_reference_file, reference_stats
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,8 +23,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_reference(args: argparse.Namespace) -> int:
-    from cmboost.cli.common import extractors
-    from cmboost.metrics.reference import check_reference_request, make_reference_file
 
     if args.data is None or args.out is None:
         raise UserInputError("'cmboost evaluate-ref' needs --data SPEC and --out REF.npz or REF.pkl")
@@ -37,7 +37,6 @@ def run_reference(args: argparse.Namespace) -> int:
 def add_reference_flags(p: argparse.ArgumentParser, hidden: bool) -> None:
     """--data, --split, --data-dir, --num-features and --out; `hidden` for the old spelling
     'cmboost evaluate ref ...', whose parser reads them but documents none."""
-    from cmboost.metrics.reference import reference_stats
 
     def text(help: str):
         return argparse.SUPPRESS if hidden else help
@@ -52,7 +51,6 @@ def add_reference_flags(p: argparse.ArgumentParser, hidden: bool) -> None:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.cli.common import add_feature_flags
 
     p = verbs.add_parser(
         "evaluate-ref", help="reference statistics of a dataset (.npz, or EDM2-style .pkl) for 'cmboost evaluate'",

@@ -8,6 +8,9 @@ import platform
 from pathlib import Path
 
 from cmboost import __version__
+from cmboost.errors import UserInputError
+from cmboost.files.datasets import download_fashion_mnist, fashion_mnist, find_fashion_mnist
+from cmboost.runtime import resolve_device, resolve_precision
 
 
 def weights_dirs() -> list[Path]:
@@ -29,9 +32,6 @@ def collect_info(data_dir: str | None = None) -> dict:
     import torch
     import torchvision
 
-    from cmboost.files.datasets import fashion_mnist, find_fashion_mnist
-    from cmboost.errors import UserInputError
-    from cmboost.runtime import resolve_device, resolve_precision
 
     device = resolve_device(None)
     info = {
@@ -56,7 +56,6 @@ def collect_info(data_dir: str | None = None) -> dict:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from cmboost.errors import UserInputError
 
     if args.data_dir is not None and not Path(args.data_dir).is_dir():  # a typo is an error, not another copy
         raise UserInputError(f"--data-dir {args.data_dir}: no such folder")
@@ -66,7 +65,6 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from cmboost.files.datasets import download_fashion_mnist
 
     folder = download_fashion_mnist(args.dest, base_url=args.url)
     print(f"Fashion-MNIST in {folder}")

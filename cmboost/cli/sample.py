@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_field_flag, add_output_flags, add_runtime_flags, set_record_defaults
+from cmboost.cli.common import parse_int_list
+from cmboost.cm.denoiser import KINDS
+from cmboost.cm.sample import CM_DEFAULT_STEPS, EDM_DEFAULT_STEPS, SampleSettings, generate_samples
+from cmboost.runtime import print0
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.cli.common import parse_int_list
-    from cmboost.cm.sample import generate_samples
-    from cmboost.runtime import print0
 
     out = generate_samples(args.model, args.out, args.num, steps=args.steps, seed=args.seed,
                            ts=parse_int_list(args.ts, "--ts"), num_levels=args.N,
@@ -22,8 +23,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.cm.denoiser import KINDS
-    from cmboost.cm.sample import CM_DEFAULT_STEPS, EDM_DEFAULT_STEPS, SampleSettings
 
     p = verbs.add_parser(
         "sample", help="draw samples from a consistency model into an OpenAI-format .npz",

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+from cmboost.cli.common import add_field_flag, add_runtime_flags, parse_int_list, record_from_args, set_record_defaults
+from cmboost.cm.losses import DISTANCES
+from cmboost.cm.training import LoopSettings, MODES, TrainSettings, UNetShape, mode_default, train_cm
+from cmboost.records import field_default
 
 # Flags whose value is a comma-separated list of integers (a tuple in UNetShape).
 LIST_FLAGS = ("channel_mult", "attention_resolutions")
@@ -17,9 +21,6 @@ UNFLAGGED = ("p_mean", "p_std", "init_from_teacher", "ct_p_mean", "ct_p_std")
 
 
 def shape_from_args(args: argparse.Namespace):
-    from cmboost.cli.common import record_from_args
-    from cmboost.cli.common import parse_int_list
-    from cmboost.cm.training import UNetShape
 
     lists = {name: parse_int_list(getattr(args, name), "--" + name.replace("_", "-")) for name in LIST_FLAGS}
     return record_from_args(UNetShape, args, lists)
@@ -28,8 +29,6 @@ def shape_from_args(args: argparse.Namespace):
 def settings_from_args(args: argparse.Namespace):
     """TrainSettings of the flags, its `unet` still empty: the data, read later, gives the image size,
     channels and classes (and a CD or ECT run takes its UNet from the teacher)."""
-    from cmboost.cli.common import record_from_args
-    from cmboost.cm.training import TrainSettings, mode_default
 
     return record_from_args(TrainSettings, args, {
         "unet": {},
@@ -39,8 +38,6 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.cli.common import record_from_args
-    from cmboost.cm.training import LoopSettings, train_cm
 
     shape, settings = shape_from_args(args), settings_from_args(args)
     loop = record_from_args(LoopSettings, args, {})  # bad numbers fail before the data is read
@@ -50,10 +47,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.cli.common import add_field_flag, add_runtime_flags, set_record_defaults
-    from cmboost.cm.losses import DISTANCES
-    from cmboost.cm.training import MODES, LoopSettings, TrainSettings, UNetShape, mode_default
-    from cmboost.records import field_default
 
     p = verbs.add_parser(
         "train-cm", help="train an EDM teacher (edm), or a consistency model by distillation (cd), training (ct) "

@@ -8,29 +8,26 @@ import functools
 from cmboost.cli.common import (add_device_flags, add_field_flag, add_output_flags, record_from_args,
                                 set_record_defaults)
 from cmboost.records import field_default
+from cmboost.metrics.domain_net import ARCHS, TrainSettings
+from cmboost.metrics.train_features import FeatureTraining, train_features
 
 # TrainSettings fields that no flag sets.
 UNFLAGGED = ("weight_decay", "warmup_steps", "max_shift")
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.metrics.domain_net import TrainSettings
-    from cmboost.metrics.train_features import FeatureTraining
 
     settings = record_from_args(TrainSettings, args, {}, keep_defaults=UNFLAGGED)
     return record_from_args(FeatureTraining, args, {"settings": settings})
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.metrics.train_features import train_features
 
     train_features(record_from(args))
     return 0
 
 
 def add_parser(verbs) -> None:
-    from cmboost.metrics.domain_net import ARCHS, TrainSettings
-    from cmboost.metrics.train_features import FeatureTraining
 
     p = verbs.add_parser("train-features",
                          help="train a domain feature network (FID/IS/PR features for small datasets) on a "

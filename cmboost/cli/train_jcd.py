@@ -10,6 +10,12 @@ import argparse
 import functools
 
 from cmboost.cli.common import add_field_flag, add_runtime_flags, record_from_args, set_record_defaults
+from cmboost.jcd.attacks import NORMS
+from cmboost.jcd.config import ATTACK_MODES, FLAGS, TrainConfig
+from cmboost.jcd.losses import TRAINING_OBJECTIVES
+from cmboost.jcd.model import ARCHS, SMALL_WIDTH
+from cmboost.jcd.training import train_jcd
+from cmboost.records import field_default
 
 # --channels-last spells TrainConfig.channels_last's None/True/False as words.
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
@@ -17,7 +23,6 @@ CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 
 def config_from_args(args: argparse.Namespace):
     """The one TrainConfig of this run, checked as it is built: bad values fail before any file is read."""
-    from cmboost.jcd.config import TrainConfig
 
     return record_from_args(TrainConfig, args, {
         "generated": list(args.generated or []), "betas": tuple(args.betas), "milestones": tuple(args.milestones),
@@ -25,18 +30,12 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.jcd.training import train_jcd
 
     train_jcd(config_from_args(args))
     return 0
 
 
 def add_parser(verbs) -> None:
-    from cmboost.jcd.attacks import NORMS
-    from cmboost.jcd.model import ARCHS, SMALL_WIDTH
-    from cmboost.jcd.losses import TRAINING_OBJECTIVES
-    from cmboost.records import field_default
-    from cmboost.jcd.config import ATTACK_MODES, FLAGS, TrainConfig
 
     p = verbs.add_parser(
         "train-jcd", help="adversarially train the joint classifier-discriminator",

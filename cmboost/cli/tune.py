@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 
 from cmboost.cli.common import add_device_flags, add_field_flag, record_from_args, set_record_defaults
+from cmboost.errors import UserInputError
+from cmboost.records import field_default
+from cmboost.runtime import print0
+from cmboost.tuning.choose import CRITERIA, TuneSettings, format_table
+from cmboost.tuning.tune import TuneRun, tune_files
 
 
 def split_list(value: str, flag: str) -> list[str]:
     """A comma-separated flag value as its items, or one line naming the flag when one is empty."""
-    from cmboost.errors import UserInputError
 
     items = [item.strip() for item in str(value).split(",")]
     if not all(items):
@@ -18,8 +22,6 @@ def split_list(value: str, flag: str) -> list[str]:
 
 
 def record_from(args: argparse.Namespace):
-    from cmboost.tuning.tune import TuneRun
-    from cmboost.tuning.choose import TuneSettings
 
     names = tuple(split_list(args.judge, "--judge"))
     refs = tuple(ref for value in args.ref for ref in split_list(value, "--ref"))
@@ -29,9 +31,6 @@ def record_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmboost.runtime import print0
-    from cmboost.tuning.tune import tune_files
-    from cmboost.tuning.choose import format_table
 
     record = record_from(args)
     settings = tune_files(record)
@@ -42,9 +41,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-    from cmboost.tuning.tune import TuneRun
-    from cmboost.records import field_default
-    from cmboost.tuning.choose import CRITERIA, TuneSettings
 
     p = verbs.add_parser(
         "tune", help="choose the boosting method and settings with a tuning judge",

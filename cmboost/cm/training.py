@@ -36,6 +36,8 @@ from cmboost.jobs.job import MODEL_FILE, Job, module_tensors, optimizer_tensors
 from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
                              field_default, flag_of)
 from cmboost.runtime import DistInfo, all_finite, autocast, barrier, dist_info, on_every_rank, print0, sample_seed
+from cmboost.files.datasets import load_dataset
+from cmboost.runtime import init_distributed, resolve_device, resolve_precision
 
 MODES = ("edm", "cd", "ct", "ect")
 # Fashion-MNIST's 28x28 images are zero-padded to 32x32: the UNet halves the size at each level.
@@ -457,8 +459,6 @@ def train_cm(settings: TrainSettings, run_dir: str | os.PathLike, shape: UNetSha
     """`cmboost train-cm`: reads the train split of `settings.data` (Fashion-MNIST zero-padded to FMNIST_SIZE), completes
     `settings.unet` from the data and `shape` (a CD or ECT run takes its UNet from the teacher), and
     trains in `run_dir` (resuming it)."""
-    from cmboost.files.datasets import load_dataset
-    from cmboost.runtime import init_distributed, resolve_device, resolve_precision
 
     device = resolve_device(device)
     precision = resolve_precision(precision, device)

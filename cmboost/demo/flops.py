@@ -11,6 +11,7 @@ import copy
 from typing import Callable
 
 import torch
+from cmboost.cm.sample import choose_sampler, sample_batch
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -24,7 +25,6 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 def generator_step_flops(loaded) -> int:
     """One network evaluation of a consistency model (cm.checkpoint.LoadedModel) on one image."""
-    from cmboost.cm.sample import choose_sampler, sample_batch
 
     choice = choose_sampler(loaded, 1)
     return count_flops(lambda: sample_batch(loaded, choice, [0], seed=0, device=torch.device("cpu")))

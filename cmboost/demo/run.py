@@ -46,6 +46,11 @@ from cmboost.metrics.judges import JUDGES, REPORTING_JUDGES, describe
 from cmboost.records import field_default
 from cmboost.files.report import require_matplotlib, save_labelled_grid
 from cmboost.tuning.choose import load_settings_file, run_method, settings_block, tuned_hyper, tuning_judges
+from cmboost.metrics.domain_net import load_domain_net
+from cmboost.metrics.evaluate import evaluate_images
+from cmboost.metrics.features import load_feature_extractor
+from cmboost.metrics.reference import load_reference, reference_stats, save_reference
+from cmboost.runtime import resolve_device
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "fmnist"
 SETTINGS_FILE = ASSETS / "demo.json"
@@ -188,7 +193,6 @@ def load_gain_map() -> dict | None:
 def load_shipped_reference(name: str, judge):
     """The recipe's statistics of the whole test split under judge `name` (stage demo-refs), checked
     against the judge's weights."""
-    from cmboost.metrics.reference import load_reference
 
     path = ASSETS / REFERENCE_FILE.format(judge=name)
     if not path.is_file():
@@ -204,8 +208,6 @@ def write_shipped_references(judge_names, out_dir: str | os.PathLike = ASSETS, n
     """The statistics the standard demo reads (recipes/fmnist.sh stage demo-refs): for each judge, mu and
     sigma of all 10000 test images padded to 32x32, and the features of `num_features` of them for
     KID and precision/recall, stored compactly."""
-    from cmboost.metrics.features import load_feature_extractor
-    from cmboost.metrics.reference import reference_stats, save_reference
 
     test_images, _, _ = load_dataset("fmnist", "test", image_size=32)
     written = []
@@ -255,7 +257,6 @@ def _finished(options: DemoOptions, report_path: Path) -> dict | None:
 def run_demo(options: DemoOptions = DemoOptions()) -> dict:
     """Runs the whole demo and returns the report (also written to out_dir). The out_dir is a
     `jobs.Job`: each finished row is cached there, so an interrupted demo resumes."""
-    from cmboost.runtime import resolve_device
 
     started = time.perf_counter()
     settings = load_settings()
@@ -299,8 +300,6 @@ class _Demo:
     """One demo run: its judges, networks and tuned settings, and the rows it measures."""
 
     def __init__(self, settings: dict, options: DemoOptions, device: torch.device):
-        from cmboost.metrics.domain_net import load_domain_net
-        from cmboost.metrics.features import load_feature_extractor
 
         self.settings, self.options, self.device = settings, options, device
         self.mode = settings[options.mode]
@@ -353,7 +352,6 @@ class _Demo:
     # -- inputs
     def reference(self, name: str):
         """A judge's test-split statistics, on first use: a resumed demo whose rows are all cached needs none."""
-        from cmboost.metrics.reference import reference_stats
 
         if name not in self.references:
             if self.mode["reference_images"] == "shipped":
@@ -424,7 +422,6 @@ class _Demo:
 
     def judge_all(self, images, bootstrap: int = 0) -> dict:
         """Every judge's METRICS of the images, and with `bootstrap` > 0 their resampled FID and KID."""
-        from cmboost.metrics.evaluate import evaluate_images
 
         results = {name: evaluate_images(images, self.reference(name), judge, bootstrap=bootstrap)
                    for name, judge in self.judges.items()}

@@ -7,6 +7,18 @@ import dataclasses
 from pathlib import Path
 
 from cmboost.diagnostic.measures import DiagnoseSettings
+from cmboost.boosting.boost import DEFAULT_METHOD, check_fits_model, given_hyper, trained_realness_kind, with_trained_radius
+from cmboost.boosting.config import DEFAULT_REALNESS, make_hyper
+from cmboost.diagnostic.measures import GeneratorSamples, check_outputs, diagnose, format_summary, load_teacher_score, select_real, write_diagnosis
+from cmboost.errors import UserInputError
+from cmboost.files.atomic import refuse_output_inside_inputs
+from cmboost.files.checkpoints import weights_digest
+from cmboost.files.datasets import FMNIST_HELD_OUT_START, load_dataset
+from cmboost.files.samples import load_samples
+from cmboost.jcd.model import load_joint_model
+from cmboost.jobs.job import file_digest
+from cmboost.runtime import resolve_device, resolve_precision
+from cmboost.tuning.choose import check_settings_network, do_not_boost, load_settings_file, tuned_hyper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +43,6 @@ class DiagnoseRun:
     overwrite: bool = False
 
     def __post_init__(self):
-        from cmboost.errors import UserInputError
 
         names = [name for name, _ in self.samples]
         if len(set(names)) != len(names):
@@ -42,10 +53,6 @@ def boost_choices(run: DiagnoseRun, count: int) -> list[tuple[str, dict]]:
     """(method, hyper) for each of `count` generators: --settings once for all, or once per --samples in
     order, each overridden by the method flags given; without --settings, the method flags (or the
     boost verb's defaults)."""
-    from cmboost.boosting.config import make_hyper
-    from cmboost.boosting.boost import DEFAULT_METHOD, given_hyper
-    from cmboost.errors import UserInputError
-    from cmboost.tuning.choose import do_not_boost, load_settings_file, tuned_hyper
 
     if not run.settings_files:
         method = run.method or DEFAULT_METHOD
@@ -79,20 +86,6 @@ def diagnose_files(run: DiagnoseRun) -> dict:
     import numpy as np
     import torch
 
-    from cmboost.files.atomic import refuse_output_inside_inputs
-    from cmboost.boosting.config import make_hyper
-    from cmboost.boosting.config import DEFAULT_REALNESS
-    from cmboost.boosting.boost import check_fits_model, trained_realness_kind, with_trained_radius
-    from cmboost.files.checkpoints import weights_digest
-    from cmboost.files.datasets import FMNIST_HELD_OUT_START, load_dataset
-    from cmboost.diagnostic.measures import (GeneratorSamples, check_outputs, diagnose, format_summary, load_teacher_score,
-                                    select_real, write_diagnosis)
-    from cmboost.errors import UserInputError
-    from cmboost.jcd.model import load_joint_model
-    from cmboost.jobs.job import file_digest
-    from cmboost.runtime import resolve_device, resolve_precision
-    from cmboost.files.samples import load_samples
-    from cmboost.tuning.choose import check_settings_network, load_settings_file
 
     started = time.perf_counter()
     settings = run.numbers

@@ -41,6 +41,9 @@ from cmboost.jcd.model import log_prob_from_logits, realness_from_logits
 from cmboost.records import check_at_least, check_finite, check_seed, flag_of, shown
 from cmboost.runtime import BLOCK_SIZE, autocast
 from cmboost.files.samples import to_float, to_uint8
+from cmboost.cm.checkpoint import load_cmboost
+from cmboost.cm.denoiser import denoise
+from cmboost.files.report import auto_scale, image_grid, save_png, upscale
 
 FORMAT = "cmboost.diagnose/1"
 JSON_NAME, PNG_NAME = "diagnose.json", "pag.png"
@@ -270,7 +273,6 @@ def pag_targets(model, starts: torch.Tensor, num_classes: int, eps: float, steps
 def pag_grid(starts: torch.Tensor, targeted: torch.Tensor) -> np.ndarray:
     """One row per start: the start, then its image pushed toward class 0, 1, ..., K-1 (uint8 HW or HWC),
     upscaled so that single pixels show as squares."""
-    from cmboost.files.report import auto_scale, image_grid, upscale
 
     rows, k = targeted.shape[:2]
     tiles = torch.cat([starts[:, None], targeted], dim=1).flatten(0, 1)
@@ -302,7 +304,6 @@ class DenoiserScore:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: float, y: torch.Tensor) -> torch.Tensor:
-        from cmboost.cm.denoiser import denoise
 
         signed = 2.0 * x.float() - 1.0
         with autocast(x.device, self.precision):
@@ -315,7 +316,6 @@ def load_teacher_score(path: str | os.PathLike, device: torch.device, precision:
                        num_classes: int | None = None, flag: str = "--teacher") -> DenoiserScore:
     """The score of a class-conditional EDM teacher (a cmboost .safetensors from `train-cm --mode edm`),
     checked against the joint network's image shape and classes."""
-    from cmboost.cm.checkpoint import load_cmboost
 
     path = Path(path)
     if not path.is_file():
@@ -448,7 +448,6 @@ def _json_safe(value):
 
 def write_diagnosis(out_dir: str | os.PathLike, report: dict, grid: np.ndarray, overwrite: bool = False) -> tuple[Path, Path]:
     """pag.png, then diagnose.json (last: its presence means both are whole). Each atomic."""
-    from cmboost.files.report import save_png
 
     json_path, png_path = output_paths(out_dir)
     check_outputs(out_dir, overwrite)

@@ -19,6 +19,8 @@ import numpy as np
 from cmboost.files.atomic import atomic_write_bytes
 from cmboost.errors import UserInputError
 from cmboost.files.samples import npy_member, open_zip, read_member
+from cmboost.files.samples import check_sample_output, save_samples
+from cmboost.runtime import check_allocatable
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
@@ -147,7 +149,6 @@ def download_fashion_mnist(dest: str | os.PathLike, base_url: str = FMNIST_URL,
 
 def pad_to(images: np.ndarray, size: int) -> np.ndarray:
     """Zero-pads [N, H, W] or [N, C, H, W] images symmetrically to size x size (28 -> 32 for the CMs)."""
-    from cmboost.runtime import check_allocatable
 
     h, w = images.shape[-2:]
     if h > size or w > size:
@@ -220,7 +221,6 @@ def image_folder(root: str | os.PathLike, image_size: int | None = None,
     files = [(label, file) for label, name in enumerate(classes) for file in sorted((root / name).iterdir())
              if file.suffix.lower() in IMAGE_SUFFIXES]
     if image_size is not None:
-        from cmboost.runtime import check_allocatable
 
         if image_size < 1:
             raise UserInputError(f"--image-size {image_size}: must be >= 1")
@@ -286,7 +286,6 @@ def load_dataset(spec: str, split: str = "train", data_dir: str | os.PathLike | 
 def export_data(spec: str, split: str, out: str, start: int = 0, stop: int | None = None,
                 image_size: int | None = None, data_dir: str | None = None, overwrite: bool = False):
     """Writes images [start, stop) of a dataset split as an OpenAI-layout sample file."""
-    from cmboost.files.samples import check_sample_output, save_samples
 
     check_sample_output(out, overwrite)
     # Fashion-MNIST is padded after slicing: only the images written are padded (and counted against memory).

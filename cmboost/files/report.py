@@ -15,6 +15,7 @@ import numpy as np
 
 from cmboost.files.atomic import atomic_path, refuse_existing
 from cmboost.errors import UserInputError
+from cmboost.files.datasets import FMNIST_CLASSES
 
 MIN_TILE = 96  # px: 28-32 px samples are upscaled (nearest) to at least this, to be judged by eye
 
@@ -164,7 +165,6 @@ def save_labelled_grid(before: np.ndarray, after: np.ndarray, labels: np.ndarray
     pixels."""
     from PIL import Image, ImageDraw
 
-    from cmboost.files.datasets import FMNIST_CLASSES
 
     names = list(class_names or FMNIST_CLASSES)
     labels = np.asarray(labels)

@@ -44,6 +44,7 @@ from cmboost.files.atomic import atomic_open, atomic_write_text, check_writable,
 from cmboost.errors import UserInputError
 from cmboost.runtime import barrier, dist_info
 from cmboost.files.samples import check_sample_output, save_samples, write_npz
+from cmboost.files.checkpoints import check_fits, read_safetensors, save_safetensors
 
 BatchFn = Callable[[Sequence[int]], tuple[np.ndarray, np.ndarray | None]]
 CONFIG_FILE, LOCK_FILE, ROWS_FILE = "config.json", ".lock", "rows.json"
@@ -371,7 +372,6 @@ class Job:
     def save_state(self, step: int, tensors: Mapping, meta: Mapping) -> Path:
         """The whole training state at `step`: tensors by name, JSON-able `meta` (optimizer groups,
         scheduler, RNG...), in one safetensors file written atomically (rank 0)."""
-        from cmboost.files.checkpoints import save_safetensors
 
         header = {"format": STATE_FORMAT, "step": str(int(step)), "meta": json.dumps(as_json(dict(meta)), sort_keys=True)}
         return save_safetensors(self.state_path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header)
@@ -379,7 +379,6 @@ class Job:
     def load_state(self, meta_keys: Sequence[str] = ("optimizer_groups",)) -> tuple[int, dict, dict] | None:
         """(step, tensors, meta) of the saved training state, or None when there is none yet; a state
         whose meta lacks one of `meta_keys` is refused in one line naming the file and the key."""
-        from cmboost.files.checkpoints import read_safetensors
 
         if not self.state_path.is_file():
             return None
@@ -405,7 +404,6 @@ class Job:
     def restore(self, prefix: str, module, tensors: Mapping) -> None:
         """Loads the state's `prefix.` tensors into `module`; a state of another network (other keys or
         shapes) is refused in one line naming the file, never a load_state_dict traceback."""
-        from cmboost.files.checkpoints import check_fits
 
         state = tensors_under(prefix, tensors)
         try:

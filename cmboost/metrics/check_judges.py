@@ -10,6 +10,14 @@ import numpy as np
 
 from cmboost.errors import UserInputError
 from cmboost.metrics.judge_check import DEFAULT_ATTACKER, DEFAULT_CANDIDATES, CheckSettings
+from cmboost.files.atomic import atomic_write_text, refuse_existing, refuse_output_inside_inputs
+from cmboost.files.datasets import load_dataset
+from cmboost.files.samples import load_samples
+from cmboost.jobs.job import check_job_folder, job_dir, remove_job_folder
+from cmboost.metrics.domain_net import SHIPPED, load_domain_net
+from cmboost.metrics.features import effnet_resolution
+from cmboost.metrics.judge_check import format_table, run_judge_check
+from cmboost.runtime import resolve_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +60,6 @@ def refuse_unknown_judge(name: str, flag: str) -> None:
     A known judge that cannot be loaded here (no weights, no package) is the check's to report."""
     from pathlib import Path
 
-    from cmboost.metrics.domain_net import SHIPPED
-    from cmboost.metrics.features import effnet_resolution
 
     if name in SHIPPED or name in ("inception", "dinov2") or Path(name).is_file():
         return
@@ -70,7 +76,6 @@ def refuse_unknown_judge(name: str, flag: str) -> None:
 
 def _check_inputs(run: JudgeCheckRun, real, generated, labels) -> None:
     """The samples, the real split and the counts fit each other and the attacker, before any work."""
-    from cmboost.metrics.domain_net import load_domain_net
 
     source = f"--samples {run.samples}"
     if labels is None:
@@ -96,12 +101,6 @@ def check_judges(run: JudgeCheckRun) -> dict:
     run takes the judges it finished from its job folder (`<out>.job`)."""
     import torch
 
-    from cmboost.files.atomic import atomic_write_text, refuse_existing, refuse_output_inside_inputs
-    from cmboost.files.datasets import load_dataset
-    from cmboost.jobs.job import check_job_folder, job_dir, remove_job_folder
-    from cmboost.metrics.judge_check import format_table, run_judge_check
-    from cmboost.runtime import resolve_device
-    from cmboost.files.samples import load_samples
 
     refuse_existing(run.out, run.overwrite)
     check_job_folder(job_dir(run.out))  # one cmboost did not make is refused before any work

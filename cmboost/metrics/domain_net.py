@@ -39,6 +39,8 @@ from cmboost.errors import UserInputError
 from cmboost.jobs.job import Job, module_tensors, optimizer_tensors
 from cmboost.records import check_above, check_at_least, check_finite, check_seed, field_default
 from cmboost.runtime import autocast, sample_seed
+from cmboost.boosting.config import step_length
+from cmboost.jcd.attacks import PGD
 
 FORMAT, FORMAT_VERSION = "domain_net", 2  # version 1: the header before cmboost.files.checkpoints (the shipped nets)
 DEFAULT_SEED = 60221  # distinct from the joint network's seeds; recorded in the checkpoint
@@ -445,8 +447,6 @@ def _adversarial(net: DomainNet, x: torch.Tensor, y: torch.Tensor, settings: Tra
                  precision: str) -> torch.Tensor:
     """The batch moved by L2 PGD on the cross-entropy (no random start, so the run stays a function of
     the seed), with BatchNorm in eval mode so the attack does not update its running statistics."""
-    from cmboost.jcd.attacks import PGD
-    from cmboost.boosting.config import step_length
 
     attack = PGD("l2", settings.adv_eps, step_length(settings.adv_eps, settings.adv_steps), settings.adv_steps,
                  precision=precision)

@@ -26,6 +26,7 @@ from cmboost.metrics.reference import Reference, load_references
 from cmboost.metrics.stats import ReferenceStatistics, frechet_distance, inception_score
 from cmboost.runtime import dist_info
 from cmboost.files.samples import ArraySource, ImageSource, open_samples
+from cmboost.files.atomic import refuse_existing
 
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
 KID_KEYS = ("kid", "kid_std")  # unbiased KID and its std over subsets; they follow METRIC_KEYS in every result
@@ -191,7 +192,6 @@ def format_table(result: dict) -> str:
 
 def write_json(path: str | os.PathLike, result: dict, overwrite: bool = False) -> Path:
     """Atomic JSON write (no NaN: missing metrics are null with a note)."""
-    from cmboost.files.atomic import refuse_existing
 
     path = Path(path)
     refuse_existing(path, overwrite)

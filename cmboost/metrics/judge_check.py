@@ -36,6 +36,8 @@ from cmboost.errors import UserInputError
 from cmboost.jobs.job import Job
 from cmboost.metrics.stats import ReferenceStatistics, feature_statistics
 from cmboost.runtime import in_cpu_chunks, randn_per_sample, sample_generators
+from cmboost.metrics.domain_net import load_domain_net
+from cmboost.metrics.features import load_feature_extractor
 
 FORMAT_VERSION = 1
 
@@ -283,8 +285,6 @@ def run_judge_check(judges: Sequence[str], real_u8: np.ndarray, generated_u8: np
     `job_folder`, the check is a `jobs.Job` there: each finished judge is cached, and a rerun on the
     same data, settings and attacker takes it from there instead of checking it again (a judge whose
     weights changed is redone)."""
-    from cmboost.metrics.domain_net import load_domain_net
-    from cmboost.metrics.features import load_feature_extractor
 
     if len(real_u8) < reference_count + probe_count:
         raise UserInputError(f"judge check: {len(real_u8)} real images; the reference ({reference_count}) and the "

@@ -78,53 +78,9 @@ def describe(name: str) -> str:
     return judge.family if judge else f"feature net {name}"
 
 
-def reporting_identities(device="cpu") -> dict[str, str]:
-    """{identity: name} of every reporting judge that can be loaded here (one that cannot, because
-    an optional package is missing, cannot be passed to tune either)."""
-    from cmboost.metrics.features import load_feature_extractor
-
-    found = {}
-    for name in REPORTING_JUDGES:
-        try:
-            found[load_feature_extractor(name, device).identity] = name
-        except UserInputError:
-            continue
-    return found
-
-
 def refuse_reporting_name(name: str, flag: str = "--judge") -> None:
     """Raises one line when `name` is a reporting judge's (checked before anything is loaded)."""
     if str(name) in REPORTING_JUDGES:
         raise UserInputError(f"{flag} {name}: is a reporting judge; settings tuned on it could not be "
                              f"reported honestly by it. Tune with {TUNING_JUDGE} (or your own domain net) and keep "
                              f"{', '.join(REPORTING_JUDGES)} for the report")
-
-
-def check_tuning_judge(extractor, flag: str = "--judge", identities: dict[str, str] | None = None) -> None:
-    """Raises one line unless `extractor` is free to tune: not a reporting judge by name or weights
-    (`identities`: reporting_identities(), when the caller has it already)."""
-    refuse_reporting_name(extractor.name, flag)
-    if identities is None:
-        identities = reporting_identities(extractor.device)
-    twin = identities.get(extractor.identity)
-    if twin is not None:
-        raise UserInputError(f"{flag} {extractor.name}: has the same weights as the reporting judge {twin}; "
-                             f"tune with {TUNING_JUDGE} (or your own domain net)")
-
-
-def check_tuning_committee(extractors, flag: str = "--judge") -> None:
-    """Raises one line unless every judge of a tuning committee is free to tune (check_tuning_judge)
-    and no two are the same judge, by name or by weights: a judge counted twice is one vote twice."""
-    seen: dict[str, str] = {}
-    for extractor in extractors:
-        if extractor.name in seen.values():
-            raise UserInputError(f"{flag} {extractor.name}: named twice; a committee needs different judges")
-        if extractor.identity in seen:
-            raise UserInputError(f"{flag} {extractor.name}: has the same weights as {seen[extractor.identity]} "
-                                 f"({extractor.identity}); a committee needs different judges")
-        seen[extractor.identity] = extractor.name
-    for extractor in extractors:
-        refuse_reporting_name(extractor.name, flag)  # by name first: it needs nothing loaded
-    identities = reporting_identities(extractors[0].device) if extractors else {}
-    for extractor in extractors:
-        check_tuning_judge(extractor, flag, identities)

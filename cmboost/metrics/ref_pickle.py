@@ -28,6 +28,7 @@ import numpy as np
 
 from cmboost.files.atomic import atomic_open
 from cmboost.errors import UserInputError
+from cmboost.files.atomic import refuse_existing
 
 # (module, name) pairs a pickle of numpy arrays refers to, under numpy 1 and numpy 2 spellings.
 _ALLOWED = {
@@ -108,7 +109,6 @@ def save_pickled_references(path: str | os.PathLike, stats: list[tuple[str, str,
                             count: int, overwrite: bool = False) -> Path:
     """Atomic .pkl of [(extractor name, identity, mu, sigma)] in EDM2's layout (plain pickle of
     float64 numpy arrays), plus "feature_nets"."""
-    from cmboost.files.atomic import refuse_existing
 
     path = Path(path)
     refuse_existing(path, overwrite)

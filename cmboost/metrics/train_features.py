@@ -10,6 +10,11 @@ from pathlib import Path
 from cmboost.errors import UserInputError
 from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings
 from cmboost.records import field_default
+from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
+from cmboost.files.datasets import evaluation_split, load_dataset
+from cmboost.jobs.job import check_job_folder, job_dir, remove_job_folder
+from cmboost.metrics.domain_net import classify_accuracy, config_for_data, save_domain_net, train_domain_net
+from cmboost.runtime import resolve_device, resolve_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +62,6 @@ def train_features(run: FeatureTraining) -> Path:
     from its job folder (`<out>.job`)."""
     import torch
 
-    from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
-    from cmboost.files.datasets import evaluation_split, load_dataset
-    from cmboost.jobs.job import check_job_folder, job_dir, remove_job_folder
-    from cmboost.metrics.domain_net import classify_accuracy, config_for_data, save_domain_net, train_domain_net
-    from cmboost.runtime import resolve_device, resolve_precision
 
     refuse_existing(run.out, run.overwrite)
     check_job_folder(job_dir(run.out))  # one cmboost did not make is refused before any work

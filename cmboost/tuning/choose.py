@@ -46,6 +46,11 @@ from cmboost.jobs.job import ROWS_FILE, Job, job_dir
 from cmboost.metrics.stats import feature_statistics
 from cmboost.records import check_above, check_at_least, check_choice, check_finite, field_default
 from cmboost.runtime import BLOCK_SIZE
+from cmboost.boosting.boost import check_fits_model
+from cmboost.files.checkpoints import weights_digest
+from cmboost.metrics.evaluate import evaluate_images, prepared_statistics
+from cmboost.metrics.judge_check import pool_features
+from cmboost.metrics.separation import check_tuning_committee
 
 FORMAT = "cmboost.tune/1"                 # the settings file (`--out`, read by `boost --settings`)
 GRID_FORMAT = "cmboost.grid/1"            # a --grid file; its "format" key may be left out
@@ -322,9 +327,6 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
     (vs the unboosted samples, per judge) of FID and KID across the committee is lowest, among those
     that keep recall under every judge; each judge's metrics of every candidate are recorded, with
     the judges' agreement on the ranking (`ranking_agreement`)."""
-    from cmboost.boosting.boost import check_fits_model
-    from cmboost.files.checkpoints import weights_digest
-    from cmboost.metrics.judges import check_tuning_committee
 
     choice = TuneSettings(criterion, max_recall_drop, batch_size, robust_radius, allow_beyond_radius)
     choice.check_radius_known()
@@ -376,7 +378,6 @@ def _score_and_choose(job: Job, done: dict, keys: list[str], images, labels, mod
     """Scores the candidates not yet in `done` (each cached in the job as it finishes), then chooses."""
     from tqdm import tqdm
 
-    from cmboost.metrics.evaluate import evaluate_images
 
     names = [j.name for j in judges]
     committee = len(judges) > 1
@@ -489,8 +490,6 @@ def confirm_change(best: dict, images: np.ndarray, labels: np.ndarray, model, cl
     """Per judge, the change of FID and KID that candidate `best` makes on the confirming half, with
     its paired-bootstrap std, in the judge's units and relative to the unboosted half. The candidate's
     images are made again (boosting is deterministic), so a resumed tune needs no cached images."""
-    from cmboost.metrics.evaluate import prepared_statistics
-    from cmboost.metrics.judge_check import pool_features
 
     rows = split_halves(len(images))[1]
     boosted, _ = run_method(best["method"], best["hyper"], model, classifier, images, labels, device, batch_size,

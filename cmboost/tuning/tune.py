@@ -11,6 +11,13 @@ from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
 from cmboost.errors import UserInputError
 from cmboost.metrics.judges import TUNING_JUDGE
 from cmboost.tuning.choose import TuneSettings, check_classifier, check_grid, check_radius, read_grid, tune
+from cmboost.boosting.boost import resolve_threshold, trained_radius, trained_realness_kind
+from cmboost.boosting.config import DEFAULT_REALNESS
+from cmboost.jcd.model import load_joint_model
+from cmboost.metrics.features import load_feature_extractor
+from cmboost.metrics.judges import refuse_reporting_name
+from cmboost.metrics.reference import load_reference
+from cmboost.runtime import resolve_device, resolve_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +41,6 @@ class TuneRun:
     progress: bool = True
 
     def __post_init__(self):
-        from cmboost.metrics.judges import refuse_reporting_name
 
         if len(self.refs) != len(self.judges):
             raise UserInputError(f"--ref: {len(self.judges)} judge{'s' if len(self.judges) > 1 else ''} (--judge "
@@ -45,7 +51,6 @@ class TuneRun:
 
     def resolved_choice(self) -> tuple[TuneSettings, str | None]:
         """How the winner is chosen, with the robust radius resolved, and where that radius came from."""
-        from cmboost.boosting.boost import trained_radius
 
         choice, radius_from = self.choice, "--robust-radius" if self.choice.robust_radius is not None else None
         if radius_from is None and Path(self.model).is_file():
@@ -60,12 +65,6 @@ class TuneRun:
 
 def tune_files(run: TuneRun) -> dict:
     """Tunes from files (the settings file is written to run.out and returned); a rerun resumes."""
-    from cmboost.boosting.boost import resolve_threshold, trained_realness_kind
-    from cmboost.boosting.config import DEFAULT_REALNESS
-    from cmboost.jcd.model import load_joint_model
-    from cmboost.metrics.features import load_feature_extractor
-    from cmboost.metrics.reference import load_reference
-    from cmboost.runtime import resolve_device, resolve_precision
 
     choice, radius_from = run.resolved_choice()
     grid = None
