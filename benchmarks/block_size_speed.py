@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cmboost.boosting.boost import boost_file
-from cmboost.cm.sample import generate_samples
+from cmboost.cm.sample import SampleRun, sample
 from cmboost.jcd.model import load_joint_model
 from cmboost.runtime import resolve_device
 
@@ -49,15 +49,15 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source = tmp / "ct1.npz"
-        generate_samples(ASSETS / "ct.safetensors", source, args.images, 1, 0, device=device, progress=False,
-                         batch_size=args.images)
-        generate_samples(ASSETS / "ct.safetensors", tmp / "warm.npz", min(64, args.images), 1, 0, device=device,
-                         progress=False)  # warm-up: first kernels, allocator
+        sample(SampleRun(model=str(ASSETS / "ct.safetensors"), out=str(source), num=args.images, steps=1, seed=0,
+                         device=str(device), progress=False, batch_size=args.images))
+        sample(SampleRun(model=str(ASSETS / "ct.safetensors"), out=str(tmp / "warm.npz"), num=min(64, args.images),
+                         steps=1, seed=0, device=str(device), progress=False))  # warm-up: first kernels, allocator
         rows = []
         for block in blocks:
-            sample_s = timed(lambda: generate_samples(ASSETS / "ct.safetensors", tmp / f"s{block}.npz", args.images, 1,
-                                                      0, device=device, progress=False, batch_size=args.images,
-                                                      block_size=block), device)
+            sample_s = timed(lambda: sample(SampleRun(
+                model=str(ASSETS / "ct.safetensors"), out=str(tmp / f"s{block}.npz"), num=args.images, steps=1, seed=0,
+                device=str(device), progress=False, batch_size=args.images, block_size=block)), device)
             boost_s = timed(lambda: boost_file(source, model, tmp / f"b{block}.npz", "pgd", {}, batch_size=args.images,
                                                device=str(device), progress=False, grid=False, block_size=block),
                             device)

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from figures import Figures  # noqa: E402
 
 from cmboost.cm.denoiser import CM_PRECOND, Denoiser, onestep  # noqa: E402
-from cmboost.cm.training import small_unet_config  # noqa: E402
+from cmboost.cm.train_config import small_unet_config  # noqa: E402
 from cmboost.cm.unet import IMAGENET64_CONFIG, UNetModel, set_attention_impl  # noqa: E402
 from cmboost.runtime import resolve_device  # noqa: E402
 

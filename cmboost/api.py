@@ -5,7 +5,7 @@ builds from its flags) or keyword arguments naming that record's fields, never b
 does not exist is a TypeError, never silently dropped. The defaults are the records' own. Functions
 that boost, sample or evaluate work on files, and also on arrays (uint8 NCHW images and int64
 labels), which they pass through a temporary file so that the images are exactly the file path's.
-docs/api.md shows them in use. Imports are deferred, so `import cmboost` stays light.
+docs/api.md shows them in use.
 """
 
 from __future__ import annotations
@@ -14,6 +14,31 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from cmboost.boosting.boost import BoostRun
+from cmboost.boosting.boost import boost as boost_run
+from cmboost.cm.sample import SampleRun
+from cmboost.cm.sample import sample as sample_run
+from cmboost.cm.train_config import TrainCMRun
+from cmboost.cm.training import train_cm as train_cm_run
+from cmboost.demo.assets import ASSETS
+from cmboost.diagnostic.diagnose import DiagnoseRun
+from cmboost.diagnostic.diagnose import diagnose_files as diagnose_run
+from cmboost.errors import UserInputError
+from cmboost.files.samples import load_samples, save_samples
+from cmboost.jcd.config import TrainConfig
+from cmboost.jcd.training import train_jcd as train_jcd_run
+from cmboost.metrics.check_judges import JudgeCheckRun
+from cmboost.metrics.check_judges import check_judges as check_judges_run
+from cmboost.metrics.evaluate import EvaluateRun
+from cmboost.metrics.evaluate import evaluate as evaluate_run
+from cmboost.metrics.evaluate_ref import ReferenceRun, make_reference
+from cmboost.metrics.train_features import FeatureTraining
+from cmboost.metrics.train_features import train_features as train_features_run
+from cmboost.tuning.tune import TuneRun
+from cmboost.tuning.tune import tune_files as tune_run
 
 __all__ = ["asset", "sample", "boost", "tune", "evaluate", "evaluate_ref", "check_judges", "diagnose", "train_jcd",
            "train_cm", "train_features"]
@@ -141,19 +166,12 @@ def _as_file(samples, folder: str, name: str) -> str:
     """A sample file's path as given, or (images, labels) arrays written to `folder`."""
     if isinstance(samples, (str, os.PathLike)):
         return str(samples)
-    import numpy as np
-
-    from cmboost.files.samples import save_samples
-
     images, labels = samples
     return str(save_samples(Path(folder) / name, np.asarray(images), None if labels is None else np.asarray(labels)))
 
 
 def asset(name: str) -> Path:
     """A file shipped with cmboost (cmboost/assets/fmnist/): checkpoints, tune settings, references."""
-    from cmboost.demo.run import ASSETS
-    from cmboost.errors import UserInputError
-
     name = os.fspath(_path_argument("name", name))
     # a bare name of a file in the folder: never a path that leads elsewhere ("/etc/x", "../../x")
     if name not in {path.name for path in ASSETS.iterdir() if path.is_file()}:
@@ -165,21 +183,15 @@ def asset(name: str) -> Path:
 def sample(model: str | os.PathLike, num: int, out: str | os.PathLike | None = None, **fields: Any):
     """`cmboost sample`: `num` samples of a consistency model (or EDM teacher) checkpoint. Writes `out`
     (.npz or PNG folder; a rerun resumes) and returns its path; without `out`, returns (images, labels).
-    `fields`: cm.sample.generate_samples' keywords (steps, seed, ts, num_levels, class_labels, kind,
-    batch_size, block_size, device, precision, overwrite, progress)."""
-    from cmboost.cm.sample import generate_samples
-    from cmboost.files.samples import load_samples
-
-    _path_argument("model", model)
-    _path_argument("out", out, optional=True)
-    fields = _checked_arguments(generate_samples, {"num": num, **fields})
-    num = fields.pop("num")
+    `fields` are cm.sample.SampleRun's (steps, seed, ts, num_levels, class_labels, kind, batch_size,
+    block_size, device, precision, overwrite, progress)."""
+    model = os.fspath(_path_argument("model", model))
+    out = _path_argument("out", out, optional=True)
+    fields = _checked_arguments(SampleRun, {"num": num, **fields})
     if out is not None:
-        return generate_samples(model, out, num, **fields)
+        return sample_run(SampleRun(model=model, out=os.fspath(out), **fields))
     with tempfile.TemporaryDirectory() as folder:
-        path = generate_samples(model, Path(folder) / "samples.npz", num,
-                                **dict(fields, progress=fields.get("progress", False)))
-        return load_samples(path)
+        return load_samples(sample_run(SampleRun(model=model, out=str(Path(folder) / "samples.npz"), **fields)))
 
 
 def boost(samples=None, model: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
@@ -188,8 +200,6 @@ def boost(samples=None, model: str | os.PathLike | None = None, out: str | os.Pa
     network `model`. Writes `out` and returns its path; without `out`, returns (images, labels).
     `fields` are boost_job.BoostRun's (method, hyper, settings, threshold_from, labels, seed,
     block_size, device, precision, ...); or pass the whole `run`, a BoostRun."""
-    from cmboost.boosting.boost import BoostRun, boost as boost_run
-    from cmboost.files.samples import load_samples
 
     if run is not None:
         if samples is not None or model is not None or out is not None or fields:
@@ -211,64 +221,40 @@ def tune(run=None, /, **fields: Any) -> dict:
     """`cmboost tune`: chooses the boosting method and settings on validation samples with tuning
     judges; writes the settings file (`out`) and returns it. `run`: a tune_job.TuneRun; else its fields
     (samples, model, refs, out, judges, classifier, threshold_from, grid, choice: a TuneSettings, ...)."""
-    from cmboost.tuning.tune import TuneRun, tune_files
-
-    return tune_files(_record(TuneRun, run, fields))  # refs and judges: lists or tuples, paths as str
+    return tune_run(_record(TuneRun, run, fields))  # refs and judges: lists or tuples, paths as str
 
 
-def evaluate(samples, reference, features=None, batch_size: int | None = None, **fields: Any) -> dict:
+def evaluate(samples=None, reference=None, *, run=None, **fields: Any) -> dict:
     """`cmboost evaluate`: FID, sFID, IS, precision, recall, KID, density and coverage of `samples` (a
-    sample file, or uint8 NCHW images, or (images, labels)) against `reference` (a .npz/.pkl path or a
-    Reference), in `features` (default metrics.judges.DEFAULT_FEATURES; "a,b" adds Frechet distances
-    in each). `fields`: evaluate_source's keywords (device, precision, inception_weights, dinov2_weights,
-    progress)."""
-    import numpy as np
-
-    from cmboost.metrics.evaluate import evaluate_images, evaluate_source
-    from cmboost.metrics.judges import DEFAULT_FEATURES
-    from cmboost.files.samples import open_samples
-
-    from cmboost.records import param_default
-
-    features = DEFAULT_FEATURES if features is None else features
-    batch_size = param_default(evaluate_source, "batch_size") if batch_size is None else batch_size
-    batch_size = _checked("batch_size", batch_size, int)
-    if not isinstance(samples, (str, os.PathLike, tuple, np.ndarray)):
-        raise TypeError(f"samples: expected a sample file's path, uint8 images or (images, labels), got "
-                        f"{_kind(samples)}")
-    if isinstance(samples, (str, os.PathLike)):
-        return evaluate_source(open_samples(samples), reference, features, batch_size, **fields)
-    images = samples[0] if isinstance(samples, tuple) else samples
-    return evaluate_images(np.asarray(images), reference, features, batch_size, **fields)
+    sample file, or uint8 NCHW images, or (images, labels)) against `reference` (a .npz/.pkl path, or
+    a list of them, one per feature network). `fields` are metrics.evaluate.EvaluateRun's (features,
+    batch_size, device, precision, json, progress, ...); or pass the whole `run`, an EvaluateRun."""
+    if run is not None:
+        if samples is not None or reference is not None or fields:
+            raise TypeError("pass an EvaluateRun or the samples, reference and keyword arguments, not both")
+        return evaluate_run(_checked("run", run, EvaluateRun))
+    if isinstance(samples, np.ndarray):
+        samples = (samples, None)
+    samples = _samples_argument(samples)
+    refs = tuple(os.fspath(_path_argument("reference", r)) for r in
+                 (reference if isinstance(reference, (list, tuple)) else [reference]))
+    fields = _checked_arguments(EvaluateRun, fields)
+    with tempfile.TemporaryDirectory() as folder:
+        return evaluate_run(EvaluateRun(samples=_as_file(samples, folder, "samples.npz"), refs=refs, **fields))
 
 
-def evaluate_ref(data: str, out: str | os.PathLike, features=None, split: str = "train", **fields: Any) -> dict:
+def evaluate_ref(run=None, /, **fields: Any) -> dict:
     """`cmboost evaluate-ref`: the statistics of a dataset split under `features`, written to `out`
-    (.npz, one network; or .pkl). `fields`: metrics.reference.make_reference_file's keywords
-    (data_dir, batch_size, num_features, seed, overwrite, progress) and device, precision."""
-    from cmboost.metrics.feature_nets import extractors_for
-    from cmboost.metrics.judges import DEFAULT_FEATURES
-    from cmboost.metrics.reference import check_reference_request, make_reference_file
-    from cmboost.records import FEATURE_PRECISION, param_default
-
-    _checked("data", data, str)
-    _path_argument("out", out)
-    _checked("split", split, str)
-    features = DEFAULT_FEATURES if features is None else features
-    device, precision = fields.pop("device", "auto"), fields.pop("precision", FEATURE_PRECISION)
-    specs = features.split(",") if isinstance(features, str) else list(features)
-    check_reference_request(out, len(specs), fields.get("num_features", param_default(make_reference_file,
-                                                                                     "num_features")))
-    return make_reference_file(data, split, out, extractors_for(features, device, precision, None, None), **fields)
+    (.npz, one network; or .pkl) and summarised. `run`: a metrics.evaluate_ref.ReferenceRun; else its
+    fields (data, out, split, features, num_features, seed, batch_size, device, ...)."""
+    return make_reference(_record(ReferenceRun, run, fields))
 
 
 def check_judges(run=None, /, **fields: Any) -> dict:
     """`cmboost check-judges`: puts candidate judges through the degradation ladder and the
     adversarial-transfer test; writes the report (`out`) and returns it. `run`: a
     metrics.judge_check_job.JudgeCheckRun; else its fields (samples, out, judges, attacker, data, ...)."""
-    from cmboost.metrics.check_judges import JudgeCheckRun, check_judges as check
-
-    return check(_record(JudgeCheckRun, run, fields))
+    return check_judges_run(_record(JudgeCheckRun, run, fields))
 
 
 def diagnose(run=None, /, **fields: Any) -> dict:
@@ -276,51 +262,29 @@ def diagnose(run=None, /, **fields: Any) -> dict:
     gradient-score alignment, the PAG picture); writes OUT/diagnose.json and OUT/pag.png and returns
     the report. `run`: a diagnose_job.DiagnoseRun; else its fields (model, out, samples as (name,
     path) pairs, teacher, real, settings_files, method, hyper, numbers: a DiagnoseSettings, ...)."""
-    from cmboost.diagnostic.diagnose import DiagnoseRun, diagnose_files
-
     for name in ("samples", "settings_files"):
         if isinstance(fields.get(name), (list, tuple)):  # anything else is refused by _record, naming it
             fields[name] = tuple(tuple(v) if isinstance(v, list) else v for v in fields[name])
-    return diagnose_files(_record(DiagnoseRun, run, fields))
+    return diagnose_run(_record(DiagnoseRun, run, fields))
 
 
 def train_jcd(config=None, /, **fields: Any) -> Path:
     """`cmboost train-jcd`: adversarial training of the joint classifier-discriminator; returns the
     final model's path. `config`: a train_jcd_config.TrainConfig; else its fields (data, run_dir,
     iters, generated, objective, ...). A rerun of the same configuration resumes."""
-    from cmboost.jcd.training import train_jcd as train
-    from cmboost.jcd.config import TrainConfig
-
-    return train(_record(TrainConfig, config, fields))
+    return train_jcd_run(_record(TrainConfig, config, fields))
 
 
-def train_cm(run_dir: str | os.PathLike, settings=None, *, shape=None, loop=None, data_dir=None,
-             device: str = "auto", precision: str = "auto", progress: bool = True, **fields: Any) -> Path:
-    """`cmboost train-cm`: an EDM teacher or a consistency model (cd, ct, ect) in `run_dir`; returns
-    the exported model's path. `settings`: a cm.training.TrainSettings, else its fields (mode, iters,
-    data, teacher, lr, ...); `shape` a UNetShape, `loop` a LoopSettings. A rerun resumes."""
-    from cmboost.cm.training import LoopSettings, TrainSettings, UNetShape, mode_default
-    from cmboost.cm.training import train_cm as train
-
-    _path_argument("run_dir", run_dir)
-    for name, value, kind in (("shape", shape, UNetShape), ("loop", loop, LoopSettings)):
-        if value is not None:
-            _checked(name, value, kind)
-    if settings is None:
-        fields.setdefault("unet", {})  # the data (and a CD or ECT run's teacher) fill it in
-    if settings is None and "mode" in fields:  # the mode's own learning rate and distance, as the verb does
-        for name in ("lr", "distance"):
-            if fields.get(name) is None:
-                fields[name] = mode_default(fields["mode"], name)
-    settings = _record(TrainSettings, settings, fields)
-    return train(settings, run_dir, shape or UNetShape(), data_dir, loop or LoopSettings(), device, precision,
-                 progress=progress)
+def train_cm(run=None, /, **fields: Any) -> Path:
+    """`cmboost train-cm`: an EDM teacher or a consistency model (cd, ct, ect); returns the exported
+    model's path. `run`: a cm.train_config.TrainCMRun; else its fields (run_dir, settings: a
+    TrainSettings, e.g. from cm.train_config.mode_settings("ect", iters=..., teacher=...), shape: a
+    UNetShape, loop: a LoopSettings, data_dir, device, precision, progress). A rerun resumes."""
+    return train_cm_run(_record(TrainCMRun, run, fields))
 
 
 def train_features(run=None, /, **fields: Any) -> Path:
     """`cmboost train-features`: a domain feature network (a judge for FID and the like) trained on a
     dataset's train split; returns the saved net's path. `run`: a feature_training.FeatureTraining;
     else its fields (data, out, settings, arch, ...). A rerun resumes per epoch."""
-    from cmboost.metrics.train_features import FeatureTraining, train_features as train
-
-    return train(_record(FeatureTraining, run, fields))
+    return train_features_run(_record(FeatureTraining, run, fields))

@@ -36,9 +36,10 @@ import torch
 
 from cmboost.files.atomic import atomic_write_text
 from cmboost.boosting.boost import trained_realness_kind
-from cmboost.cm.sample import generate_samples
+from cmboost.cm.sample import SampleRun, sample
 from cmboost.files.datasets import FMNIST_HELD_OUT_START, load_dataset
-from cmboost.demo.run import ASSETS, choose_panel, load_judge_check, load_shipped_reference
+from cmboost.demo.run import choose_panel
+from cmboost.demo.assets import ASSETS, load_judge_check, load_shipped_reference
 from cmboost.diagnostic.measures import rank_auc, realness_and_prob
 from cmboost.jcd.model import load_joint_model
 from cmboost.metrics.evaluate import prepared_statistics
@@ -99,9 +100,10 @@ def cached(path: Path, make):
 def samples(out: Path, name: str, checkpoint: str, steps: int, seed: int, num: int, schedule: dict | None = None):
     path = out / "samples" / f"{name.replace(' ', '_')}-{steps}step-seed{seed}-{num}.npz"
     if not path.is_file():
-        generate_samples(ASSETS / checkpoint, path, num, steps, seed, (schedule or {}).get("ts"),
-                         (schedule or {}).get("N"), batch_size=250, device="cpu", precision="fp32", progress=False,
-                         block_size=250)
+        ts, levels = (schedule or {}).get("ts"), (schedule or {}).get("N")
+        sample(SampleRun(model=str(ASSETS / checkpoint), out=str(path), num=num, steps=steps, seed=seed,
+                         ts=None if ts is None else tuple(ts), num_levels=levels, batch_size=250, device="cpu",
+                         precision="fp32", progress=False, block_size=250))
     return load_samples(path)
 
 
@@ -134,8 +136,8 @@ def tune_answer(out: Path, name: str, checkpoint: str, steps: int, seed: int, mo
     else:
         validation = out / "samples" / f"{name.replace(' ', '_')}-val-seed{seed}.npz"
         if not validation.is_file():
-            generate_samples(ASSETS / checkpoint, validation, 500, steps, seed, batch_size=250, device="cpu",
-                             precision="fp32", progress=False, block_size=250)
+            sample(SampleRun(model=str(ASSETS / checkpoint), out=str(validation), num=500, steps=steps, seed=seed,
+                             batch_size=250, device="cpu", precision="fp32", progress=False, block_size=250))
         judges = [load_feature_extractor(j, "cpu") for j in COMMITTEE]
         refs = [load_reference(train_refs / f"train-ref-{j}.npz") for j in COMMITTEE]
         grid = [("pgd", {"eps": eps, "steps": PGD_STEPS, "threshold": None}) for eps in (0.5, 1.0, 1.5)]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from cmboost.files.checkpoints import (FORMAT_KEY, VERSION_KEY, check_fits, read_checkpoint, read_safetensors,
                                  save_checkpoint, torch_load, weights_digest)
 from cmboost.cm.checkpoint import load_model, read_config, save_model
-from cmboost.demo.run import ASSETS
+from cmboost.demo.assets import ASSETS
 from cmboost.errors import OutputExistsError, UserInputError
 from cmboost.jcd.model import build_joint_model, load_joint_model, read_metadata, save_joint_model
 from cmboost.metrics.domain_net import SHIPPED, load_domain_net, save_domain_net

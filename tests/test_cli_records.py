@@ -20,7 +20,7 @@ from cmboost.cli.train_cm import UNFLAGGED as CM_UNFLAGGED
 from cmboost.cli.train_features import UNFLAGGED as FEATURES_UNFLAGGED
 from cmboost.cli.train_jcd import CHANNELS_LAST
 from cmboost.cm.sample import SampleSettings
-from cmboost.cm.training import MODES, LoopSettings, TrainSettings as CMSettings, UNetShape, mode_default
+from cmboost.cm.train_config import MODES, LoopSettings, TrainSettings as CMSettings, UNetShape, mode_default
 from cmboost.diagnostic.measures import DiagnoseSettings
 from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings as FeatureSettings
 from cmboost.metrics.reference import reference_stats

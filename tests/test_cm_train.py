@@ -11,7 +11,8 @@ from cmboost.cm.denoiser import CM_PRECOND, SIGMA_MIN, denoise
 from cmboost.cm.losses import (ct_level_probs, ct_num_scales, ect_gap_levels, ect_loss, ect_stage, edm_loss,
                                karras_levels)
 from cmboost.cm.losses import teacher_heun_step as heun_step
-from cmboost.cm.training import TrainSettings, Trainer, small_unet_config, train
+from cmboost.cm.training import Trainer, train
+from cmboost.cm.train_config import TrainSettings, small_unet_config
 from cmboost.errors import UserInputError
 
 CPU = torch.device("cpu")

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from cmboost.cli import main as cli_main
-from cmboost.demo.run import ASSETS, SETTINGS_FILE, choose_panel, load_judge_check
+from cmboost.demo.run import choose_panel
+from cmboost.demo.assets import ASSETS, SETTINGS_FILE, load_judge_check
 from cmboost.metrics.judges import ATTACKER, REPORTING_JUDGES
-from cmboost.tuning.choose import tuning_judges
+from cmboost.boosting.settings import tuning_judges
 
 COMMITTED_QUICK = Path(__file__).resolve().parent.parent / "recipes" / "fmnist-report" / "quick.json"
 # Another CPU rounds the convolutions differently (oneDNN/MKL code paths), and PGD and SGLD turn a

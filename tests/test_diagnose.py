@@ -178,10 +178,10 @@ TINY = ["--num-real", "16", "--num-samples", "8", "--attack-eps", "0.5", "2", "-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Eight CT samples, a random-weight EDM teacher of the same shape, and an unlabelled copy."""
-    from cmboost.cm.sample import generate_samples
+    from cmboost.cm.sample import SampleRun, sample
 
     root = tmp_path_factory.mktemp("diagnose")
-    samples = generate_samples(ASSETS / "ct.safetensors", root / "ct.npz", 8, progress=False)
+    samples = sample(SampleRun(model=str(ASSETS / "ct.safetensors"), out=str(root / "ct.npz"), num=8, progress=False))
     teacher = random_edm_teacher(root / "edm.safetensors", num_classes=10, channels=1, size=32)
     with np.load(samples) as f:
         unlabelled = save_samples(root / "unlabelled.npz", f["arr_0"].transpose(0, 3, 1, 2).copy())

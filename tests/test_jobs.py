@@ -16,7 +16,7 @@ import cmboost
 from cmboost.jobs import job as jobs
 from cmboost.boosting.boost import boost_file
 from cmboost.cli import main as cli_main
-from cmboost.cm.sample import generate_samples
+from cmboost.cm.sample import SampleRun, sample
 from cmboost.errors import UserInputError
 from cmboost.jcd.model import load_joint_model
 from cmboost.files.samples import save_samples
@@ -85,10 +85,10 @@ def test_a_model_replaced_before_a_sample_resume_is_refused(tmp_path, monkeypatc
     with monkeypatch.context() as m:
         _die_after_first_part(m)
         with pytest.raises(Killed):
-            generate_samples(model, out, 8, batch_size=4, progress=False)
+            sample(SampleRun(model=str(model), out=str(out), num=8, batch_size=4, progress=False))
     shutil.copy(ASSETS / "ct.safetensors", model)
     with pytest.raises(UserInputError, match="model_digest"):
-        generate_samples(model, out, 8, batch_size=4, progress=False)
+        sample(SampleRun(model=str(model), out=str(out), num=8, batch_size=4, progress=False))
 
 
 def test_a_torn_configuration_record_is_named_with_its_fix(tmp_path, model, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmboost.cli import main
-from cmboost.cm.sample import generate_samples
+from cmboost.cm.sample import SampleRun, sample
 from cmboost.files.datasets import load_dataset
 from cmboost.errors import UserInputError
 from cmboost.metrics.domain_net import load_domain_net
@@ -28,7 +28,7 @@ N, REF = 120, 300
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("judges") / "cd1.npz"
-    generate_samples(ASSETS / "cd.safetensors", out, N, steps=1, seed=5, device=torch.device("cpu"), progress=False)
+    sample(SampleRun(model=str(ASSETS / "cd.safetensors"), out=str(out), num=N, steps=1, seed=5, device="cpu", progress=False))
     generated, labels = load_samples(out)
     real, _, _ = load_dataset("fmnist", "test", image_size=32)
     attacker, _ = load_domain_net("fmnist")

@@ -11,14 +11,15 @@ from cmboost.cli import main as cli_main
 from cmboost.boosting.controls import gaussian_blur
 from cmboost.files.datasets import load_dataset
 from cmboost.files.samples import save_samples, to_float, to_uint8
-from cmboost.demo.run import ASSETS
+from cmboost.demo.assets import ASSETS
 from cmboost.errors import UserInputError
 from cmboost.jcd.model import build_joint_model, load_joint_model, save_joint_model
 from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.judges import REPORTING_JUDGES, TUNING_JUDGE
 from cmboost.metrics.separation import check_tuning_judge
 from cmboost.metrics.reference import reference_stats, save_reference
-from cmboost.tuning.choose import BOOST_METHODS, tune
+from cmboost.tuning.choose import tune
+from cmboost.boosting.settings import BOOST_METHODS
 
 LEGACY_SETTINGS = Path(__file__).resolve().parent / "data" / "legacy-tuned-ct1.json"
 
@@ -160,7 +161,8 @@ def test_boost_settings_writes_the_images_tune_scored(many, monkeypatch, block):
     import cmboost.tuning.choose as tune_module
     from cmboost.runtime import BLOCK_SIZE
     from cmboost.files.samples import load_samples
-    from cmboost.tuning.choose import TuneSettings, settings_block
+    from cmboost.tuning.choose import TuneSettings
+    from cmboost.boosting.settings import settings_block
 
     assert TuneSettings().batch_size == BLOCK_SIZE  # one default for the compute block
     scored = {}
@@ -191,7 +193,7 @@ def test_boost_settings_writes_the_images_tune_scored(many, monkeypatch, block):
 def test_settings_files_without_a_recorded_block_boost_with_tunes_old_block(capsys):
     """Settings files written before tune recorded its block (tests/data/legacy-tuned-ct1.json, the
     shipped file of that time) were tuned with blocks of 250; the shipped files now record theirs."""
-    from cmboost.tuning.choose import LEGACY_BLOCK, load_settings_file, settings_block
+    from cmboost.boosting.settings import LEGACY_BLOCK, load_settings_file, settings_block
 
     assert LEGACY_BLOCK == 250
     legacy = load_settings_file(LEGACY_SETTINGS)
@@ -268,7 +270,9 @@ def _expected_choice(saved: dict, names: list[str], drop: float, radius=None, al
 def test_a_committee_chooses_the_best_worst_case_and_records_every_judge(committee):
     from scipy.stats import spearmanr
 
-    from cmboost.tuning.choose import format_table, tuning_judges
+    from cmboost.tuning.choose import format_table
+
+    from cmboost.boosting.settings import tuning_judges
 
     root, folder, judges, refs, _ = committee
     model, classifier = models()
@@ -317,7 +321,7 @@ def test_one_judge_keeps_the_settings_file_layout(setup):
     mine = json.loads((root / "tuned.json").read_text())
     # the old layout, with the choosing half's winner and the confirmed answer after "best"
     assert list(mine) == list(shipped)[:2] + ["choice", "decision"] + list(shipped)[2:]
-    from cmboost.tuning.choose import tuning_judges
+    from cmboost.boosting.settings import tuning_judges
 
     assert tuning_judges(shipped) == [shipped["judge"]]
     assert list(mine["fingerprint"]) == list(shipped["fingerprint"]) + ["batch_size", "halves"]

@@ -24,7 +24,7 @@ from cmboost.files.report import save_before_after_grid
 from cmboost.files.samples import save_samples
 from cmboost.jcd.model import load_joint_model, read_metadata
 from cmboost.runtime import print0
-from cmboost.tuning.choose import check_settings_network, do_not_boost, load_settings_file, settings_block, tuned_hyper
+from cmboost.boosting.settings import check_settings_network, do_not_boost, load_settings_file, settings_block, tuned_hyper
 
 
 def check_fits_model(images: np.ndarray, labels: np.ndarray | None, model, source: str) -> None:

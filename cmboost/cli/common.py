@@ -6,12 +6,9 @@ import argparse
 import dataclasses
 from typing import Iterable
 
-from cmboost.records import FEATURE_PRECISION, field_default, shown
+from cmboost.records import field_default, shown
 from cmboost.errors import UserInputError
-from cmboost.metrics.feature_nets import extractors_for
-from cmboost.metrics.judges import DEFAULT_FEATURES
-from cmboost.records import SEED_LIMIT
-from cmboost.runtime import init_distributed, resolve_device
+from cmboost.metrics.feature_nets import FeatureOptions
 
 # Help texts show %(default)s, not a number of their own: a verb's set_defaults (from its record)
 # then shows in --help as well.
@@ -73,12 +70,11 @@ def add_output_flags(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 
 def add_feature_flags(p: argparse.ArgumentParser) -> None:
-    """--features and the weights files, threads, progress and the runtime flags, shared with evaluate-ref."""
-
-    p.add_argument("--features", default=DEFAULT_FEATURES,
-                   help="feature network(s), comma-separated, the first one for FID/sFID/IS/PR/KID/density/"
-                        "coverage: inception, dinov2, effnet-lite0, a shipped domain net (fmnist, fmnist-allconv), "
-                        "or a domain-net .safetensors (default: %(default)s)")
+    """The FeatureOptions flags evaluate and evaluate-ref share, with the record's defaults."""
+    add_field_flag(p, FeatureOptions, "features",
+                   "feature network(s), comma-separated, the first one for FID/sFID/IS/PR/KID/density/coverage: "
+                   "inception, dinov2, effnet-lite0, a shipped domain net (fmnist, fmnist-allconv), or a domain-net "
+                   ".safetensors")
     p.add_argument("--inception-weights", default=None,
                    help="weights-inception-2015-12-05-6726825d.pth, or its folder (default: $CMBOOST_WEIGHTS, "
                         "then torch's hub cache, then a download)")
@@ -86,35 +82,11 @@ def add_feature_flags(p: argparse.ArgumentParser) -> None:
                    help="dinov2_vitl14_pretrain.pth, or its folder (default: $CMBOOST_WEIGHTS, then torch's "
                         "hub cache, then a download)")
     p.add_argument("--overwrite", action="store_true", help="replace the output (--out / --json) if it exists")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: torch's choice (default: %(default)s)")
+    add_field_flag(p, FeatureOptions, "threads", "torch CPU threads; 0: torch's choice", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_runtime_flags(p)
-    p.set_defaults(precision=FEATURE_PRECISION, batch_size=200)
-
-
-def check_feature_flags(args: argparse.Namespace) -> None:
-    """The number flags of add_feature_flags that no record checks (evaluate has none)."""
-
-    if args.batch_size < 1:
-        raise UserInputError(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.threads < 0:
-        raise UserInputError(f"--threads {args.threads}: must be >= 0")
-    check_seed_flag(args)
-
-
-def check_seed_flag(args: argparse.Namespace) -> None:
-    """--seed in [0, 2^63), the seeds every stream takes, for the verbs whose record does not check it."""
-
-    if not 0 <= args.seed < SEED_LIMIT:
-        raise UserInputError(f"--seed {args.seed}: must be in [0, 2^63)")
-
-
-def extractors(args) -> list:
-    """The feature extractors of --features (comma-separated), on --device, set up for torchrun."""
-
-    device = resolve_device(args.device)
-    init_distributed(device)
-    return extractors_for(args.features, device, args.precision, args.inception_weights, args.dinov2_weights)
+    add_device_flags(p)
+    add_field_flag(p, FeatureOptions, "batch_size", "images per forward pass", type=int)
+    set_record_defaults(p, FeatureOptions, ("device", "precision"))
 
 
 def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:

@@ -7,48 +7,32 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cmboost.cli.common import add_feature_flags, check_feature_flags, extractors
-from cmboost.cli.evaluate_ref import add_reference_flags
+from cmboost.cli import evaluate_ref as evaluate_ref_verb
+from cmboost.cli.common import add_feature_flags, record_from_args
 from cmboost.errors import UserInputError
-from cmboost.cli.evaluate_ref import run_reference
-from cmboost.files.atomic import refuse_existing
-from cmboost.files.samples import open_samples
-from cmboost.metrics.evaluate import evaluate_source, format_table, write_json
-from cmboost.metrics.reference import load_references
+from cmboost.metrics.evaluate import EvaluateRun, evaluate, format_table
 from cmboost.runtime import dist_info
 
 
-def run(args: argparse.Namespace) -> int:
-    check_feature_flags(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.samples == "ref":
-
-        return run_reference(args)
-    return run_samples(args)
-
-
-def run_samples(args: argparse.Namespace) -> int:
-
-    if not args.ref:
-        raise UserInputError("--ref REF.npz is required (make one with 'cmboost evaluate-ref')")
+def record_from(args: argparse.Namespace) -> EvaluateRun:
     if args.out is not None:
         raise UserInputError("--out is for 'cmboost evaluate-ref'; write results with --json PATH")
-    if args.json:
-        refuse_existing(args.json, args.overwrite, flag="--json")
-    source = open_samples(args.samples)
-    references = load_references(args.ref)
-    result = evaluate_source(source, references, extractors(args), args.batch_size, progress=not args.quiet)
+    refs = tuple(part for given in args.ref for part in given.split(",") if part)
+    return record_from_args(EvaluateRun, args, {"refs": refs, "progress": not args.quiet})
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.samples == "ref":
+        return evaluate_ref_verb.run(args)
+    run = record_from(args)
+    result = evaluate(run)
     if dist_info().is_main:
         fid_note = result.get("notes", {}).get("fid")
         if fid_note and "rank-deficient" in fid_note:
             print(f"cmboost evaluate: warning: {fid_note}", file=sys.stderr)
         print(format_table(result))
-        if args.json:
-            write_json(args.json, result, overwrite=args.overwrite)
-            print(f"wrote {args.json}")
+        if run.json:
+            print(f"wrote {run.json}")
     return 0
 
 
@@ -69,6 +53,6 @@ def add_parser(verbs) -> None:
                    help="reference .npz (OpenAI's, or from 'cmboost evaluate-ref') or EDM2-style .pkl; repeat "
                         "the flag or separate with commas to give one per feature network")
     p.add_argument("--json", default=None, help="also write the results here (JSON, docs/evaluation.md)")
-    add_reference_flags(p, hidden=True)
+    evaluate_ref_verb.add_reference_flags(p, hidden=True)
     add_feature_flags(p)
     p.set_defaults(run=run)

@@ -6,52 +6,44 @@ from __future__ import annotations
 import argparse
 import json
 
-from cmboost.cli.common import check_feature_flags
+from cmboost.cli.common import add_feature_flags, add_field_flag, record_from_args
 from cmboost.errors import UserInputError
-from cmboost.records import param_default
-from cmboost.cli.common import add_feature_flags, extractors
-from cmboost.metrics.reference import check_reference_request, make_reference_file, reference_stats
+from cmboost.metrics.evaluate_ref import ReferenceRun, make_reference
+
+
+def record_from(args: argparse.Namespace) -> ReferenceRun:
+    if args.data is None or args.out is None:
+        raise UserInputError("'cmboost evaluate-ref' needs --data SPEC and --out REF.npz or REF.pkl")
+    return record_from_args(ReferenceRun, args, {"progress": not args.quiet})
 
 
 def run(args: argparse.Namespace) -> int:
-    check_feature_flags(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return run_reference(args)
-
-
-def run_reference(args: argparse.Namespace) -> int:
-
-    if args.data is None or args.out is None:
-        raise UserInputError("'cmboost evaluate-ref' needs --data SPEC and --out REF.npz or REF.pkl")
-    check_reference_request(args.out, len(args.features.split(",")), args.num_features)  # before any network loads
-    summary = make_reference_file(args.data, args.split, args.out, extractors(args), args.data_dir, args.batch_size,
-                                  args.num_features, args.seed, args.overwrite, progress=not args.quiet)
+    summary = make_reference(record_from(args))
     if summary is not None:
         print(json.dumps(summary))
     return 0
 
 
 def add_reference_flags(p: argparse.ArgumentParser, hidden: bool) -> None:
-    """--data, --split, --data-dir, --num-features and --out; `hidden` for the old spelling
+    """--data, --split, --data-dir, --num-features, --seed and --out; `hidden` for the old spelling
     'cmboost evaluate ref ...', whose parser reads them but documents none."""
 
     def text(help: str):
         return argparse.SUPPRESS if hidden else help
 
     p.add_argument("--data", required=not hidden, help=text("fmnist, imagenet64:PATH or folder:PATH"))
-    p.add_argument("--split", default="test", help=text("dataset split (default: %(default)s)"))
+    for name, help in (("split", "dataset split"),
+                       ("num_features", ".npz: images whose features are kept for precision/recall, a seeded "
+                                        "choice"),
+                       ("seed", "the seed of that choice")):
+        add_field_flag(p, ReferenceRun, name, help, type=str if name == "split" else int)
+        if hidden:
+            p._actions[-1].help = argparse.SUPPRESS
     p.add_argument("--data-dir", default=None, help=text("folder of the Fashion-MNIST files"))
-    p.add_argument("--num-features", type=int, default=param_default(reference_stats, "num_features"),
-                   help=text(".npz: images whose features are kept for precision/recall, a seeded choice "
-                             "(default: %(default)s)"))
     p.add_argument("--out", required=not hidden, help=text("output .npz or .pkl"))
 
 
 def add_parser(verbs) -> None:
-
     p = verbs.add_parser(
         "evaluate-ref", help="reference statistics of a dataset (.npz, or EDM2-style .pkl) for 'cmboost evaluate'",
         description="cmboost evaluate-ref --data SPEC --split test --features fmnist --out REF.npz\n"

@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 
 from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_field_flag, add_output_flags, add_runtime_flags, set_record_defaults
-from cmboost.cli.common import parse_int_list
+from cmboost.cli.common import parse_int_list, record_from_args
 from cmboost.cm.denoiser import KINDS
-from cmboost.cm.sample import CM_DEFAULT_STEPS, EDM_DEFAULT_STEPS, SampleSettings, generate_samples
+from cmboost.cm.sample import CM_DEFAULT_STEPS, EDM_DEFAULT_STEPS, SampleRun, SampleSettings, sample
 from cmboost.runtime import print0
 
 
-def run(args: argparse.Namespace) -> int:
+def record_from(args: argparse.Namespace) -> SampleRun:
+    return record_from_args(SampleRun, args, {
+        "ts": parse_int_list(args.ts, "--ts"), "num_levels": args.N,
+        "class_labels": parse_int_list(args.class_labels, "--class-labels"), "progress": not args.no_progress})
 
-    out = generate_samples(args.model, args.out, args.num, steps=args.steps, seed=args.seed,
-                           ts=parse_int_list(args.ts, "--ts"), num_levels=args.N,
-                           class_labels=parse_int_list(args.class_labels, "--class-labels"), kind=args.kind,
-                           batch_size=args.batch_size, device=args.device, precision=args.precision,
-                           overwrite=args.overwrite, progress=not args.no_progress, block_size=args.block_size)
-    print0(f"{out}: {args.num} samples")
+
+def run(args: argparse.Namespace) -> int:
+    run = record_from(args)
+    out = sample(run)
+    print0(f"{out}: {run.num} samples")
     return 0
 
 
@@ -27,8 +29,8 @@ def add_parser(verbs) -> None:
     p = verbs.add_parser(
         "sample", help="draw samples from a consistency model into an OpenAI-format .npz",
         description="Draws --num samples (1 or 2 steps; Heun for EDM teachers). Sample i depends only on "
-                    "(--seed, i). Resumable: batches go to <out>.parts/ and rerunning the same command "
-                    "finishes the job. Shards across ranks under torchrun.")
+                    "(--seed, i). Resumable: finished batches are kept in <out>.job/ and rerunning the "
+                    "same command finishes the job. Shards across ranks under torchrun.")
     p.add_argument("--model", required=True,
                    help="cmboost .safetensors, OpenAI .pt (cd_imagenet64_l2.pt, ct_imagenet64.pt, ...) or a diffusers folder")
     add_field_flag(p, SampleSettings, "steps",

@@ -8,10 +8,14 @@ where a mode differs); run builds the records before reading any data, so bad va
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+
 from cmboost.cli.common import add_field_flag, add_runtime_flags, parse_int_list, record_from_args, set_record_defaults
 from cmboost.cm.losses import DISTANCES
-from cmboost.cm.training import LoopSettings, MODES, TrainSettings, UNetShape, mode_default, train_cm
+from cmboost.cm.training import train_cm
+from cmboost.cm.train_config import (LoopSettings, MODES, TrainCMRun, TrainSettings, UNetShape, mode_default,
+                                      mode_settings)
 from cmboost.records import field_default
 
 # Flags whose value is a comma-separated list of integers (a tuple in UNetShape).
@@ -26,23 +30,18 @@ def shape_from_args(args: argparse.Namespace):
     return record_from_args(UNetShape, args, lists)
 
 
-def settings_from_args(args: argparse.Namespace):
-    """TrainSettings of the flags, its `unet` still empty: the data, read later, gives the image size,
-    channels and classes (and a CD or ECT run takes its UNet from the teacher)."""
-
-    return record_from_args(TrainSettings, args, {
-        "unet": {},
-        "lr": mode_default(args.mode, "lr") if args.lr is None else args.lr,
-        "distance": mode_default(args.mode, "distance") if args.distance is None else args.distance,
-    }, keep_defaults=UNFLAGGED)
+def record_from(args: argparse.Namespace) -> TrainCMRun:
+    """The run of the flags, before any data is read. Its settings' `unet` stays empty: the data gives
+    the image size, channels and classes (and a CD or ECT run takes its UNet from the teacher)."""
+    names = [f.name for f in dataclasses.fields(TrainSettings) if f.name not in UNFLAGGED + ("mode", "unet")]
+    settings = mode_settings(args.mode, **{name: getattr(args, name) for name in names})
+    return TrainCMRun(run_dir=args.run_dir, settings=settings, shape=shape_from_args(args),
+                      loop=record_from_args(LoopSettings, args, {}), data_dir=args.data_dir, device=args.device,
+                      precision=args.precision, progress=not args.no_progress)
 
 
 def run(args: argparse.Namespace) -> int:
-
-    shape, settings = shape_from_args(args), settings_from_args(args)
-    loop = record_from_args(LoopSettings, args, {})  # bad numbers fail before the data is read
-    train_cm(settings, args.run_dir, shape, args.data_dir, loop, args.device, args.precision,
-             progress=not args.no_progress)
+    train_cm(record_from(args))
     return 0
 
 

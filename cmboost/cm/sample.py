@@ -10,7 +10,6 @@ depend on neither the batch size nor the number of processes. The batches run as
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +19,7 @@ from cmboost.cm.checkpoint import LoadedModel, load_model
 from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
 from cmboost.errors import UserInputError
 from cmboost.jobs.job import file_digest, refuse_finished, run_parts
-from cmboost.records import check_at_least, check_seed, field_default
+from cmboost.records import check_at_least, check_seed
 from cmboost.runtime import (BLOCK_SIZE, check_allocatable, deterministic_kernels, init_distributed, randn_per_sample,
                              resolve_device, resolve_precision, sample_generators)
 from cmboost.files.samples import to_uint8
@@ -118,30 +117,39 @@ def sample_batch(loaded: LoadedModel, choice: SamplerChoice, indices: Sequence[i
     return x.float().cpu(), labels
 
 
-def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
-                     steps: int | None = field_default(SampleSettings, "steps"),
-                     seed: int = field_default(SampleSettings, "seed"), ts: Sequence[int] | None = None,
-                     num_levels: int | None = None, class_labels: Sequence[int] | None = None, kind: str | None = None,
-                     batch_size: int = field_default(SampleSettings, "batch_size"),
-                     device: torch.device | str | None = "auto", precision: str = "auto", overwrite: bool = False,
-                     progress: bool = True, block_size: int = field_default(SampleSettings, "block_size")) -> Path:
-    """Writes `num` samples of `model` to `out` (OpenAI .npz, or a PNG folder). Resumable and sharded
-    (under torchrun, each rank draws its share). The network sees `block_size` images at a time (the
-    images depend on it, not on `batch_size`). Device and precision: runtime.resolve_device and
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleRun(SampleSettings):
+    """One `cmboost sample`: the model, the output and how to draw, with SampleSettings' numbers."""
+
+    model: str                              # cmboost .safetensors, OpenAI .pt or a diffusers folder
+    out: str                                # .npz or a PNG folder
+    ts: tuple[int, ...] | None = None       # multistep indices into the num_levels-level Karras grid
+    num_levels: int | None = None
+    class_labels: tuple[int, ...] | None = None  # the classes labels are drawn from (default: all)
+    kind: str | None = None                 # the model's kind when the file name does not tell
+    device: str = "auto"
+    precision: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def sample(run: SampleRun) -> Path:
+    """Writes `run.num` samples of `run.model` to `run.out` (OpenAI .npz, or a PNG folder). Resumable and
+    sharded (under torchrun, each rank draws its share). The network sees `block_size` images at a time
+    (the images depend on it, not on `batch_size`). Device and precision: runtime.resolve_device and
     resolve_precision ("auto": CUDA with bf16 when present, else CPU in fp32)."""
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    device = resolve_device(run.device)
+    precision = resolve_precision(run.precision, device)
     init_distributed(device)
-    out = Path(out)
-    counts = SampleSettings(num, steps, seed, batch_size, block_size)  # bad numbers fail before anything is read
-    refuse_finished(out, overwrite)
-    loaded = load_model(model, kind)
+    out, num, model, class_labels = Path(run.out), run.num, run.model, run.class_labels
+    refuse_finished(out, run.overwrite)
+    loaded = load_model(model, run.kind)
     # The finished job's images are merged in memory (the parts, then in index order): refused now,
     # before any list or array of `num` entries exists, if they could never fit.
     image_bytes = loaded.in_channels * loaded.image_size ** 2
     check_allocatable(num * (2 * image_bytes + 64),
                       f"--num {num}: {num} samples of {loaded.in_channels}x{loaded.image_size}x{loaded.image_size}")
-    choice = choose_sampler(loaded, counts.steps, ts, num_levels)
+    choice = choose_sampler(loaded, run.steps, run.ts, run.num_levels)
     if class_labels is not None:
         if loaded.num_classes is None:
             raise UserInputError("--class-labels: this model is unconditional")
@@ -152,15 +160,15 @@ def generate_samples(model: str | os.PathLike, out: str | os.PathLike, num: int,
 
     # One RNG stream per sample and fixed compute blocks: a resume may change the batch size.
     config = {"model": str(Path(model).resolve()), "model_digest": file_digest(model), "kind": loaded.kind,
-              "sampler": dataclasses.asdict(choice), "seed": counts.seed,
+              "sampler": dataclasses.asdict(choice), "seed": run.seed,
               "class_labels": list(class_labels) if class_labels else None, "precision": precision}
 
     def process(chunk):
-        images, labels = sample_batch(loaded, choice, chunk, counts.seed, device, precision, class_labels)
+        images, labels = sample_batch(loaded, choice, chunk, run.seed, device, precision, class_labels)
         return to_uint8(images, "signed"), None if labels is None else labels.numpy()
 
     with deterministic_kernels(device):
-        run_parts(out, counts.num, counts.batch_size, process, config, may_change=("batch_size",),
-                  overwrite=overwrite, progress=progress, desc=f"sample {loaded.kind} {choice.name}",
-                  block_size=counts.block_size)
+        run_parts(out, num, run.batch_size, process, config, may_change=("batch_size",),
+                  overwrite=run.overwrite, progress=run.progress, desc=f"sample {loaded.kind} {choice.name}",
+                  block_size=run.block_size)
     return out

@@ -28,147 +28,15 @@ import torch
 from cmboost.cm.checkpoint import load_model, save_model, unet_from_config
 from cmboost.cm.denoiser import CM_PRECOND, EDM_PRECOND
 from cmboost.cm.denoiser import SIGMA_MAX, SIGMA_MIN
-from cmboost.cm.losses import (DISTANCES, cd_loss, ct_level_probs, ct_loss, ct_num_scales, ect_loss, ect_stage,
+from cmboost.cm.losses import (cd_loss, ct_level_probs, ct_loss, ct_num_scales, ect_loss, ect_stage,
                               edm_loss)
-from cmboost.cm.unet import attention_rates
 from cmboost.errors import UserInputError
 from cmboost.jobs.job import MODEL_FILE, Job, module_tensors, optimizer_tensors
-from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
-                             field_default, flag_of)
+from cmboost.records import (field_default)
 from cmboost.runtime import DistInfo, all_finite, autocast, barrier, dist_info, on_every_rank, print0, sample_seed
 from cmboost.files.datasets import load_dataset
 from cmboost.runtime import init_distributed, resolve_device, resolve_precision
-
-MODES = ("edm", "cd", "ct", "ect")
-# Fashion-MNIST's 28x28 images are zero-padded to 32x32: the UNet halves the size at each level.
-FMNIST_SIZE = 32
-# ECT exports a consistency model (kind "ct") on a 40-level grid whose 2-step middle level, 24, is
-# sigma 0.823: the 0.821 that ECT samples 2 steps with
-ECT_SAMPLER = ((0, 24, 39), 40)
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetShape:
-    """The size of a small ADM UNet (what train-cm's architecture flags set), checked when built.
-    The data gives the rest: image size, channels and classes."""
-
-    model_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 1
-    attention_resolutions: tuple[int, ...] = (8,)  # in pixels: 8 = attention at 8x8
-    dropout: float = 0.0
-    num_head_channels: int = 32                    # -1: one head
-
-    def __post_init__(self):
-        check_finite(self)
-        for name in ("channel_mult", "attention_resolutions"):  # typed comma-separated, shown so
-            values = getattr(self, name)
-            if not values or min(values) < 1:
-                raise UserInputError(f"{flag_of(name)} {','.join(map(str, values))}: needs integers >= 1")
-        check_at_least(self, 1, ("model_channels", "num_res_blocks"))
-        check_fraction(self, ("dropout",))
-        if self.num_head_channels != -1:
-            check_at_least(self, 1, ("num_head_channels",))
-
-    def config(self, image_size: int, in_channels: int, num_classes: int | None) -> dict:
-        """The UNet config dict (as saved in the run's config.json and checkpoints) for this data."""
-        rates = attention_rates(self.attention_resolutions, image_size)
-        last = len(self.channel_mult) - 1
-        for level, mult in enumerate(self.channel_mult):  # the middle block, at the last level, always attends
-            width = mult * self.model_channels
-            attends = 2 ** level in rates or level == last
-            if attends and self.num_head_channels != -1 and width % self.num_head_channels:
-                raise UserInputError(f"--num-head-channels {self.num_head_channels}: the UNet attends at width "
-                                     f"{width} (--model-channels {self.model_channels} x --channel-mult {mult}), "
-                                     f"which does not split into heads of {self.num_head_channels}")
-        return dict(image_size=image_size, in_channels=in_channels, model_channels=self.model_channels,
-                    out_channels=in_channels, num_res_blocks=self.num_res_blocks,
-                    attention_resolutions=list(attention_rates(self.attention_resolutions, image_size)),
-                    dropout=self.dropout, channel_mult=list(self.channel_mult), num_classes=num_classes,
-                    num_heads=1, num_head_channels=self.num_head_channels, use_scale_shift_norm=True,
-                    resblock_updown=True)
-
-
-_SHAPE = UNetShape()
-
-
-def small_unet_config(image_size: int = 32, in_channels: int = 1, num_classes: int | None = 10,
-                      model_channels: int = _SHAPE.model_channels, channel_mult: tuple[int, ...] = _SHAPE.channel_mult,
-                      num_res_blocks: int = _SHAPE.num_res_blocks,
-                      attention_resolutions: tuple[int, ...] = _SHAPE.attention_resolutions,
-                      dropout: float = _SHAPE.dropout, num_head_channels: int = _SHAPE.num_head_channels) -> dict:
-    """A small ADM UNet for 32x32 single-channel data; `attention_resolutions` in pixels (8 = at 8x8)."""
-    shape = UNetShape(model_channels, tuple(channel_mult), num_res_blocks, tuple(attention_resolutions), dropout,
-                      num_head_channels)
-    return shape.config(image_size, in_channels, num_classes)
-
-
-@dataclasses.dataclass
-class TrainSettings:
-    """Everything that defines a run (recorded in the run folder's config.json; a rerun must match), checked
-    when built. Not frozen: a CD Trainer fills `unet` in from its teacher, and callers read it there."""
-
-    mode: str
-    iters: int
-    unet: dict
-    batch_size: int = 64
-    lr: float = 2e-4
-    warmup: int = 100                 # linear lr warm-up iterations
-    grad_clip: float = 1.0
-    ema_rate: float = 0.999           # EMA of the weights that gets exported
-    seed: int = 0
-    # EDM
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    # CD
-    teacher: str | None = None
-    num_scales: int = 18
-    target_ema: float = 0.95
-    init_from_teacher: bool = True
-    # CT
-    start_scales: int = 10
-    end_scales: int = 160
-    ct_p_mean: float = -1.1
-    ct_p_std: float = 2.0
-    distance: str = "l2"
-    # ECT (its noise levels are CT's log-normal, ct_p_mean and ct_p_std)
-    ect_q: float = 2.0                # the gap t - r shrinks by this factor at each stage
-    ect_stages: int = 8               # curriculum stages over the run: stage length d = ceil(iters / ect_stages)
-    data: str = "fmnist"
-
-    def __post_init__(self):
-        check_finite(self, SETTINGS_FLAGS)
-        check_choice(self, "mode", MODES)
-        check_at_least(self, 1, ("iters", "batch_size"))
-        check_at_least(self, 0, ("warmup", "grad_clip"))
-        check_above(self, 0, ("lr", "p_std", "ct_p_std"), SETTINGS_FLAGS)
-        check_fraction(self, ("ema_rate", "target_ema"))
-        check_seed(self)
-        check_choice(self, "distance", DISTANCES)
-        if self.mode in ("cd", "ect") and not self.teacher:
-            raise UserInputError(f"--mode {self.mode} needs --teacher (an EDM model.safetensors from "
-                                 f"'cmboost train-cm --mode edm')")
-        if self.ect_q <= 1:
-            raise UserInputError(f"--ect-q {self.ect_q:g}: must be > 1 (the gap shrinks by it at each stage)")
-        check_at_least(self, 1, ("ect_stages",))
-        if self.mode == "cd" and self.num_scales < 2:
-            raise UserInputError(f"--num-scales {self.num_scales}: needs at least 2")
-        if self.mode == "ct" and not 2 <= self.start_scales <= self.end_scales:
-            raise UserInputError(f"--start-scales {self.start_scales}, --end-scales {self.end_scales}: "
-                                 f"need 2 <= start <= end")
-
-
-# Fields no flag sets: messages name them as fields.
-SETTINGS_FLAGS = {name: f"TrainSettings.{name}" for name in ("p_mean", "p_std", "ct_p_mean", "ct_p_std")}
-# A mode's own default where the record's does not suit it (train-cm applies these when the flag is
-# not given): CD starts from the teacher's weights and fine-tunes gently; CT compares with pseudo-Huber.
-MODE_DEFAULTS = {"cd": {"lr": 4e-5}, "ct": {"distance": "pseudo-huber"},
-                 "ect": {"lr": 1e-4, "distance": "pseudo-huber"}}
-
-
-def mode_default(mode: str, name: str):
-    """The default of TrainSettings field `name` for `mode`."""
-    return MODE_DEFAULTS.get(mode, {}).get(name, field_default(TrainSettings, name))
+from cmboost.cm.train_config import TrainCMRun, ECT_SAMPLER, FMNIST_SIZE, LoopSettings, TrainSettings, UNetShape
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -336,22 +204,6 @@ def resumable_changes(settings: TrainSettings) -> set[str]:
     return allowed
 
 
-@dataclasses.dataclass(frozen=True)
-class LoopSettings:
-    """How one invocation of the loop runs, not what it trains: a rerun may change any of these and
-    still resume (train-cm's --save-every, --log-every and --max-minutes read their defaults here)."""
-
-    save_every: int = 250             # iterations between saved states and exports
-    log_every: int = 25               # iterations between log.jsonl records
-    max_minutes: float | None = None  # wall-time budget of this invocation: past it, stop at the next
-                                      # iteration boundary with a saved state and an exported model
-
-    def __post_init__(self):
-        check_finite(self)
-        check_at_least(self, 1, ("save_every", "log_every"))
-        check_above(self, 0, ("max_minutes",))
-
-
 def wall_clock() -> float:
     """Seconds on a clock that only moves forward: what --max-minutes is measured with."""
     return time.monotonic()
@@ -453,22 +305,20 @@ def _train_loop(job: Job, trainer: "Trainer", settings: TrainSettings, device: t
     return model_path
 
 
-def train_cm(settings: TrainSettings, run_dir: str | os.PathLike, shape: UNetShape = UNetShape(),
-             data_dir: str | os.PathLike | None = None, loop: LoopSettings = LoopSettings(),
-             device: str = "auto", precision: str = "auto", progress: bool = True) -> Path:
-    """`cmboost train-cm`: reads the train split of `settings.data` (Fashion-MNIST zero-padded to FMNIST_SIZE), completes
-    `settings.unet` from the data and `shape` (a CD or ECT run takes its UNet from the teacher), and
-    trains in `run_dir` (resuming it)."""
-
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+def train_cm(run: TrainCMRun) -> Path:
+    """`cmboost train-cm`: reads the train split of `run.settings.data` (Fashion-MNIST zero-padded to
+    FMNIST_SIZE), completes the settings' `unet` from the data and `run.shape` (a CD or ECT run takes its
+    UNet from the teacher), and trains in `run.run_dir` (resuming it). Returns the exported model's path."""
+    device = resolve_device(run.device)
+    precision = resolve_precision(run.precision, device)
+    settings, shape, loop = run.settings, run.shape, run.loop
     data = settings.data
     padded = FMNIST_SIZE if data.startswith(("fmnist", "fashion-mnist")) else None
-    images, labels, num_classes = load_dataset(data, "train", data_dir=data_dir, image_size=padded)
+    images, labels, num_classes = load_dataset(data, "train", data_dir=run.data_dir, image_size=padded)
     if images.shape[2] != images.shape[3] or images.shape[2] % 2 ** (len(shape.channel_mult) - 1):
         raise UserInputError(f"--data {data}: images are {images.shape[2]}x{images.shape[3]}; need square sizes "
                              f"divisible by 2^(levels-1)")
     settings = dataclasses.replace(settings, unet=shape.config(images.shape[2], images.shape[1], num_classes))
     init_distributed(device)
-    return train(settings, run_dir, images, labels, device, precision, save_every=loop.save_every,
-                 log_every=loop.log_every, progress=progress, max_minutes=loop.max_minutes)
+    return train(settings, run.run_dir, images, labels, device, precision, save_every=loop.save_every,
+                 log_every=loop.log_every, progress=run.progress, max_minutes=loop.max_minutes)

@@ -18,7 +18,7 @@ from cmboost.files.samples import load_samples
 from cmboost.jcd.model import load_joint_model
 from cmboost.jobs.job import file_digest
 from cmboost.runtime import resolve_device, resolve_precision
-from cmboost.tuning.choose import check_settings_network, do_not_boost, load_settings_file, tuned_hyper
+from cmboost.boosting.settings import check_settings_network, do_not_boost, load_settings_file, tuned_hyper
 
 
 @dataclasses.dataclass(frozen=True)

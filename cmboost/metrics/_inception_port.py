@@ -1,8 +1,8 @@
 """torch-fidelity's PyTorch port of the TF 2015-12-05 Inception-v3 graph, built without its own
 file loading (which unpickles with weights_only=False and downloads when given no path).
 
-Imported only when Inception features are asked for: torch-fidelity is an optional dependency
-(the "inception" extra).
+torch-fidelity is an optional dependency (the "inception" extra): it is imported when a port is
+built, and its absence is one line.
 """
 
 from __future__ import annotations
@@ -10,28 +10,37 @@ from __future__ import annotations
 import io
 
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
-__all__ = ["URL_INCEPTION_V3", "FidelityInception", "build_port"]
+from cmboost.errors import UserInputError
 
 
-class FidelityInception(FeatureExtractorInceptionV3):
-    """The port with one change: an empty state dict leaves the (seeded) random initialisation,
-    which the speed benchmark and the tests use when no weights are on disk."""
+def _fidelity_inception() -> type:
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError as err:
+        raise UserInputError(f"--features inception needs torch-fidelity ({err}): "
+                             "pip install 'cmboost[inception]' (torch-fidelity 0.4)") from None
 
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        if not state_dict:
-            return None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    class FidelityInception(FeatureExtractorInceptionV3):
+        """The port with one change: an empty state dict leaves the (seeded) random initialisation,
+        which the speed benchmark and the tests use when no weights are on disk."""
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if not state_dict:
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    return FidelityInception
 
 
 def build_port(state_dict: dict[str, torch.Tensor] | None,
-               features_list: tuple[str, ...] = ("2048", "logits_unbiased")) -> FidelityInception:
+               features_list: tuple[str, ...] = ("2048", "logits_unbiased")) -> torch.nn.Module:
     """The port with `state_dict` (already loaded with weights_only=True), or random weights for None.
 
     torch-fidelity's constructor wants a file; it gets an in-memory copy written by us from plain
     tensors, so its internal torch.load never reads anything we did not produce."""
+    port_class = _fidelity_inception()
     buffer = io.BytesIO()
     torch.save(dict(state_dict or {}), buffer)
     buffer.seek(0)
-    return FidelityInception("inception-v3-compat", list(features_list), feature_extractor_weights_path=buffer)
+    return port_class("inception-v3-compat", list(features_list), feature_extractor_weights_path=buffer)

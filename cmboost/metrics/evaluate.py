@@ -7,6 +7,7 @@ several are asked for, plus num_samples, num_reference, feature_net, features (d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 from cmboost.files.atomic import atomic_open
 from cmboost.errors import UserInputError
 from cmboost.metrics.extract import extract_features
-from cmboost.metrics.feature_nets import extractors_for, fd_results, reference_for
+from cmboost.metrics.feature_nets import EXTRACT_BATCH, FeatureOptions, extractors_for, fd_results, reference_for
 from cmboost.metrics.features import FeatureExtractor
 from cmboost.metrics.judges import DEFAULT_FEATURES
 from cmboost.records import FEATURE_PRECISION
@@ -38,7 +39,7 @@ PR_NEIGHBOURS = 3      # k of the k-NN manifolds
 # ----------------------------------------------------------------------------- feature extraction
 
 
-def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, batch_size: int = 256,
+def evaluate_source(source: ImageSource, reference, features=DEFAULT_FEATURES, batch_size: int = EXTRACT_BATCH,
                     device: torch.device | str | None = None, precision: str = FEATURE_PRECISION,
                     inception_weights: str | os.PathLike | None = None, progress: bool = False,
                     dinov2_weights: str | os.PathLike | None = None, bootstrap: int = 0) -> dict:
@@ -147,7 +148,7 @@ def prepared_statistics(ref: Reference, ref_features: np.ndarray | None) -> Refe
 
 
 def evaluate_images(images_u8: np.ndarray, reference: Reference | str | os.PathLike,
-                    features: FeatureExtractor | str = DEFAULT_FEATURES, batch_size: int = 256,
+                    features: FeatureExtractor | str = DEFAULT_FEATURES, batch_size: int = EXTRACT_BATCH,
                     device: torch.device | str | None = None, precision: str = FEATURE_PRECISION,
                     inception_weights: str | os.PathLike | None = None, progress: bool = False,
                     dinov2_weights: str | os.PathLike | None = None, bootstrap: int = 0) -> dict:
@@ -157,13 +158,42 @@ def evaluate_images(images_u8: np.ndarray, reference: Reference | str | os.PathL
 
 
 def evaluate_file(samples: str | os.PathLike, reference: Reference | str | os.PathLike,
-                  features: FeatureExtractor | str = DEFAULT_FEATURES, batch_size: int = 256,
+                  features: FeatureExtractor | str = DEFAULT_FEATURES, batch_size: int = EXTRACT_BATCH,
                   device: torch.device | str | None = None, precision: str = FEATURE_PRECISION,
                   inception_weights: str | os.PathLike | None = None, progress: bool = False,
                   dinov2_weights: str | os.PathLike | None = None) -> dict:
     """Metrics of a sample .npz (streamed) or PNG folder against a reference."""
     return evaluate_source(open_samples(samples), reference, features, batch_size, device, precision,
                            inception_weights, progress, dinov2_weights)
+
+
+# ----------------------------------------------------------------------------- the verb
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluateRun(FeatureOptions):
+    """One `cmboost evaluate`: samples against references, checked when built."""
+
+    samples: str                # a sample .npz (OpenAI layout) or a PNG folder
+    refs: tuple[str, ...]       # .npz or .pkl references, one per feature network at most
+    json: str | None = None     # also write the results here
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.refs, str) or not self.refs:
+            raise UserInputError("--ref REF.npz is required (make one with 'cmboost evaluate-ref')")
+        if self.json is not None:
+            refuse_existing(self.json, self.overwrite, flag="--json")
+
+
+def evaluate(run: EvaluateRun) -> dict:
+    """The metrics of `run.samples` (every rank gets them), written to `run.json` on rank 0 when given."""
+    source = open_samples(run.samples)
+    references = load_references(list(run.refs))
+    result = evaluate_source(source, references, run.extractors(), run.batch_size, progress=run.progress)
+    if run.json is not None and dist_info().is_main:
+        write_json(run.json, result, overwrite=run.overwrite)
+    return result
 
 
 # ----------------------------------------------------------------------------- reporting

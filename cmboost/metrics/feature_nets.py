@@ -1,13 +1,57 @@
-"""Several feature networks in one evaluation (--features inception,dinov2): the extractors, the
-reference that goes with each network, and the Frechet distance in each network's features."""
+"""Several feature networks in one evaluation (--features inception,dinov2): how evaluate and
+evaluate-ref run them (FeatureOptions), the extractors, the reference that goes with each network,
+and the Frechet distance in each network's features."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
 from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
+from cmboost.metrics.judges import DEFAULT_FEATURES
+from cmboost.records import FEATURE_PRECISION, check_at_least
+from cmboost.runtime import init_distributed, resolve_device
 from cmboost.metrics.ref_pickle import fd_key
 from cmboost.metrics.reference import Reference
 from cmboost.metrics.stats import frechet_distance
+
+EXTRACT_BATCH = 256  # images per forward pass of a feature network
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FeatureOptions:
+    """The fields `cmboost evaluate` and `cmboost evaluate-ref` share: which feature networks, where and
+    how they run. Checked when built; `extractors()` resolves the device once and loads the networks."""
+
+    features: str = DEFAULT_FEATURES  # comma-separated: the first for every metric, the others add fd_<name>
+    batch_size: int = EXTRACT_BATCH
+    device: str = "auto"
+    precision: str = FEATURE_PRECISION
+    inception_weights: str | None = None
+    dinov2_weights: str | None = None
+    threads: int = 0                  # torch CPU threads; 0: torch's choice
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        check_at_least(self, 1, ("batch_size",))
+        check_at_least(self, 0, ("threads",))
+        if not isinstance(self.features, str) or any(not spec.strip() for spec in self.features.split(",")):
+            raise UserInputError(f"--features {self.features!r}: empty name in the list")
+
+    @property
+    def num_networks(self) -> int:
+        return len(self.features.split(","))
+
+    def extractors(self) -> list[FeatureExtractor]:
+        """The networks of `features` on the resolved device (set up for torchrun), threads set."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        device = resolve_device(self.device)
+        init_distributed(device)
+        return extractors_for(self.features, device, self.precision, self.inception_weights, self.dinov2_weights)
 
 
 def extractors_for(features, device, precision, inception_weights, dinov2_weights) -> list[FeatureExtractor]:

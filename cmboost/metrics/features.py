@@ -32,10 +32,14 @@ import torch
 from cmboost.files.atomic import atomic_open
 from cmboost.files.checkpoints import torch_load, weights_digest
 from cmboost.errors import UserInputError
+from cmboost.metrics._inception_port import build_port
+from cmboost.metrics.domain_net import check_input_shape, load_domain_net, prepare_images
 from cmboost.metrics.extractor import FeatureExtractor, check_resizable  # noqa: F401 (the registry's base)
 from cmboost.metrics.judges import DEFAULT_FEATURES
 from cmboost.records import FEATURE_PRECISION
 from cmboost.runtime import autocast, resolve_device, resolve_precision
+from cmboost.metrics.dinov2 import DINOV2_FILE, DINOV2_IDENTITY, DINOV2_SIZE, DINOV2_URL, ViTConfig, load_dinov2, preprocess, random_dinov2
+from cmboost.metrics.effnet import EffNetLite0Features
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -130,15 +134,6 @@ def _download(url: str, target: Path, timeout: float = 60.0) -> Path:
     return target
 
 
-def _import_port():
-    try:
-        import cmboost.metrics._inception_port as inception_port
-    except ImportError as err:
-        raise UserInputError(f"--features inception needs torch-fidelity ({err}): "
-                             "pip install 'cmboost[inception]' (torch-fidelity 0.4)") from None
-    return inception_port
-
-
 class InceptionFeatures(FeatureExtractor):
     """Inception-v3 (TF 2015-12-05) features of the guided-diffusion protocol. Any image size (resized
     to 299 like the TF graph); grey images are repeated to 3 channels. `channels_last` and bf16
@@ -164,13 +159,12 @@ class InceptionFeatures(FeatureExtractor):
     def from_weights(cls, path: str | os.PathLike | None = None, device: torch.device | str = "cpu",
                      precision: str = "fp32", allow_download: bool = True,
                      channels_last: bool = True) -> "InceptionFeatures":
-        port_module = _import_port()
         weights = resolve_inception_weights(path, allow_download)
         state_dict = torch_load(weights)
         if not isinstance(state_dict, dict) or not state_dict:
             raise UserInputError(f"{weights}: holds no state dict")
         try:
-            port = port_module.build_port(state_dict)
+            port = build_port(state_dict)
         except RuntimeError as err:
             raise UserInputError(f"{weights}: does not fit torch-fidelity's Inception-v3 "
                                  f"({str(err).strip().splitlines()[0]})") from None
@@ -180,9 +174,8 @@ class InceptionFeatures(FeatureExtractor):
     def random(cls, seed: int = 0, device: torch.device | str = "cpu", precision: str = "fp32",
                channels_last: bool = True) -> "InceptionFeatures":
         """Random weights (seeded): for speed measurements and tests only; the identity says so."""
-        port_module = _import_port()
         torch.manual_seed(seed)
-        return cls(port_module.build_port(None), f"{INCEPTION_IDENTITY}-random-{seed}", device, precision,
+        return cls(build_port(None), f"{INCEPTION_IDENTITY}-random-{seed}", device, precision,
                    channels_last)
 
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
@@ -235,7 +228,6 @@ class DinoV2Features(FeatureExtractor):
     @classmethod
     def from_weights(cls, path: str | os.PathLike | None = None, device: torch.device | str = "cpu",
                      precision: str = "fp32", allow_download: bool = True) -> "DinoV2Features":
-        from cmboost.metrics.dinov2 import DINOV2_FILE, DINOV2_IDENTITY, DINOV2_URL, load_dinov2
 
         weights = resolve_weights(DINOV2_FILE, DINOV2_URL, "--dinov2-weights", "DINOv2", path, allow_download)
         model = load_dinov2(weights)
@@ -248,18 +240,15 @@ class DinoV2Features(FeatureExtractor):
     def random(cls, seed: int = 0, device: torch.device | str = "cpu", precision: str = "fp32",
                config=None) -> "DinoV2Features":
         """Random weights (seeded): for speed measurements and tests only; the identity says so."""
-        from cmboost.metrics.dinov2 import DINOV2_IDENTITY, ViTConfig, random_dinov2
 
         return cls(random_dinov2(config or ViTConfig(), seed), f"{DINOV2_IDENTITY}-random-{seed}", device, precision)
 
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
-        from cmboost.metrics.dinov2 import DINOV2_SIZE
 
         check_resizable(shape, source, "DINOv2", DINOV2_SIZE)
 
     @torch.no_grad()
     def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        from cmboost.metrics.dinov2 import preprocess
 
         if images_u8.dtype != torch.uint8 or images_u8.ndim != 4:
             raise ValueError(f"expected uint8 NCHW images, got {images_u8.dtype} {tuple(images_u8.shape)}")
@@ -290,8 +279,6 @@ class DomainFeatures(FeatureExtractor):
                                "sFID is defined on Inception's mixed_6/conv")
 
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
-        from cmboost.metrics.domain_net import check_input_shape
-
         check_input_shape(tuple(shape), self.net.config, source, self.name)
 
     def padded_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -301,8 +288,6 @@ class DomainFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        from cmboost.metrics.domain_net import prepare_images
-
         x = prepare_images(images_u8.to(self.device, non_blocking=True), self.net.config)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
@@ -338,10 +323,7 @@ def load_feature_extractor(spec: str = DEFAULT_FEATURES, device: torch.device | 
     if spec == "dinov2":
         return DinoV2Features.from_weights(dinov2_weights, device, precision, allow_download)
     if str(spec).startswith("effnet-lite0"):
-        from cmboost.metrics.effnet import EffNetLite0Features
 
         return EffNetLite0Features.from_weights(None, device, precision, effnet_resolution(str(spec)))
-    from cmboost.metrics.domain_net import load_domain_net
-
     net, _ = load_domain_net(spec, device)
     return DomainFeatures(net, str(spec), device, precision)

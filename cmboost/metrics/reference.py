@@ -24,8 +24,13 @@ import numpy as np
 
 from cmboost.files.atomic import atomic_open
 from cmboost.errors import UserInputError
-from cmboost.records import param_default
 from cmboost.metrics.ref_pickle import DINOV2_KEY, INCEPTION_KEY, pickled_statistics, read_pickle
+from cmboost.files.atomic import refuse_existing
+from cmboost.files.samples import ArraySource, ImageSource
+from cmboost.metrics.dinov2 import DINOV2_IDENTITY
+from cmboost.metrics.extract import extract_features
+from cmboost.metrics.features import load_feature_extractor
+from cmboost.metrics.stats import check_covariance
 
 OPENAI_FEATURE_NET = "inception-v3-tf-2015-12-05"  # what OpenAI's reference files were made with
 
@@ -67,7 +72,6 @@ class Reference:
 def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
     """Finite statistics of matching shapes whose sigma is a covariance (positive semi-definite up to
     rounding), or one line naming the reference."""
-    from cmboost.metrics.stats import check_covariance
 
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise UserInputError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not match")
@@ -178,7 +182,6 @@ def save_reference(path: str | os.PathLike, ref: Reference, overwrite: bool = Fa
     """Atomic .npz write in the layout described above (images stored NHWC, like OpenAI's). `compact`
     stores the covariances in float32 and the features in float16, half the size or less (for files
     that ship in the package); they are read back as float64 and float32 all the same."""
-    from cmboost.files.atomic import refuse_existing
 
     path = Path(path)
     refuse_existing(path, overwrite)
@@ -213,9 +216,6 @@ def reference_stats(images_u8, extractor, batch_size: int = 256, num_features: i
     """Statistics of uint8 NCHW `images_u8` (an array or an evaluate.ImageSource) under `extractor`
     (a FeatureExtractor or a spec like "fmnist"/"inception"): mu/sigma (and mu_s/sigma_s) over all
     images, plus the images and pool features of up to `num_features` of them for precision/recall."""
-    from cmboost.metrics.extract import extract_features
-    from cmboost.files.samples import ArraySource, ImageSource
-    from cmboost.metrics.features import load_feature_extractor
 
     extractor = load_feature_extractor(extractor)
     data = images_u8 if isinstance(images_u8, ImageSource) else ArraySource(images_u8, source or "reference images")
@@ -231,7 +231,6 @@ def reference_stats(images_u8, extractor, batch_size: int = 256, num_features: i
 # ----------------------------------------------------------------------------- EDM2-style .pkl
 
 def _default_identity(key: str) -> str | None:
-    from cmboost.metrics.dinov2 import DINOV2_IDENTITY
 
     # EDM2's Inception is a PyTorch translation of the same TF 2015-12-05 graph as OpenAI's
     return {INCEPTION_KEY: OPENAI_FEATURE_NET, DINOV2_KEY: DINOV2_IDENTITY}.get(key)
@@ -240,7 +239,6 @@ def _default_identity(key: str) -> str | None:
 def load_pickled_references(path: str | os.PathLike) -> list:
     """One Reference per statistics entry of an EDM2-style .pkl (mu/sigma only: no images, so no
     precision/recall/KID against it)."""
-    from cmboost.metrics.dinov2 import DINOV2_IDENTITY
 
     path = Path(path)
     data = read_pickle(path)
@@ -278,55 +276,3 @@ def load_pickled_references(path: str | os.PathLike) -> list:
     return refs
 
 
-def check_reference_request(out: str | os.PathLike, num_networks: int, num_features: int) -> str:
-    """The kind of reference file `out` names (".npz" or ".pkl"), checked against what it must hold."""
-    from cmboost.metrics.evaluate import PR_NEIGHBOURS
-
-    kind = Path(out).suffix.lower()
-    if kind not in (".npz", ".pkl"):
-        raise UserInputError(f"--out {out}: must end in .npz (cmboost/OpenAI layout) or .pkl (EDM2 layout)")
-    if kind == ".npz" and num_networks > 1:
-        raise UserInputError(f"--out {out}: an .npz reference holds one feature network, --features lists "
-                             "several; write a .pkl, or one .npz per network")
-    if num_features <= PR_NEIGHBOURS:
-        raise UserInputError(f"--num-features {num_features}: need at least {PR_NEIGHBOURS + 1} for "
-                             f"k={PR_NEIGHBOURS} precision/recall")
-    return kind
-
-
-def make_reference_file(data: str, split: str, out: str | os.PathLike, extractors: list, data_dir=None,
-                        batch_size: int = param_default(reference_stats, "batch_size"),
-                        num_features: int = param_default(reference_stats, "num_features"),
-                        seed: int = param_default(reference_stats, "seed"), overwrite: bool = False,
-                        progress: bool = True) -> dict | None:
-    """`cmboost evaluate-ref`: the statistics of a dataset split written to `out`, cmboost's .npz (the
-    first network, with the features of `num_features` images for precision/recall) or an EDM2-style
-    .pkl (mu and sigma per network). Returns a summary on rank 0, None on the other ranks."""
-    from cmboost.files.atomic import refuse_existing
-    from cmboost.files.datasets import load_dataset
-    from cmboost.metrics.evaluate import extract_features
-    from cmboost.metrics.ref_pickle import save_pickled_references
-    from cmboost.runtime import dist_info
-    from cmboost.files.samples import ArraySource
-
-    kind = check_reference_request(out, len(extractors), num_features)
-    refuse_existing(out, overwrite)
-    images, _, _ = load_dataset(data, split, data_dir)
-    source = f"{data} {split}"
-    if kind == ".npz":
-        ref = reference_stats(images, extractors[0], batch_size, num_features, seed, source=source, progress=progress)
-        if not dist_info().is_main:
-            return None
-        save_reference(out, ref, overwrite=overwrite)
-        return {"out": str(out), "feature_net": ref.net, "count": ref.count, "features_kept": int(len(ref.features)),
-                "spatial": ref.mu_s is not None}
-    stats = []
-    for net in extractors:
-        net.check_images(images.shape[1:], source)
-        feats = extract_features(ArraySource(images, source), net, batch_size, keep=np.empty(0, dtype=np.int64),
-                                 keep_probs=False, progress=progress, desc=f"reference ({net.name})")
-        stats.append((net.name, net.identity, feats.mu, feats.sigma))
-    if not dist_info().is_main:
-        return None
-    save_pickled_references(out, stats, len(images), overwrite=overwrite)
-    return {"out": str(out), "feature_nets": [s[1] for s in stats], "count": len(images)}
