@@ -21,8 +21,19 @@ OPENMP_WAIT_POLICY = "PASSIVE"
 if "torch" not in _sys.modules and "GOMP_SPINCOUNT" not in _os.environ:
     _os.environ.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)
 
-from cmboost.api import (asset, boost, check_judges, diagnose, evaluate, evaluate_ref, sample,  # noqa: E402
-                         train_cm, train_features, train_jcd, tune)
-
 __all__ = ["asset", "boost", "check_judges", "diagnose", "evaluate", "evaluate_ref", "sample", "train_cm",
            "train_features", "train_jcd", "tune", "__version__"]
+
+
+def __getattr__(name: str):
+    """The API functions load with their first use (PEP 562): `import cmboost`, which the console script
+    does first, must not import torch, so that Ctrl-C while torch loads is caught by the command line."""
+    if name in __all__:
+        from cmboost import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cmboost' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -49,7 +49,8 @@ from cmboost.metrics.reference import load_reference
 from cmboost.metrics.stats import feature_statistics, paired_change
 from cmboost.files.report import markdown_table
 from cmboost.files.samples import load_samples, to_float
-from cmboost.tuning.choose import run_method, tune
+from cmboost.tuning.choose import tune
+from cmboost.boosting.apply import run_method
 
 BOOSTER = "jcd-robust-1.5-ect.safetensors"
 CLASSIFIER = "jcd-ce.safetensors"       # BIGRoC's classifier, as in the demo

@@ -35,7 +35,7 @@ from cmboost.metrics.judge_check import fid_kid, paired_bootstrap_std, passing, 
 from cmboost.metrics.judges import REPORTING_JUDGES
 from cmboost.files.report import markdown_table
 from cmboost.files.samples import load_samples, to_float, to_uint8
-from cmboost.tuning.choose import run_method
+from cmboost.boosting.apply import run_method
 
 JUDGE_CHECK = Path(__file__).resolve().parent.parent / "cmboost" / "assets" / "fmnist" / "judges.json"
 PGD_STEPS = 10            # the tuned grid's step count; the step size is the default 2.5 eps / steps

@@ -14,6 +14,8 @@ MAX_LINES = 400
 LAZY_ON_PURPOSE = {
     # the console script imports the parser (and torch) inside main, so that Ctrl-C while loading is one line
     ("cmboost.cli", "cmboost.cli._app"),
+    # `import cmboost` stays light for the same reason: the API (and torch) loads with its first use
+    ("cmboost", "cmboost.api"),
 }
 
 

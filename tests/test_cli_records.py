@@ -26,7 +26,7 @@ from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings as Feature
 from cmboost.metrics.reference import reference_stats
 from cmboost.records import field_default, param_default, shown
 from cmboost.jcd.config import TrainConfig
-from cmboost.tuning.choose import TuneSettings
+from cmboost.tuning.candidates import TuneSettings
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
 VERBS = ("boost", "sample", "tune", "evaluate", "evaluate-ref", "train-cm", "train-jcd", "train-features", "diagnose")
@@ -175,7 +175,7 @@ def test_no_cli_module_states_a_default_of_its_own():
 
     root = Path(cmboost.__file__).parent
     sources = {p: p.read_text() for p in root.rglob("*.py")}
-    patterns = {r"\b2\.5 \* ": "boosting/config.py", r"\b55000\b": "files/datasets.py", r"= 0\.03\b": "tuning/choose.py",
+    patterns = {r"\b2\.5 \* ": "boosting/config.py", r"\b55000\b": "files/datasets.py", r"= 0\.03\b": "tuning/candidates.py",
                 r"realness_kind: str = \"": None, r"num_features < 4": None}
     for pattern, home in patterns.items():
         found = sorted(str(p.relative_to(root)) for p, text in sources.items() if re.search(pattern, text))

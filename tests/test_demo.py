@@ -357,7 +357,7 @@ def test_the_levers_rule_needs_two_judges_the_controls_beaten_and_none_against()
 
 
 def test_the_full_report_shows_the_shipped_gain_map_and_counts_the_levers(tmp_path, monkeypatch):
-    import cmboost.demo.run as demo
+    import cmboost.demo.assets as demo
     from cmboost.demo.report import _gain_map_section
     from cmboost.errors import UserInputError
 

@@ -161,7 +161,7 @@ def test_boost_settings_writes_the_images_tune_scored(many, monkeypatch, block):
     import cmboost.tuning.choose as tune_module
     from cmboost.runtime import BLOCK_SIZE
     from cmboost.files.samples import load_samples
-    from cmboost.tuning.choose import TuneSettings
+    from cmboost.tuning.candidates import TuneSettings
     from cmboost.boosting.settings import settings_block
 
     assert TuneSettings().batch_size == BLOCK_SIZE  # one default for the compute block
@@ -180,7 +180,7 @@ def test_boost_settings_writes_the_images_tune_scored(many, monkeypatch, block):
     settings = tune(root / "val.npz", load_joint_model(ASSETS / "jcd-joint.safetensors"), ref, judge, out,
                     grid=grid, progress=False, **extra)
     assert settings["best"] == "pgd"
-    assert settings_block(tune_module.load_settings_file(out)) == (block or BLOCK_SIZE)
+    assert settings_block(load_settings_file(out)) == (block or BLOCK_SIZE)
     best = settings["methods"]["pgd"]
     tune_images = scored[json.dumps(["pgd", best["hyper"]], sort_keys=True)]
     boosted = root / f"boosted-{block}.npz"
@@ -270,7 +270,7 @@ def _expected_choice(saved: dict, names: list[str], drop: float, radius=None, al
 def test_a_committee_chooses_the_best_worst_case_and_records_every_judge(committee):
     from scipy.stats import spearmanr
 
-    from cmboost.tuning.choose import format_table
+    from cmboost.tuning.table import format_table
 
     from cmboost.boosting.settings import tuning_judges
 
@@ -334,7 +334,7 @@ def test_one_judge_keeps_the_settings_file_layout(setup):
 
 
 def test_candidates_beyond_the_robust_radius_are_marked_and_not_chosen(committee):
-    from cmboost.tuning.choose import format_table
+    from cmboost.tuning.table import format_table
 
     root, folder, judges, refs, _ = committee
     model, classifier = models()
@@ -505,7 +505,7 @@ def test_spearman_handles_ties_and_says_when_it_is_undefined():
 
 
 def test_sgld_is_beyond_the_radius_by_its_measured_edit():
-    from cmboost.tuning.choose import beyond_radius
+    from cmboost.tuning.candidates import beyond_radius
 
     assert beyond_radius("sgld", {"steps": 15, "step": 1.0}, 1.5, mean_l2_change=3.8)
     assert not beyond_radius("sgld", {"steps": 15, "step": 0.01}, 1.5, mean_l2_change=0.2)
@@ -535,7 +535,7 @@ def answers(setup):
 
 
 def test_real_images_get_do_not_boost_with_the_reason_and_both_halves_numbers(answers, setup):
-    from cmboost.tuning.choose import format_table
+    from cmboost.tuning.table import format_table
 
     root, _, _ = setup
     real = json.loads((root / "answer-real-test.json").read_text())

@@ -8,7 +8,8 @@ from cmboost.cli.common import add_device_flags, add_field_flag, record_from_arg
 from cmboost.errors import UserInputError
 from cmboost.records import field_default
 from cmboost.runtime import print0
-from cmboost.tuning.choose import CRITERIA, TuneSettings, format_table
+from cmboost.tuning.candidates import CRITERIA, TuneSettings
+from cmboost.tuning.table import format_table
 from cmboost.tuning.tune import TuneRun, tune_files
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from cmboost.metrics.stats import paired_change
 from cmboost.records import field_default
 from cmboost.files.report import DIFFERENCE_GAIN, line_plot, markdown_table
-from cmboost.tuning.choose import ERROR_BARS, TuneSettings
+from cmboost.tuning.candidates import ERROR_BARS, TuneSettings
 
 JOINT_METHODS = ("joint (PGD)", "joint (SGLD)")
 PLAIN_CONTROL = "plain classifier, PGD's L2 (control)"

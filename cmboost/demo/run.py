@@ -44,7 +44,7 @@ from cmboost.metrics.judge_check import attacker_edit, passing
 from cmboost.metrics.judges import JUDGES, REPORTING_JUDGES, describe
 from cmboost.records import field_default
 from cmboost.files.report import require_matplotlib, save_labelled_grid
-from cmboost.tuning.choose import run_method
+from cmboost.boosting.apply import run_method
 from cmboost.boosting.settings import load_settings_file, settings_block, tuned_hyper, tuning_judges
 from cmboost.metrics.domain_net import load_domain_net
 from cmboost.metrics.evaluate import evaluate_images

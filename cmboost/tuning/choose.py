@@ -23,7 +23,6 @@ the best sharpening, not with an arbitrary one. Each finished candidate is cache
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -35,191 +34,34 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cmboost.files.atomic import atomic_write_text
-from cmboost.boosting.methods import boost_with
-from cmboost.boosting.config import hyper_in_file, json_kind, json_text, make_hyper
-from cmboost.boosting.controls import UnsharpControl, l2_change, unsharp_mask
-from cmboost.files.samples import load_samples, to_float, to_uint8
-from cmboost.files.atomic import refuse_existing
-from cmboost.errors import UserInputError
-from cmboost.jobs.job import ROWS_FILE, Job, job_dir
-from cmboost.metrics.stats import feature_statistics
-from cmboost.records import check_above, check_at_least, check_choice, check_finite, field_default
-from cmboost.runtime import BLOCK_SIZE
+from cmboost.boosting.apply import run_method
 from cmboost.boosting.boost import check_fits_model
+from cmboost.boosting.config import json_kind, json_text
+from cmboost.boosting.settings import BOOST_METHODS, DO_NOT_BOOST, FORMAT
+from cmboost.errors import UserInputError
+from cmboost.files.atomic import atomic_write_text, refuse_existing
 from cmboost.files.checkpoints import weights_digest
+from cmboost.files.samples import load_samples
+from cmboost.jobs.job import ROWS_FILE, Job, job_dir
 from cmboost.metrics.evaluate import evaluate_images, prepared_statistics
 from cmboost.metrics.judge_check import pool_features
 from cmboost.metrics.separation import check_tuning_committee
-from cmboost.boosting.settings import BOOST_METHODS, DO_NOT_BOOST, FORMAT
-
-GRID_FORMAT = "cmboost.grid/1"            # a --grid file; its "format" key may be left out
-CONTROL_METHODS = ("unsharp",)                # tuned alike, never chosen as "the" method
-CRITERIA = ("fid", "kid", "fid+kid")  # fid+kid: the worse of the two relative changes
-RADIUS_METHODS = ("pgd", "bigroc")      # the candidates with an L2 radius (eps), marked beyond --robust-radius
-# "Do not boost" is an answer: the candidate chosen on one half of the validation samples (the
-# even-indexed images) is kept only if, on the other half (the odd-indexed ones), it lowers FID and
-# KID under every tuning judge by more than ERROR_BARS paired-bootstrap standard deviations (the same
-# images resampled before and after the edit), with recall kept; otherwise the file says "best": "none".
-HALVES = {"choose": "even-indexed validation samples (0, 2, 4, ...)", "confirm": "odd-indexed (1, 3, 5, ...)"}
-ERROR_BARS = 2.0
-BOOTSTRAP_RESAMPLES = 100
-BOOTSTRAP_SEED = 0
-MIN_SAMPLES = 16  # 8 per half: enough for k=3 precision/recall and KID subsets, far too few for a confirmed gain
-
-
-@dataclasses.dataclass(frozen=True)
-class TuneSettings:
-    """How the winner is chosen, and the boosting batch (`cmboost tune` reads its flags' defaults
-    here); checked when built, so the command line fails before it loads anything."""
-
-    criterion: str | None = None    # what the judges minimise; None: fid with one judge, fid+kid with a committee
-    max_recall_drop: float = 0.03   # candidates that lose more recall than this (vs unboosted, under any judge) are not chosen
-    batch_size: int = BLOCK_SIZE    # images boosted together (the compute block, boost's --block-size)
-    robust_radius: float | None = None  # the booster's robust L2 radius: PGD/BIGRoC candidates with eps beyond it are marked
-    allow_beyond_radius: bool = False   # and may be chosen all the same
-
-    def __post_init__(self):
-        check_finite(self)
-        check_choice(self, "criterion", CRITERIA, allow_none=True)
-        if not 0 <= self.max_recall_drop <= 1:
-            raise UserInputError(f"--max-recall-drop {self.max_recall_drop}: must be within [0, 1]")
-        check_at_least(self, 1, ("batch_size",))
-        check_above(self, 0, ("robust_radius",))
-
-    def check_radius_known(self) -> None:
-        """--allow-beyond-radius needs a radius: known once the network's recorded one has been read."""
-        if self.allow_beyond_radius and self.robust_radius is None:
-            raise UserInputError("--allow-beyond-radius: needs a robust radius to go beyond: --robust-radius, or "
-                                 "a network that records the radius it was trained at")
-
-    def rule(self, num_judges: int) -> str:
-        """The criterion in force: the one given, else fid for one judge and fid+kid for a committee."""
-        return self.criterion or ("fid" if num_judges == 1 else "fid+kid")
-
-
-def default_grid(threshold: float | None, with_classifier: bool) -> list[tuple[str, dict]]:
-    """The candidates: PGD radii from small to large with few and many steps, with and without the
-    early stop; the released SGLD over its step size; BIGRoC radii; unsharp-mask strengths."""
-    grid: list[tuple[str, dict]] = []
-    for eps in (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0):
-        for steps in (5, 15):
-            for stop in ([None, threshold] if threshold is not None else [None]):
-                grid.append(("pgd", {"eps": eps, "steps": steps, "threshold": stop}))
-    for step in (0.01, 0.05, 0.2, 0.5, 1.0, 2.0):
-        grid.append(("sgld", {"steps": 15, "step": step}))
-    if with_classifier:
-        for eps in (0.5, 1.0, 2.0, 3.0, 4.0, 6.0):
-            grid.append(("bigroc", {"eps": eps, "steps": 7}))
-    for amount in (0.25, 0.5, 1.0, 1.5, 2.0):
-        for sigma in (0.5, 1.0):
-            grid.append(("unsharp", {"amount": amount, "sigma": sigma}))
-    return grid
-
-
-def resolve_candidate(method: str, hyper: dict, realness_kind: str | None, where: str = "grid") -> dict:
-    """The full, validated hyperparameters of one candidate, as stored in the settings file; a bad
-    one is reported against `where` (the file and key it came from)."""
-    if method == "unsharp":
-        if not isinstance(hyper, dict):
-            raise UserInputError(f"{where}: hyperparameters must be a JSON object {{name: value}}, "
-                                 f"got {json_kind(hyper)}")
-        names = {f.name for f in dataclasses.fields(UnsharpControl)}
-        unknown = sorted(set(hyper) - names)
-        if unknown:
-            raise UserInputError(f"{where}: unsharp has no hyperparameter {', '.join(unknown)} "
-                                 f"(it takes {', '.join(sorted(names))})")
-        try:
-            return dataclasses.asdict(UnsharpControl(**hyper))
-        except UserInputError as err:
-            raise UserInputError(f"{where}: {err}") from None
-    if method == "pgd" and realness_kind is not None and isinstance(hyper, dict):
-        hyper = {"realness_kind": realness_kind, **hyper}
-    return dataclasses.asdict(hyper_in_file(method, hyper, where))
-
-
-def read_grid(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """The candidates of a --grid file: a JSON object {method: [{hyper}, ...]} with an optional
-    "format": GRID_FORMAT. Its shape is checked here, each candidate's values by `check_grid`;
-    every error names the file and the key."""
-    where = f"--grid {path}"
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise UserInputError(f"{where}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserInputError(f"{where}: unreadable ({getattr(err, 'strerror', None) or err})") from None
-    try:
-        raw = json.loads(text)
-    except ValueError as err:
-        raise UserInputError(f"{where}: not JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise UserInputError(f"{where}: expected a JSON object {{method: [{{hyper}}, ...]}}, got {json_kind(raw)}")
-    fmt = raw.pop("format", GRID_FORMAT)
-    if fmt != GRID_FORMAT:
-        raise UserInputError(f"{where}: format {json_text(fmt)}: this cmboost reads {GRID_FORMAT}")
-    grid = []
-    for method, entries in raw.items():
-        if method not in BOOST_METHODS + CONTROL_METHODS:
-            raise UserInputError(f"{where}: method {json_text(method)}: choose one of "
-                                 f"{', '.join(BOOST_METHODS + CONTROL_METHODS)}")
-        if not isinstance(entries, list):
-            raise UserInputError(f"{where}: {method}: expected a list of {{hyper}} objects, got {json_kind(entries)}")
-        if not entries:
-            raise UserInputError(f"{where}: {method}: an empty list; give it at least one candidate, or leave it out")
-        grid.extend((method, hyper) for hyper in entries)
-    return grid
-
-
-def check_grid(grid: list[tuple[str, dict]], with_classifier: bool, realness_kind: str | None = None,
-               source: str = "grid") -> list[tuple[str, dict]]:
-    """The candidates resolved (see resolve_candidate), or one line naming `source` and the key: an
-    empty grid, one of controls only (they are never chosen), BIGRoC without a classifier, or a
-    bad value. Runs before anything is scored."""
-    if not grid:
-        raise UserInputError(f"{source}: holds no candidates")
-    methods = [method for method, _ in grid]
-    if not any(m in BOOST_METHODS for m in methods):
-        raise UserInputError(f"{source}: holds only controls ({', '.join(sorted(set(methods)))}), which are never "
-                             f"chosen; add at least one {', '.join(BOOST_METHODS)} candidate")
-    if "bigroc" in methods and not with_classifier:
-        raise UserInputError(f"{source}: bigroc candidates need a robust classifier: pass --classifier, or leave "
-                             f"bigroc out of the grid")
-    counts: dict[str, int] = {}
-    resolved = []
-    for method, hyper in grid:
-        if not isinstance(method, str) or method not in BOOST_METHODS + CONTROL_METHODS:
-            raise UserInputError(f"{source}: method {json_text(method)}: choose one of "
-                                 f"{', '.join(BOOST_METHODS + CONTROL_METHODS)}")
-        i = counts[method] = counts.get(method, -1) + 1
-        resolved.append((method, resolve_candidate(method, hyper, realness_kind, f"{source}: {method}[{i}]")))
-    return resolved
-
-
-def apply_method(method: str, hyper: dict, model, classifier, images: torch.Tensor, labels: torch.Tensor,
-                 indices: Sequence[int], precision: str = "fp32") -> torch.Tensor:
-    """One candidate on one batch of float images: a boosting method or a control."""
-    if method == "unsharp":
-        return unsharp_mask(images, UnsharpControl(**hyper))
-    net = classifier if method == "bigroc" else model
-    if net is None:
-        raise UserInputError("bigroc candidates need a classifier (--classifier)")
-    return boost_with(net, images, labels, method, make_hyper(method, **hyper), indices, precision)
-
-
-def run_method(method: str, hyper: dict, model, classifier, images_u8: np.ndarray, labels: np.ndarray,
-               device, batch_size: int = field_default(TuneSettings, "batch_size"),
-               precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images, per-image L2 change in [0, 1] units) of a whole sample array."""
-    out, change = [], []
-    for start in range(0, len(images_u8), batch_size):
-        x = to_float(images_u8[start:start + batch_size]).to(device)
-        y = torch.as_tensor(labels[start:start + batch_size], device=device)
-        boosted = apply_method(method, hyper, model, classifier, x, y, range(start, start + len(x)), precision)
-        quantised = to_uint8(boosted)
-        change.append(l2_change(x, to_float(quantised).to(device)).cpu().numpy())
-        out.append(quantised)
-    return np.concatenate(out), np.concatenate(change)
+from cmboost.metrics.stats import feature_statistics
+from cmboost.records import field_default
+from cmboost.tuning.candidates import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONTROL_METHODS,
+    ERROR_BARS,
+    HALVES,
+    MIN_SAMPLES,
+    TuneSettings,
+    beyond_radius,
+    check_classifier,
+    check_grid,
+    check_radius,
+    default_grid,
+)
 
 
 def _digest(array: np.ndarray) -> str:
@@ -231,27 +73,6 @@ def relative_change(value: float, base: float) -> float:
     so judges of different scales weigh alike (rising with `value` whatever the base's sign; the
     plain difference when the base is 0)."""
     return (value - base) / abs(base) if base else value - base
-
-
-def beyond_radius(method: str, hyper: dict, robust_radius: float | None, mean_l2_change: float | None = None) -> bool:
-    """Whether a candidate edits beyond the booster's robust radius: by its L2 radius (PGD, BIGRoC), or,
-    for a boosting method without one (SGLD), by its measured mean L2 change once it has been scored."""
-    if robust_radius is None:
-        return False
-    if method in RADIUS_METHODS:
-        return hyper["eps"] > robust_radius
-    return method in BOOST_METHODS and mean_l2_change is not None and mean_l2_change > robust_radius
-
-
-def check_radius(candidates: list[tuple[str, dict]], choice: TuneSettings) -> None:
-    """With --robust-radius (and not --allow-beyond-radius), at least one boosting candidate must be
-    choosable: checked before anything is scored."""
-    if choice.robust_radius is None or choice.allow_beyond_radius:
-        return
-    if all(beyond_radius(m, h, choice.robust_radius) for m, h in candidates if m in BOOST_METHODS):
-        raise UserInputError(f"--robust-radius {choice.robust_radius}: every boosting candidate of the grid has a "
-                             f"larger eps, so none could be chosen; add candidates within it (or SGLD), or pass "
-                             f"--allow-beyond-radius")
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -277,18 +98,6 @@ def ranking_agreement(rows: list[dict], names: list[str]) -> dict:
         mean[n] = float(np.mean(mine)) if mine else None
     return {"statistic": "Spearman rank correlation of the candidates' FID, on the validation samples",
             "candidates": len(rows), "pairs": pairs, "mean": mean}
-
-
-def check_classifier(classifier, model, source: str = "classifier") -> None:
-    """BIGRoC's classifier must read the joint network's images and classes: a mismatch is the
-    classifier's fault (`source` names it), not the samples'."""
-    if classifier.num_classes != model.num_classes:
-        raise UserInputError(f"{source}: the classifier has {classifier.num_classes} classes, the joint network "
-                             f"(--model) {model.num_classes}; BIGRoC needs a classifier over the same classes")
-    if (classifier.in_channels, classifier.image_size) != (model.in_channels, model.image_size):
-        raise UserInputError(f"{source}: the classifier takes {classifier.in_channels}x{classifier.image_size}x"
-                             f"{classifier.image_size} images, the joint network (--model) {model.in_channels}x"
-                             f"{model.image_size}x{model.image_size}")
 
 
 def as_committee(judge, reference) -> tuple[list, list]:
@@ -579,114 +388,5 @@ def _check_row(row, where: str, fresh: str, names: list[str] | None = None) -> N
     _check_half(confirm, f"{where}: confirm", fresh, names)
     if not isinstance(row.get("mean_l2_change"), (int, float)) or isinstance(row.get("mean_l2_change"), bool):
         raise UserInputError(f"{where}: mean_l2_change: expected a number; {fresh}")
-
-
-def _mark(settings: dict, method: str, best: dict) -> str:
-    marks = []
-    if method == settings.get("choice", settings["best"]):
-        marks.append("chosen" if settings["best"] == method else "chosen, not confirmed")
-    elif not best["recall_ok"]:
-        marks.append("recall drops")
-    if best.get("beyond_radius"):
-        marks.append(f"{'eps' if 'eps' in best['hyper'] else 'edit'} beyond the robust radius {settings['robust_radius']}")
-    return f" ({'; '.join(marks)})" if marks else ""
-
-
-def _confirm_lines(settings: dict) -> list[str]:
-    """Each method's best on the confirming half: the change of FID and KID per judge, +- its
-    paired-bootstrap std, marked * beyond the noise (ERROR_BARS stds); then the answer and why."""
-    decision = settings.get("decision")
-    if decision is None:  # a file written before tune confirmed its choice
-        return []
-    names = [m["name"] for m in settings.get("committee", [settings["judge"]])]
-    lines = [f"confirming half ({decision['halves']['confirm']}): change vs unboosted +- paired-bootstrap std "
-             f"({decision['resamples']} resamples); * lowers it by more than {decision['error_bars']:g} std"]
-    head = f"{'method':<9}"
-    for i in range(1, len(names) + 1):
-        head += f" {f'FID{i}':>16} {f'KID{i}':>16}"
-    lines.append(head)
-
-    def shown(change: dict) -> str:
-        star = "*" if change["beyond_noise"] else " "
-        spread = "n/a" if change["relative_std"] is None else f"{100 * change['relative_std']:.1f}"
-        return f"{100 * change['relative']:+6.1f}+-{spread:>5}%{star}"
-
-    for method, best in settings["methods"].items():
-        if "confirm_change" in best:
-            line = f"{method:<9}"
-            for name in names:
-                line += f" {shown(best['confirm_change'][name]['fid']):>16} {shown(best['confirm_change'][name]['kid']):>16}"
-            lines.append(line)
-    answer = "do not boost" if decision["best"] == DO_NOT_BOOST else f"boost with {decision['best']}"
-    lines.append(f"answer: {answer}: {decision['reason']}")
-    return lines
-
-
-def _radius_lines(settings: dict) -> list[str]:
-    """The candidates beyond the robust radius, if one was given."""
-    if settings.get("robust_radius") is None:
-        return []
-    beyond = [c for c in settings["candidates"] if c.get("beyond_radius")]
-    tuned = len(settings["candidates"]) - 1
-    what = "marked, and may be chosen" if settings.get("allow_beyond_radius") else "marked, never chosen"
-    listed = "; ".join(f"{c['method']} eps {c['hyper']['eps']:g} steps {c['hyper'].get('steps')}" if "eps" in c["hyper"]
-                       else f"{c['method']} step {c['hyper'].get('step')} (mean L2 change {c['mean_l2_change']:.2f})"
-                       for c in beyond)
-    return [f"robust radius {settings['robust_radius']:g}: {len(beyond)} of {tuned} candidates edit beyond it "
-            f"({what}){': ' + listed if listed else ''}"]
-
-
-def format_table(settings: dict) -> str:
-    """One line per method's best setting, then the unboosted row, under the tuning judge; with a
-    committee, each judge's relative changes and the judges' ranking agreement."""
-    if "committee" in settings:
-        return _committee_table(settings)
-    crit = settings["criterion"]
-    what = f"lowest {crit.upper()}" if crit in ("fid", "kid") else "lowest worst relative change of FID and KID"
-    lines = [f"tuning judge: {settings['judge']['name']} ({settings['judge']['identity']}); reference: "
-             f"{settings['reference']['data']}; criterion: {what} with recall within "
-             f"{settings['max_recall_drop']} of unboosted",
-             f"{'method':<9} {'FID':>8} {'KID x1e3':>9} {'recall':>7} {'L2 change':>9}  settings"]
-    base = settings["unboosted"]
-    lines.append(f"{'none':<9} {base['fid']:8.3f} {1e3 * base['kid']:9.3f} {base['recall']:7.3f} {0.0:9.3f}")
-    for method, best in settings["methods"].items():
-        m = best["metrics"]
-        lines.append(f"{method:<9} {m['fid']:8.3f} {1e3 * m['kid']:9.3f} {m['recall']:7.3f} "
-                     f"{best['mean_l2_change']:9.3f}  {json.dumps(best['hyper'], sort_keys=True)}"
-                     f"{_mark(settings, method, best)}")
-    return "\n".join(lines + _radius_lines(settings) + _confirm_lines(settings))
-
-
-def _committee_table(settings: dict) -> str:
-    members = settings["committee"]
-    names = [m["name"] for m in members]
-    base = settings["candidates"][0]["judges"]
-    lines = [f"tuning committee of {len(names)} judges; choice: {settings['rule']} "
-             f"({settings['max_recall_drop']})"]
-    for i, member in enumerate(members, 1):
-        b = base[member["name"]]
-        lines.append(f"  [{i}] {member['name']} ({member['identity']}), reference {member['reference']['data']}: "
-                     f"unboosted FID {b['fid']:.3f}, KID x1e3 {1e3 * b['kid']:.3f}, recall {b['recall']:.3f}")
-    head = f"{'method':<9} {'worst':>7}"
-    for i in range(1, len(names) + 1):
-        head += f" {f'FID{i}':>7} {f'KID{i}':>7} {f'rec{i}':>6}"
-    lines.append(head + f" {'L2 change':>9}  settings   (FID, KID: change vs unboosted in %)")
-    for method, best in settings["methods"].items():
-        line = f"{method:<9} {100 * best['worst']:6.1f}%"
-        for name in names:
-            change, recall = best["change"][name], best["judges"][name]["recall"]
-            line += f" {100 * change['fid']:7.1f} {100 * change['kid']:7.1f} {recall:6.3f}"
-        lines.append(line + f" {best['mean_l2_change']:9.3f}  {json.dumps(best['hyper'], sort_keys=True)}"
-                            f"{_mark(settings, method, best)}")
-    agreement = settings["agreement"]
-    shown = lambda rho: "n/a" if rho is None else f"{rho:.3f}"  # noqa: E731
-    lines.append(f"ranking agreement on the validation samples (Spearman rho of the {agreement['candidates']} "
-                 f"candidates' FID):")
-    for pair in agreement["pairs"]:
-        a, b = (names.index(n) + 1 for n in pair["judges"])
-        lines.append(f"  [{a}] vs [{b}]: {shown(pair['rho'])}")
-    lines.append("  each judge against the others (mean): " +
-                 ", ".join(f"[{i}] {shown(agreement['mean'][n])}" for i, n in enumerate(names, 1)))
-    return "\n".join(lines + _radius_lines(settings) + _confirm_lines(settings))
 
 

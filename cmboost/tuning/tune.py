@@ -10,7 +10,8 @@ from pathlib import Path
 from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
 from cmboost.errors import UserInputError
 from cmboost.metrics.judges import TUNING_JUDGE
-from cmboost.tuning.choose import TuneSettings, check_classifier, check_grid, check_radius, read_grid, tune
+from cmboost.tuning.choose import tune
+from cmboost.tuning.candidates import TuneSettings, check_classifier, check_grid, check_radius, read_grid
 from cmboost.boosting.boost import resolve_threshold, trained_radius, trained_realness_kind
 from cmboost.boosting.config import DEFAULT_REALNESS
 from cmboost.jcd.model import load_joint_model
