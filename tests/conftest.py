@@ -21,7 +21,7 @@ def train_interrupted_and_resumed(tmp_path):
     """A function (images, labels, config, settings) -> (resumed net, job folder): trains a domain net
     straight through, then again with an interrupt after epoch 1 and a resume from its job folder,
     and checks that the two runs end with bit-identical weights."""
-    from cmboost.metrics.domain_net import train_domain_net
+    from cmboost.metrics.domain_training import train_domain_net
 
     def run(images, labels, config, settings):
         straight = train_domain_net(images, labels, config, settings, log=None)

@@ -22,7 +22,8 @@ from cmboost.cli.train_jcd import CHANNELS_LAST
 from cmboost.cm.sample import SampleSettings
 from cmboost.cm.train_config import MODES, LoopSettings, TrainSettings as CMSettings, UNetShape, mode_default
 from cmboost.diagnostic.measures import DiagnoseSettings
-from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings as FeatureSettings
+from cmboost.metrics.domain_net import DomainNetConfig
+from cmboost.metrics.domain_training import TrainSettings as FeatureSettings
 from cmboost.metrics.reference import reference_stats
 from cmboost.records import field_default, param_default, shown
 from cmboost.jcd.config import TrainConfig

@@ -27,8 +27,9 @@ from _edm_teacher import random_edm_teacher
 from cmboost.jcd.attacks import PGD
 from cmboost.cli import main as cli_main
 from cmboost.cm.denoiser import EDM_PRECOND, SIGMA_DATA
-from cmboost.diagnostic.measures import (JSON_NAME, PNG_NAME, REPORT_KEYS, DenoiserScore, DiagnoseSettings,
-                              gradient_score_cosines, rank_auc, robust_accuracy, summary)
+from cmboost.diagnostic.report import JSON_NAME, PNG_NAME
+from cmboost.diagnostic.measures import DenoiserScore, DiagnoseSettings, gradient_score_cosines, rank_auc, robust_accuracy, summary
+from cmboost.diagnostic.report import REPORT_KEYS
 from cmboost.jcd.model import log_prob_from_logits
 from cmboost.files.samples import save_samples
 

@@ -13,8 +13,8 @@ from cmboost.cli import main
 from cmboost.files.datasets import fashion_mnist
 from cmboost.errors import UserInputError
 from cmboost.files.checkpoints import read_safetensors, weights_digest
-from cmboost.metrics.domain_net import (SHIPPED, DomainNet, DomainNetConfig, TrainSettings,
-                                        config_for_data, load_domain_net, save_domain_net, train_domain_net)
+from cmboost.metrics.domain_net import SHIPPED, DomainNet, DomainNetConfig, load_domain_net, save_domain_net
+from cmboost.metrics.domain_training import TrainSettings, config_for_data, train_domain_net
 from cmboost.metrics.features import load_feature_extractor
 
 VGG_IDENTITY = "domain-net-b92ac005830d632d"

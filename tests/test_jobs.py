@@ -401,7 +401,8 @@ def _foreign_state(path, meta):
 
 
 def test_train_features_refuses_a_state_of_another_network_in_one_line(tmp_path):
-    from cmboost.metrics.domain_net import DomainNetConfig, TrainSettings, train_domain_net
+    from cmboost.metrics.domain_net import DomainNetConfig
+    from cmboost.metrics.domain_training import TrainSettings, train_domain_net
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (8, 1, 28, 28), dtype=np.uint8), np.arange(8) % 10

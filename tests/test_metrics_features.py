@@ -7,8 +7,8 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 
 from cmboost.files.datasets import fashion_mnist, pad_to
 from cmboost.errors import UserInputError
-from cmboost.metrics.domain_net import (DomainNetConfig, TrainSettings, load_domain_net, save_domain_net,
-                                        train_domain_net, classify_accuracy)
+from cmboost.metrics.domain_net import DomainNetConfig, load_domain_net, save_domain_net
+from cmboost.metrics.domain_training import TrainSettings, train_domain_net, classify_accuracy
 from cmboost.metrics.features import (INCEPTION_FILE, DomainFeatures, InceptionFeatures, load_feature_extractor,
                                       resolve_inception_weights, tf1_resize)
 

@@ -15,7 +15,8 @@ import pytest
 
 import cmboost
 from cmboost.cli import main as cli_main
-from cmboost.files.samples import SAMPLES_MARKER, load_samples, save_samples
+from cmboost.files.samples import load_samples, save_samples
+from cmboost.files.png import SAMPLES_MARKER
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
 JCD = ASSETS / "jcd-joint-w24.safetensors"

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from _shipped_nets import accuracy_and_near_ties, check_shipped_candidate, fmnist_test_split
-from cmboost.metrics.domain_net import SHIPPED, TrainSettings, classify_accuracy, load_domain_net
+from cmboost.metrics.domain_net import SHIPPED, load_domain_net
+from cmboost.metrics.domain_training import TrainSettings, classify_accuracy
 from cmboost.metrics.features import load_feature_extractor
 
 VGG_IDENTITY = "domain-net-b92ac005830d632d"

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost.cli import main as cli_main
 from cmboost.boosting.controls import gaussian_blur
-from cmboost.files.datasets import load_dataset
-from cmboost.files.samples import save_samples, to_float, to_uint8
+from cmboost.boosting.settings import BOOST_METHODS, load_settings_file
+from cmboost.cli import main as cli_main
 from cmboost.demo.assets import ASSETS
 from cmboost.errors import UserInputError
+from cmboost.files.datasets import load_dataset
+from cmboost.files.samples import save_samples, to_float, to_uint8
 from cmboost.jcd.model import build_joint_model, load_joint_model, save_joint_model
 from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.judges import REPORTING_JUDGES, TUNING_JUDGE
-from cmboost.metrics.separation import check_tuning_judge
 from cmboost.metrics.reference import reference_stats, save_reference
+from cmboost.metrics.separation import check_tuning_judge
 from cmboost.tuning.choose import tune
-from cmboost.boosting.settings import BOOST_METHODS
 
 LEGACY_SETTINGS = Path(__file__).resolve().parent / "data" / "legacy-tuned-ct1.json"
 
@@ -159,10 +159,10 @@ def test_boost_settings_writes_the_images_tune_scored(many, monkeypatch, block):
     blocks into other pixels)."""
     root, judge, ref = many
     import cmboost.tuning.choose as tune_module
-    from cmboost.runtime import BLOCK_SIZE
-    from cmboost.files.samples import load_samples
-    from cmboost.tuning.candidates import TuneSettings
     from cmboost.boosting.settings import settings_block
+    from cmboost.files.samples import load_samples
+    from cmboost.runtime import BLOCK_SIZE
+    from cmboost.tuning.candidates import TuneSettings
 
     assert TuneSettings().batch_size == BLOCK_SIZE  # one default for the compute block
     scored = {}
@@ -270,9 +270,8 @@ def _expected_choice(saved: dict, names: list[str], drop: float, radius=None, al
 def test_a_committee_chooses_the_best_worst_case_and_records_every_judge(committee):
     from scipy.stats import spearmanr
 
-    from cmboost.tuning.table import format_table
-
     from cmboost.boosting.settings import tuning_judges
+    from cmboost.tuning.table import format_table
 
     root, folder, judges, refs, _ = committee
     model, classifier = models()

@@ -15,7 +15,8 @@ from cmboost.files.samples import load_samples, map_samples, to_float, to_uint8
 from cmboost.files.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
 from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
 from cmboost.errors import UserInputError
-from cmboost.jobs.job import file_digest, refuse_finished, run_parts
+from cmboost.jobs.config import file_digest
+from cmboost.jobs.parts import refuse_finished, run_parts
 from cmboost.records import check_seed
 from cmboost.runtime import (BLOCK_SIZE, deterministic_kernels, dist_info, init_distributed, resolve_device,
                              resolve_precision)

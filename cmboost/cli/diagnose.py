@@ -9,7 +9,8 @@ from cmboost.cli.common import add_device_flags, add_field_flag, record_from_arg
 from cmboost.boosting.config import METHODS, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS
 from cmboost.cli.boost import hyper_from_args
 from cmboost.diagnostic.diagnose import DiagnoseRun, diagnose_files
-from cmboost.diagnostic.measures import DiagnoseSettings, JSON_NAME, PNG_NAME
+from cmboost.diagnostic.measures import DiagnoseSettings
+from cmboost.diagnostic.report import JSON_NAME, PNG_NAME
 from cmboost.errors import UserInputError
 from cmboost.files.datasets import FMNIST_HELD_OUT_START
 from cmboost.records import field_default

@@ -8,7 +8,8 @@ import functools
 from cmboost.cli.common import (add_device_flags, add_field_flag, add_output_flags, record_from_args,
                                 set_record_defaults)
 from cmboost.records import field_default
-from cmboost.metrics.domain_net import ARCHS, TrainSettings
+from cmboost.metrics.domain_net import ARCHS
+from cmboost.metrics.domain_training import TrainSettings
 from cmboost.metrics.train_features import FeatureTraining, train_features
 
 # TrainSettings fields that no flag sets.

@@ -31,12 +31,13 @@ from cmboost.cm.denoiser import SIGMA_MAX, SIGMA_MIN
 from cmboost.cm.losses import (cd_loss, ct_level_probs, ct_loss, ct_num_scales, ect_loss, ect_stage,
                               edm_loss)
 from cmboost.errors import UserInputError
-from cmboost.jobs.job import MODEL_FILE, Job, module_tensors, optimizer_tensors
+from cmboost.jobs.job import MODEL_FILE, Job
+from cmboost.jobs.training_state import module_tensors, optimizer_tensors
 from cmboost.records import (field_default)
 from cmboost.runtime import DistInfo, all_finite, autocast, barrier, dist_info, on_every_rank, print0, sample_seed
 from cmboost.files.datasets import load_dataset
 from cmboost.runtime import init_distributed, resolve_device, resolve_precision
-from cmboost.cm.train_config import TrainCMRun, ECT_SAMPLER, FMNIST_SIZE, LoopSettings, TrainSettings, UNetShape
+from cmboost.cm.train_config import TrainCMRun, ECT_SAMPLER, FMNIST_SIZE, LoopSettings, TrainSettings
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -5,20 +5,44 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
-from cmboost.diagnostic.measures import DiagnoseSettings
-from cmboost.boosting.boost import DEFAULT_METHOD, check_fits_model, given_hyper, trained_realness_kind, with_trained_radius
-from cmboost.boosting.config import DEFAULT_REALNESS, make_hyper
-from cmboost.diagnostic.measures import GeneratorSamples, check_outputs, diagnose, format_summary, load_teacher_score, select_real, write_diagnosis
+import numpy as np
+import torch
+
+from cmboost.boosting.boost import (
+    DEFAULT_METHOD,
+    check_fits_model,
+    given_hyper,
+    trained_realness_kind,
+    with_trained_radius,
+)
+from cmboost.boosting.config import DEFAULT_REALNESS, PGD_STEP_FACTOR, make_hyper
+from cmboost.boosting.settings import check_settings_network, do_not_boost, load_settings_file, tuned_hyper
+from cmboost.diagnostic.measures import (
+    FORMAT,
+    GREY,
+    DiagnoseSettings,
+    GeneratorSamples,
+    Score,
+    alignment_rows,
+    boost_images,
+    clean_accuracy,
+    load_teacher_score,
+    rank_auc,
+    realness_and_prob,
+    robust_accuracy,
+)
+from cmboost.diagnostic.pag import pag_grid, pag_targets, pick_starts
+from cmboost.diagnostic.report import PNG_NAME, check_outputs, format_summary, write_diagnosis
 from cmboost.errors import UserInputError
 from cmboost.files.atomic import refuse_output_inside_inputs
 from cmboost.files.checkpoints import weights_digest
 from cmboost.files.datasets import FMNIST_HELD_OUT_START, load_dataset
-from cmboost.files.samples import load_samples
+from cmboost.files.samples import load_samples, to_float
 from cmboost.jcd.model import load_joint_model
-from cmboost.jobs.job import file_digest
+from cmboost.jobs.config import file_digest
 from cmboost.runtime import resolve_device, resolve_precision
-from cmboost.boosting.settings import check_settings_network, do_not_boost, load_settings_file, tuned_hyper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,3 +183,76 @@ def diagnose_files(run: DiagnoseRun) -> dict:
         print("no --teacher: gradient-score alignment not measured")
     print(f"wrote {json_path} and {png_path} ({time.perf_counter() - started:.0f} s)")
     return report
+
+
+def select_real(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` indices (all when fewer) drawn with `seed`, in increasing order."""
+    if count >= len(labels):
+        return np.arange(len(labels))
+    return np.sort(np.random.default_rng([int(seed), 0]).permutation(len(labels))[:count])
+
+
+def diagnose(model: torch.nn.Module, real_images: np.ndarray, real_labels: np.ndarray,
+             generators: Sequence[GeneratorSamples] = (), score: Score | None = None,
+             settings: DiagnoseSettings = DiagnoseSettings(), realness_kind: str = DEFAULT_REALNESS,
+             device: torch.device | str = "cpu", precision: str = "fp32", num_classes: int | None = None,
+             real_ids: Sequence[int] | None = None) -> tuple[dict, np.ndarray]:
+    """The report (JSON-ready; see REPORT_KEYS) and the PAG grid (uint8) of `model` on uint8 NCHW real
+    images (held out from its training) with their labels. `real_images` are used as given: draw the
+    subset with `select_real` first; `real_ids` name them in the picture's rows (default: their
+    positions). Without a score the alignment section is None."""
+    device = torch.device(device)
+    bs = settings.batch_size
+    num_classes = int(num_classes or getattr(model, "num_classes", 0) or int(real_labels.max()) + 1)
+    x_real = to_float(np.ascontiguousarray(real_images)).to(device)
+    y_real = torch.as_tensor(real_labels, dtype=torch.long, device=device)
+
+    accuracy = {"clean": clean_accuracy(model, x_real, y_real, bs, precision),
+                "robust": robust_accuracy(model, x_real, y_real, settings.attack_eps, settings.attack_steps,
+                                          bs, precision),
+                "attack": {"norm": "l2", "steps": settings.attack_steps,
+                           "step_size": f"{PGD_STEP_FACTOR} * eps / steps", "random_start": False,
+                           "objective": "cross-entropy (untargeted)"}}
+
+    real_d, real_p = realness_and_prob(model, x_real, y_real, realness_kind, bs, precision)
+    realness = {"kind": realness_kind, "real": {"mean_realness": float(real_d.mean()), "mean_p_y": float(real_p.mean())},
+                "generators": {}}
+    alignment = None
+    if score is not None:
+        alignment = {"score": getattr(score, "description", None), "sigmas": list(settings.sigmas),
+                     "real": alignment_rows(model, score, x_real, y_real, settings.sigmas, bs, precision),
+                     "generators": {}}
+    for gen in generators:
+        x = to_float(np.ascontiguousarray(gen.images)).to(device)
+        y = torch.as_tensor(gen.labels, dtype=torch.long, device=device)
+        boosted = boost_images(model, x, y, gen.method, gen.hyper, bs, precision)
+        entry = {"source": gen.source, "num": int(len(x)), "method": gen.method,
+                 "hyper": dataclasses.asdict(gen.hyper) if dataclasses.is_dataclass(gen.hyper) else dict(gen.hyper),
+                 "mean_l2_change": float((boosted - x).flatten(1).norm(dim=1).mean().item())}
+        for when, images in (("before", x), ("after", boosted)):
+            d, p = realness_and_prob(model, images, y, realness_kind, bs, precision)
+            entry[when] = {"auc": rank_auc(real_d, d), "mean_realness": float(d.mean()), "mean_p_y": float(p.mean()),
+                           "accuracy": clean_accuracy(model, images, y, bs, precision)}
+        realness["generators"][gen.name] = entry
+        if score is not None:
+            alignment["generators"][gen.name] = {
+                when: alignment_rows(model, score, images, y, settings.sigmas, bs, precision)
+                for when, images in (("before", x), ("after", boosted))}
+
+    picks = pick_starts(real_labels, settings.pag_rows, settings.seed)
+    starts = torch.cat([torch.full((1, *x_real.shape[1:]), GREY, device=device), x_real[picks]])
+    targeted, prob = pag_targets(model, starts, num_classes, settings.pag_eps, settings.pag_steps, bs, precision)
+    grid = pag_grid(starts.cpu(), targeted.cpu())
+    ids = list(range(len(real_labels))) if real_ids is None else [int(i) for i in real_ids]
+    rows = ["grey"] + [f"real {ids[i]} (label {int(real_labels[i])})" for i in picks]
+    pag = {"png": PNG_NAME, "eps": settings.pag_eps, "steps": settings.pag_steps,
+           "step_size": f"{PGD_STEP_FACTOR} * eps / steps", "rows": rows,
+           "columns": ["start"] + [f"toward class {k}" for k in range(num_classes)],
+           "target_prob": prob.tolist(),
+           "mean_target_prob_grey": float(prob[0].mean()),
+           "mean_target_prob_real": float(prob[1:].mean()) if len(picks) else None}
+
+    report = {"format": FORMAT, "accuracy": accuracy, "realness": realness, "alignment": alignment, "pag": pag,
+              "settings": dataclasses.asdict(settings), "num_real": int(len(x_real)), "num_classes": num_classes,
+              "device": str(device), "precision": precision}
+    return report, grid

@@ -23,7 +23,6 @@ attack starts at random, and the real images and the picture's starting images a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
@@ -32,21 +31,18 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cmboost.files.atomic import atomic_write_text, refuse_existing, refuse_unsafe_output
-from cmboost.jcd.attacks import PGD
+from cmboost.boosting.config import step_length
 from cmboost.boosting.methods import boost_with, frozen
-from cmboost.boosting.config import DEFAULT_REALNESS, PGD_STEP_FACTOR, step_length
+from cmboost.cm.checkpoint import load_cmboost
+from cmboost.cm.denoiser import denoise
 from cmboost.errors import UserInputError
+from cmboost.files.samples import to_float, to_uint8
+from cmboost.jcd.attacks import PGD
 from cmboost.jcd.model import log_prob_from_logits, realness_from_logits
 from cmboost.records import check_at_least, check_finite, check_seed, flag_of, shown
 from cmboost.runtime import BLOCK_SIZE, autocast
-from cmboost.files.samples import to_float, to_uint8
-from cmboost.cm.checkpoint import load_cmboost
-from cmboost.cm.denoiser import denoise
-from cmboost.files.report import auto_scale, image_grid, save_png, upscale
 
 FORMAT = "cmboost.diagnose/1"
-JSON_NAME, PNG_NAME = "diagnose.json", "pag.png"
 GREY = 0.5              # the PAG picture's flat starting image
 
 Score = Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]  # score(x, sigma, y) -> like x
@@ -102,7 +98,7 @@ class GeneratorSamples:
 
 # ----------------------------------------------------------------------------- small pieces
 
-def _blocks(n: int, size: int):
+def index_blocks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
@@ -144,7 +140,7 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor, batch_size: int = BL
     """[N, K] float32 logits, block by block."""
     out = []
     with frozen(model):
-        for block in _blocks(len(images), batch_size):
+        for block in index_blocks(len(images), batch_size):
             x = images[block]
             with autocast(x.device, precision):
                 out.append(model(x).float())
@@ -168,7 +164,7 @@ def robust_accuracy(model, images: torch.Tensor, labels: torch.Tensor, eps: Sequ
             attack = PGD(norm="l2", eps=radius, step_size=step_length(radius, steps), steps=steps,
                          random_start=False, bounds=bounds, precision=precision)
             correct = []
-            for block in _blocks(len(images), batch_size):
+            for block in index_blocks(len(images), batch_size):
                 x, y = images[block], labels[block]
                 adv = attack(model, lambda z, y=y: -log_prob_from_logits(model(z), y), x)
                 with torch.no_grad(), autocast(x.device, precision):
@@ -183,7 +179,7 @@ def input_gradients(model, images: torch.Tensor, labels: torch.Tensor, batch_siz
     """grad_x log p(y|x), one per image, float32."""
     out = []
     with frozen(model):
-        for block in _blocks(len(images), batch_size):
+        for block in index_blocks(len(images), batch_size):
             x = images[block].detach().clone().requires_grad_(True)
             with torch.enable_grad():
                 with autocast(x.device, precision):
@@ -210,7 +206,7 @@ def gradient_score_cosines(model, score: Score, images: torch.Tensor, labels: to
     rows = []
     for sigma in sigmas:
         parts = []
-        for block in _blocks(len(images), batch_size):
+        for block in index_blocks(len(images), batch_size):
             with torch.no_grad():
                 s = score(images[block], float(sigma), labels[block])
             if s.shape != images[block].shape:
@@ -242,7 +238,7 @@ def boost_images(model, images: torch.Tensor, labels: torch.Tensor, method: str,
     """Boosted images, rounded to uint8 levels as a boosted sample file holds them; sample i uses
     index i (SGLD's noise stream), block by block."""
     out = []
-    for block in _blocks(len(images), batch_size):
+    for block in index_blocks(len(images), batch_size):
         boosted = boost_with(model, images[block], labels[block], method, hyper,
                              range(block.start, block.stop), precision)
         out.append(to_float(to_uint8(boosted)).to(images.device))
@@ -250,45 +246,6 @@ def boost_images(model, images: torch.Tensor, labels: torch.Tensor, method: str,
 
 
 # ----------------------------------------------------------------------------- the PAG picture
-
-def pag_targets(model, starts: torch.Tensor, num_classes: int, eps: float, steps: int,
-                batch_size: int = BLOCK_SIZE, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Targeted L2 PGD on log p(k|x) from each start toward each class k: images [R, K, C, H, W] and
-    the final p(k|x) [R, K]."""
-    r = len(starts)
-    x0 = starts.repeat_interleave(num_classes, dim=0)
-    targets = torch.arange(num_classes, device=starts.device).repeat(r)
-    attack = PGD(norm="l2", eps=eps, step_size=step_length(eps, steps), steps=steps, random_start=False,
-                 bounds=(0.0, 1.0), precision=precision)
-    out = []
-    with frozen(model):
-        for block in _blocks(len(x0), batch_size):
-            y = targets[block]
-            out.append(attack(model, lambda z, y=y: log_prob_from_logits(model(z), y), x0[block]))
-    adv = torch.cat(out)
-    prob = log_prob_from_logits(logits_of(model, adv, batch_size, precision), targets).exp()
-    return adv.view(r, num_classes, *starts.shape[1:]), prob.view(r, num_classes)
-
-
-def pag_grid(starts: torch.Tensor, targeted: torch.Tensor) -> np.ndarray:
-    """One row per start: the start, then its image pushed toward class 0, 1, ..., K-1 (uint8 HW or HWC),
-    upscaled so that single pixels show as squares."""
-
-    rows, k = targeted.shape[:2]
-    tiles = torch.cat([starts[:, None], targeted], dim=1).flatten(0, 1)
-    tiles = to_uint8(tiles)
-    return image_grid(upscale(tiles, auto_scale(tiles)), columns=k + 1, pad=2 * auto_scale(tiles))
-
-
-def pick_starts(labels: np.ndarray, count: int, seed: int) -> list[int]:
-    """`count` indices drawn with `seed`, distinct classes first (one image per class in draw order,
-    then the rest in draw order)."""
-    order = np.random.default_rng([int(seed), 1]).permutation(len(labels))
-    seen, first, rest = set(), [], []
-    for i in order:
-        (rest if labels[i] in seen else first).append(int(i))
-        seen.add(labels[i])
-    return (first + rest)[:count]
 
 
 # ----------------------------------------------------------------------------- the teacher's score
@@ -342,141 +299,4 @@ def load_teacher_score(path: str | os.PathLike, device: torch.device, precision:
 
 # ----------------------------------------------------------------------------- the whole diagnosis
 
-def output_paths(out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    return out_dir / JSON_NAME, out_dir / PNG_NAME
 
-
-def check_outputs(out_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Before any work: --out is a folder (or free), and its two files are free unless `overwrite`."""
-    refuse_unsafe_output(out_dir)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"--out {out_dir}: is a file; give a folder for {JSON_NAME} and {PNG_NAME}")
-    for path in output_paths(out_dir):
-        refuse_existing(path, overwrite)
-
-
-def select_real(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """`count` indices (all when fewer) drawn with `seed`, in increasing order."""
-    if count >= len(labels):
-        return np.arange(len(labels))
-    return np.sort(np.random.default_rng([int(seed), 0]).permutation(len(labels))[:count])
-
-
-def diagnose(model: torch.nn.Module, real_images: np.ndarray, real_labels: np.ndarray,
-             generators: Sequence[GeneratorSamples] = (), score: Score | None = None,
-             settings: DiagnoseSettings = DiagnoseSettings(), realness_kind: str = DEFAULT_REALNESS,
-             device: torch.device | str = "cpu", precision: str = "fp32", num_classes: int | None = None,
-             real_ids: Sequence[int] | None = None) -> tuple[dict, np.ndarray]:
-    """The report (JSON-ready; see REPORT_KEYS) and the PAG grid (uint8) of `model` on uint8 NCHW real
-    images (held out from its training) with their labels. `real_images` are used as given: draw the
-    subset with `select_real` first; `real_ids` name them in the picture's rows (default: their
-    positions). Without a score the alignment section is None."""
-    device = torch.device(device)
-    bs = settings.batch_size
-    num_classes = int(num_classes or getattr(model, "num_classes", 0) or int(real_labels.max()) + 1)
-    x_real = to_float(np.ascontiguousarray(real_images)).to(device)
-    y_real = torch.as_tensor(real_labels, dtype=torch.long, device=device)
-
-    accuracy = {"clean": clean_accuracy(model, x_real, y_real, bs, precision),
-                "robust": robust_accuracy(model, x_real, y_real, settings.attack_eps, settings.attack_steps,
-                                          bs, precision),
-                "attack": {"norm": "l2", "steps": settings.attack_steps,
-                           "step_size": f"{PGD_STEP_FACTOR} * eps / steps", "random_start": False,
-                           "objective": "cross-entropy (untargeted)"}}
-
-    real_d, real_p = realness_and_prob(model, x_real, y_real, realness_kind, bs, precision)
-    realness = {"kind": realness_kind, "real": {"mean_realness": float(real_d.mean()), "mean_p_y": float(real_p.mean())},
-                "generators": {}}
-    alignment = None
-    if score is not None:
-        alignment = {"score": getattr(score, "description", None), "sigmas": list(settings.sigmas),
-                     "real": alignment_rows(model, score, x_real, y_real, settings.sigmas, bs, precision),
-                     "generators": {}}
-    for gen in generators:
-        x = to_float(np.ascontiguousarray(gen.images)).to(device)
-        y = torch.as_tensor(gen.labels, dtype=torch.long, device=device)
-        boosted = boost_images(model, x, y, gen.method, gen.hyper, bs, precision)
-        entry = {"source": gen.source, "num": int(len(x)), "method": gen.method,
-                 "hyper": dataclasses.asdict(gen.hyper) if dataclasses.is_dataclass(gen.hyper) else dict(gen.hyper),
-                 "mean_l2_change": float((boosted - x).flatten(1).norm(dim=1).mean().item())}
-        for when, images in (("before", x), ("after", boosted)):
-            d, p = realness_and_prob(model, images, y, realness_kind, bs, precision)
-            entry[when] = {"auc": rank_auc(real_d, d), "mean_realness": float(d.mean()), "mean_p_y": float(p.mean()),
-                           "accuracy": clean_accuracy(model, images, y, bs, precision)}
-        realness["generators"][gen.name] = entry
-        if score is not None:
-            alignment["generators"][gen.name] = {
-                when: alignment_rows(model, score, images, y, settings.sigmas, bs, precision)
-                for when, images in (("before", x), ("after", boosted))}
-
-    picks = pick_starts(real_labels, settings.pag_rows, settings.seed)
-    starts = torch.cat([torch.full((1, *x_real.shape[1:]), GREY, device=device), x_real[picks]])
-    targeted, prob = pag_targets(model, starts, num_classes, settings.pag_eps, settings.pag_steps, bs, precision)
-    grid = pag_grid(starts.cpu(), targeted.cpu())
-    ids = list(range(len(real_labels))) if real_ids is None else [int(i) for i in real_ids]
-    rows = ["grey"] + [f"real {ids[i]} (label {int(real_labels[i])})" for i in picks]
-    pag = {"png": PNG_NAME, "eps": settings.pag_eps, "steps": settings.pag_steps,
-           "step_size": f"{PGD_STEP_FACTOR} * eps / steps", "rows": rows,
-           "columns": ["start"] + [f"toward class {k}" for k in range(num_classes)],
-           "target_prob": prob.tolist(),
-           "mean_target_prob_grey": float(prob[0].mean()),
-           "mean_target_prob_real": float(prob[1:].mean()) if len(picks) else None}
-
-    report = {"format": FORMAT, "accuracy": accuracy, "realness": realness, "alignment": alignment, "pag": pag,
-              "settings": dataclasses.asdict(settings), "num_real": int(len(x_real)), "num_classes": num_classes,
-              "device": str(device), "precision": precision}
-    return report, grid
-
-
-# The top-level keys of diagnose.json; "provenance" (the files read) is the command line's.
-REPORT_KEYS = ("format", "provenance", "accuracy", "realness", "alignment", "pag", "settings", "num_real",
-               "num_classes", "device", "precision")
-
-
-def _json_safe(value):
-    """NaN and inf become null: JSON has no spelling for them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_diagnosis(out_dir: str | os.PathLike, report: dict, grid: np.ndarray, overwrite: bool = False) -> tuple[Path, Path]:
-    """pag.png, then diagnose.json (last: its presence means both are whole). Each atomic."""
-
-    json_path, png_path = output_paths(out_dir)
-    check_outputs(out_dir, overwrite)
-    save_png(grid, png_path, overwrite=overwrite)
-    ordered = {key: report[key] for key in REPORT_KEYS if key in report}
-    ordered.update({k: v for k, v in report.items() if k not in ordered})
-    atomic_write_text(json_path, json.dumps(_json_safe(ordered), indent=1) + "\n")
-    return json_path, png_path
-
-
-def format_summary(report: dict) -> str:
-    """A few lines for the terminal."""
-    acc = report["accuracy"]
-    lines = [f"clean accuracy {acc['clean']:.3f}; robust (L2 PGD, {acc['attack']['steps']} steps): "
-             + ", ".join(f"eps {r['eps']:g} {r['accuracy']:.3f}" for r in acc["robust"])]
-    real = report["realness"]["real"]
-    lines.append(f"real: mean D ({report['realness']['kind']}) {real['mean_realness']:.3f}, mean p(y|x) {real['mean_p_y']:.3f}")
-    for name, gen in report["realness"]["generators"].items():
-        b, a = gen["before"], gen["after"]
-        lines.append(f"{name} ({gen['method']}): realness AUC {b['auc']:.3f} -> {a['auc']:.3f}, "
-                     f"mean p(y|x) {b['mean_p_y']:.3f} -> {a['mean_p_y']:.3f}, L2 change {gen['mean_l2_change']:.3f}")
-    if report["alignment"] is not None:
-        def fmt(rows):
-            return ", ".join(f"sigma {r['sigma']:g} {r['mean']:.3f}" if r["mean"] is not None else f"sigma {r['sigma']:g} n/a"
-                             for r in rows)
-        lines.append(f"gradient-score cosine, real: {fmt(report['alignment']['real'])}")
-        for name, gen in report["alignment"]["generators"].items():
-            lines.append(f"  {name} before: {fmt(gen['before'])}; after: {fmt(gen['after'])}")
-    pag = report["pag"]
-    lines.append(f"PAG (eps {pag['eps']:g}, {pag['steps']} steps): mean p(target) from grey {pag['mean_target_prob_grey']:.3f}"
-                 + (f", from real {pag['mean_target_prob_real']:.3f}" if pag["mean_target_prob_real"] is not None else ""))
-    return "\n".join(lines)

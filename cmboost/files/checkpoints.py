@@ -31,8 +31,8 @@ from typing import Mapping
 
 import torch
 
-from cmboost.files.atomic import atomic_open
 from cmboost.errors import OutputExistsError, UserInputError
+from cmboost.files.atomic import atomic_open
 
 FORMAT_KEY, VERSION_KEY, CONFIG_KEY, INFO_KEY = "cmboost.format", "cmboost.version", "cmboost.config", "cmboost.info"
 DESCRIPTIONS = {"jcd": "joint classifier-discriminator", "cm": "consistency model", "domain_net": "domain feature net"}

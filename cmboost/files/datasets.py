@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmboost.files.atomic import atomic_write_bytes
 from cmboost.errors import UserInputError
-from cmboost.files.samples import npy_member, open_zip, read_member
+from cmboost.files.atomic import atomic_write_bytes
+from cmboost.files.npz import npy_member, open_zip, read_member
 from cmboost.files.samples import check_sample_output, save_samples
 from cmboost.runtime import check_allocatable
 

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from cmboost.files.atomic import atomic_path, refuse_existing
 from cmboost.errors import UserInputError
+from cmboost.files.atomic import atomic_path, refuse_existing
 from cmboost.files.datasets import FMNIST_CLASSES
 
 MIN_TILE = 96  # px: 28-32 px samples are upscaled (nearest) to at least this, to be judged by eye

@@ -27,7 +27,8 @@ from cmboost.jcd.attacks import PGD
 from cmboost.diagnostic.measures import load_teacher_score
 from cmboost.files.samples import to_float
 from cmboost.errors import UserInputError
-from cmboost.jobs.job import MODEL_FILE, Job, module_tensors, optimizer_tensors
+from cmboost.jobs.job import MODEL_FILE, Job
+from cmboost.jobs.training_state import module_tensors, optimizer_tensors
 from cmboost.jcd.model import (build_joint_model, load_joint_model, log_realness_from_logits,
                          save_joint_model)
 from cmboost.jcd.losses import GradientAlignment, get_objective
