@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 import cmboost.runtime as runtime
-from cmboost.metrics.stats import ReferenceStatistics, feature_statistics
+from cmboost.metrics.stats import feature_statistics
+from cmboost.metrics.prepared import ReferenceStatistics
 
 BUSY_LOOP = """
 import time, torch

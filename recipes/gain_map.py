@@ -38,7 +38,7 @@ from cmboost.files.atomic import atomic_write_text
 from cmboost.boosting.boost import trained_realness_kind
 from cmboost.cm.sample import SampleRun, sample
 from cmboost.files.datasets import FMNIST_HELD_OUT_START, load_dataset
-from cmboost.demo.run import choose_panel
+from cmboost.demo.plan import choose_panel
 from cmboost.demo.assets import ASSETS, load_judge_check, load_shipped_reference
 from cmboost.diagnostic.measures import rank_auc, realness_and_prob
 from cmboost.jcd.model import load_joint_model
@@ -46,7 +46,8 @@ from cmboost.metrics.evaluate import prepared_statistics
 from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.judge_check import pool_features
 from cmboost.metrics.reference import load_reference
-from cmboost.metrics.stats import feature_statistics, paired_change
+from cmboost.metrics.stats import feature_statistics
+from cmboost.metrics.prepared import paired_change
 from cmboost.files.report import markdown_table
 from cmboost.files.samples import load_samples, to_float
 from cmboost.tuning.choose import tune

@@ -30,7 +30,7 @@ from cmboost.boosting.controls import random_perturbation
 from cmboost.files.datasets import load_dataset
 from cmboost.jcd.model import load_joint_model
 from cmboost.metrics.features import load_feature_extractor
-from cmboost.metrics.stats import ReferenceStatistics
+from cmboost.metrics.prepared import ReferenceStatistics
 from cmboost.metrics.judge_check import fid_kid, paired_bootstrap_std, passing, pool_features
 from cmboost.metrics.judges import REPORTING_JUDGES
 from cmboost.files.report import markdown_table

@@ -6,7 +6,9 @@
 import json
 import sys
 
-from cmboost.demo.report import _judge_check_section, generator_bar, paired_table, panel_sentence
+from cmboost.demo.report import _judge_check_section, paired_table, panel_sentence
+
+from cmboost.demo.verdicts import generator_bar
 from cmboost.files.report import markdown_table
 
 

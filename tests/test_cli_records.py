@@ -137,7 +137,7 @@ def test_evaluate_verbs_share_the_reference_defaults():
 def _verb_records():
     """(verb, record type, fields the verb's flags set under the field's own name, field -> dest)."""
     from cmboost.boosting.boost import BoostRun
-    from cmboost.demo.run import DemoOptions
+    from cmboost.demo.plan import DemoOptions
     from cmboost.diagnostic.diagnose import DiagnoseRun
     from cmboost.metrics.train_features import FeatureTraining
     from cmboost.tuning.tune import TuneRun

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cmboost.cli import main as cli_main
-from cmboost.demo.run import choose_panel
+from cmboost.demo.plan import choose_panel
 from cmboost.demo.assets import ASSETS, SETTINGS_FILE, load_judge_check
 from cmboost.metrics.judges import ATTACKER, REPORTING_JUDGES
 from cmboost.boosting.settings import tuning_judges
@@ -145,7 +145,8 @@ def _paired(method, judge, fid, kid, vs_plain=None, std=1.0):
 
 
 def test_panel_verdicts_count_judges_for_and_against_and_need_the_plain_control_beaten():
-    from cmboost.demo.report import panel_sentence, panel_verdicts
+    from cmboost.demo.report import panel_sentence
+    from cmboost.demo.verdicts import panel_verdicts
 
     beaten = {"fid": {"change": -5.0, "std": 1.0}, "kid": {"change": -5e-3, "std": 1e-3}}
     paired = [_paired("joint (PGD)", "a", -20, -20e-3, beaten), _paired("joint (PGD)", "b", 20, 20e-3, beaten),
@@ -163,7 +164,7 @@ def test_paired_changes_pool_the_seeds_paired_differences():
     """Per seed, the change against the same images unboosted (and against the plain control's edit of
     them) is the difference of their bootstraps, resample by resample; the seeds pool as a mean with
     std sqrt(sum of variances) / seeds, in the judge's units and relative to the unboosted mean."""
-    from cmboost.demo.report import PLAIN_CONTROL, paired_changes
+    from cmboost.demo.verdicts import PLAIN_CONTROL, paired_changes
 
     rng = np.random.default_rng(0)
 
@@ -293,7 +294,7 @@ def test_torn_report_bad_threads_and_unreadable_markdown_are_one_line(tmp_path, 
 
 
 def test_the_report_says_per_generator_whether_to_boost():
-    from cmboost.demo.run import tune_answer
+    from cmboost.demo.plan import tune_answer
     from cmboost.demo.report import _answer_section
 
     change = {"change": -0.2, "std": 0.05, "base": 20.0, "relative": -0.01, "relative_std": 0.0025, "beyond_noise": True}

@@ -424,7 +424,7 @@ def test_a_training_state_without_its_meta_is_named_with_the_file_and_key(tmp_pa
 
 
 def test_a_damaged_demo_row_is_named_with_rows_json_and_its_key(tmp_path):
-    from cmboost.demo.run import METRICS, demo_row_problem
+    from cmboost.demo.plan import METRICS, demo_row_problem
 
     good = {"judges": {"fmnist-allconv": {k: 1.0 for k in METRICS}}, "mean_l2_change": 0.0}
     out = tmp_path / "demo"

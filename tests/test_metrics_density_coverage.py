@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmboost.metrics.stats import density_coverage, knn_radii
+from cmboost.metrics.knn import density_coverage, knn_radii
 
 
 def _brute_force(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:

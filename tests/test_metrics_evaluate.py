@@ -279,7 +279,8 @@ def test_kid_follows_the_fixed_keys_and_ranks_like_fid(fmnist, reference):
 
 
 def test_a_rank_deficient_reference_is_decomposed_once_and_gives_the_same_fid():
-    from cmboost.metrics.stats import ReferenceStatistics, feature_statistics, frechet_distance
+    from cmboost.metrics.stats import feature_statistics, frechet_distance
+    from cmboost.metrics.prepared import ReferenceStatistics
 
     rng = np.random.default_rng(0)
     few = rng.normal(size=(20, 40))                     # 20 images, 40-d features: rank 19

@@ -21,7 +21,8 @@ from cmboost.files.samples import ArraySource
 from cmboost.metrics.features import DinoV2Features, load_feature_extractor
 from cmboost.metrics.ref_pickle import save_pickled_references
 from cmboost.metrics.reference import reference_stats
-from cmboost.metrics.stats import density_coverage, frechet_distance
+from cmboost.metrics.stats import frechet_distance
+from cmboost.metrics.knn import density_coverage
 
 SMALL = ViTConfig(dim=64, depth=1, mlp_hidden=128)
 

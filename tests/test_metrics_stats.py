@@ -11,8 +11,9 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_full, calculate_precision_recall_part
 
-from cmboost.metrics.stats import (RunningStats, feature_statistics, frechet_distance, inception_score,
-                                   knn_radii, precision_recall)
+from cmboost.metrics.stats import RunningStats, feature_statistics, frechet_distance, inception_score
+
+from cmboost.metrics.knn import knn_radii, precision_recall
 
 
 def _gaussian(rng, n, d, shift=0.0, scale=1.0):
@@ -184,7 +185,7 @@ def test_precision_recall_agrees_with_torch_fidelity():
 def test_kid_matches_torch_fidelity_draw_for_draw():
     from torch_fidelity.metric_kid import kid_features_to_metric
 
-    from cmboost.metrics.stats import kernel_inception_distance
+    from cmboost.metrics.kid import kernel_inception_distance
 
     rng = np.random.default_rng(3)
     real = rng.normal(size=(300, 16)).astype(np.float32)
@@ -198,7 +199,7 @@ def test_kid_matches_torch_fidelity_draw_for_draw():
 
 
 def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_for_two():
-    from cmboost.metrics.stats import kernel_inception_distance
+    from cmboost.metrics.kid import kernel_inception_distance
 
     rng = np.random.default_rng(0)
     real, same = rng.normal(size=(600, 8)), rng.normal(size=(600, 8))
@@ -210,7 +211,7 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_for_two():
 
 
 def test_kid_reuses_a_precomputed_reference_gram():
-    from cmboost.metrics.stats import kernel_inception_distance, polynomial_kernel
+    from cmboost.metrics.kid import kernel_inception_distance, polynomial_kernel
 
     rng = np.random.default_rng(1)
     real, fake = rng.normal(size=(120, 6)), rng.normal(size=(100, 6))
@@ -248,7 +249,9 @@ def test_a_prepared_reference_gives_each_metric_of_the_plain_functions_to_float6
     """ReferenceStatistics keeps the reference's side of every metric; each number it gives equals
     the plain function's on the same features, to float64 rounding (KID: its subset kernels are
     computed per subset instead of cut from one Gram matrix, so sums round in another order)."""
-    from cmboost.metrics.stats import (ReferenceStatistics, density_coverage, kernel_inception_distance)
+    from cmboost.metrics.prepared import ReferenceStatistics
+    from cmboost.metrics.kid import kernel_inception_distance
+    from cmboost.metrics.knn import density_coverage
 
     rng = np.random.default_rng(7)
     real = _gaussian(rng, 400, 24).astype(np.float32)
@@ -292,7 +295,7 @@ def test_statistics_run_on_one_thread_and_give_the_caller_its_threads_back():
 
 
 def test_the_paired_bootstrap_measures_the_change_and_its_noise_on_the_same_images():
-    from cmboost.metrics.stats import ReferenceStatistics
+    from cmboost.metrics.prepared import ReferenceStatistics
 
     rng = np.random.default_rng(11)
     real = _gaussian(rng, 1500, 16).astype(np.float32)
@@ -314,7 +317,7 @@ def test_the_paired_bootstrap_measures_the_change_and_its_noise_on_the_same_imag
 def test_each_bootstrap_resample_is_the_fid_and_kid_of_its_rows(dims, rows):
     """bootstrap() reads each resample's FID off precomputed products and KID off resampled kernels; each
     equals the plain FID and KID of the resampled rows (duplicates and all)."""
-    from cmboost.metrics.stats import ReferenceStatistics
+    from cmboost.metrics.prepared import ReferenceStatistics
 
     rng = np.random.default_rng(5)
     prepared = ReferenceStatistics.of(_gaussian(rng, 600, dims).astype(np.float32))

@@ -13,9 +13,7 @@ from cmboost.boosting.methods import boost_with
 from cmboost.errors import UserInputError
 from cmboost.files.samples import to_float, to_uint8
 from cmboost.records import field_default
-from cmboost.tuning.candidates import (
-    TuneSettings,
-)
+from cmboost.tuning.candidates import TuneSettings
 
 
 def apply_method(method: str, hyper: dict, model, classifier, images: torch.Tensor, labels: torch.Tensor,

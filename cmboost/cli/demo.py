@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from cmboost.demo.run import DemoOptions, run_demo
+from cmboost.demo.run import run_demo
+from cmboost.demo.plan import DemoOptions
 from cmboost.records import field_default
 
 

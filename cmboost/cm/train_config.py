@@ -8,16 +8,8 @@ import dataclasses
 from cmboost.cm.losses import DISTANCES
 from cmboost.cm.unet import attention_rates
 from cmboost.errors import UserInputError
-from cmboost.records import (
-    check_above,
-    check_at_least,
-    check_choice,
-    check_finite,
-    check_fraction,
-    check_seed,
-    field_default,
-    flag_of,
-)
+from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
+                             field_default, flag_of)
 
 MODES = ("edm", "cd", "ct", "ect")
 

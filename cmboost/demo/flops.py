@@ -11,6 +11,7 @@ import copy
 from typing import Callable
 
 import torch
+
 from cmboost.cm.sample import choose_sampler, sample_batch
 
 

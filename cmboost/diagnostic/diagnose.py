@@ -10,29 +10,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cmboost.boosting.boost import (
-    DEFAULT_METHOD,
-    check_fits_model,
-    given_hyper,
-    trained_realness_kind,
-    with_trained_radius,
-)
+from cmboost.boosting.boost import (DEFAULT_METHOD, check_fits_model, given_hyper, trained_realness_kind,
+                                    with_trained_radius)
 from cmboost.boosting.config import DEFAULT_REALNESS, PGD_STEP_FACTOR, make_hyper
 from cmboost.boosting.settings import check_settings_network, do_not_boost, load_settings_file, tuned_hyper
-from cmboost.diagnostic.measures import (
-    FORMAT,
-    GREY,
-    DiagnoseSettings,
-    GeneratorSamples,
-    Score,
-    alignment_rows,
-    boost_images,
-    clean_accuracy,
-    load_teacher_score,
-    rank_auc,
-    realness_and_prob,
-    robust_accuracy,
-)
+from cmboost.diagnostic.measures import (FORMAT, GREY, DiagnoseSettings, GeneratorSamples, Score, alignment_rows,
+                                         boost_images, clean_accuracy, load_teacher_score, rank_auc, realness_and_prob,
+                                         robust_accuracy)
 from cmboost.diagnostic.pag import pag_grid, pag_targets, pick_starts
 from cmboost.diagnostic.report import PNG_NAME, check_outputs, format_summary, write_diagnosis
 from cmboost.errors import UserInputError

@@ -10,9 +10,9 @@ from cmboost.metrics.evaluate import (METRIC_KEYS, evaluate_file, evaluate_image
                                       format_table, write_json)
 from cmboost.metrics.features import (DomainFeatures, FeatureExtractor, InceptionFeatures, load_feature_extractor,
                                       resolve_inception_weights)
+from cmboost.metrics.knn import knn_radii, precision_recall
 from cmboost.metrics.reference import Reference, load_reference, reference_stats, save_reference
-from cmboost.metrics.stats import (RunningStats, feature_statistics, frechet_distance, inception_score,
-                                   knn_radii, precision_recall)
+from cmboost.metrics.stats import RunningStats, feature_statistics, frechet_distance, inception_score
 
 __all__ = [
     "METRIC_KEYS", "evaluate_file", "evaluate_images", "evaluate_source", "extract_features", "format_table",

@@ -9,14 +9,14 @@ import json
 import numpy as np
 
 from cmboost.errors import UserInputError
-from cmboost.metrics.judge_check import DEFAULT_ATTACKER, DEFAULT_CANDIDATES, CheckSettings
 from cmboost.files.atomic import atomic_write_text, refuse_existing, refuse_output_inside_inputs
 from cmboost.files.datasets import load_dataset
 from cmboost.files.samples import load_samples
 from cmboost.jobs.job import check_job_folder, job_dir, remove_job_folder
 from cmboost.metrics.domain_net import SHIPPED, load_domain_net
 from cmboost.metrics.features import effnet_resolution
-from cmboost.metrics.judge_check import format_table, run_judge_check
+from cmboost.metrics.judge_check import (DEFAULT_ATTACKER, DEFAULT_CANDIDATES, CheckSettings, format_table,
+                                         run_judge_check)
 from cmboost.runtime import resolve_device
 
 

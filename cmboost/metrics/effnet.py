@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cmboost.files.checkpoints import torch_load, weights_digest  # the same content hash as the domain nets'
 from cmboost.errors import UserInputError
+from cmboost.files.checkpoints import torch_load, weights_digest  # the same content hash as the domain nets'
 from cmboost.metrics.extractor import FeatureExtractor, check_resizable
 from cmboost.runtime import autocast
 

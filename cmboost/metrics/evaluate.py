@@ -16,18 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.files.atomic import atomic_open
 from cmboost.errors import UserInputError
+from cmboost.files.atomic import atomic_open, refuse_existing
+from cmboost.files.samples import ArraySource, ImageSource, open_samples
 from cmboost.metrics.extract import extract_features
 from cmboost.metrics.feature_nets import EXTRACT_BATCH, FeatureOptions, extractors_for, fd_results, reference_for
 from cmboost.metrics.features import FeatureExtractor
 from cmboost.metrics.judges import DEFAULT_FEATURES
-from cmboost.records import FEATURE_PRECISION
+from cmboost.metrics.prepared import ReferenceStatistics
 from cmboost.metrics.reference import Reference, load_references
-from cmboost.metrics.stats import ReferenceStatistics, frechet_distance, inception_score
+from cmboost.metrics.stats import frechet_distance, inception_score
+from cmboost.records import FEATURE_PRECISION
 from cmboost.runtime import dist_info
-from cmboost.files.samples import ArraySource, ImageSource, open_samples
-from cmboost.files.atomic import refuse_existing
 
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
 KID_KEYS = ("kid", "kid_std")  # unbiased KID and its std over subsets; they follow METRIC_KEYS in every result

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from cmboost.errors import UserInputError
+from cmboost.files.samples import ImageSource
 from cmboost.metrics.features import FeatureExtractor
 from cmboost.metrics.stats import RunningStats
 from cmboost.runtime import dist_info, gather, in_cpu_chunks
-from cmboost.files.samples import ImageSource
 
 
 @dataclasses.dataclass

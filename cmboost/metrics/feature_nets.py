@@ -11,11 +11,11 @@ import torch
 from cmboost.errors import UserInputError
 from cmboost.metrics.features import FeatureExtractor, load_feature_extractor
 from cmboost.metrics.judges import DEFAULT_FEATURES
-from cmboost.records import FEATURE_PRECISION, check_at_least
-from cmboost.runtime import init_distributed, resolve_device
 from cmboost.metrics.ref_pickle import fd_key
 from cmboost.metrics.reference import Reference
 from cmboost.metrics.stats import frechet_distance
+from cmboost.records import FEATURE_PRECISION, check_at_least
+from cmboost.runtime import init_distributed, resolve_device
 
 EXTRACT_BATCH = 256  # images per forward pass of a feature network
 

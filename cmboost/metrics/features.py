@@ -29,17 +29,18 @@ from pathlib import Path
 
 import torch
 
+from cmboost.errors import UserInputError
 from cmboost.files.atomic import atomic_open
 from cmboost.files.checkpoints import torch_load, weights_digest
-from cmboost.errors import UserInputError
 from cmboost.metrics._inception_port import build_port
+from cmboost.metrics.dinov2 import (DINOV2_FILE, DINOV2_IDENTITY, DINOV2_SIZE, DINOV2_URL, ViTConfig, load_dinov2,
+                                    preprocess, random_dinov2)
 from cmboost.metrics.domain_net import check_input_shape, load_domain_net, prepare_images
+from cmboost.metrics.effnet import EffNetLite0Features
 from cmboost.metrics.extractor import FeatureExtractor, check_resizable  # noqa: F401 (the registry's base)
 from cmboost.metrics.judges import DEFAULT_FEATURES
 from cmboost.records import FEATURE_PRECISION
 from cmboost.runtime import autocast, resolve_device, resolve_precision
-from cmboost.metrics.dinov2 import DINOV2_FILE, DINOV2_IDENTITY, DINOV2_SIZE, DINOV2_URL, ViTConfig, load_dinov2, preprocess, random_dinov2
-from cmboost.metrics.effnet import EffNetLite0Features
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE

@@ -34,10 +34,11 @@ from cmboost.boosting.config import step_length
 from cmboost.boosting.controls import gaussian_blur, move_to_norm, random_perturbation
 from cmboost.errors import UserInputError
 from cmboost.jobs.job import Job
-from cmboost.metrics.stats import ReferenceStatistics, feature_statistics
-from cmboost.runtime import in_cpu_chunks, randn_per_sample, sample_generators
 from cmboost.metrics.domain_net import load_domain_net
 from cmboost.metrics.features import load_feature_extractor
+from cmboost.metrics.prepared import ReferenceStatistics
+from cmboost.metrics.stats import feature_statistics
+from cmboost.runtime import in_cpu_chunks, randn_per_sample, sample_generators
 
 FORMAT_VERSION = 1
 

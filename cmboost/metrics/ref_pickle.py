@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmboost.files.atomic import atomic_open
 from cmboost.errors import UserInputError
-from cmboost.files.atomic import refuse_existing
+from cmboost.files.atomic import atomic_open, refuse_existing
 
 # (module, name) pairs a pickle of numpy arrays refers to, under numpy 1 and numpy 2 spellings.
 _ALLOWED = {

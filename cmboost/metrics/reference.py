@@ -22,14 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cmboost.files.atomic import atomic_open
 from cmboost.errors import UserInputError
-from cmboost.metrics.ref_pickle import DINOV2_KEY, INCEPTION_KEY, pickled_statistics, read_pickle
-from cmboost.files.atomic import refuse_existing
+from cmboost.files.atomic import atomic_open, refuse_existing
 from cmboost.files.samples import ArraySource, ImageSource
 from cmboost.metrics.dinov2 import DINOV2_IDENTITY
 from cmboost.metrics.extract import extract_features
 from cmboost.metrics.features import load_feature_extractor
+from cmboost.metrics.ref_pickle import DINOV2_KEY, INCEPTION_KEY, pickled_statistics, read_pickle
 from cmboost.metrics.stats import check_covariance
 
 OPENAI_FEATURE_NET = "inception-v3-tf-2015-12-05"  # what OpenAI's reference files were made with

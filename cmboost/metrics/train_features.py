@@ -8,14 +8,12 @@ import shlex
 from pathlib import Path
 
 from cmboost.errors import UserInputError
-from cmboost.metrics.domain_net import DomainNetConfig
-from cmboost.metrics.domain_training import TrainSettings
-from cmboost.records import field_default
 from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
 from cmboost.files.datasets import evaluation_split, load_dataset
 from cmboost.jobs.job import check_job_folder, job_dir, remove_job_folder
-from cmboost.metrics.domain_net import save_domain_net
-from cmboost.metrics.domain_training import classify_accuracy, config_for_data, train_domain_net
+from cmboost.metrics.domain_net import DomainNetConfig, save_domain_net
+from cmboost.metrics.domain_training import TrainSettings, classify_accuracy, config_for_data, train_domain_net
+from cmboost.records import field_default
 from cmboost.runtime import resolve_device, resolve_precision
 
 

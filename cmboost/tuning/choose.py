@@ -48,20 +48,9 @@ from cmboost.metrics.judge_check import pool_features
 from cmboost.metrics.separation import check_tuning_committee
 from cmboost.metrics.stats import feature_statistics
 from cmboost.records import field_default
-from cmboost.tuning.candidates import (
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
-    CONTROL_METHODS,
-    ERROR_BARS,
-    HALVES,
-    MIN_SAMPLES,
-    TuneSettings,
-    beyond_radius,
-    check_classifier,
-    check_grid,
-    check_radius,
-    default_grid,
-)
+from cmboost.tuning.candidates import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONTROL_METHODS, ERROR_BARS, HALVES,
+                                       MIN_SAMPLES, TuneSettings, beyond_radius, check_classifier, check_grid,
+                                       check_radius, default_grid)
 
 
 def _digest(array: np.ndarray) -> str:
