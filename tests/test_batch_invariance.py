@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cmboost.jobs import job as jobs
+from cmboost.jobs import parts
 from cmboost.cli import main
 from cmboost.errors import UserInputError
 
@@ -75,7 +76,7 @@ def test_work_is_done_in_whole_fixed_blocks_whatever_the_batch_size(tmp_path):
 
     for batch_size in (1, 5, 9, 100):
         seen.clear()
-        jobs.run_parts(tmp_path / f"b{batch_size}.npz", 11, batch_size, work, {"what": "test"}, progress=False,
+        parts.run_parts(tmp_path / f"b{batch_size}.npz", 11, batch_size, work, {"what": "test"}, progress=False,
                        block_size=4)
         assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
 
@@ -91,9 +92,9 @@ def test_the_block_size_is_recorded_and_cannot_change_on_resume(tmp_path):
 
     out = tmp_path / "out.npz"
     with pytest.raises(Killed):
-        jobs.run_parts(out, 8, 4, work, {"what": "test"}, progress=False, block_size=4)
+        parts.run_parts(out, 8, 4, work, {"what": "test"}, progress=False, block_size=4)
     with pytest.raises(UserInputError, match="block_size was 4, now 2"):
-        jobs.run_parts(out, 8, 4, work, {"what": "test"}, progress=False, block_size=2)
+        parts.run_parts(out, 8, 4, work, {"what": "test"}, progress=False, block_size=2)
 
 
 @pytest.mark.parametrize("verb", ["sample", "boost"])

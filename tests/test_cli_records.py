@@ -25,9 +25,14 @@ from cmboost.diagnostic.measures import DiagnoseSettings
 from cmboost.metrics.domain_net import DomainNetConfig
 from cmboost.metrics.domain_training import TrainSettings as FeatureSettings
 from cmboost.metrics.reference import reference_stats
+from cmboost.files.samples import save_samples
 from cmboost.records import field_default, param_default, shown
 from cmboost.jcd.config import TrainConfig
 from cmboost.tuning.candidates import TuneSettings
+from cmboost.cm.sample import SampleRun
+from cmboost.cm.train_config import TrainCMRun, mode_settings
+from cmboost.metrics.evaluate import EvaluateRun
+from cmboost.metrics.evaluate_ref import ReferenceRun
 
 ASSETS = Path(cmboost.__file__).parent / "assets" / "fmnist"
 VERBS = ("boost", "sample", "tune", "evaluate", "evaluate-ref", "train-cm", "train-jcd", "train-features", "diagnose")
@@ -148,7 +153,55 @@ def _verb_records():
                                        "allow_other_network"), {}),
             ("tune", TuneRun, ("classifier", "threshold_from", "grid", "device", "precision"), {"judges": "judge"}),
             ("train-features", FeatureTraining, ("arch", "data_dir", "limit", "threads", "device", "precision"), {}),
-            ("demo", DemoOptions, ("out_dir", "device", "threads"), {})]
+            ("demo", DemoOptions, ("out_dir", "device", "threads"), {}),
+            ("evaluate", EvaluateRun, ("features", "batch_size", "device", "precision", "inception_weights",
+                                       "dinov2_weights", "threads", "json"), {}),
+            ("evaluate-ref", ReferenceRun, ("features", "batch_size", "device", "precision", "threads", "split",
+                                            "data_dir", "num_features", "seed"), {}),
+            ("sample", SampleRun, ("steps", "seed", "batch_size", "block_size", "kind", "device", "precision"),
+             {"num_levels": "N"}),
+            ("train-cm", TrainCMRun, ("data_dir", "device", "precision"), {})]
+
+
+# Each verb: the CLI's argv and the API call that name the same required inputs, and the runner in
+# cmboost.api that receives the record. Everything else is left to the defaults.
+def _same_inputs(assets: Path, tmp: Path) -> list:
+    model, samples = str(assets / "jcd-joint.safetensors"), str(save_samples(tmp / "val.npz", np.zeros((4, 1, 28, 28), np.uint8)))
+    generator, ref = str(assets / "ct.safetensors"), str(assets / "ref-test-fmnist-allconv.npz")
+    settings = mode_settings("ect", iters=5, teacher=generator)
+    return [
+        ("boost", ["boost", samples, "--model", model, "--out", str(tmp / "b.npz")], "boost_run",
+         lambda: cmboost.boost(samples, model, str(tmp / "b.npz"))),
+        ("sample", ["sample", "--model", generator, "--num", "8", "--out", str(tmp / "s.npz")], "sample_run",
+         lambda: cmboost.sample(generator, 8, str(tmp / "s.npz"))),
+        ("evaluate", ["evaluate", samples, "--ref", ref], "evaluate_run", lambda: cmboost.evaluate(samples, ref)),
+        ("evaluate-ref", ["evaluate-ref", "--data", "fmnist", "--out", str(tmp / "r.npz")], "make_reference",
+         lambda: cmboost.evaluate_ref(data="fmnist", out=str(tmp / "r.npz"))),
+        ("train-cm", ["train-cm", "--mode", "ect", "--iters", "5", "--teacher", generator, "--run-dir", str(tmp / "cm")],
+         "train_cm_run", lambda: cmboost.train_cm(run_dir=str(tmp / "cm"), settings=settings)),
+        ("train-jcd", ["train-jcd", "--data", "fmnist", "--run-dir", str(tmp / "jcd"), "--iters", "3", "--arch", "resnet_small", "--objective", "ce"],
+         "train_jcd_run", lambda: cmboost.train_jcd(data="fmnist", run_dir=str(tmp / "jcd"), iters=3, arch="resnet_small", objective="ce")),
+    ]
+
+
+@pytest.mark.parametrize("verb", ["boost", "sample", "evaluate", "evaluate-ref", "train-cm", "train-jcd"])
+def test_the_api_builds_the_record_the_cli_builds(verb, tmp_path, monkeypatch):
+    """The API's defaults are the command line's: the same required inputs give the same record,
+    field by field (both come from the record; a default written again in either would differ here)."""
+    from cmboost import api
+    from cmboost.cli import _app
+
+    argv, runner, call = next((a, r, c) for v, a, r, c in _same_inputs(ASSETS, tmp_path) if v == verb)
+    cli_record = _app.VERB_MODULES_BY_NAME[verb].record_from(build_parser().parse_args(argv))
+    seen = []
+    monkeypatch.setattr(api, runner, lambda record: seen.append(record) or tmp_path / "x.npz")
+    monkeypatch.setattr(api, "load_samples", lambda path: None)
+    call()
+    assert len(seen) == 1
+    api_record = seen[0]
+    if verb == "boost":  # the API boosts without a before/after grid only when it returns arrays
+        api_record = dataclasses.replace(api_record, grid=cli_record.grid)
+    assert api_record == cli_record
 
 
 @pytest.mark.parametrize("verb, record_type, names, dests", _verb_records(), ids=lambda v: getattr(v, "__name__", v)

@@ -14,6 +14,7 @@ import pytest
 
 import cmboost
 from cmboost.jobs import job as jobs
+from cmboost.jobs import parts
 from cmboost.boosting.boost import boost_file
 from cmboost.cli import main as cli_main
 from cmboost.cm.sample import SampleRun, sample
@@ -41,7 +42,7 @@ class Killed(BaseException):
 
 
 def _die_after_first_part(monkeypatch):
-    real = jobs._write_part
+    real = parts._write_part
     calls = []
 
     def write_then_die(*args):
@@ -50,7 +51,7 @@ def _die_after_first_part(monkeypatch):
         if len(calls) == 1:
             raise Killed
 
-    monkeypatch.setattr(jobs, "_write_part", write_then_die)
+    monkeypatch.setattr(parts, "_write_part", write_then_die)
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lock(tmp_path, model):
@@ -128,7 +129,7 @@ def test_an_error_before_any_batch_leaves_no_parts_folder(tmp_path):
         raise UserInputError("images contain NaN or inf")
 
     with pytest.raises(UserInputError):
-        jobs.run_parts(out, 8, 4, bad_batch, {"what": "test"}, progress=False)
+        parts.run_parts(out, 8, 4, bad_batch, {"what": "test"}, progress=False)
     assert not out.exists() and not jobs.job_dir(out).exists()
 
 
@@ -139,16 +140,16 @@ def test_the_batch_size_may_change_on_resume_only_where_the_caller_allows(tmp_pa
 
     out = tmp_path / "out.npz"
     with pytest.raises(Killed):
-        jobs.run_parts(out, 8, 3, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 3 else batch(idx),
+        parts.run_parts(out, 8, 3, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 3 else batch(idx),
                        {"what": "test"}, may_change=("batch_size",), progress=False)
-    jobs.run_parts(out, 8, 5, batch, {"what": "test"}, may_change=("batch_size",), progress=False)
-    straight = jobs.run_parts(tmp_path / "straight.npz", 8, 8, batch, {"what": "test"}, progress=False)
+    parts.run_parts(out, 8, 5, batch, {"what": "test"}, may_change=("batch_size",), progress=False)
+    straight = parts.run_parts(tmp_path / "straight.npz", 8, 8, batch, {"what": "test"}, progress=False)
     assert out.read_bytes() == straight.read_bytes()
     with pytest.raises(Killed):
-        jobs.run_parts(tmp_path / "fixed.npz", 8, 3, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 3
+        parts.run_parts(tmp_path / "fixed.npz", 8, 3, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 3
                        else batch(idx), {"what": "test"}, progress=False)
     with pytest.raises(UserInputError, match="batch_size was 3, now 5"):
-        jobs.run_parts(tmp_path / "fixed.npz", 8, 5, batch, {"what": "test"}, progress=False)
+        parts.run_parts(tmp_path / "fixed.npz", 8, 5, batch, {"what": "test"}, progress=False)
 
 
 def _tiny_train_args(run_dir):
@@ -206,15 +207,15 @@ def _relabel(file):  # a whole, readable zip whose contents are not the part its
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_a_pixel, _relabel], ids=["truncated", "bad-crc", "relabelled"])
 def test_a_damaged_part_is_named_recomputed_and_the_output_is_byte_identical(tmp_path, damage, capsys):
-    straight = jobs.run_parts(tmp_path / "straight.npz", 12, 4, _pattern_batch, {"what": "test"}, progress=False)
+    straight = parts.run_parts(tmp_path / "straight.npz", 12, 4, _pattern_batch, {"what": "test"}, progress=False)
     out = tmp_path / "out.npz"
     with pytest.raises(Killed):
-        jobs.run_parts(out, 12, 4, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 8 else _pattern_batch(idx),
+        parts.run_parts(out, 12, 4, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 8 else _pattern_batch(idx),
                        {"what": "test"}, progress=False)
     part = sorted(jobs.job_dir(out).glob("part-*.npz"))[0]
     damage(part)
     capsys.readouterr()
-    jobs.run_parts(out, 12, 4, _pattern_batch, {"what": "test"}, progress=False)  # the same job again
+    parts.run_parts(out, 12, 4, _pattern_batch, {"what": "test"}, progress=False)  # the same job again
     err = capsys.readouterr().err
     assert f"{part}: damaged part file" in err and "Traceback" not in err
     assert out.read_bytes() == straight.read_bytes() and not jobs.job_dir(out).exists()
@@ -244,7 +245,7 @@ def test_a_job_folder_cmboost_did_not_make_is_refused_and_left_as_it_was(tmp_pat
     before = _snapshot(folder)
     for _ in range(2):  # the refusal changes nothing, so a second run is refused the same way
         with pytest.raises(UserInputError, match=f"{folder}: a folder cmboost did not make"):
-            jobs.run_parts(out, 8, 4, _pattern_batch, {"what": "test"}, overwrite=overwrite, progress=False)
+            parts.run_parts(out, 8, 4, _pattern_batch, {"what": "test"}, overwrite=overwrite, progress=False)
         assert _snapshot(folder) == before and not out.exists()
 
 
@@ -265,7 +266,7 @@ def test_a_job_folder_that_is_a_symbolic_link_is_refused_and_its_target_untouche
     out = tmp_path / "x.npz"
     jobs.job_dir(out).symlink_to(users, target_is_directory=True)
     with pytest.raises(UserInputError, match="x.npz.job: is a symbolic link"):
-        jobs.run_parts(out, 8, 4, _pattern_batch, {"what": "test"}, progress=False)
+        parts.run_parts(out, 8, 4, _pattern_batch, {"what": "test"}, progress=False)
     jobs.job_dir(tmp_path / "t.json").symlink_to(users, target_is_directory=True)
     with pytest.raises(UserInputError, match="t.json.job: is a symbolic link"):  # tune's way in
         with jobs.Job(jobs.job_dir(tmp_path / "t.json"), {"what": "test"}):
@@ -291,15 +292,15 @@ def test_a_refusal_over_another_runs_configuration_removes_nothing(tmp_path):
 def test_finishing_removes_only_the_files_cmboost_wrote(tmp_path):
     """An older cmboost's job (a readable config.json, no marker) is adopted and resumed; a file of the
     user's found in it survives the finish, and so does its folder."""
-    straight = jobs.run_parts(tmp_path / "straight.npz", 12, 4, _pattern_batch, {"what": "test"}, progress=False)
+    straight = parts.run_parts(tmp_path / "straight.npz", 12, 4, _pattern_batch, {"what": "test"}, progress=False)
     out = tmp_path / "out.npz"
     with pytest.raises(Killed):
-        jobs.run_parts(out, 12, 4, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 8 else _pattern_batch(idx),
+        parts.run_parts(out, 12, 4, lambda idx: (_ for _ in ()).throw(Killed) if idx[0] >= 8 else _pattern_batch(idx),
                        {"what": "test"}, progress=False)
     folder = jobs.job_dir(out)
     (folder / jobs.MARKER_FILE).unlink()  # as an older cmboost left it
     (folder / "notes.txt").write_text("mine")
-    jobs.run_parts(out, 12, 4, _pattern_batch, {"what": "test"}, progress=False)
+    parts.run_parts(out, 12, 4, _pattern_batch, {"what": "test"}, progress=False)
     assert out.read_bytes() == straight.read_bytes()
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
@@ -307,7 +308,7 @@ def test_finishing_removes_only_the_files_cmboost_wrote(tmp_path):
 def test_an_empty_job_folder_left_by_a_killed_run_is_adopted(tmp_path):
     out = tmp_path / "out.npz"
     jobs.job_dir(out).mkdir()  # killed between making the folder and writing its marker
-    jobs.run_parts(out, 4, 4, _pattern_batch, {"what": "test"}, progress=False)
+    parts.run_parts(out, 4, 4, _pattern_batch, {"what": "test"}, progress=False)
     assert out.is_file() and not jobs.job_dir(out).exists()
 
 

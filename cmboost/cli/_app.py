@@ -25,6 +25,10 @@ from cmboost.cli import tune as tune_verb
 
 VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, tune_verb, evaluate_verb, evaluate_ref_verb, check_judges_verb,
                 train_cm_verb, train_jcd_verb, train_features_verb, convert_verb, diagnose_verb]
+# The verbs built from a record, by name: each module's record_from(args) is the record the API builds too.
+VERB_MODULES_BY_NAME = {"sample": sample_verb, "boost": boost_verb, "tune": tune_verb, "evaluate": evaluate_verb,
+                        "evaluate-ref": evaluate_ref_verb, "check-judges": check_judges_verb, "train-cm": train_cm_verb,
+                        "train-jcd": train_jcd_verb, "train-features": train_features_verb, "diagnose": diagnose_verb}
 
 
 class OneLineParser(argparse.ArgumentParser):

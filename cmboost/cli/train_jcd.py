@@ -21,7 +21,7 @@ from cmboost.records import field_default
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 
 
-def config_from_args(args: argparse.Namespace):
+def record_from(args: argparse.Namespace):
     """The one TrainConfig of this run, checked as it is built: bad values fail before any file is read."""
 
     return record_from_args(TrainConfig, args, {
@@ -31,7 +31,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
 
-    train_jcd(config_from_args(args))
+    train_jcd(record_from(args))
     return 0
 
 

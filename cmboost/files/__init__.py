@@ -1,1 +1,2 @@
-"""TODO package docstring."""
+"""What cmboost reads and writes: atomic outputs, sample files (.npz and PNG folders), checkpoints,
+datasets, and report tables, grids and plots."""

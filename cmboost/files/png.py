@@ -1,4 +1,5 @@
-"""Sample files as a folder of PNGs: read with their labels, checked for mode and size, and written under cmboost's marker file."""
+"""Sample files as a folder of PNGs: read with their labels, checked for mode and size, and written
+under cmboost's marker file."""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""TODO package docstring."""
+"""The joint classifier-discriminator: the network and its readings (model), the training objectives
+(losses), PGD (attacks), and adversarial training (config, training)."""
