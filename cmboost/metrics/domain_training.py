@@ -39,7 +39,7 @@ class TrainSettings:
     hflip: bool = True          # clothes are left-right symmetric; not for digits or text
     seed: int = DEFAULT_SEED
     adv_eps: float = 0.0        # > 0: adversarial training (Madry et al.) in this L2 radius, [0, 1] pixels
-    adv_steps: int = 3          # PGD steps of that attack, each boost_config.step_length(adv_eps, adv_steps) long
+    adv_steps: int = 3          # PGD steps of that attack, each boosting.config.step_length(adv_eps, adv_steps) long
 
     def __post_init__(self):
         check_finite(self, SETTINGS_FLAGS)

@@ -123,7 +123,7 @@ def ladders(real_u8: np.ndarray, generated_u8: np.ndarray, settings: CheckSettin
 def attacker_edit(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, radius: torch.Tensor | float,
                   steps: int = 10, exact_norm: bool = False) -> torch.Tensor:
     """L2 PGD that raises log p(y|x) under a plain classifier `net` (logits = net(x)[1] for a domain
-    net, or net(x)), per-image radius `radius`, the default step (boost_config.step_length); float [0, 1] NCHW in and out.
+    net, or net(x)), per-image radius `radius`, the default step (boosting.config.step_length); float [0, 1] NCHW in and out.
     No random start: the edit is a function of the images and the net. PGD may end inside the ball;
     `exact_norm` then lengthens each edit along its own direction to exactly its radius (a control
     must move each image as far as the edit it is compared with)."""

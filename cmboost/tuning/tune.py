@@ -1,6 +1,6 @@
 """The tune verb on files (`cmboost tune`, `cmboost.tune`): validation samples, a joint network and the
 tuning judges' training-data references in, the settings file out, resumable candidate by candidate
-(the scoring and the choice are tuning.py's)."""
+(the scoring and the choice are tuning/choose.py's)."""
 
 from __future__ import annotations
 
