@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from cmboost.boosting.boost import boost_file
+from cmboost.boosting.boost import BoostRun, boost
 from cmboost.cm.sample import SampleRun, sample
-from cmboost.jcd.model import load_joint_model
 from cmboost.runtime import resolve_device
 
 ASSETS = Path(__file__).resolve().parent.parent / "cmboost" / "assets" / "fmnist"
@@ -44,7 +43,6 @@ def main():
     args = parser.parse_args()
     device = resolve_device(args.device)
     blocks = [int(b) for b in args.blocks.split(",")]
-    model = load_joint_model(ASSETS / "jcd-joint.safetensors")
     print(f"{args.images} images on {device}, torch {torch.__version__} ({torch.get_num_threads()} CPU threads)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -58,9 +56,10 @@ def main():
             sample_s = timed(lambda: sample(SampleRun(
                 model=str(ASSETS / "ct.safetensors"), out=str(tmp / f"s{block}.npz"), num=args.images, steps=1, seed=0,
                 device=str(device), progress=False, batch_size=args.images, block_size=block)), device)
-            boost_s = timed(lambda: boost_file(source, model, tmp / f"b{block}.npz", "pgd", {}, batch_size=args.images,
-                                               device=str(device), progress=False, grid=False, block_size=block),
-                            device)
+            boost_s = timed(lambda: boost(BoostRun(  # the network's loading is timed too, as boost does it
+                samples=str(source), model=str(ASSETS / "jcd-joint.safetensors"), out=str(tmp / f"b{block}.npz"),
+                method="pgd", batch_size=args.images, device=str(device), progress=False, grid=False,
+                block_size=block)), device)
             rows.append((block, args.images / sample_s, args.images / boost_s))
     top_sample, top_boost = rows[-1][1], rows[-1][2]
     print(f"{'block':>6} {'sample img/s':>13} {'ratio':>6} {'boost img/s':>12} {'ratio':>6}")

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from cmboost.boosting import methods as boost_mod
+from cmboost.boosting.boost import BoostRun, boost as boost_verb
 from cmboost.boosting.methods import boost, joint_score, make_hyper, realness
-from cmboost.boosting.boost import boost_file
 from cmboost.cli import main as cli_main
 from cmboost.files.datasets import fashion_mnist, pad_to
 from cmboost.files.samples import load_samples, save_samples, to_float
 from cmboost.errors import UserInputError
+from cmboost.jcd.model import load_joint_model, save_joint_model
 
 
 class TinyJoint(torch.nn.Module):
@@ -201,12 +202,11 @@ def test_cli_boost_dry_run_and_input_checks(tmp_path, small_model_file, capsys):
 
 
 def test_resume_after_a_crash_is_bit_identical(tmp_path, small_model_file, sample_file, monkeypatch):
-    from cmboost.jcd.model import load_joint_model
+    def run(out, model=small_model_file, hyper={"eps": 2.0, "steps": 3}):
+        return boost_verb(BoostRun(samples=str(sample_file), model=str(model), out=str(tmp_path / out), method="pgd",
+                              hyper=hyper, batch_size=4, block_size=4, device="cpu", progress=False))
 
-    model = load_joint_model(small_model_file)
-    hyper = {"eps": 2.0, "steps": 3}
-    reference = boost_file(sample_file, model, tmp_path / "ref.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
-
+    reference = run("ref.npz")
     calls = {"n": 0}
     real = boost_mod.boost_with
 
@@ -218,19 +218,19 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, small_model_file, sampl
 
     monkeypatch.setattr("cmboost.boosting.boost.boost_with", crash_on_third_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        boost_file(sample_file, model, tmp_path / "out.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
+        run("out.npz")
     assert not (tmp_path / "out.npz").exists()
     assert len(list((tmp_path / "out.npz.job").glob("part-*.npz"))) == 2
     monkeypatch.setattr("cmboost.boosting.boost.boost_with", real)
     with pytest.raises(UserInputError, match="another configuration"):
-        boost_file(sample_file, model, tmp_path / "out.npz", "pgd", {"eps": 1.0, "steps": 3}, batch_size=4,
-                   block_size=4, progress=False)
+        run("out.npz", hyper={"eps": 1.0, "steps": 3})
     other = load_joint_model(small_model_file)
     with torch.no_grad():
         next(other.parameters()).add_(0.01)
+    save_joint_model(other, tmp_path / "other.safetensors")
     with pytest.raises(UserInputError, match="another configuration"):  # same settings, other weights
-        boost_file(sample_file, other, tmp_path / "out.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
-    boost_file(sample_file, model, tmp_path / "out.npz", "pgd", hyper, batch_size=4, block_size=4, progress=False)
+        run("out.npz", model=tmp_path / "other.safetensors")
+    run("out.npz")
     assert (tmp_path / "out.npz").read_bytes() == reference.read_bytes()
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import cmboost
 from cmboost.jobs import job as jobs
 from cmboost.jobs import parts
-from cmboost.boosting.boost import boost_file
+from cmboost.boosting.boost import BoostRun, boost
 from cmboost.cli import main as cli_main
 from cmboost.cm.sample import SampleRun, sample
 from cmboost.errors import UserInputError
@@ -30,6 +31,12 @@ PGD = {"eps": 1.0, "steps": 2}
 @pytest.fixture(scope="module")
 def model():
     return load_joint_model(JCD)
+
+
+def _boost(samples, out, **fields):
+    """`cmboost boost` of `samples` with the shipped network and PGD: one call of the verb's function."""
+    return boost(BoostRun(samples=str(samples), model=str(JCD), out=str(out), method="pgd", hyper=PGD, batch_size=4,
+                          device="cpu", progress=False, **fields))
 
 
 def _samples(path, seed=0, n=8):
@@ -54,29 +61,29 @@ def _die_after_first_part(monkeypatch):
     monkeypatch.setattr(parts, "_write_part", write_then_die)
 
 
-def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lock(tmp_path, model):
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lock(tmp_path):
     src = _samples(tmp_path / "in.npz")
     out = tmp_path / "out.npz"
     parts = jobs.job_dir(out)
     parts.mkdir()
     with jobs._locked(parts, str(parts)):  # a first run, still writing
         with pytest.raises(UserInputError, match="another cmboost run is writing"):
-            boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+            _boost(src, out, grid=False)
     assert not out.exists() and parts.is_dir()  # the first run's folder is left alone
-    boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)  # lock gone: runs
+    _boost(src, out, grid=False)  # lock gone: runs
     assert out.exists() and not parts.exists()
 
 
-def test_an_input_replaced_before_the_resume_is_refused(tmp_path, model, monkeypatch):
+def test_an_input_replaced_before_the_resume_is_refused(tmp_path, monkeypatch):
     src = _samples(tmp_path / "in.npz")
     out = tmp_path / "out.npz"
     with monkeypatch.context() as m:
         _die_after_first_part(m)
         with pytest.raises(Killed):
-            boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+            _boost(src, out, grid=False)
     _samples(src, seed=1)  # same path, same size, other images
     with pytest.raises(UserInputError, match="samples_digest"):
-        boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+        _boost(src, out, grid=False)
 
 
 def test_a_model_replaced_before_a_sample_resume_is_refused(tmp_path, monkeypatch):
@@ -92,22 +99,22 @@ def test_a_model_replaced_before_a_sample_resume_is_refused(tmp_path, monkeypatc
         sample(SampleRun(model=str(model), out=str(out), num=8, batch_size=4, progress=False))
 
 
-def test_a_torn_configuration_record_is_named_with_its_fix(tmp_path, model, monkeypatch):
+def test_a_torn_configuration_record_is_named_with_its_fix(tmp_path, monkeypatch):
     src = _samples(tmp_path / "in.npz")
     out = tmp_path / "out.npz"
     with monkeypatch.context() as m:
         _die_after_first_part(m)
         with pytest.raises(Killed):
-            boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+            _boost(src, out, grid=False)
     record = jobs.job_dir(out) / jobs.CONFIG_FILE
     record.write_text(record.read_text()[:40])
     with pytest.raises(UserInputError, match=r"config.json: damaged record .* delete .*out.npz.job"):
-        boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False)
+        _boost(src, out, grid=False)
 
 
-def test_killed_just_after_the_output_appeared_the_rerun_finishes(tmp_path, model, monkeypatch):
+def test_killed_just_after_the_output_appeared_the_rerun_finishes(tmp_path, monkeypatch):
     src = _samples(tmp_path / "in.npz")
-    straight = boost_file(src, model, tmp_path / "straight.npz", "pgd", PGD, batch_size=4, progress=False)
+    straight = _boost(src, tmp_path / "straight.npz")
     out = tmp_path / "out.npz"
     with monkeypatch.context() as m:
         def killed(*args, **kwargs):
@@ -115,9 +122,9 @@ def test_killed_just_after_the_output_appeared_the_rerun_finishes(tmp_path, mode
 
         m.setattr(jobs.Job, "finish", killed)  # dies between writing the output and cleaning up
         with pytest.raises(Killed):
-            boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False)
+            _boost(src, out)
     assert out.exists() and jobs.job_dir(out).is_dir() and not out.with_suffix(".grid.png").exists()
-    boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False)  # the same command again
+    _boost(src, out)  # the same command again
     assert out.read_bytes() == straight.read_bytes()
     assert out.with_suffix(".grid.png").exists() and not jobs.job_dir(out).exists()
 
@@ -249,13 +256,13 @@ def test_a_job_folder_cmboost_did_not_make_is_refused_and_left_as_it_was(tmp_pat
         assert _snapshot(folder) == before and not out.exists()
 
 
-def test_boost_refuses_a_folder_of_the_users_before_any_work(tmp_path, model):
+def test_boost_refuses_a_folder_of_the_users_before_any_work(tmp_path):
     src = _samples(tmp_path / "in.npz")
     out = tmp_path / "x.npz"
     (jobs.job_dir(out)).mkdir()
     (jobs.job_dir(out) / "notes.txt").write_text("mine")
     with pytest.raises(UserInputError, match="x.npz.job: a folder cmboost did not make"):
-        boost_file(src, model, out, "pgd", PGD, batch_size=4, progress=False, grid=False, overwrite=True)
+        _boost(src, out, grid=False, overwrite=True)
     assert (jobs.job_dir(out) / "notes.txt").read_text() == "mine" and not out.exists()
 
 
@@ -438,3 +445,41 @@ def test_a_damaged_demo_row_is_named_with_rows_json_and_its_key(tmp_path):
         with jobs.Job(out, {"what": "demo"}, row_problem=demo_row_problem, fresh="pass --overwrite") as job:
             with pytest.raises(UserInputError, match=r'rows.json: \["ct1", 0\]: .*; pass --overwrite'):
                 job.row('["ct1", 0]')
+
+
+def test_a_training_state_restores_networks_optimizer_scheduler_and_rng_exactly(tmp_path):
+    """TrainingState, the one checkpoint helper of the three trainers: what it saves into a job comes
+    back bit for bit, and a state of another network is refused in one line."""
+    from cmboost.jobs.training_state import TrainingState
+
+    def trainer(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2, 4], gamma=0.5)
+        return net, optimizer, scheduler
+
+    net, optimizer, scheduler = trainer(0)
+    for _ in range(3):
+        net(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    with jobs.Job(tmp_path / "run", {"a": 1}) as job:
+        TrainingState({"model": net}, optimizer, scheduler, rng=True).save(job, 3)
+        expected_draw = torch.rand(1)
+        fresh, fresh_optimizer, fresh_scheduler = trainer(1)
+        torch.manual_seed(99)
+        state = TrainingState({"model": fresh}, fresh_optimizer, fresh_scheduler, rng=True)
+        assert state.load(job) == 3
+        assert torch.equal(torch.rand(1), expected_draw)  # the RNG continues where it was saved
+        for a, b in zip(net.state_dict().values(), fresh.state_dict().values()):
+            assert torch.equal(a, b)
+        assert fresh_scheduler.state_dict() == scheduler.state_dict()
+        saved, restored = optimizer.state_dict(), fresh_optimizer.state_dict()
+        assert json.loads(json.dumps(restored["param_groups"])) == json.loads(json.dumps(saved["param_groups"]))
+        for index, values in saved["state"].items():
+            assert set(restored["state"][index]) == set(values)
+            assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(restored["state"][index][k]))
+                       for k, v in values.items())
+        with pytest.raises(UserInputError, match="another run's training state"):
+            TrainingState({"model": torch.nn.Linear(5, 2)}, fresh_optimizer).load(job)

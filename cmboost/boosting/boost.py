@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from cmboost.boosting.methods import boost_with, mean_realness, predicted_labels
-from cmboost.boosting.config import as_record
 from cmboost.files.samples import load_samples, map_samples, to_float, to_uint8
 from cmboost.files.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
 from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
@@ -90,54 +89,6 @@ def with_trained_radius(method: str, hyper: dict, model_path: str | os.PathLike)
     return hyper if radius is None else {**hyper, "eps": radius}
 
 
-def boost_file(samples: str | os.PathLike, model, out: str | os.PathLike, method: str, hyper,
-               batch_size: int = 256, device: str | None = None, precision: str | None = None,
-               label_source: str = "file", channels_last: bool | None = None, overwrite: bool = False,
-               grid: bool = True, progress: bool = True, block_size: int = BLOCK_SIZE) -> Path:
-    """Boosts every image of `samples` and writes `out` (OpenAI .npz). Rerunning resumes. `hyper` is the
-    method's record (boost.PGDBoost, ...) or a dict of its fields. The network sees `block_size`
-    images at a time; the output depends on it, not on `batch_size`."""
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    init_distributed(device)
-    record = as_record(method, hyper)
-    refuse_finished(out, overwrite)  # a bad output path or kind fails before the samples are read
-    if grid:  # checked now, not after the whole run, so a leftover grid cannot waste it
-        refuse_existing(Path(out).with_suffix(".grid.png"), overwrite)
-    images, labels = map_samples(samples)  # memory-mapped: each batch is read when it is boosted
-    check_fits_model(images, labels, model, str(samples))
-    if label_source == "file" and labels is None:
-        raise UserInputError(f"{samples}: has no labels (arr_1); pass --labels predicted to use the model's argmax")
-    if label_source not in ("file", "predicted"):
-        raise UserInputError(f"--labels {label_source!r}: choose file or predicted")
-    model = model.to(device)
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
-    def process(indices):
-        x = to_float(images[indices[0]:indices[-1] + 1].copy(order="C")).to(device)  # off the map, NCHW strides
-        if label_source == "file":
-            y = torch.as_tensor(labels[indices[0]:indices[-1] + 1], device=device)
-        else:
-            y = predicted_labels(model, x, precision)
-        boosted = boost_with(model, x, y, method, record, indices, precision, channels_last)
-        return to_uint8(boosted), y.cpu().numpy().astype(np.int64)
-
-    config = {"samples": str(Path(samples).resolve()), "samples_digest": file_digest(samples),
-              "model": weights_digest(model), "method": method,
-              "hyper": dataclasses.asdict(record),
-              "labels": label_source, "precision": precision, "num_images": len(images)}
-    # The blocks fix what is computed together, so a resume may change the batch size.
-    with deterministic_kernels(device):
-        path = run_parts(out, len(images), batch_size, process, config, may_change=("batch_size",),
-                         overwrite=overwrite, progress=progress, desc=f"boost {method}", block_size=block_size)
-    if grid and dist_info().is_main:
-
-        save_before_after_grid(images, load_samples(path)[0], Path(path).with_suffix(".grid.png"), overwrite=overwrite)
-    return path
-
-
 # ----------------------------------------------------------------------------- the boost verb
 
 DEFAULT_METHOD = "pgd"  # the paper's; a settings file from `cmboost tune` may choose another
@@ -190,6 +141,7 @@ class ResolvedBoost:
     device: torch.device
     precision: str
     model: object
+    digest: str                       # the weights as loaded: a resumed job never mixes two networks' parts
     other_network: str | None = None  # the settings file was tuned for another network (--allow-other-network)
 
     def describe(self, run: BoostRun) -> dict:
@@ -239,11 +191,10 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     model = load_joint_model(run.model, arch=run.arch)
+    digest = weights_digest(model)  # the weights as loaded: torch.compile renames them
     other_network = None
-    if settings is not None:  # the weights as loaded: torch.compile renames them
-
-        other_network = check_settings_network(settings, run.settings, run.model, weights_digest(model),
-                                               run.allow_other_network)
+    if settings is not None:
+        other_network = check_settings_network(settings, run.settings, run.model, digest, run.allow_other_network)
     model = model.to(device)
     if run.compile:
         model.backbone = torch.compile(model.backbone)
@@ -253,7 +204,7 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
                                                                        or record.realness_kind)
         threshold = resolve_threshold(model, record.threshold, run.threshold_from, kind, device, precision)
         record = dataclasses.replace(record, realness_kind=kind, threshold=threshold)
-    return ResolvedBoost(method, record, block_size, device, precision, model, other_network)
+    return ResolvedBoost(method, record, block_size, device, precision, model, digest, other_network)
 
 
 def unchanged_reason(run: BoostRun) -> str | None:
@@ -275,10 +226,48 @@ def boost(run: BoostRun) -> Path:
     if resolved.other_network is not None:
 
         print0(f"{resolved.other_network}; used all the same (--allow-other-network)")
-    return boost_file(run.samples, resolved.model, run.out, resolved.method, resolved.record,
-                      batch_size=run.batch_size, device=str(resolved.device), precision=resolved.precision,
-                      label_source=run.labels, overwrite=run.overwrite, grid=run.grid, progress=run.progress,
-                      block_size=resolved.block_size)
+    return run_boost(run, resolved)
+
+
+def run_boost(run: BoostRun, resolved: ResolvedBoost) -> Path:
+    """Boosts every image of `run.samples` with the resolved method and network, and writes `run.out`
+    (OpenAI .npz) and its before/after grid. Rerunning resumes. The network sees `block_size` images
+    at a time; the output depends on it, not on `batch_size`."""
+    device, precision, method, record, model = (resolved.device, resolved.precision, resolved.method,
+                                                resolved.record, resolved.model)
+    init_distributed(device)
+    out, grid_path = Path(run.out), Path(run.out).with_suffix(".grid.png")
+    if run.grid:  # checked now, not after the whole run, so a leftover grid cannot waste it
+        refuse_existing(grid_path, run.overwrite)
+    images, labels = map_samples(run.samples)  # memory-mapped: each batch is read when it is boosted
+    check_fits_model(images, labels, model, run.samples)
+    if run.labels == "file" and labels is None:
+        raise UserInputError(f"{run.samples}: has no labels (arr_1); pass --labels predicted to use the model's "
+                             f"argmax")
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    def process(indices):
+        x = to_float(images[indices[0]:indices[-1] + 1].copy(order="C")).to(device)  # off the map, NCHW strides
+        if run.labels == "file":
+            y = torch.as_tensor(labels[indices[0]:indices[-1] + 1], device=device)
+        else:
+            y = predicted_labels(model, x, precision)
+        boosted = boost_with(model, x, y, method, record, indices, precision, channels_last)
+        return to_uint8(boosted), y.cpu().numpy().astype(np.int64)
+
+    config = {"samples": str(Path(run.samples).resolve()), "samples_digest": file_digest(run.samples),
+              "model": resolved.digest, "method": method, "hyper": dataclasses.asdict(record),
+              "labels": run.labels, "precision": precision, "num_images": len(images)}
+    # The blocks fix what is computed together, so a resume may change the batch size.
+    with deterministic_kernels(device):
+        path = run_parts(out, len(images), run.batch_size, process, config, may_change=("batch_size",),
+                         overwrite=run.overwrite, progress=run.progress, desc=f"boost {method}",
+                         block_size=resolved.block_size)
+    if run.grid and dist_info().is_main:
+        save_before_after_grid(images, load_samples(path)[0], grid_path, overwrite=run.overwrite)
+    return path
 
 
 def copy_unchanged(run: BoostRun, reason: str) -> Path:

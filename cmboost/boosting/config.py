@@ -138,15 +138,6 @@ def hyper_in_file(method, hyper, where: str) -> PGDBoost | SGLDBoost | BIGRoCBoo
         raise UserInputError(f"{where}: {err}") from None
 
 
-def as_record(method: str, hyper) -> PGDBoost | SGLDBoost | BIGRoCBoost:
-    """`hyper` as the method's record: a record of that method is taken as it is (already checked)."""
-    if method in METHODS and isinstance(hyper, METHODS[method]):
-        return hyper
-    if dataclasses.is_dataclass(hyper):
-        raise UserInputError(f"--method {method}: got {type(hyper).__name__} hyperparameters")
-    return make_hyper(method, **hyper)
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

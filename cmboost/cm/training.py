@@ -26,19 +26,16 @@ import numpy as np
 import torch
 
 from cmboost.cm.checkpoint import load_model, save_model, unet_from_config
-from cmboost.cm.denoiser import CM_PRECOND, EDM_PRECOND
-from cmboost.cm.denoiser import SIGMA_MAX, SIGMA_MIN
-from cmboost.cm.losses import (cd_loss, ct_level_probs, ct_loss, ct_num_scales, ect_loss, ect_stage,
-                              edm_loss)
+from cmboost.cm.denoiser import CM_PRECOND, EDM_PRECOND, SIGMA_MAX, SIGMA_MIN
+from cmboost.cm.losses import cd_loss, ct_level_probs, ct_loss, ct_num_scales, ect_loss, ect_stage, edm_loss
+from cmboost.cm.train_config import ECT_SAMPLER, FMNIST_SIZE, LoopSettings, TrainCMRun, TrainSettings
 from cmboost.errors import UserInputError
-from cmboost.jobs.job import MODEL_FILE, Job
-from cmboost.jobs.training_state import module_tensors, optimizer_tensors
-from cmboost.records import (field_default)
-from cmboost.runtime import DistInfo, all_finite, autocast, barrier, dist_info, on_every_rank, print0, sample_seed
 from cmboost.files.datasets import load_dataset
-from cmboost.runtime import init_distributed, resolve_device, resolve_precision
-from cmboost.cm.train_config import TrainCMRun, ECT_SAMPLER, FMNIST_SIZE, LoopSettings, TrainSettings
-
+from cmboost.jobs.job import MODEL_FILE, Job
+from cmboost.jobs.training_state import TrainingState
+from cmboost.records import field_default
+from cmboost.runtime import (DistInfo, all_finite, autocast, barrier, dist_info, init_distributed, on_every_rank,
+                             print0, resolve_device, resolve_precision, sample_seed)
 
 # ----------------------------------------------------------------------------- the trainer
 
@@ -158,24 +155,19 @@ class Trainer:
                                    num_scales or self.num_scales_at(self.iteration)))
 
     # -- state
+    def training_state(self) -> TrainingState:
+        modules = {"net": self.net, "ema": self.ema, **({"target": self.target} if self.target is not None else {})}
+        return TrainingState(modules, self.opt)
+
     def save_state(self, job: Job) -> None:
-        tensors = {**module_tensors("net", self.net), **module_tensors("ema", self.ema)}
-        if self.target is not None:
-            tensors.update(module_tensors("target", self.target))
-        optimizer, groups = optimizer_tensors(self.opt)
-        job.save_state(self.iteration, {**tensors, **optimizer}, {"optimizer_groups": groups})
+        self.training_state().save(job, self.iteration)
 
     def load_state(self, job: Job) -> bool:
         """Restores the job's saved state; False when it has none."""
-        saved = job.load_state()
-        if saved is None:
+        step = self.training_state().load(job)
+        if step is None:
             return False
-        self.iteration, tensors, meta = saved
-        job.restore("net", self.net, tensors)
-        job.restore("ema", self.ema, tensors)
-        if self.target is not None:
-            job.restore("target", self.target, tensors)
-        job.restore_optimizer(self.opt, tensors, meta["optimizer_groups"])
+        self.iteration = step
         return True
 
     def export(self, path: Path) -> Path:

@@ -23,18 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmboost.jcd.attacks import PGD
 from cmboost.diagnostic.measures import load_teacher_score
-from cmboost.files.samples import to_float
 from cmboost.errors import UserInputError
-from cmboost.jobs.job import MODEL_FILE, Job
-from cmboost.jobs.training_state import module_tensors, optimizer_tensors
-from cmboost.jcd.model import (build_joint_model, load_joint_model, log_realness_from_logits,
-                         save_joint_model)
-from cmboost.jcd.losses import GradientAlignment, get_objective
+from cmboost.files.samples import to_float
+from cmboost.jcd.attacks import PGD
 from cmboost.jcd.config import TrainConfig, load_training_data
-from cmboost.runtime import (autocast, barrier, init_distributed, print0, resolve_device, resolve_precision,
-                             all_finite, on_every_rank, sample_generators, seed_sequence)
+from cmboost.jcd.losses import GradientAlignment, get_objective
+from cmboost.jcd.model import build_joint_model, load_joint_model, log_realness_from_logits, save_joint_model
+from cmboost.jobs.job import MODEL_FILE, Job
+from cmboost.jobs.training_state import TrainingState
+from cmboost.runtime import (all_finite, autocast, barrier, init_distributed, on_every_rank, print0, resolve_device,
+                             resolve_precision, sample_generators, seed_sequence)
 
 # Fields that may change between the first command and a resuming one.
 RESUMABLE_CHANGES = ("iters", "log_every", "ckpt_every", "device", "precision", "channels_last")
@@ -152,18 +151,6 @@ def training_step(model: torch.nn.Module, objective, optimizer: torch.optim.Opti
 
 # ----------------------------------------------------------------------------- the loop
 
-def _scheduler_to_json(scheduler) -> dict:
-    """MultiStepLR's state as JSON (its milestones are a Counter with integer keys)."""
-    state = scheduler.state_dict()
-    return dict(state, milestones=[[int(k), int(v)] for k, v in state["milestones"].items()])
-
-
-def _scheduler_from_json(state: dict) -> dict:
-    from collections import Counter
-
-    return dict(state, milestones=Counter({int(k): int(v) for k, v in state["milestones"]}))
-
-
 def train_jcd(config: TrainConfig) -> Path:
     """Trains (or resumes) the run in config.run_dir; returns the final model's path."""
     c = config  # checked when it was built
@@ -201,7 +188,7 @@ def train_jcd(config: TrainConfig) -> Path:
              fresh="use a new --run-dir", as_flags=True) as job:
         run_dir = job.folder
         state_path, final_path = job.state_path, run_dir / MODEL_FILE
-        state = job.load_state(meta_keys=("optimizer_groups", "scheduler"))
+        state = job.load_state(meta_keys=("optimizer_groups", "scheduler"))  # TrainingState.meta_keys, read early
         start = state[0] if state is not None else 0
         if state is not None and start >= c.iters and final_path.exists():
             print0(f"train-jcd: {run_dir} already finished ({start} iterations); model at {final_path}")
@@ -218,14 +205,9 @@ def train_jcd(config: TrainConfig) -> Path:
         optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(c.milestones), gamma=c.gamma)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        training_state = TrainingState({"model": model}, optimizer, scheduler, scaler, rng=True)
         if state is not None:
-            _, tensors, meta = state
-            job.restore("model", model, tensors)
-            job.restore_optimizer(optimizer, tensors, meta["optimizer_groups"])
-            scheduler.load_state_dict(_scheduler_from_json(meta["scheduler"]))
-            if "scaler" in meta and scaler.is_enabled():
-                scaler.load_state_dict(meta["scaler"])
-            torch.set_rng_state(tensors["rng.cpu"])
+            training_state.restore(job, state)
             print0(f"train-jcd: resuming {run_dir} at iteration {start}/{c.iters}")
         else:
             print0(f"train-jcd: {c.arch or model.arch} on {c.data} ({len(real)} real, "
@@ -250,12 +232,7 @@ def train_jcd(config: TrainConfig) -> Path:
 
         def save_state(step: int) -> None:
             if info.is_main:
-                optimizer_state, groups = optimizer_tensors(optimizer)
-                meta = {"optimizer_groups": groups, "scheduler": _scheduler_to_json(scheduler)}
-                if scaler.is_enabled():
-                    meta["scaler"] = scaler.state_dict()
-                job.save_state(step, {**module_tensors("model", model), **optimizer_state,
-                                      "rng.cpu": torch.get_rng_state()}, meta)
+                training_state.save(job, step)
             barrier()
 
         last_saved = start if state is not None else None

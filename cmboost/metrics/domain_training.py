@@ -18,7 +18,7 @@ from cmboost.boosting.config import step_length
 from cmboost.errors import UserInputError
 from cmboost.jcd.attacks import PGD
 from cmboost.jobs.job import Job
-from cmboost.jobs.training_state import module_tensors, optimizer_tensors
+from cmboost.jobs.training_state import TrainingState
 from cmboost.metrics.domain_net import DEFAULT_SEED, DomainNet, DomainNetConfig, prepare_images
 from cmboost.records import check_above, check_at_least, check_finite, check_seed, field_default
 from cmboost.runtime import autocast, sample_seed
@@ -125,11 +125,10 @@ def _train(images_u8, labels, config, settings, device, precision, job: Job | No
     steps_per_epoch = math.ceil(len(images_u8) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     start_epoch = 0
-    saved = job.load_state() if job is not None else None
+    training_state = TrainingState({"model": net}, optimizer)
+    saved = training_state.load(job) if job is not None else None
     if saved is not None:
-        start_epoch, tensors, meta = saved
-        job.restore("model", net, tensors)
-        job.restore_optimizer(optimizer, tensors, meta["optimizer_groups"])
+        start_epoch = saved
         if log:
             log(f"resuming from {job.state_path} after epoch {start_epoch}")
     images = torch.from_numpy(np.ascontiguousarray(images_u8))
@@ -159,8 +158,7 @@ def _train(images_u8, labels, config, settings, device, precision, job: Job | No
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y).sum())
         if job is not None:
-            optimizer_state, groups = optimizer_tensors(optimizer)
-            job.save_state(epoch + 1, {**module_tensors("model", net), **optimizer_state}, {"optimizer_groups": groups})
+            training_state.save(job, epoch + 1)
         if log:
             log(f"epoch {epoch + 1}/{settings.epochs}: loss {loss_sum / seen:.4f}, "
                 f"train accuracy {correct / seen:.4f}, {time.time() - tic:.0f}s")
