@@ -50,7 +50,8 @@ from cmboost.metrics.stats import feature_statistics
 from cmboost.metrics.prepared import paired_change
 from cmboost.files.report import markdown_table
 from cmboost.files.samples import load_samples, to_float
-from cmboost.tuning.choose import tune
+from cmboost.tuning.candidates import TuneSettings
+from cmboost.tuning.choose import ResolvedTune, run_tune
 from cmboost.boosting.apply import run_method
 
 BOOSTER = "jcd-robust-1.5-ect.safetensors"
@@ -145,8 +146,10 @@ def tune_answer(out: Path, name: str, checkpoint: str, steps: int, seed: int, mo
         grid = [("pgd", {"eps": eps, "steps": PGD_STEPS, "threshold": None}) for eps in (0.5, 1.0, 1.5)]
         grid += [(m, tuned["methods"][m]["hyper"]) for m in ("sgld", "bigroc", "unsharp")]
         path.parent.mkdir(parents=True, exist_ok=True)
-        settings = tune(validation, model, refs, judges, path, classifier=classifier, grid=grid, progress=False,
-                        realness_kind=trained_realness_kind(ASSETS / BOOSTER), robust_radius=2.0)
+        settings = run_tune(ResolvedTune(
+            samples=str(validation), out=str(path), model=model, judges=tuple(judges), references=tuple(refs),
+            classifier=classifier, grid=tuple(grid), realness_kind=trained_realness_kind(ASSETS / BOOSTER),
+            choice=TuneSettings(robust_radius=2.0), progress=False))
     return {"best": settings["best"], "choice": settings["choice"], "reason": settings["decision"]["reason"]}
 
 

@@ -1,5 +1,6 @@
 """`cmboost tune`: judges kept apart, the choice rule, resume, and `boost --settings`."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,22 @@ from cmboost.metrics.features import load_feature_extractor
 from cmboost.metrics.judges import REPORTING_JUDGES, TUNING_JUDGE
 from cmboost.metrics.reference import reference_stats, save_reference
 from cmboost.metrics.separation import check_tuning_judge
-from cmboost.tuning.choose import tune
+from cmboost.tuning.candidates import TuneSettings
+from cmboost.tuning.choose import ResolvedTune, run_tune
+
+
+CHOICE_FIELDS = {f.name for f in dataclasses.fields(TuneSettings)}
+
+
+def tune(samples, model, reference, judge, out, **fields):
+    """run_tune, the function `cmboost tune` runs, on loaded objects: one judge and reference, or lists of
+    them (a committee); TuneSettings' fields go into the choice, the rest into ResolvedTune."""
+    judges = tuple(judge) if isinstance(judge, (list, tuple)) else (judge,)
+    references = tuple(reference) if isinstance(reference, (list, tuple)) else (reference,)
+    choice = TuneSettings(**{k: fields.pop(k) for k in list(fields) if k in CHOICE_FIELDS})
+    grid = fields.pop("grid", None)
+    return run_tune(ResolvedTune(samples=str(samples), out=str(out), model=model, judges=judges, references=references,
+                                 grid=None if grid is None else tuple(grid), choice=choice, **fields))
 
 LEGACY_SETTINGS = Path(__file__).resolve().parent / "data" / "legacy-tuned-ct1.json"
 

@@ -23,9 +23,9 @@ the best sharpening, not with an arbitrary one. Each finished candidate is cache
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,21 +36,20 @@ import torch
 
 from cmboost.boosting.apply import run_method
 from cmboost.boosting.boost import check_fits_model
-from cmboost.boosting.config import json_kind, json_text
 from cmboost.boosting.settings import BOOST_METHODS, DO_NOT_BOOST, FORMAT
 from cmboost.errors import UserInputError
 from cmboost.files.atomic import atomic_write_text, refuse_existing
 from cmboost.files.checkpoints import weights_digest
 from cmboost.files.samples import load_samples
-from cmboost.jobs.job import ROWS_FILE, Job, job_dir
+from cmboost.jobs.job import Job, job_dir
 from cmboost.metrics.evaluate import evaluate_images, prepared_statistics
 from cmboost.metrics.judge_check import pool_features
 from cmboost.metrics.separation import check_tuning_committee
 from cmboost.metrics.stats import feature_statistics
-from cmboost.records import field_default
 from cmboost.tuning.candidates import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONTROL_METHODS, ERROR_BARS, HALVES,
                                        MIN_SAMPLES, TuneSettings, beyond_radius, check_classifier, check_grid,
                                        check_radius, default_grid)
+from cmboost.tuning.rows import METRIC_KEYS, finished_rows
 
 
 def _digest(array: np.ndarray) -> str:
@@ -89,41 +88,52 @@ def ranking_agreement(rows: list[dict], names: list[str]) -> dict:
             "candidates": len(rows), "pairs": pairs, "mean": mean}
 
 
-def as_committee(judge, reference) -> tuple[list, list]:
-    """(judges, references): one of each, or lists of equal length (a committee, references in the
-    judges' order)."""
-    judges = list(judge) if isinstance(judge, (list, tuple)) else [judge]
-    references = list(reference) if isinstance(reference, (list, tuple)) else [reference]
-    if not judges:
-        raise UserInputError("--judge: names no judge")
-    if len(references) != len(judges):
-        raise UserInputError(f"--ref: {len(judges)} judge{'s' if len(judges) > 1 else ''} need one reference each, "
-                             f"given in --judge's order, and got {len(references)}")
-    return judges, references
+@dataclasses.dataclass(frozen=True)
+class ResolvedTune:
+    """A tune run with its inputs loaded: the joint network (and the robust classifier of the BIGRoC
+    candidates), the tuning judges with one training-data reference each (a committee when several),
+    the candidates (`grid`; None: the default grid), the PGD early-stop threshold and reading of realness,
+    and how the winner is chosen. `tuning.tune.resolve_tune` builds one from a TuneRun's files; the
+    checks that need the loaded objects run in `run_tune`, once."""
+
+    samples: str
+    out: str
+    model: torch.nn.Module
+    judges: tuple
+    references: tuple
+    classifier: torch.nn.Module | None = None
+    threshold: float | None = None
+    grid: tuple | None = None
+    realness_kind: str | None = None
+    choice: TuneSettings = TuneSettings()
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+    provenance: dict | None = None
+    overwrite: bool = False
+    progress: bool = True
+    grid_source: str = "grid"               # where the candidates came from, as errors name it
+    classifier_source: str = "classifier"   # and the classifier
+
+    def __post_init__(self):
+        if not self.judges:
+            raise UserInputError("--judge: names no judge")
+        if len(self.references) != len(self.judges):  # one reference per judge, in the judges' order
+            raise UserInputError(f"--ref: {len(self.judges)} judge{'s' if len(self.judges) > 1 else ''} need one "
+                                 f"reference each, given in --judge's order, and got {len(self.references)}")
+        refuse_existing(self.out, self.overwrite)  # before anything is scored
 
 
-def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.PathLike, classifier=None,
-         threshold: float | None = None, grid: list[tuple[str, dict]] | None = None,
-         criterion: str | None = field_default(TuneSettings, "criterion"),
-         max_recall_drop: float = field_default(TuneSettings, "max_recall_drop"), realness_kind: str | None = None,
-         device: torch.device | str = "cpu", precision: str = "fp32",
-         batch_size: int = field_default(TuneSettings, "batch_size"), provenance: dict | None = None,
-         overwrite: bool = False, progress: bool = True, grid_source: str = "grid",
-         classifier_source: str = "classifier",
-         robust_radius: float | None = field_default(TuneSettings, "robust_radius"),
-         allow_beyond_radius: bool = field_default(TuneSettings, "allow_beyond_radius")) -> dict:
-    """Scores every candidate on `samples` with `judge` (a tuning judge) against `reference`
-    (training-data statistics made by that judge), writes the settings file `out`, returns it.
+def run_tune(run: ResolvedTune) -> dict:
+    """Scores every candidate on `run.samples` with the tuning judges against their references
+    (training-data statistics made by each judge), writes the settings file `run.out`, returns it.
 
-    `judge` may be a list, a committee of tuning judges, with `reference` the list of their
-    references in the same order: then the chosen candidate is the one whose worst relative change
+    With several judges (a committee) the chosen candidate is the one whose worst relative change
     (vs the unboosted samples, per judge) of FID and KID across the committee is lowest, among those
     that keep recall under every judge; each judge's metrics of every candidate are recorded, with
     the judges' agreement on the ranking (`ranking_agreement`)."""
-
-    choice = TuneSettings(criterion, max_recall_drop, batch_size, robust_radius, allow_beyond_radius)
+    choice, judges, references, model, classifier = (run.choice, list(run.judges), list(run.references), run.model,
+                                                      run.classifier)
     choice.check_radius_known()
-    judges, references = as_committee(judge, reference)  # bad values fail before any work
     check_tuning_committee(judges)
     for ref, one in zip(references, judges):
         ref.check_against(one)
@@ -132,34 +142,33 @@ def tune(samples: str | os.PathLike, model, reference, judge, out: str | os.Path
                                  "(cmboost evaluate-ref --split train) and keep the test split for the report")
     names = [j.name for j in judges]
     committee = len(judges) > 1
-    out = Path(out)
-    refuse_existing(out, overwrite)
-    images, labels = load_samples(samples, num_classes=model.num_classes)
+    out = Path(run.out)
+    images, labels = load_samples(run.samples, num_classes=model.num_classes)
     if labels is None:
-        raise UserInputError(f"{samples}: has no labels (arr_1); tuning boosts each image towards its label")
+        raise UserInputError(f"{run.samples}: has no labels (arr_1); tuning boosts each image towards its label")
     if len(images) < MIN_SAMPLES:
-        raise UserInputError(f"{samples}: {len(images)} images; tuning needs at least {MIN_SAMPLES}, half to choose "
-                             f"on and half to confirm on (a few hundred give error bars that can exclude noise)")
+        raise UserInputError(f"{run.samples}: {len(images)} images; tuning needs at least {MIN_SAMPLES}, half to "
+                             f"choose on and half to confirm on (a few hundred give error bars that can exclude noise)")
     if classifier is not None:
-        check_classifier(classifier, model, classifier_source)
-    check_fits_model(images, labels, model, str(samples))
+        check_classifier(classifier, model, run.classifier_source)
+    check_fits_model(images, labels, model, str(run.samples))
     if classifier is not None:
-        check_fits_model(images, labels, classifier, str(samples))
-    grid = default_grid(threshold, classifier is not None) if grid is None else grid
-    candidates = check_grid(grid, classifier is not None, realness_kind, grid_source)
+        check_fits_model(images, labels, classifier, str(run.samples))
+    grid = default_grid(run.threshold, classifier is not None) if run.grid is None else list(run.grid)
+    candidates = check_grid(grid, classifier is not None, run.realness_kind, run.grid_source)
     check_radius(candidates, choice)
     fingerprint = {"samples": _digest(images), "labels": _digest(labels), "model": weights_digest(model),
                    "classifier": weights_digest(classifier) if classifier is not None else None,
                    "judge": [j.identity for j in judges] if committee else judges[0].identity,
                    "reference": [_digest(r.mu) for r in references] if committee else _digest(references[0].mu),
-                   "precision": precision,
-                   "batch_size": batch_size,  # the compute block: a resume must boost with the same one
+                   "precision": run.precision,
+                   "batch_size": choice.batch_size,  # the compute block: a resume must boost with the same one
                    "halves": "even/odd"}  # rows scored on both halves; a job of whole-set rows cannot resume
     keys = ["none"] + [json.dumps([m, h], sort_keys=True) for m, h in candidates]
-    with Job(job_dir(out), fingerprint, restart=overwrite) as job:
-        done = _finished_rows(job, keys, names if committee else None)
+    with Job(job_dir(out), fingerprint, restart=run.overwrite) as job:
+        done = finished_rows(job, keys, names if committee else None)
         settings = _score_and_choose(job, done, keys, images, labels, model, classifier, judges, references, choice,
-                                     device, precision, progress, provenance, fingerprint)
+                                     run.device, run.precision, run.progress, run.provenance, fingerprint)
         atomic_write_text(out, json.dumps(settings, indent=1))
         job.finish()
     return settings
@@ -269,8 +278,6 @@ def _score_and_choose(job: Job, done: dict, keys: list[str], images, labels, mod
     return settings
 
 
-METRIC_KEYS = ("fid", "kid", "kid_std", "is", "precision", "recall")
-
 
 def split_halves(count: int) -> tuple[np.ndarray, np.ndarray]:
     """(choosing rows, confirming rows): even and odd indices, so that samples ordered by class or
@@ -331,51 +338,5 @@ def decide(chosen: str, best: dict, unboosted: dict, names: list[str], max_recal
     return {"best": chosen if confirmed else DO_NOT_BOOST, "candidate": {"method": chosen, "hyper": best["hyper"]},
             "reason": reason, "halves": HALVES, "error_bars": ERROR_BARS, "resamples": BOOTSTRAP_RESAMPLES,
             "judges": judges}
-
-
-def _finished_rows(job: Job, keys: list[str], names: list[str] | None = None) -> dict[str, dict]:
-    """The job's finished rows among `keys`, schema-checked: a row of another shape is named with its
-    fix, never half-read. `names`: a committee's judges, whose metrics each row must hold."""
-    where = job.folder / ROWS_FILE
-    fresh = f"delete {job.folder} to start over"
-    done = {}
-    for key in keys:
-        if key in job.rows:
-            _check_row(job.rows[key], f"{where}: {json_text(key)}", fresh, names)
-            done[key] = job.rows[key]
-    return done
-
-
-def _check_metrics(metrics, where: str, fresh: str) -> None:
-    def number(value, nullable=False) -> bool:
-        return (value is None and nullable) or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-    if not isinstance(metrics, dict) or not all(number(metrics.get(k), k not in ("fid", "recall")) for k in METRIC_KEYS):
-        raise UserInputError(f"{where}: expected numbers for {', '.join(METRIC_KEYS)}; {fresh}")
-
-
-def _check_half(half: dict, where: str, fresh: str, names: list[str] | None) -> None:
-    """One half's scores in a row: its lead judge's metrics, and with a committee each judge's."""
-    _check_metrics(half.get("metrics"), f"{where}: metrics", fresh)
-    if names is not None:
-        per = half.get("judges")
-        if not isinstance(per, dict) or set(per) != set(names):
-            raise UserInputError(f"{where}: judges: expected the metrics of each of {', '.join(names)}; {fresh}")
-        for name in names:
-            _check_metrics(per[name], f"{where}: judges[{json_text(name)}]", fresh)
-
-
-def _check_row(row, where: str, fresh: str, names: list[str] | None = None) -> None:
-    if not isinstance(row, dict):
-        raise UserInputError(f"{where}: expected an object, got {json_kind(row)}; {fresh}")
-    if not isinstance(row.get("method"), str) or not isinstance(row.get("hyper"), dict):
-        raise UserInputError(f"{where}: needs a method (string) and hyper (object); {fresh}")
-    _check_half(row, where, fresh, names)
-    confirm = row.get("confirm")
-    if not isinstance(confirm, dict):
-        raise UserInputError(f"{where}: confirm: expected the confirming half's metrics; {fresh}")
-    _check_half(confirm, f"{where}: confirm", fresh, names)
-    if not isinstance(row.get("mean_l2_change"), (int, float)) or isinstance(row.get("mean_l2_change"), bool):
-        raise UserInputError(f"{where}: mean_l2_change: expected a number; {fresh}")
 
 

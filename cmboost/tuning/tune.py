@@ -7,18 +7,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
-from cmboost.errors import UserInputError
-from cmboost.metrics.judges import TUNING_JUDGE
-from cmboost.tuning.choose import tune
-from cmboost.tuning.candidates import TuneSettings, check_classifier, check_grid, check_radius, read_grid
 from cmboost.boosting.boost import resolve_threshold, trained_radius, trained_realness_kind
 from cmboost.boosting.config import DEFAULT_REALNESS
+from cmboost.errors import UserInputError
+from cmboost.files.atomic import refuse_output_inside_inputs
 from cmboost.jcd.model import load_joint_model
 from cmboost.metrics.features import load_feature_extractor
-from cmboost.metrics.judges import refuse_reporting_name
+from cmboost.metrics.judges import TUNING_JUDGE, refuse_reporting_name
 from cmboost.metrics.reference import load_reference
 from cmboost.runtime import resolve_device, resolve_precision
+from cmboost.tuning.candidates import TuneSettings, check_grid, check_radius, read_grid
+from cmboost.tuning.choose import ResolvedTune, run_tune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,24 +63,19 @@ class TuneRun:
         return choice, radius_from
 
 
-def tune_files(run: TuneRun) -> dict:
-    """Tunes from files (the settings file is written to run.out and returned); a rerun resumes."""
-
+def resolve_tune(run: TuneRun) -> ResolvedTune:
+    """The run's inputs read and loaded: the robust radius resolved, a --grid file read and checked, the
+    output refused inside the inputs, the networks, judges and references loaded, the early-stop
+    threshold measured. What needs the loaded objects is checked by run_tune."""
     choice, radius_from = run.resolved_choice()
     grid = None
     if run.grid:  # the file's shape and every candidate are checked before anything is loaded
         grid = read_grid(run.grid)
         check_radius(check_grid(grid, run.classifier is not None, source=f"--grid {run.grid}"), choice)
-    refuse_existing(run.out, run.overwrite)
     refuse_output_inside_inputs(run.out, [("the samples", run.samples), ("--threshold-from", run.threshold_from)])
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
-    judges = [load_feature_extractor(name, device) for name in run.judges]
-    references = [load_reference(ref) for ref in run.refs]
     model = load_joint_model(run.model).to(device)
-    classifier = load_joint_model(run.classifier).to(device) if run.classifier else None
-    if classifier is not None:
-        check_classifier(classifier, model, f"--classifier {run.classifier}")
     kind = trained_realness_kind(run.model) or DEFAULT_REALNESS
     threshold = resolve_threshold(model, None, run.threshold_from, kind, device, precision) \
         if run.threshold_from else None
@@ -89,11 +83,16 @@ def tune_files(run: TuneRun) -> dict:
     provenance = {"samples": run.samples, "model": run.model, "classifier": run.classifier,
                   "threshold_from": run.threshold_from, "threshold": threshold,
                   "reference": refs[0] if len(refs) == 1 else refs, "robust_radius_from": radius_from}
-    one = len(judges) == 1  # one judge: the arguments, and so the file, as before committees
-    return tune(run.samples, model, references[0] if one else references, judges[0] if one else judges,
-                run.out, classifier=classifier, threshold=threshold, grid=grid, criterion=choice.criterion,
-                max_recall_drop=choice.max_recall_drop, realness_kind=kind, device=device, precision=precision,
-                batch_size=choice.batch_size, provenance=provenance, overwrite=run.overwrite,
-                progress=run.progress, grid_source=f"--grid {run.grid}" if run.grid else "grid",
-                classifier_source=f"--classifier {run.classifier}", robust_radius=choice.robust_radius,
-                allow_beyond_radius=choice.allow_beyond_radius)
+    return ResolvedTune(
+        samples=run.samples, out=run.out, model=model,
+        judges=tuple(load_feature_extractor(name, device) for name in run.judges),
+        references=tuple(load_reference(ref) for ref in run.refs),
+        classifier=load_joint_model(run.classifier).to(device) if run.classifier else None,
+        threshold=threshold, grid=None if grid is None else tuple(grid), realness_kind=kind, choice=choice,
+        device=device, precision=precision, provenance=provenance, overwrite=run.overwrite, progress=run.progress,
+        grid_source=f"--grid {run.grid}" if run.grid else "grid", classifier_source=f"--classifier {run.classifier}")
+
+
+def tune_files(run: TuneRun) -> dict:
+    """Tunes from files (the settings file is written to run.out and returned); a rerun resumes."""
+    return run_tune(resolve_tune(run))
