@@ -164,25 +164,26 @@ def test_paired_changes_pool_the_seeds_paired_differences():
     """Per seed, the change against the same images unboosted (and against the plain control's edit of
     them) is the difference of their bootstraps, resample by resample; the seeds pool as a mean with
     std sqrt(sum of variances) / seeds, in the judge's units and relative to the unboosted mean."""
-    from cmboost.demo.verdicts import PLAIN_CONTROL, paired_changes
+    from cmboost.demo.plan import LABELS, PLAIN_CONTROL
+    from cmboost.demo.verdicts import paired_changes
 
     rng = np.random.default_rng(0)
 
-    def row(seed, boost, fid, kid):
+    def row(seed, key, fid, kid):
         boot = {"fid": {"all": fid, "resampled": list(fid + rng.normal(0, 1, 20))},
                 "kid": {"all": kid, "resampled": list(kid + rng.normal(0, 1e-3, 20))}}
-        return {"generator": "CD 1-step", "seed": seed, "boost": boost,
+        return {"generator": "CD 1-step", "seed": seed, "boost": LABELS[key], "key": key,
                 "judges": {"j": {"fid": fid, "kid": kid, "bootstrap": boot}}}
 
-    headline = [row(1, "none", 40.0, 0.04), row(1, PLAIN_CONTROL, 39.0, 0.05), row(1, "joint (PGD)", 36.0, 0.03),
-                row(2, "none", 44.0, 0.06), row(2, PLAIN_CONTROL, 45.0, 0.05), row(2, "joint (PGD)", 42.0, 0.05)]
+    headline = [row(1, "none", 40.0, 0.04), row(1, PLAIN_CONTROL, 39.0, 0.05), row(1, "pgd", 36.0, 0.03),
+                row(2, "none", 44.0, 0.06), row(2, PLAIN_CONTROL, 45.0, 0.05), row(2, "pgd", 42.0, 0.05)]
     (entry,) = paired_changes(headline, ["j"])
-    assert (entry["method"], entry["judge"], entry["seeds"]) == ("joint (PGD)", "j", 2)
-    by = {(r["seed"], r["boost"]): r["judges"]["j"]["bootstrap"] for r in headline}
+    assert (entry["method"], entry["key"], entry["judge"], entry["seeds"]) == ("joint (PGD)", "pgd", "j", 2)
+    by = {(r["seed"], r["key"]): r["judges"]["j"]["bootstrap"] for r in headline}
     for metric, rival, key in (("fid", "none", None), ("kid", "none", None), ("fid", PLAIN_CONTROL, "vs_plain")):
-        stds = [np.std(np.subtract(by[s, "joint (PGD)"][metric]["resampled"], by[s, rival][metric]["resampled"]), ddof=1)
+        stds = [np.std(np.subtract(by[s, "pgd"][metric]["resampled"], by[s, rival][metric]["resampled"]), ddof=1)
                 for s in (1, 2)]
-        changes = [by[s, "joint (PGD)"][metric]["all"] - by[s, rival][metric]["all"] for s in (1, 2)]
+        changes = [by[s, "pgd"][metric]["all"] - by[s, rival][metric]["all"] for s in (1, 2)]
         got = entry[metric] if key is None else entry[key][metric]
         assert got["change"] == pytest.approx(np.mean(changes))
         assert got["std"] == pytest.approx(np.sqrt(stds[0] ** 2 + stds[1] ** 2) / 2)

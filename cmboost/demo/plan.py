@@ -53,11 +53,13 @@ class DemoOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One boosting column of the headline table. `network` is "booster" (the shipped booster), a
+    """One boosting column of the headline table. `key` identifies it (rows, verdicts and tune files'
+    method names use it); `label` is only what the report prints. `network` is "booster" (the shipped booster), a
     checkpoint name, or None; `hyper` says where the hyperparameters come from: "tuned" (the tune
     file's choice for the boosting method `tuned_as`), "tuned control" (the tune file's entry for the
     control `tuned_as`), "standard" (STANDARD_UNSHARP) or None."""
 
+    key: str
     label: str
     network: str | None
     method: str | None
@@ -71,15 +73,27 @@ class Method:
 # The headline's methods, in the report's order. The random and plain-classifier controls edit each
 # image by the L2 norm of its joint-PGD edit, so they take PGD's tuned hyperparameters.
 METHODS = (
-    Method("none", None, None, None, paired=True),
-    Method("unsharp mask, tuned (control)", None, "unsharp", "tuned control", "unsharp", control=True),
-    Method("unsharp mask, amount 1 (control)", None, "unsharp", "standard", control=True),
-    Method("random, PGD's L2 (control)", "booster", "random", "tuned", "pgd", control=True),
-    Method("plain classifier, PGD's L2 (control)", "booster", "plain", "tuned", "pgd", control=True, paired=True),
-    Method("classifier-only (BIGRoC)", "jcd-ce", "bigroc", "tuned", "bigroc"),
-    Method("joint (PGD)", "booster", "pgd", "tuned", "pgd", grid=True, paired=True),
-    Method("joint (SGLD)", "booster", "sgld", "tuned", "sgld", paired=True),
+    Method("none", "none", None, None, None, paired=True),
+    Method("unsharp-tuned", "unsharp mask, tuned (control)", None, "unsharp", "tuned control", "unsharp", control=True),
+    Method("unsharp-standard", "unsharp mask, amount 1 (control)", None, "unsharp", "standard", control=True),
+    Method("random", "random, PGD's L2 (control)", "booster", "random", "tuned", "pgd", control=True),
+    Method("plain", "plain classifier, PGD's L2 (control)", "booster", "plain", "tuned", "pgd", control=True,
+           paired=True),
+    Method("bigroc", "classifier-only (BIGRoC)", "jcd-ce", "bigroc", "tuned", "bigroc"),
+    Method("pgd", "joint (PGD)", "booster", "pgd", "tuned", "pgd", grid=True, paired=True),
+    Method("sgld", "joint (SGLD)", "booster", "sgld", "tuned", "sgld", paired=True),
 )
+LABELS = {m.key: m.label for m in METHODS}
+# Reports written before rows carried their method's key (the committed ones among them) are read by label.
+KEY_OF_LABEL = {m.label: m.key for m in METHODS}
+JOINT_METHODS = ("pgd", "sgld")    # the joint network's methods, whose verdicts the report gives
+PLAIN_CONTROL = "plain"
+RIVALS = ("bigroc", "unsharp-tuned", "unsharp-standard", "random", PLAIN_CONTROL)  # what a joint method must beat
+
+
+def method_key(row: dict) -> str:
+    """The key of a headline or summary row's method ("boost" holds its label)."""
+    return row.get("key") or KEY_OF_LABEL[row["boost"]]
 
 
 OBJECTIVE_NETWORKS = ("ce", "bce", "ce+bce", "joint")  # the paper's Table 2: jcd-<objective>, width 16

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from cmboost.demo.plan import KEY_OF_LABEL
 from cmboost.demo.verdicts import RECALL_SLACK, generator_bar, miss_causes
 from cmboost.files.report import DIFFERENCE_GAIN, line_plot, markdown_table
 from cmboost.tuning.candidates import ERROR_BARS
@@ -229,20 +230,17 @@ def _answer_section(report: dict) -> list[str]:
     return lines + [""]
 
 
-BOOSTING_LABELS = {"pgd": "joint (PGD)", "sgld": "joint (SGLD)"}  # the tune file's methods in the headline
-
-
 def answers_beside_verdict(report: dict) -> list[str]:
     """Per headline generator, the tuning committee's answer next to what the panel says of it."""
-    votes = {(v["generator"], v["method"]): v for v in report["panel_verdicts"]}
+    votes = {(v["generator"], v.get("key") or KEY_OF_LABEL[v["method"]]): v for v in report["panel_verdicts"]}
     lines = []
     for generator, answer in (report.get("answers") or {}).items():
         if answer["best"] == "none":
             panel = [v for (g, _), v in votes.items() if g == generator]
             seen = "; ".join(f"{v['method']} {v['for']} for, {v['against']} against" for v in panel)
             lines.append(f"- {generator}: tuning found no setting that helps" + (f"; the panel: {seen}." if seen else "."))
-        elif (generator, BOOSTING_LABELS.get(answer["best"])) in votes:
-            v = votes[generator, BOOSTING_LABELS[answer["best"]]]
+        elif (generator, answer["best"]) in votes:  # the tune file's methods are the demo's keys
+            v = votes[generator, answer["best"]]
             lines.append(f"- {generator}: tuning says boost with {answer['best']}; the panel: {v['for']} of "
                          f"{v['judges']} judges for it, {v['against']} against.")
     return (["Tuning's answer beside the panel's (the tuning judges chose; the panel did not):\n", *lines, ""]

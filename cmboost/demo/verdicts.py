@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from cmboost.demo.plan import JOINT_METHODS, KEY_OF_LABEL, LABELS, PLAIN_CONTROL, RIVALS, method_key
 from cmboost.metrics.prepared import paired_change
 from cmboost.records import field_default
 from cmboost.tuning.candidates import ERROR_BARS, TuneSettings
 
-JOINT_METHODS = ("joint (PGD)", "joint (SGLD)")
-PLAIN_CONTROL = "plain classifier, PGD's L2 (control)"
-RIVALS = ("classifier-only (BIGRoC)", "unsharp mask, tuned (control)", "unsharp mask, amount 1 (control)",
-          "random, PGD's L2 (control)", PLAIN_CONTROL)
 
 
 TARGET_CUT = 0.25          # FID and KID lowered by at least 25%
@@ -27,10 +24,10 @@ def summarise(headline: list[dict]) -> list[dict]:
     judge without a classifier head."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in headline:
-        groups.setdefault((row["generator"], row["boost"]), []).append(row)
+        groups.setdefault((row["generator"], method_key(row)), []).append(row)
     out = []
-    for (generator, boost), rows in groups.items():
-        entry = {"generator": generator, "boost": boost, "seeds": len(rows),
+    for (generator, key), rows in groups.items():
+        entry = {"generator": generator, "boost": rows[0]["boost"], "key": key, "seeds": len(rows),
                  "mean_l2_change": float(np.mean([r["mean_l2_change"] for r in rows])), "judges": {}}
         for judge in rows[0]["judges"]:
             values = {k: np.array([r["judges"][judge][k] for r in rows], dtype=float)
@@ -51,9 +48,9 @@ def _beats(a: dict, b: dict, key: str) -> bool:
 def verdicts(report: dict) -> list[dict]:
     """Each joint method on each headline generator under each reporting judge, against each target."""
     found = []
-    by = {(s["generator"], s["boost"]): s for s in report["summary"]}
-    for (generator, boost), entry in by.items():
-        if boost not in JOINT_METHODS:
+    by = {(s["generator"], method_key(s)): s for s in report["summary"]}
+    for (generator, key), entry in by.items():
+        if key not in JOINT_METHODS:
             continue
         base = by[(generator, "none")]
         for judge, m in entry["judges"].items():
@@ -63,8 +60,8 @@ def verdicts(report: dict) -> list[dict]:
                       f"recall kept (within {RECALL_SLACK:g})": b["recall_mean"] - m["recall_mean"] <= RECALL_SLACK}
             for rival in RIVALS:
                 r = by[(generator, rival)]["judges"][judge]
-                checks[f"beats {rival.replace(' (control)', '')}"] = _beats(m, r, "fid") and _beats(m, r, "kid")
-            found.append({"generator": generator, "method": boost, "judge": judge,
+                checks[f"beats {LABELS[rival].replace(' (control)', '')}"] = _beats(m, r, "fid") and _beats(m, r, "kid")
+            found.append({"generator": generator, "method": entry["boost"], "judge": judge,
                           "fid_cut": cut["fid"], "kid_cut": cut["kid"], "checks": checks,
                           "met": all(checks.values())})
     return found
@@ -108,14 +105,15 @@ def paired_changes(headline: list[dict], judges: list[str]) -> list[dict]:
     ("vs_plain"), each a paired difference with its paired-bootstrap std, pooled over the seeds
     (`_pooled`), and relative to the unboosted mean. Paired differences resolve changes of a few
     percent that the spread between seeds hides. Reads the rows' "bootstrap" (the demo's paired rows)."""
-    rows = {(r["generator"], r["seed"], r["boost"]): r for r in headline}
+    rows = {(r["generator"], r["seed"], method_key(r)): r for r in headline}
     found = []
     for generator in dict.fromkeys(r["generator"] for r in headline):
         seeds = list(dict.fromkeys(r["seed"] for r in headline if r["generator"] == generator))
         with_plain = (generator, seeds[0], PLAIN_CONTROL) in rows
         for method in (m for m in JOINT_METHODS if (generator, seeds[0], m) in rows):
             for judge in judges:
-                entry = {"generator": generator, "method": method, "judge": judge, "seeds": len(seeds),
+                entry = {"generator": generator, "method": LABELS[method], "key": method, "judge": judge,
+                         "seeds": len(seeds),
                          **_pooled(rows, generator, seeds, method, "none", judge),
                          "vs_plain": _pooled(rows, generator, seeds, method, PLAIN_CONTROL, judge) if with_plain
                          else None}
@@ -151,11 +149,11 @@ def panel_verdicts(report: dict) -> list[dict]:
             vote = "against"
         else:
             vote = "gain no better than the plain-classifier control" if gain else "neither"
-        grouped.setdefault((p["generator"], p["method"]), {})[p["judge"]] = vote
+        grouped.setdefault((p["generator"], p.get("key") or KEY_OF_LABEL[p["method"]]), {})[p["judge"]] = vote
     found = []
-    for (generator, method), votes in grouped.items():
+    for (generator, key), votes in grouped.items():
         count = {k: sum(v == k for v in votes.values()) for k in ("for", "against")}
-        found.append({"generator": generator, "method": method, "votes": votes, "for": count["for"],
+        found.append({"generator": generator, "method": LABELS[key], "key": key, "votes": votes, "for": count["for"],
                       "against": count["against"], "judges": len(votes)})
     return found
 
@@ -165,7 +163,7 @@ def generator_bar(report: dict) -> list[dict]:
     blur = next(r for name, r in report["bars"].items() if "blur" in name)["judges"]
     rows = []
     for s in report["summary"]:
-        if s["boost"] != "none":
+        if method_key(s) != "none":
             continue
         for judge, m in s["judges"].items():
             ok = m["fid_mean"] <= blur[judge]["fid"] and m["kid_mean"] <= blur[judge]["kid"]
