@@ -168,6 +168,18 @@ def test_npz_streaming_equals_whole_load(tmp_path, compressed):
         NpzSource(tmp_path / "f.npz")
 
 
+def test_a_sample_file_header_is_read_once_on_its_way_to_the_batches(tmp_path, monkeypatch):
+    import cmboost.files.samples as samples_module
+
+    path = tmp_path / "s.npz"
+    np.savez(path, arr_0=np.zeros((9, 4, 4, 1), np.uint8), arr_1=np.arange(9))
+    reads = []
+    real = samples_module.image_member
+    monkeypatch.setattr(samples_module, "image_member", lambda *a: reads.append(1) or real(*a))
+    source = samples_module.open_samples(path)
+    assert sum(len(b) for b in source.batches(4)) == 9 and len(reads) == 1
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def _folder_dataset(root, images, labels):

@@ -23,7 +23,7 @@ import torch
 
 from cmboost.errors import OutputExistsError, UserInputError
 from cmboost.files.atomic import atomic_open, check_writable, refuse_output_inside_inputs, refuse_unsafe_output
-from cmboost.files.npz import image_member, labels_member, open_zip, read_member, write_npz
+from cmboost.files.npz import NpyMember, image_member, labels_member, open_zip, read_member, write_npz
 from cmboost.files.png import SAMPLES_MARKER, load_png_folder, not_replaceable, save_png_folder
 from cmboost.files.sample_checks import check_samples
 
@@ -141,11 +141,15 @@ class ArraySource(ImageSource):
 class NpzSource(ImageSource):
     """`arr_0` of an OpenAI-layout .npz (uint8 NHWC, C order), read batch by batch from the zip member."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, member: NpyMember | None = None):
+        """`member`: arr_0's header when the caller has read it already (it is read here otherwise, and
+        once only: the batches seek to the data it locates)."""
         self.path = Path(path)
         self.name = str(path)
-        with open_zip(self.path) as archive:
-            member = image_member(archive, self.path)
+        if member is None:
+            with open_zip(self.path) as archive:
+                member = image_member(archive, self.path)
+        self.member = member
         if member.fortran:
             raise UserInputError(f"{path}: arr_0 is in Fortran order and cannot be streamed; "
                                  f"open it with open_samples, which reads it whole")
@@ -158,8 +162,8 @@ class NpzSource(ImageSource):
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         c, h, w = self.shape
         per_image = h * w * c
+        member = self.member
         with open_zip(self.path) as archive:
-            member = image_member(archive, self.path)
             with archive.open(member.info) as fh:
                 fh.seek(member.header_len)
                 for start in range(0, self.count, batch_size):
@@ -182,8 +186,8 @@ def open_samples(path: str | os.PathLike) -> ImageSource:
     if not path.exists():
         raise UserInputError(f"{path}: file not found")
     with open_zip(path) as archive:
-        fortran = image_member(archive, path).fortran
-    return ArraySource(load_samples(path)[0], str(path)) if fortran else NpzSource(path)
+        member = image_member(archive, path)  # the header, read once for the whole evaluation
+    return ArraySource(load_samples(path)[0], str(path)) if member.fortran else NpzSource(path, member)
 
 
 # ----------------------------------------------------------------------------- writing
