@@ -179,12 +179,22 @@ def _same_inputs(assets: Path, tmp: Path) -> list:
          lambda: cmboost.evaluate_ref(data="fmnist", out=str(tmp / "r.npz"))),
         ("train-cm", ["train-cm", "--mode", "ect", "--iters", "5", "--teacher", generator, "--run-dir", str(tmp / "cm")],
          "train_cm_run", lambda: cmboost.train_cm(run_dir=str(tmp / "cm"), settings=settings)),
-        ("train-jcd", ["train-jcd", "--data", "fmnist", "--run-dir", str(tmp / "jcd"), "--iters", "3", "--arch", "resnet_small", "--objective", "ce"],
+        ("tune", ["tune", samples, "--model", model, "--ref", ref, "--out", str(tmp / "t.json")], "tune_run",
+         lambda: cmboost.tune(samples=samples, model=model, refs=(ref,), out=str(tmp / "t.json"))),
+        ("check-judges", ["check-judges", "--samples", samples, "--out", str(tmp / "j.json")], "check_judges_run",
+         lambda: cmboost.check_judges(samples=samples, out=str(tmp / "j.json"))),
+        ("diagnose", ["diagnose", "--model", model, "--out", str(tmp / "d")], "diagnose_run",
+         lambda: cmboost.diagnose(model=model, out=str(tmp / "d"))),
+        ("train-features", ["train-features", "--data", "fmnist", "--out", str(tmp / "f.safetensors")],
+         "train_features_run", lambda: cmboost.train_features(data="fmnist", out=str(tmp / "f.safetensors"))),
+        ("train-jcd", ["train-jcd", "--data", "fmnist", "--run-dir", str(tmp / "jcd"), "--iters", "3", "--arch",
+                       "resnet_small", "--objective", "ce"],
          "train_jcd_run", lambda: cmboost.train_jcd(data="fmnist", run_dir=str(tmp / "jcd"), iters=3, arch="resnet_small", objective="ce")),
     ]
 
 
-@pytest.mark.parametrize("verb", ["boost", "sample", "evaluate", "evaluate-ref", "train-cm", "train-jcd"])
+@pytest.mark.parametrize("verb", ["boost", "sample", "tune", "evaluate", "evaluate-ref", "check-judges", "diagnose",
+                                  "train-cm", "train-jcd", "train-features"])
 def test_the_api_builds_the_record_the_cli_builds(verb, tmp_path, monkeypatch):
     """The API's defaults are the command line's: the same required inputs give the same record,
     field by field (both come from the record; a default written again in either would differ here)."""
