@@ -110,7 +110,8 @@ WRONG_TYPES = [
                                                              generated=(np.zeros((2, 1, 32, 32), np.uint8),
                                                                         np.zeros(2, np.int64))),
      r"generated\[0\]: expected a string"),
-    ("train-cm-shape-a-dict", lambda: cmboost.train_cm(run_dir="r", settings=mode_settings("edm", iters=1), shape={"model_channels": 8}), "shape: expected a UNetShape"),
+    ("train-cm-shape-a-dict", lambda: cmboost.train_cm(run_dir="r", settings=mode_settings("edm", iters=1),
+                                                       shape={"model_channels": 8}), "shape: expected a UNetShape"),
     ("evaluate-batch-size-a-float", lambda: cmboost.evaluate("x.npz", "r.npz", batch_size=2.5), "batch_size: expected"),
 ]
 

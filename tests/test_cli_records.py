@@ -166,7 +166,8 @@ def _verb_records():
 # Each verb: the CLI's argv and the API call that name the same required inputs, and the runner in
 # cmboost.api that receives the record. Everything else is left to the defaults.
 def _same_inputs(assets: Path, tmp: Path) -> list:
-    model, samples = str(assets / "jcd-joint.safetensors"), str(save_samples(tmp / "val.npz", np.zeros((4, 1, 28, 28), np.uint8)))
+    model = str(assets / "jcd-joint.safetensors")
+    samples = str(save_samples(tmp / "val.npz", np.zeros((4, 1, 28, 28), np.uint8)))
     generator, ref = str(assets / "ct.safetensors"), str(assets / "ref-test-fmnist-allconv.npz")
     settings = mode_settings("ect", iters=5, teacher=generator)
     return [
@@ -189,7 +190,8 @@ def _same_inputs(assets: Path, tmp: Path) -> list:
          "train_features_run", lambda: cmboost.train_features(data="fmnist", out=str(tmp / "f.safetensors"))),
         ("train-jcd", ["train-jcd", "--data", "fmnist", "--run-dir", str(tmp / "jcd"), "--iters", "3", "--arch",
                        "resnet_small", "--objective", "ce"],
-         "train_jcd_run", lambda: cmboost.train_jcd(data="fmnist", run_dir=str(tmp / "jcd"), iters=3, arch="resnet_small", objective="ce")),
+         "train_jcd_run", lambda: cmboost.train_jcd(data="fmnist", run_dir=str(tmp / "jcd"), iters=3, arch="resnet_small",
+                                                    objective="ce")),
     ]
 
 

@@ -1,4 +1,5 @@
-"""One boosting method or control applied to images by name, as tune scores a candidate and the demo and the diagnostic apply one."""
+"""One boosting method or control applied to images by name, as tune scores a candidate and the demo and
+the diagnostic apply one."""
 
 from __future__ import annotations
 

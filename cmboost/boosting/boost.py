@@ -9,22 +9,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cmboost.boosting.config import FLAGS, METHODS, make_hyper
 from cmboost.boosting.methods import boost_with, mean_realness, predicted_labels
-from cmboost.files.samples import load_samples, map_samples, to_float, to_uint8
-from cmboost.files.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
-from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
+from cmboost.boosting.settings import (check_settings_network, do_not_boost, load_settings_file, settings_block,
+                                       tuned_hyper)
 from cmboost.errors import UserInputError
+from cmboost.files.atomic import refuse_existing, refuse_output_inside_inputs
+from cmboost.files.checkpoints import weights_digest  # a resumed job never mixes parts boosted by another network
+from cmboost.files.report import save_before_after_grid
+from cmboost.files.samples import load_samples, map_samples, save_samples, to_float, to_uint8
+from cmboost.jcd.model import load_joint_model, read_metadata
 from cmboost.jobs.config import file_digest
 from cmboost.jobs.parts import refuse_finished, run_parts
 from cmboost.records import check_seed
-from cmboost.runtime import (BLOCK_SIZE, deterministic_kernels, dist_info, init_distributed, resolve_device,
+from cmboost.runtime import (BLOCK_SIZE, deterministic_kernels, dist_info, init_distributed, print0, resolve_device,
                              resolve_precision)
-from cmboost.boosting.config import FLAGS, METHODS, make_hyper
-from cmboost.files.report import save_before_after_grid
-from cmboost.files.samples import save_samples
-from cmboost.jcd.model import load_joint_model, read_metadata
-from cmboost.runtime import print0
-from cmboost.boosting.settings import check_settings_network, do_not_boost, load_settings_file, settings_block, tuned_hyper
 
 
 def check_fits_model(images: np.ndarray, labels: np.ndarray | None, model, source: str) -> None:

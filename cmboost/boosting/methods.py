@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from cmboost.jcd.attacks import FROM_OBJECTIVE, PGD
-from cmboost.errors import UserInputError
 from cmboost.boosting.config import BIGRoCBoost, PGDBoost, SGLDBoost, make_hyper
+from cmboost.errors import UserInputError
+from cmboost.jcd.attacks import FROM_OBJECTIVE, PGD
 from cmboost.jcd.model import log_prob_from_logits, log_realness_from_logits, realness_from_logits
 from cmboost.runtime import autocast, randn_per_sample, sample_generators
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from cmboost.boosting.config import hyper_in_file, json_kind, json_text
 from cmboost.errors import UserInputError
 
-
 FORMAT = "cmboost.tune/1"                 # the settings file (`--out`, read by `boost --settings`)
 BOOST_METHODS = ("pgd", "sgld", "bigroc")     # what `cmboost boost` runs
 DO_NOT_BOOST = "none"

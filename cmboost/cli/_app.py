@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from cmboost import __version__
-from cmboost.errors import UserInputError, one_line
 from cmboost.cli import boost as boost_verb
 from cmboost.cli import check_judges as check_judges_verb
 from cmboost.cli import convert as convert_verb
@@ -22,6 +21,7 @@ from cmboost.cli import train_cm as train_cm_verb
 from cmboost.cli import train_features as train_features_verb
 from cmboost.cli import train_jcd as train_jcd_verb
 from cmboost.cli import tune as tune_verb
+from cmboost.errors import UserInputError, one_line
 
 VERB_MODULES = [demo_verb, info_verb, sample_verb, boost_verb, tune_verb, evaluate_verb, evaluate_ref_verb, check_judges_verb,
                 train_cm_verb, train_jcd_verb, train_features_verb, convert_verb, diagnose_verb]

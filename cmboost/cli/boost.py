@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from cmboost.boosting.boost import DEFAULT_METHOD, BoostRun, boost, resolve_boost, unchanged_reason
+from cmboost.boosting.config import (BIGROC_STEP_FACTOR, FLAGS, METHODS, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS,
+                                     BIGRoCBoost, PGDBoost, SGLDBoost)
 from cmboost.cli.common import (BLOCK_HELP, PART_HELP, add_output_flags, add_runtime_flags, record_from_args,
                                 set_record_defaults)
-from cmboost.boosting.boost import BoostRun, DEFAULT_METHOD, boost, resolve_boost, unchanged_reason
-from cmboost.boosting.config import BIGROC_STEP_FACTOR, BIGRoCBoost, FLAGS, METHODS, PGDBoost, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS, SGLDBoost
 from cmboost.records import field_default
 from cmboost.runtime import BLOCK_SIZE, print0
+
 
 def hyper_from_args(args: argparse.Namespace) -> dict:
     """The hyperparameter flags given on the command line (each checked against the method later)."""

@@ -1,4 +1,5 @@
-"""`cmboost check-judges`: validate candidate judges (degradation ladder, adversarial transfer) before they report."""
+"""`cmboost check-judges`: validate candidate judges (degradation ladder, adversarial transfer) before they
+report."""
 
 from __future__ import annotations
 

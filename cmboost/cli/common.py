@@ -6,9 +6,9 @@ import argparse
 import dataclasses
 from typing import Iterable
 
-from cmboost.records import field_default, shown
 from cmboost.errors import UserInputError
 from cmboost.metrics.feature_nets import FeatureOptions
+from cmboost.records import field_default, shown
 
 # Help texts show %(default)s, not a number of their own: a verb's set_defaults (from its record)
 # then shows in --help as well.

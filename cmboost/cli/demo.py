@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from cmboost.demo.run import run_demo
+
 from cmboost.demo.plan import DemoOptions
+from cmboost.demo.run import run_demo
 from cmboost.records import field_default
 
 

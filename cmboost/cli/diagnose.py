@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cmboost.cli.common import add_device_flags, add_field_flag, record_from_args, set_record_defaults
 from cmboost.boosting.config import METHODS, PGD_SCORES, PGD_STEP_FACTOR, REALNESS_KINDS
 from cmboost.cli.boost import hyper_from_args
+from cmboost.cli.common import add_device_flags, add_field_flag, record_from_args, set_record_defaults
 from cmboost.diagnostic.diagnose import DiagnoseRun, diagnose_files
 from cmboost.diagnostic.measures import DiagnoseSettings
 from cmboost.diagnostic.report import JSON_NAME, PNG_NAME

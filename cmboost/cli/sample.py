@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cmboost.cli.common import BLOCK_HELP, PART_HELP, add_field_flag, add_output_flags, add_runtime_flags, set_record_defaults
-from cmboost.cli.common import parse_int_list, record_from_args
+from cmboost.cli.common import (BLOCK_HELP, PART_HELP, add_field_flag, add_output_flags, add_runtime_flags,
+                                parse_int_list, record_from_args, set_record_defaults)
 from cmboost.cm.denoiser import KINDS
 from cmboost.cm.sample import CM_DEFAULT_STEPS, EDM_DEFAULT_STEPS, SampleRun, SampleSettings, sample
 from cmboost.runtime import print0

@@ -13,9 +13,9 @@ import functools
 
 from cmboost.cli.common import add_field_flag, add_runtime_flags, parse_int_list, record_from_args, set_record_defaults
 from cmboost.cm.losses import DISTANCES
+from cmboost.cm.train_config import (MODES, LoopSettings, TrainCMRun, TrainSettings, UNetShape, mode_default,
+                                     mode_settings)
 from cmboost.cm.training import train_cm
-from cmboost.cm.train_config import (LoopSettings, MODES, TrainCMRun, TrainSettings, UNetShape, mode_default,
-                                      mode_settings)
 from cmboost.records import field_default
 
 # Flags whose value is a comma-separated list of integers (a tuple in UNetShape).

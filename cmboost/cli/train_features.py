@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import functools
 
-from cmboost.cli.common import (add_device_flags, add_field_flag, add_output_flags, record_from_args,
-                                set_record_defaults)
-from cmboost.records import field_default
+from cmboost.cli.common import add_device_flags, add_field_flag, add_output_flags, record_from_args, set_record_defaults
 from cmboost.metrics.domain_net import ARCHS
 from cmboost.metrics.domain_training import TrainSettings
 from cmboost.metrics.train_features import FeatureTraining, train_features
+from cmboost.records import field_default
 
 # TrainSettings fields that no flag sets.
 UNFLAGGED = ("weight_decay", "warmup_steps", "max_shift")

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from cmboost.files.checkpoints import (Checkpoint, check_fits, find_state_dict, read_checkpoint, save_checkpoint,
-                                 torch_load)
 from cmboost.cm.denoiser import DEFAULT_TS, KINDS, Preconditioning, precond_for_kind
 from cmboost.cm.unet import IMAGENET64_CONFIG, UNetModel
 from cmboost.errors import UserInputError
+from cmboost.files.checkpoints import (Checkpoint, check_fits, find_state_dict, read_checkpoint, save_checkpoint,
+                                       torch_load)
 
 FORMAT, FORMAT_VERSION = "cm", 2  # version 1: the single "cmboost" JSON header before cmboost.files.checkpoints
 OPENAI_HINT = ("the OpenAI ImageNet-64 checkpoints (cd_imagenet64_l2.pt, cd_imagenet64_lpips.pt, ct_imagenet64.pt) "

@@ -25,8 +25,8 @@ from typing import Callable
 
 import torch
 
-from cmboost.cm.denoiser import (CM_PRECOND, EDM_PRECOND, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, denoise,
-                                 heun_step, karras_sigma)
+from cmboost.cm.denoiser import (CM_PRECOND, EDM_PRECOND, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, denoise, heun_step,
+                                 karras_sigma)
 
 DISTANCES = ("l2", "pseudo-huber")
 # ECT's gap mapping n(t) = 1 + ECT_MAP_K sigmoid(-ECT_MAP_B t): the paper's constants

@@ -18,12 +18,12 @@ import torch
 from cmboost.cm.checkpoint import LoadedModel, load_model
 from cmboost.cm.denoiser import Denoiser, check_ts, heun, multistep, onestep
 from cmboost.errors import UserInputError
+from cmboost.files.samples import to_uint8
 from cmboost.jobs.config import file_digest
 from cmboost.jobs.parts import refuse_finished, run_parts
 from cmboost.records import check_at_least, check_seed
 from cmboost.runtime import (BLOCK_SIZE, check_allocatable, deterministic_kernels, init_distributed, randn_per_sample,
                              resolve_device, resolve_precision, sample_generators)
-from cmboost.files.samples import to_uint8
 
 EDM_DEFAULT_STEPS = 18  # Heun steps of an EDM teacher
 CM_DEFAULT_STEPS = 1    # network evaluations of a consistency model

@@ -1,4 +1,5 @@
-"""What the demo runs: its options, the generators and seeds, each boosting method and control (a key, and a label for display), the panel of judges and the rows a resumed run may reuse."""
+"""What the demo runs: its options, the generators and seeds, each boosting method and control (a key, and
+a label for display), the panel of judges and the rows a resumed run may reuse."""
 
 from __future__ import annotations
 

@@ -282,7 +282,8 @@ class _Demo:
             for i, seed in enumerate(self.settings["eval_seeds"][gen][: self.mode["seeds"]]):
                 for m in METHODS:
                     grid = f"grid-{gen}.png" if (m.grid and i == 0) else None
-                    rows.append(dict(generator=f"{NAMES[gen[:2]]} {gen[2:]}-step", gen=gen, seed=seed, boost=m.label, key=m.key,
+                    rows.append(dict(generator=f"{NAMES[gen[:2]]} {gen[2:]}-step", gen=gen, seed=seed, boost=m.label,
+                                     key=m.key,
                                      **self.measure_method(m, gen, seed, grid, paired=m.paired)))
                 self.say(f"  {gen} seed {seed} ({self.lead}): " + "  ".join(
                     f"{r['boost'].split(' (')[0]} {r['judges'][self.lead]['fid']:.2f}" for r in rows[-len(METHODS):]))

@@ -1,4 +1,5 @@
-"""The demo's numbers judged: mean and std over seeds, the verdicts against the targets, the paired changes under each judge, and what a miss comes from."""
+"""The demo's numbers judged: mean and std over seeds, the verdicts against the targets, the paired changes
+under each judge, and what a miss comes from."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from cmboost.demo.plan import JOINT_METHODS, KEY_OF_LABEL, LABELS, PLAIN_CONTROL
 from cmboost.metrics.prepared import paired_change
 from cmboost.records import field_default
 from cmboost.tuning.candidates import ERROR_BARS, TuneSettings
-
-
 
 TARGET_CUT = 0.25          # FID and KID lowered by at least 25%
 

@@ -1,4 +1,5 @@
-"""The PAG picture: targeted PGD from a flat grey image toward each class, which shows what the network's gradients draw."""
+"""The PAG picture: targeted PGD from a flat grey image toward each class, which shows what the network's
+gradients draw."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The .npz archive read without loading it whole: each .npy member's header, memory-mapped or read member by member, and written uncompressed."""
+"""The .npz archive read without loading it whole: each .npy member's header, memory-mapped or read member
+by member, and written uncompressed."""
 
 from __future__ import annotations
 

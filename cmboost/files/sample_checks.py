@@ -1,4 +1,5 @@
-"""What every sample file must hold, checked wherever one is read: uint8 NCHW images and integer labels in range."""
+"""What every sample file must hold, checked wherever one is read: uint8 NCHW images and integer labels in
+range."""
 
 from __future__ import annotations
 

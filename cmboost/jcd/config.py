@@ -1,4 +1,5 @@
-"""train-jcd's configuration record (the released hyperparameters as defaults) and its inputs, checked before any work."""
+"""train-jcd's configuration record (the released hyperparameters as defaults) and its inputs, checked
+before any work."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import dataclasses
 import numpy as np
 import torch
 
-from cmboost.jcd.attacks import NORMS
-from cmboost.files.datasets import load_dataset
 from cmboost.errors import UserInputError
-from cmboost.jcd.model import ARCHS
-from cmboost.jcd.losses import TRAINING_OBJECTIVES
-from cmboost.records import (check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed,
-                             shown)
+from cmboost.files.datasets import load_dataset
 from cmboost.files.samples import load_samples
+from cmboost.jcd.attacks import NORMS
+from cmboost.jcd.losses import TRAINING_OBJECTIVES
+from cmboost.jcd.model import ARCHS
+from cmboost.records import check_above, check_at_least, check_choice, check_finite, check_fraction, check_seed, shown
 
 ATTACK_MODES = ("eval", "train")
 # The flags whose name is not --field-name; every message names the flag.

@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmboost.boosting.config import REALNESS_KINDS
-from cmboost.files.checkpoints import (check_fits, describe_keys, find_state_dict, read_checkpoint, save_checkpoint,
-                                 strip_layout, torch_load)
 from cmboost.errors import UserInputError
+from cmboost.files.checkpoints import (check_fits, describe_keys, find_state_dict, read_checkpoint, save_checkpoint,
+                                       strip_layout, torch_load)
 
 ARCHS = ("resnet50", "wide_resnet50_2", "resnet_small")
 SMALL_WIDTH = 16  # resnet_small's first-stage width (then 2w, 4w)

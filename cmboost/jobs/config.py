@@ -1,4 +1,5 @@
-"""A job's configuration record: written once, read back, and compared on resume, naming the first field that differs; and the digest that ties a job to its input files."""
+"""A job's configuration record: written once, read back, and compared on resume, naming the first field
+that differs; and the digest that ties a job to its input files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Index-to-image jobs (sample, boost): items processed in fixed blocks, written as part files in the job folder, resumed from the parts already written, and merged into one sample file."""
+"""Index-to-image jobs (sample, boost): items processed in fixed blocks, written as part files in the job
+folder, resumed from the parts already written, and merged into one sample file."""
 
 from __future__ import annotations
 

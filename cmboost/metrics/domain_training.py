@@ -1,4 +1,5 @@
-"""Training a domain feature network: its settings, augmentation, the (optionally adversarial) loop and its held-out accuracy."""
+"""Training a domain feature network: its settings, augmentation, the (optionally adversarial) loop and its
+held-out accuracy."""
 
 from __future__ import annotations
 

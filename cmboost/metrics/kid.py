@@ -1,4 +1,5 @@
-"""The kernel inception distance (Binkowski et al. 2018): the unbiased MMD with a cubic polynomial kernel, averaged over subsets."""
+"""The kernel inception distance (Binkowski et al. 2018): the unbiased MMD with a cubic polynomial kernel,
+averaged over subsets."""
 
 from __future__ import annotations
 

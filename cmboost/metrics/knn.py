@@ -1,4 +1,5 @@
-"""k-NN manifolds (Kynkaanniemi et al. 2019): precision and recall, and density and coverage (Naeem et al. 2020) on the same balls."""
+"""k-NN manifolds (Kynkaanniemi et al. 2019): precision and recall, and density and coverage (Naeem et al.
+2020) on the same balls."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A reference prepared once for every evaluation against it: its Cholesky factor, k-NN radii and KID subsets kept, and FID, KID and the k-NN metrics of any number of sample sets, paired bootstrap included."""
+"""A reference prepared once for every evaluation against it: its Cholesky factor, k-NN radii and KID
+subsets kept, and FID, KID and the k-NN metrics of any number of sample sets, paired bootstrap included."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import math
 import numpy as np
 import torch
 
-from cmboost.metrics.kid import (KID_SUBSETS, _indicators, _kid_values, _off_diagonal_sum, kid_draws,
-                                 polynomial_kernel)
+from cmboost.metrics.kid import KID_SUBSETS, _indicators, _kid_values, _off_diagonal_sum, kid_draws, polynomial_kernel
 from cmboost.metrics.knn import _feature_pair, ball_counts, covered, density_coverage, knn_radii, precision_recall
 from cmboost.metrics.stats import as_float32_tensor, feature_statistics, frechet_distance, psd_eigenvalues, psd_sqrt
 from cmboost.runtime import on_statistics_threads

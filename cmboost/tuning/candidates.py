@@ -1,4 +1,5 @@
-"""What tune chooses among: its numbers (TuneSettings), the default grid and --grid files, each candidate checked against the network before anything runs, and the robust radius."""
+"""What tune chooses among: its numbers (TuneSettings), the default grid and --grid files, each candidate
+checked against the network before anything runs, and the robust radius."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A tune job's cached rows (one per candidate, scored on both halves), schema-checked when a run resumes, each problem named with its fix."""
+"""A tune job's cached rows (one per candidate, scored on both halves), schema-checked when a run resumes,
+each problem named with its fix."""
 
 from __future__ import annotations
 

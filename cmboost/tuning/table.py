@@ -1,4 +1,5 @@
-"""The settings file in words: every candidate's change under each judge, the committee's agreement, the radius marks and the confirmation on the other half, as `cmboost tune` prints them."""
+"""The settings file in words: every candidate's change under each judge, the committee's agreement, the
+radius marks and the confirmation on the other half, as `cmboost tune` prints them."""
 
 from __future__ import annotations
 
