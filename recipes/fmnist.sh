@@ -410,7 +410,7 @@ fi
 # 5b. The test split's statistics under each panel judge, shipped so that the standard demo computes none.
 if want demo-refs; then
   .venv/bin/python -c "
-import json; from cmboost.demo.run import ASSETS, choose_panel, write_shipped_references
+import json; from cmboost.demo.assets import ASSETS, write_shipped_references; from cmboost.demo.plan import choose_panel
 check = json.loads((ASSETS / 'judges.json').read_text())
 for path in write_shipped_references(choose_panel(check, ['fmnist', check['attacker']['name']]), overwrite=True):
     print(path, path.stat().st_size)"
