@@ -10,8 +10,13 @@ docs/api.md shows them in use.
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import numbers
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +75,11 @@ def _kind(value) -> str:
 def _checked_arguments(target, arguments: dict) -> dict:
     """`arguments` checked against the type hints of `target` (a record type or a function), with
     paths made str where str is expected; an argument it has no hint for passes as given."""
-    import typing
-
     hints = typing.get_type_hints(target)
     return {name: _checked(name, value, hints[name]) if name in hints else value for name, value in arguments.items()}
 
 
 def _checked(name: str, value, hint):
-    import collections.abc
-    import dataclasses
-    import numbers
-    import types
-    import typing
-
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
