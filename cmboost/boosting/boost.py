@@ -170,7 +170,6 @@ def resolve_boost(run: BoostRun) -> ResolvedBoost:
     if method is not None and method not in METHODS:
         raise UserInputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if run.settings:
-
         settings = load_settings_file(run.settings)
         method, tuned = tuned_hyper(settings, method, run.settings)
         if block_size is None:  # the block tune scored the settings with, so the images are the same
@@ -223,7 +222,6 @@ def boost(run: BoostRun) -> Path:
         return copy_unchanged(run, reason)
     resolved = resolve_boost(run)
     if resolved.other_network is not None:
-
         print0(f"{resolved.other_network}; used all the same (--allow-other-network)")
     return run_boost(run, resolved)
 

@@ -29,13 +29,11 @@ def hyper_from_args(args: argparse.Namespace) -> dict:
 
 
 def record_from(args: argparse.Namespace):
-
     return record_from_args(BoostRun, args, {"hyper": hyper_from_args(args), "grid": not args.no_grid,
                                              "progress": True})
 
 
 def run(args: argparse.Namespace) -> int:
-
     record = record_from(args)
     if args.dry_run:
         reason = unchanged_reason(record)
@@ -49,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-
     p = verbs.add_parser("boost", help="refine generated samples with the joint classifier-discriminator",
                          description="Refine samples (.npz, OpenAI layout) with PGD (paper), SGLD (release) "
                                      "or BIGRoC (classifier-only baseline). Rerunning the same command resumes.")

@@ -13,14 +13,12 @@ from cmboost.records import field_default
 
 
 def record_from(args: argparse.Namespace):
-
     settings = CheckSettings(seed=args.seed, bootstrap=args.bootstrap)
     judges = tuple(j.strip() for j in args.judges.split(",") if j.strip())
     return record_from_args(JudgeCheckRun, args, {"judges": judges, "settings": settings})
 
 
 def run(args: argparse.Namespace) -> int:
-
     record = record_from(args)
     check_judges(record)
     print(f"wrote {record.out}")
@@ -28,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-
     p = verbs.add_parser(
         "check-judges", help="validate candidate judges: a degradation ladder and an adversarial-transfer test",
         description="A judge passes when its FID rises monotonically along ladders of blur, noise, JPEG and "

@@ -11,7 +11,6 @@ from cmboost.files.samples import convert_samples
 
 
 def run_convert(args: argparse.Namespace) -> int:
-
     images, labels = convert_samples(args.samples, args.out, args.overwrite)
     n_labels = "no labels" if labels is None else f"labels {labels.min()}..{labels.max()}"
     print(f"{args.out}: {len(images)} images {tuple(images.shape[1:])} (CHW), {n_labels}")
@@ -19,7 +18,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-
     path = export_data(args.data, args.split, args.out, args.start, args.stop, args.image_size, args.data_dir,
                        args.overwrite)
     print(f"wrote {path}")

@@ -10,7 +10,6 @@ from cmboost.records import field_default
 
 
 def run(args: argparse.Namespace) -> int:
-
     run_demo(DemoOptions(out_dir=args.out_dir, quick=args.quick, full=args.full, device=args.device, threads=args.threads,
                          overwrite=args.overwrite, progress=not args.quiet))
     return 0

@@ -33,7 +33,6 @@ def parse_generators(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def record_from(args: argparse.Namespace):
-
     numbers = record_from_args(DiagnoseSettings, args, {})  # bad numbers fail before anything is read
     return record_from_args(DiagnoseRun, args, {"samples": tuple(parse_generators(args.samples)),
                                                 "settings_files": tuple(args.settings or ()),
@@ -41,13 +40,11 @@ def record_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-
     diagnose_files(record_from(args))
     return 0
 
 
 def add_parser(verbs) -> None:
-
     p = verbs.add_parser(
         "diagnose", help="judge-free diagnostics of a joint network: robustness, realness AUC, score alignment, PAGs",
         description=f"Writes OUT/{JSON_NAME} and OUT/{PNG_NAME}: clean and L2-PGD robust accuracy on held-out real "

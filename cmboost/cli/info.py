@@ -56,7 +56,6 @@ def collect_info(data_dir: str | None = None) -> dict:
 
 
 def run_info(args: argparse.Namespace) -> int:
-
     if args.data_dir is not None and not Path(args.data_dir).is_dir():  # a typo is an error, not another copy
         raise UserInputError(f"--data-dir {args.data_dir}: no such folder")
     for key, value in collect_info(args.data_dir).items():
@@ -65,7 +64,6 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
-
     folder = download_fashion_mnist(args.dest, base_url=args.url)
     print(f"Fashion-MNIST in {folder}")
     return 0

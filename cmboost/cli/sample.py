@@ -25,7 +25,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-
     p = verbs.add_parser(
         "sample", help="draw samples from a consistency model into an OpenAI-format .npz",
         description="Draws --num samples (1 or 2 steps; Heun for EDM teachers). Sample i depends only on "

@@ -25,7 +25,6 @@ UNFLAGGED = ("p_mean", "p_std", "init_from_teacher", "ct_p_mean", "ct_p_std")
 
 
 def shape_from_args(args: argparse.Namespace):
-
     lists = {name: parse_int_list(getattr(args, name), "--" + name.replace("_", "-")) for name in LIST_FLAGS}
     return record_from_args(UNetShape, args, lists)
 
@@ -46,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-
     p = verbs.add_parser(
         "train-cm", help="train an EDM teacher (edm), or a consistency model by distillation (cd), training (ct) "
              "or easy consistency tuning from the teacher (ect)",

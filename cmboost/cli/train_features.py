@@ -16,19 +16,16 @@ UNFLAGGED = ("weight_decay", "warmup_steps", "max_shift")
 
 
 def record_from(args: argparse.Namespace):
-
     settings = record_from_args(TrainSettings, args, {}, keep_defaults=UNFLAGGED)
     return record_from_args(FeatureTraining, args, {"settings": settings})
 
 
 def run(args: argparse.Namespace) -> int:
-
     train_features(record_from(args))
     return 0
 
 
 def add_parser(verbs) -> None:
-
     p = verbs.add_parser("train-features",
                          help="train a domain feature network (FID/IS/PR features for small datasets) on a "
                               "dataset's train split",

@@ -30,13 +30,11 @@ def record_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-
     train_jcd(record_from(args))
     return 0
 
 
 def add_parser(verbs) -> None:
-
     p = verbs.add_parser(
         "train-jcd", help="adversarially train the joint classifier-discriminator",
         description="Adversarial training of the joint classifier-discriminator on real data against "

@@ -23,7 +23,6 @@ def split_list(value: str, flag: str) -> list[str]:
 
 
 def record_from(args: argparse.Namespace):
-
     names = tuple(split_list(args.judge, "--judge"))
     refs = tuple(ref for value in args.ref for ref in split_list(value, "--ref"))
     choice = record_from_args(TuneSettings, args, {})
@@ -32,7 +31,6 @@ def record_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-
     record = record_from(args)
     settings = tune_files(record)
     print0(format_table(settings))
@@ -42,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(verbs) -> None:
-
     p = verbs.add_parser(
         "tune", help="choose the boosting method and settings with a tuning judge",
         description="Boost validation samples with every candidate setting (PGD, SGLD, BIGRoC with --classifier, "

@@ -107,7 +107,6 @@ class _Demo:
     """One demo run: its judges, networks and tuned settings, and the rows it measures."""
 
     def __init__(self, settings: dict, options: DemoOptions, device: torch.device):
-
         self.settings, self.options, self.device = settings, options, device
         self.mode = settings[options.mode]
         # flushed: a log that is not a terminal still shows each finished row as it comes

@@ -51,7 +51,6 @@ class DiagnoseRun:
     overwrite: bool = False
 
     def __post_init__(self):
-
         names = [name for name, _ in self.samples]
         if len(set(names)) != len(names):
             raise UserInputError(f"--samples: a name is given twice ({', '.join(names)}); name them NAME=PATH")

@@ -261,7 +261,6 @@ class DenoiserScore:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: float, y: torch.Tensor) -> torch.Tensor:
-
         signed = 2.0 * x.float() - 1.0
         with autocast(x.device, self.precision):
             denoised = denoise(self.net, signed, sigma, y, self.precond, clip=False)

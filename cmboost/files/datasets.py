@@ -221,7 +221,6 @@ def image_folder(root: str | os.PathLike, image_size: int | None = None,
     files = [(label, file) for label, name in enumerate(classes) for file in sorted((root / name).iterdir())
              if file.suffix.lower() in IMAGE_SUFFIXES]
     if image_size is not None:
-
         if image_size < 1:
             raise UserInputError(f"--image-size {image_size}: must be >= 1")
         check_allocatable(len(files) * channels * image_size ** 2,

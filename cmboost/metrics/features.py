@@ -245,12 +245,10 @@ class DinoV2Features(FeatureExtractor):
         return cls(random_dinov2(config or ViTConfig(), seed), f"{DINOV2_IDENTITY}-random-{seed}", device, precision)
 
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
-
         check_resizable(shape, source, "DINOv2", DINOV2_SIZE)
 
     @torch.no_grad()
     def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor | None]:
-
         if images_u8.dtype != torch.uint8 or images_u8.ndim != 4:
             raise ValueError(f"expected uint8 NCHW images, got {images_u8.dtype} {tuple(images_u8.shape)}")
         x = preprocess(images_u8.to(self.device, non_blocking=True))  # fp32 whatever the precision
@@ -324,7 +322,6 @@ def load_feature_extractor(spec: str = DEFAULT_FEATURES, device: torch.device | 
     if spec == "dinov2":
         return DinoV2Features.from_weights(dinov2_weights, device, precision, allow_download)
     if str(spec).startswith("effnet-lite0"):
-
         return EffNetLite0Features.from_weights(None, device, precision, effnet_resolution(str(spec)))
     net, _ = load_domain_net(spec, device)
     return DomainFeatures(net, str(spec), device, precision)

@@ -230,7 +230,6 @@ def reference_stats(images_u8, extractor, batch_size: int = 256, num_features: i
 # ----------------------------------------------------------------------------- EDM2-style .pkl
 
 def _default_identity(key: str) -> str | None:
-
     # EDM2's Inception is a PyTorch translation of the same TF 2015-12-05 graph as OpenAI's
     return {INCEPTION_KEY: OPENAI_FEATURE_NET, DINOV2_KEY: DINOV2_IDENTITY}.get(key)
 

@@ -41,7 +41,6 @@ class TuneRun:
     progress: bool = True
 
     def __post_init__(self):
-
         if len(self.refs) != len(self.judges):
             raise UserInputError(f"--ref: {len(self.judges)} judge{'s' if len(self.judges) > 1 else ''} (--judge "
                                  f"{','.join(self.judges)}) need one reference each, in the same order; got "
