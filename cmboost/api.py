@@ -195,7 +195,7 @@ def boost(samples=None, model: str | os.PathLike | None = None, out: str | os.Pa
           run=None, **fields: Any):
     """`cmboost boost`: refines `samples` (a sample file, or (images, labels) arrays) with the joint
     network `model`. Writes `out` and returns its path; without `out`, returns (images, labels).
-    `fields` are boost_job.BoostRun's (method, hyper, settings, threshold_from, labels, seed,
+    `fields` are boosting.boost.BoostRun's (method, hyper, settings, threshold_from, labels, seed,
     block_size, device, precision, ...); or pass the whole `run`, a BoostRun."""
 
     if run is not None:
@@ -216,7 +216,7 @@ def boost(samples=None, model: str | os.PathLike | None = None, out: str | os.Pa
 
 def tune(run=None, /, **fields: Any) -> dict:
     """`cmboost tune`: chooses the boosting method and settings on validation samples with tuning
-    judges; writes the settings file (`out`) and returns it. `run`: a tune_job.TuneRun; else its fields
+    judges; writes the settings file (`out`) and returns it. `run`: a tuning.tune.TuneRun; else its fields
     (samples, model, refs, out, judges, classifier, threshold_from, grid, choice: a TuneSettings, ...)."""
     return tune_run(_record(TuneRun, run, fields))  # refs and judges: lists or tuples, paths as str
 
@@ -250,14 +250,14 @@ def evaluate_ref(run=None, /, **fields: Any) -> dict:
 def check_judges(run=None, /, **fields: Any) -> dict:
     """`cmboost check-judges`: puts candidate judges through the degradation ladder and the
     adversarial-transfer test; writes the report (`out`) and returns it. `run`: a
-    metrics.judge_check_job.JudgeCheckRun; else its fields (samples, out, judges, attacker, data, ...)."""
+    metrics.check_judges.JudgeCheckRun; else its fields (samples, out, judges, attacker, data, ...)."""
     return check_judges_run(_record(JudgeCheckRun, run, fields))
 
 
 def diagnose(run=None, /, **fields: Any) -> dict:
     """`cmboost diagnose`: the judge-free diagnostic of a joint network (robust accuracy, realness AUC,
     gradient-score alignment, the PAG picture); writes OUT/diagnose.json and OUT/pag.png and returns
-    the report. `run`: a diagnose_job.DiagnoseRun; else its fields (model, out, samples as (name,
+    the report. `run`: a diagnostic.diagnose.DiagnoseRun; else its fields (model, out, samples as (name,
     path) pairs, teacher, real, settings_files, method, hyper, numbers: a DiagnoseSettings, ...)."""
     for name in ("samples", "settings_files"):
         if isinstance(fields.get(name), (list, tuple)):  # anything else is refused by _record, naming it
@@ -267,7 +267,7 @@ def diagnose(run=None, /, **fields: Any) -> dict:
 
 def train_jcd(config=None, /, **fields: Any) -> Path:
     """`cmboost train-jcd`: adversarial training of the joint classifier-discriminator; returns the
-    final model's path. `config`: a train_jcd_config.TrainConfig; else its fields (data, run_dir,
+    final model's path. `config`: a jcd.config.TrainConfig; else its fields (data, run_dir,
     iters, generated, objective, ...). A rerun of the same configuration resumes."""
     return train_jcd_run(_record(TrainConfig, config, fields))
 
@@ -282,6 +282,6 @@ def train_cm(run=None, /, **fields: Any) -> Path:
 
 def train_features(run=None, /, **fields: Any) -> Path:
     """`cmboost train-features`: a domain feature network (a judge for FID and the like) trained on a
-    dataset's train split; returns the saved net's path. `run`: a feature_training.FeatureTraining;
+    dataset's train split; returns the saved net's path. `run`: a metrics.train_features.FeatureTraining;
     else its fields (data, out, settings, arch, ...). A rerun resumes per epoch."""
     return train_features_run(_record(FeatureTraining, run, fields))

@@ -13,7 +13,7 @@ from cmboost.records import SEED_LIMIT
 
 REALNESS_KINDS = ("sigmoid", "softmax")  # D(x,y) = sigmoid(f_y(x)), or p(y|x) = softmax(f(x))_y
 # The reading of realness a network is boosted with when nothing says otherwise (a train-jcd network
-# records the one its objective trained); jcd.py reads D(x, y) with it too.
+# records the one its objective trained); jcd/model.py reads D(x, y) with it too.
 DEFAULT_REALNESS = "softmax"
 PGD_STEP_FACTOR = 2.5     # L2 PGD's default step, 2.5 * eps / steps: enough to reach the ball's edge
 BIGROC_STEP_FACTOR = 1.5  # BIGRoC's ImageNet rule, 1.5 * eps / steps

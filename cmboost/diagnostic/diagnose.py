@@ -1,5 +1,5 @@
 """The diagnose verb on files (`cmboost diagnose`, `cmboost.diagnose`): a joint network, held-out real
-images, generators' samples and how to boost them in; diagnose.json and pag.png out (diagnostic.py)."""
+images, generators' samples and how to boost them in; diagnose.json and pag.png out (measures.py, pag.py, report.py)."""
 
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ class DiagnoseSettings:
 
 @dataclasses.dataclass(frozen=True)
 class GeneratorSamples:
-    """One generator's labelled samples and how to boost them (a boosting.py method and its record)."""
+    """One generator's labelled samples and how to boost them (a boosting/methods.py method and its record)."""
 
     name: str
     images: np.ndarray        # uint8 NCHW

@@ -1,7 +1,7 @@
 """Real datasets: Fashion-MNIST (Debian package or download), ImageNet 64x64 npz batches, class folders.
 
 Every loader returns uint8 NCHW images and int64 labels, checks what it reads, and raises
-`UserInputError` with the file's name and the problem. Generated-sample files live in samples.py.
+`UserInputError` with the file's name and the problem. Generated-sample files live in files/samples.py.
 """
 
 from __future__ import annotations
