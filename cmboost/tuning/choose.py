@@ -120,6 +120,7 @@ class ResolvedTune:
         if len(self.references) != len(self.judges):  # one reference per judge, in the judges' order
             raise UserInputError(f"--ref: {len(self.judges)} judge{'s' if len(self.judges) > 1 else ''} need one "
                                  f"reference each, given in --judge's order, and got {len(self.references)}")
+        self.choice.check_radius_known()
         refuse_existing(self.out, self.overwrite)  # before anything is scored
 
 
@@ -133,7 +134,6 @@ def run_tune(run: ResolvedTune) -> dict:
     the judges' agreement on the ranking (`ranking_agreement`)."""
     choice, judges, references, model, classifier = (run.choice, list(run.judges), list(run.references), run.model,
                                                       run.classifier)
-    choice.check_radius_known()
     check_tuning_committee(judges)
     for ref, one in zip(references, judges):
         ref.check_against(one)

@@ -45,7 +45,7 @@ class TuneRun:
             raise UserInputError(f"--ref: {len(self.judges)} judge{'s' if len(self.judges) > 1 else ''} (--judge "
                                  f"{','.join(self.judges)}) need one reference each, in the same order; got "
                                  f"{len(self.refs)} ({', '.join(map(str, self.refs))})")
-        for name in self.judges:  # the commonest mistake fails before anything is loaded; tune() checks weights
+        for name in self.judges:  # the commonest mistake fails before anything is loaded; run_tune checks weights
             refuse_reporting_name(name)
 
     def resolved_choice(self) -> tuple[TuneSettings, str | None]:
@@ -58,8 +58,7 @@ class TuneRun:
             if radius is not None:
                 choice = dataclasses.replace(choice, robust_radius=radius)
                 radius_from = "the network's training attack (train-jcd --real-eps)"
-        choice.check_radius_known()
-        return choice, radius_from
+        return choice, radius_from  # ResolvedTune checks that a radius is known where one is needed
 
 
 def resolve_tune(run: TuneRun) -> ResolvedTune:
