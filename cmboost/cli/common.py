@@ -44,9 +44,9 @@ def add_field_flag(parser: argparse.ArgumentParser, record_type: type, name: str
                    flag: str | None = None, type=None, nargs=None, choices=None, metavar=None) -> None:
     """A flag for the record field `name` (dest `name`, so the record can be built from the parsed
     flags) whose default is the field's and shows in --help. A None default stands for something
-    that `help` must say itself."""
+    that `help` must say itself. A hidden flag (help argparse.SUPPRESS) stays hidden."""
     default = field_default(record_type, name)
-    if default is not None:
+    if default is not None and help is not argparse.SUPPRESS:
         help = f"{help} (default: {shown(default)})"
     parser.add_argument(flag or "--" + name.replace("_", "-"), dest=name, type=type, nargs=nargs,
                         choices=choices, metavar=metavar, default=default, help=help)

@@ -36,9 +36,7 @@ def add_reference_flags(p: argparse.ArgumentParser, hidden: bool) -> None:
                        ("num_features", ".npz: images whose features are kept for precision/recall, a seeded "
                                         "choice"),
                        ("seed", "the seed of that choice")):
-        add_field_flag(p, ReferenceRun, name, help, type=str if name == "split" else int)
-        if hidden:
-            p._actions[-1].help = argparse.SUPPRESS
+        add_field_flag(p, ReferenceRun, name, text(help), type=str if name == "split" else int)
     p.add_argument("--data-dir", default=None, help=text("folder of the Fashion-MNIST files"))
     p.add_argument("--out", required=not hidden, help=text("output .npz or .pkl"))
 
