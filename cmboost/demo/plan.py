@@ -92,9 +92,10 @@ PLAIN_CONTROL = "plain"
 RIVALS = ("bigroc", "unsharp-tuned", "unsharp-standard", "random", PLAIN_CONTROL)  # what a joint method must beat
 
 
-def method_key(row: dict) -> str:
-    """The key of a headline or summary row's method ("boost" holds its label)."""
-    return row.get("key") or KEY_OF_LABEL[row["boost"]]
+def method_key(entry: dict) -> str:
+    """The key of the method of a report entry: a headline or summary row (its label in "boost"), or a
+    paired change or panel verdict (its label in "method")."""
+    return entry.get("key") or KEY_OF_LABEL[entry["boost"] if "boost" in entry else entry["method"]]
 
 
 OBJECTIVE_NETWORKS = ("ce", "bce", "ce+bce", "joint")  # the paper's Table 2: jcd-<objective>, width 16

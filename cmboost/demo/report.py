@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from cmboost.demo.plan import KEY_OF_LABEL
+from cmboost.demo.plan import method_key
 from cmboost.demo.verdicts import RECALL_SLACK, generator_bar, miss_causes
 from cmboost.files.report import DIFFERENCE_GAIN, line_plot, markdown_table
 from cmboost.tuning.candidates import ERROR_BARS
@@ -232,7 +232,7 @@ def _answer_section(report: dict) -> list[str]:
 
 def answers_beside_verdict(report: dict) -> list[str]:
     """Per headline generator, the tuning committee's answer next to what the panel says of it."""
-    votes = {(v["generator"], v.get("key") or KEY_OF_LABEL[v["method"]]): v for v in report["panel_verdicts"]}
+    votes = {(v["generator"], method_key(v)): v for v in report["panel_verdicts"]}
     lines = []
     for generator, answer in (report.get("answers") or {}).items():
         if answer["best"] == "none":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cmboost.demo.plan import JOINT_METHODS, KEY_OF_LABEL, LABELS, PLAIN_CONTROL, RIVALS, method_key
+from cmboost.demo.plan import JOINT_METHODS, LABELS, PLAIN_CONTROL, RIVALS, method_key
 from cmboost.metrics.prepared import paired_change
 from cmboost.records import field_default
 from cmboost.tuning.candidates import ERROR_BARS, TuneSettings
@@ -148,7 +148,7 @@ def panel_verdicts(report: dict) -> list[dict]:
             vote = "against"
         else:
             vote = "gain no better than the plain-classifier control" if gain else "neither"
-        grouped.setdefault((p["generator"], p.get("key") or KEY_OF_LABEL[p["method"]]), {})[p["judge"]] = vote
+        grouped.setdefault((p["generator"], method_key(p)), {})[p["judge"]] = vote
     found = []
     for (generator, key), votes in grouped.items():
         count = {k: sum(v == k for v in votes.values()) for k in ("for", "against")}
