@@ -14,7 +14,9 @@ import torch
 from cmboost.errors import UserInputError
 
 
-def _fidelity_inception() -> type:
+def fidelity_inception() -> type:
+    """torch-fidelity's Inception-v3 class, adapted (below); one line when torch-fidelity is missing, so
+    callers ask for it before they fetch any weights."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as err:
@@ -33,13 +35,13 @@ def _fidelity_inception() -> type:
     return FidelityInception
 
 
-def build_port(state_dict: dict[str, torch.Tensor] | None,
+def build_port(port_class: type, state_dict: dict[str, torch.Tensor] | None,
                features_list: tuple[str, ...] = ("2048", "logits_unbiased")) -> torch.nn.Module:
-    """The port with `state_dict` (already loaded with weights_only=True), or random weights for None.
+    """The port (`port_class`, from fidelity_inception()) with `state_dict` (already loaded with
+    weights_only=True), or random weights for None.
 
     torch-fidelity's constructor wants a file; it gets an in-memory copy written by us from plain
     tensors, so its internal torch.load never reads anything we did not produce."""
-    port_class = _fidelity_inception()
     buffer = io.BytesIO()
     torch.save(dict(state_dict or {}), buffer)
     buffer.seek(0)

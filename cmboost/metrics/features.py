@@ -32,7 +32,7 @@ import torch
 from cmboost.errors import UserInputError
 from cmboost.files.atomic import atomic_open
 from cmboost.files.checkpoints import torch_load, weights_digest
-from cmboost.metrics._inception_port import build_port
+from cmboost.metrics._inception_port import build_port, fidelity_inception
 from cmboost.metrics.dinov2 import (DINOV2_FILE, DINOV2_IDENTITY, DINOV2_SIZE, DINOV2_URL, ViTConfig, load_dinov2,
                                     preprocess, random_dinov2)
 from cmboost.metrics.domain_net import check_input_shape, load_domain_net, prepare_images
@@ -160,12 +160,13 @@ class InceptionFeatures(FeatureExtractor):
     def from_weights(cls, path: str | os.PathLike | None = None, device: torch.device | str = "cpu",
                      precision: str = "fp32", allow_download: bool = True,
                      channels_last: bool = True) -> "InceptionFeatures":
+        port_class = fidelity_inception()  # before any download of weights it could not use
         weights = resolve_inception_weights(path, allow_download)
         state_dict = torch_load(weights)
         if not isinstance(state_dict, dict) or not state_dict:
             raise UserInputError(f"{weights}: holds no state dict")
         try:
-            port = build_port(state_dict)
+            port = build_port(port_class, state_dict)
         except RuntimeError as err:
             raise UserInputError(f"{weights}: does not fit torch-fidelity's Inception-v3 "
                                  f"({str(err).strip().splitlines()[0]})") from None
@@ -175,8 +176,9 @@ class InceptionFeatures(FeatureExtractor):
     def random(cls, seed: int = 0, device: torch.device | str = "cpu", precision: str = "fp32",
                channels_last: bool = True) -> "InceptionFeatures":
         """Random weights (seeded): for speed measurements and tests only; the identity says so."""
+        port_class = fidelity_inception()
         torch.manual_seed(seed)
-        return cls(build_port(None), f"{INCEPTION_IDENTITY}-random-{seed}", device, precision,
+        return cls(build_port(port_class, None), f"{INCEPTION_IDENTITY}-random-{seed}", device, precision,
                    channels_last)
 
     def check_images(self, shape: tuple[int, ...], source: str) -> None:
